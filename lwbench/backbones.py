@@ -1,0 +1,169 @@
+"""ViT backbones from timm, at any image size, with weights from a file, timm's hub, or none.
+
+lwbench never copies a timm forward body: methods get a plain ``timm`` VisionTransformer and
+wrap it. The quick profile's CPU-sized backbones are registered here as ordinary timm models
+(``lw_vit_*``), shaped like DINOv2 with registers (CLS + 4 registers, LayerScale, position
+embeddings for patches only), so every method exercises the same prefix/LayerScale paths on
+the small models as on ``vit_*_patch14_reg4_dinov2``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from lwbench.errors import BudgetError, CheckpointError, UnknownNameError
+
+# name -> VisionTransformer kwargs. Widths/depths sized from CPU measurements (see configs/profiles/quick.yaml).
+_LW_CONFIGS: dict[str, dict] = {
+    # 2 blocks, 32 wide: unit tests only.
+    "lw_vit_test_p8": dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),
+    "lw_vit_test_p14": dict(patch_size=14, embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0),
+    # quick-profile teachers.
+    "lw_vit_nano_p16": dict(patch_size=16, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0),
+    "lw_vit_micro_p16": dict(patch_size=16, embed_dim=160, depth=6, num_heads=4, mlp_ratio=4.0),
+    "lw_vit_tiny_p16": dict(patch_size=16, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0),
+}
+_DINO_LIKE = dict(class_token=True, reg_tokens=4, no_embed_class=True, init_values=1e-5, global_pool="token")
+
+
+def _make_lw(name: str):
+    def fn(pretrained: bool = False, **kwargs) -> VisionTransformer:
+        if pretrained:
+            raise CheckpointError(f"{name} has no published weights; pass --weights PATH or train it (quick profile)")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        cfg = {**_DINO_LIKE, **_LW_CONFIGS[name], **kwargs}
+        cfg.setdefault("img_size", 224)
+        return VisionTransformer(**cfg)
+
+    fn.__name__ = name
+    fn.__module__ = __name__
+    return fn
+
+
+for _n in _LW_CONFIGS:
+    if _n not in timm.list_models(_n):
+        setattr(sys.modules[__name__], _n, register_model(_make_lw(_n)))
+
+
+def known_backbones() -> list[str]:
+    """Plain ViTs timm can build that lwbench supports (class token, absolute position embedding)."""
+    return sorted(set(timm.list_models("vit_*")) | set(_LW_CONFIGS))
+
+
+def patch_size_of(name: str) -> int:
+    if name in _LW_CONFIGS:
+        return _LW_CONFIGS[name]["patch_size"]
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=224 if "dinov2" not in name else 518)
+    return int(model.patch_embed.patch_size[0])
+
+
+def _as_hw(img_size) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return (img_size, img_size)
+    h, w = img_size
+    return (int(h), int(w))
+
+
+def check_backbone_name(name: str) -> None:
+    if name in _LW_CONFIGS or timm.is_model(name):
+        if not name.startswith(("vit_", "lw_vit_")):
+            raise UnknownNameError(f"backbone '{name}' is not a plain ViT; lwbench supports vit_* models from timm")
+        return
+    known = known_backbones()
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownNameError(
+        f"unknown backbone '{name}'.{hint} Known: timm's vit_* models (see `timm.list_models('vit_*')`) "
+        f"and {', '.join(_LW_CONFIGS)}"
+    )
+
+
+def check_img_size(img_size, patch: int, what: str = "image size") -> tuple[int, int]:
+    h, w = _as_hw(img_size)
+    if h <= 0 or w <= 0 or h % patch or w % patch:
+        raise BudgetError(
+            f"{what} {h}x{w} is not divisible by the patch size {patch}; use a multiple of {patch} "
+            f"(e.g. {max(patch, round(h / patch) * patch)}x{max(patch, round(w / patch) * patch)})"
+        )
+    return h, w
+
+
+def create_backbone(
+    name: str,
+    img_size,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+) -> VisionTransformer:
+    """Build a timm ViT for ``img_size`` (int or (H, W), any multiple of the patch size).
+
+    Args:
+        weights: a local state-dict file (.safetensors, .pth, .pt); position embeddings are resampled
+            to ``img_size`` with timm's own filter. Mismatched keys are an error naming them.
+        pretrained: ask timm for its published weights (needs the hub or a warm HF cache). When they
+            cannot be fetched the model stays randomly initialised and a notice is printed.
+    """
+    check_backbone_name(name)
+    patch = patch_size_of(name)
+    hw = check_img_size(img_size, patch)
+    kwargs = dict(num_classes=0, img_size=hw)
+    if pretrained and weights is None:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as exc:  # offline, no cache: fall back, loudly
+            print(f"lwbench: notice: pretrained weights for {name} unavailable ({type(exc).__name__}); "
+                  "using random init. Pass --weights PATH to use a local file.", file=sys.stderr)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if weights is not None:
+        load_backbone_weights(model, weights)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read weights file {path}: {exc}") from exc
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def load_backbone_weights(model: VisionTransformer, weights, strict: bool = True) -> None:
+    """Load a timm-format ViT state dict (file or dict), resampling position embeddings."""
+    sd = read_state_dict(weights) if not isinstance(weights, dict) else weights
+    sd = {k: v for k, v in checkpoint_filter_fn(dict(sd), model).items() if not k.startswith("head.")}
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in sd and not k.startswith("head."))
+    unexpected = sorted(k for k in sd if k not in own)
+    shape = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
+    if strict and (missing or unexpected or shape):
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        if shape:
+            parts.append("shape mismatch " + _few([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shape]))
+        raise CheckpointError("weights do not fit the backbone: " + "; ".join(parts))
+    model.load_state_dict({k: v for k, v in sd.items() if k in own and sd[k].shape == own[k].shape}, strict=False)
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

@@ -1,0 +1,184 @@
+"""The Method interface: what a token-reduction or token-selection method must provide.
+
+A method is a recipe, not a model: from a backbone *spec* it validates its budget before any
+work starts; from the task-trained backbone it builds an encoder that returns a
+:class:`~lwbench.tokens.TokenOutput`; if it needs training, ``fit`` produces the trained model
+from a :class:`FitContext`. Class attributes are what ``lwbench list methods`` prints.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from lwbench.errors import BudgetError, ConfigError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
+    from lwbench.training.context import FitContext
+
+Training = Literal["none", "finetune", "pretrain+finetune"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a method needs to know about its backbone to validate a budget, without weights."""
+
+    name: str
+    img_size: tuple[int, int]
+    patch: int
+    depth: int
+    embed_dim: int
+    num_heads: int
+    num_prefix: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.img_size[0] // self.patch, self.img_size[1] // self.patch)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @classmethod
+    def of(cls, vit: VisionTransformer, name: str, img_size) -> BackboneSpec:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        return cls(
+            name=name,
+            img_size=(int(h), int(w)),
+            patch=int(vit.patch_embed.patch_size[0]),
+            depth=len(vit.blocks),
+            embed_dim=int(vit.embed_dim),
+            num_heads=int(vit.blocks[0].attn.num_heads),
+            num_prefix=int(vit.num_prefix_tokens),
+        )
+
+
+class Overhead(nn.Module):
+    """Marker base for submodules whose cost is selection overhead (selector, scorer, matcher).
+
+    ``lwbench flops`` reports the MACs of every ``Overhead`` submodule on their own line, so a
+    method's extra cost is never hidden inside "backbone".
+    """
+
+
+class Method(abc.ABC):
+    name: ClassVar[str] = "?"
+    version: ClassVar[int] = 1
+    description: ClassVar[str] = ""
+    budget_key: ClassVar[str | None] = None  # "k" | "r" | "keep_rate" | "size" | None (no knob)
+    budget_type: ClassVar[type] = int
+    default_budgets: ClassVar[tuple[float, ...]] = ()
+    training: ClassVar[Training] = "none"
+    dense_output: ClassVar[bool] = True
+    variable_length: ClassVar[bool] = False
+    needs_attention_row: ClassVar[bool] = False
+    kind: ClassVar[str] = "selection"  # "baseline" | "selection" (before backbone) | "reduction" (inside)
+
+    def __init__(self, spec: BackboneSpec, budget: float | None = None, **opts: Any) -> None:
+        self.spec = spec
+        if budget is None and self.budget_key is not None:
+            budget = self.default_budget(spec)
+        self.budget = self.budget_type(budget) if budget is not None else None
+        unknown = set(opts) - set(self.option_defaults())
+        if unknown:
+            raise ConfigError(
+                f"method '{self.name}' has no option(s) {sorted(unknown)}; known: {sorted(self.option_defaults())}"
+            )
+        self.opts = {**self.option_defaults(), **opts}
+        self.check_budget()
+
+    # -- to override ------------------------------------------------------------------------------
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Method options (``--set method.<key>=...``) and their defaults."""
+        return {}
+
+    @classmethod
+    def default_budget(cls, spec: BackboneSpec) -> float | None:
+        return cls.default_budgets[len(cls.default_budgets) // 2] if cls.default_budgets else None
+
+    @classmethod
+    def budget_grid(cls, spec: BackboneSpec) -> list[float]:
+        """Budgets of the default sweep for this backbone (override when they depend on the grid)."""
+        return list(cls.default_budgets)
+
+    def check_budget(self) -> None:
+        """Raise :class:`BudgetError` naming the valid range when the budget cannot be honoured."""
+
+    @abc.abstractmethod
+    def build(self, vit: VisionTransformer) -> nn.Module:
+        """An encoder ``x -> TokenOutput`` around (a copy of) the task-trained ``vit``.
+
+        Must not modify ``vit``: every method starts from the same task-trained backbone."""
+
+    def fit(self, ctx: FitContext) -> nn.Module:
+        """Train what the method needs and return the trained ``TaskModel``. Resumable through ``ctx``.
+
+        The default (training-free methods) wraps the task-trained backbone and reuses its head."""
+        from lwbench.heads import TaskModel
+
+        return TaskModel(self.build(ctx.teacher.encoder.vit), copy.deepcopy(ctx.teacher.head))
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def budget_str(self) -> str:
+        if self.budget_key is None:
+            return "-"
+        b = self.budget
+        return f"{self.budget_key}={b:g}" if isinstance(b, float) else f"{self.budget_key}={b}"
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.name, "method_version": self.version, "budget": self.budget_str(), **{
+            f"opt_{k}": v for k, v in sorted(self.opts.items())}}
+
+    def _require(self, ok: bool, valid: str) -> None:
+        if not ok:
+            raise BudgetError(
+                f"{self.name}: budget {self.budget_str()} is impossible for {self.spec.name} at "
+                f"{self.spec.img_size[0]}x{self.spec.img_size[1]} (grid {self.spec.grid[0]}x{self.spec.grid[1]} = "
+                f"{self.spec.num_patches} patches); valid: {valid}"
+            )
+
+
+def parse_budget(text: str | None) -> tuple[str | None, float | None]:
+    """``"k=64"`` -> ``("k", 64.0)``; ``None`` -> ``(None, None)``."""
+    if text is None or text == "-":
+        return None, None
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"budget '{text}' must look like key=value, e.g. k=64 or r=8")
+    try:
+        return key.strip(), float(value)
+    except ValueError:
+        raise ConfigError(f"budget value in '{text}' is not a number") from None
+
+
+def resolve_budget(method_cls: type[Method], text: str | None) -> float | None:
+    key, value = parse_budget(text)
+    if key is None:
+        return None
+    if method_cls.budget_key is None:
+        raise BudgetError(f"method '{method_cls.name}' has no budget knob; drop --budget")
+    if key != method_cls.budget_key:
+        raise BudgetError(f"method '{method_cls.name}' takes budget {method_cls.budget_key}=..., not {key}=...")
+    return value
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def detach_copy(vit: nn.Module) -> nn.Module:
+    """A deep copy that shares nothing with the task-trained backbone."""
+    return copy.deepcopy(vit)
+
+
+__all__ = ["BackboneSpec", "Method", "Overhead", "parse_budget", "resolve_budget", "freeze", "detach_copy", "torch"]

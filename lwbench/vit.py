@@ -1,0 +1,102 @@
+"""Shared token operations on a timm VisionTransformer, used by every method.
+
+These helpers call timm's own modules (patch embedding weights, blocks, norm) and only do the
+bookkeeping timm does not: embedding a *subset* of patches, gathering their position
+embeddings, and packaging the result as a :class:`TokenOutput`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from lwbench.tokens import TokenOutput
+
+
+def patch_size(vit: VisionTransformer) -> int:
+    return int(vit.patch_embed.patch_size[0])
+
+
+def grid_of(vit: VisionTransformer, x: torch.Tensor) -> tuple[int, int]:
+    p = patch_size(vit)
+    return (x.shape[-2] // p, x.shape[-1] // p)
+
+
+def num_prefix(vit: VisionTransformer) -> int:
+    return int(vit.num_prefix_tokens)
+
+
+def patch_pos_embed(vit: VisionTransformer, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Position embeddings resampled to ``grid``: (prefix part or None, ``(1, H*W, D)`` patch part)."""
+    pe = vit.pos_embed
+    n_pre = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    pre, pat = pe[:, :n_pre], pe[:, n_pre:]
+    if tuple(vit.patch_embed.grid_size) != tuple(grid):
+        pat = resample_abs_pos_embed(pat, new_size=grid, old_size=vit.patch_embed.grid_size, num_prefix_tokens=0)
+    return (pre if n_pre else None), pat
+
+
+def prefix_tokens(vit: VisionTransformer, batch: int) -> torch.Tensor:
+    """CLS + registers, ``(B, P, D)``, with their position embedding if the model has one."""
+    parts = []
+    if vit.cls_token is not None:
+        parts.append(vit.cls_token.expand(batch, -1, -1))
+    if vit.reg_token is not None:
+        parts.append(vit.reg_token.expand(batch, -1, -1))
+    pre = torch.cat(parts, dim=1)
+    if not vit.no_embed_class:
+        pre = pre + vit.pos_embed[:, : vit.num_prefix_tokens]
+    return pre
+
+
+def patchify(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H/p * W/p, C*p*p)`` raw pixel patches, row-major, in conv weight order."""
+    p = patch_size(vit)
+    return F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)
+
+
+def embed_patches(vit: VisionTransformer, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Patch embedding (+ position embedding) of all patches, or only of ``idx`` ``(B, K)``.
+
+    With ``idx`` only the selected pixels are projected (as LookWhere's extractor does), using the
+    patch-embedding convolution's own weights as a linear map.
+    """
+    grid = grid_of(vit, x)
+    _, pos = patch_pos_embed(vit, grid)
+    if idx is not None and idx.shape[1] == grid[0] * grid[1]:
+        # Every patch is kept: timm's own convolution, then reorder. Bit-identical to the plain model.
+        tok = embed_patches(vit, x)
+        return torch.gather(tok, 1, idx.unsqueeze(-1).expand(-1, -1, tok.shape[-1]))
+    if idx is None:
+        tok = vit.patch_embed(x)  # (B, H, W, D) or (B, N, D) depending on timm flags
+        tok = tok.reshape(x.shape[0], -1, tok.shape[-1])
+        tok = tok + pos
+    else:
+        proj = vit.patch_embed.proj
+        pix = patchify(vit, x)
+        pix = torch.gather(pix, 1, idx.unsqueeze(-1).expand(-1, -1, pix.shape[-1]))
+        tok = F.linear(pix, proj.weight.flatten(1), proj.bias)
+        tok = vit.patch_embed.norm(tok)
+        tok = tok + pos.expand(x.shape[0], -1, -1).gather(1, idx.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
+    return tok
+
+
+def assemble(vit: VisionTransformer, patch_tokens: torch.Tensor) -> torch.Tensor:
+    """Prefix + patch tokens through timm's pos_drop / patch_drop / norm_pre, ready for the blocks."""
+    x = torch.cat([prefix_tokens(vit, patch_tokens.shape[0]), patch_tokens], dim=1)
+    x = vit.pos_drop(x)
+    x = vit.patch_drop(x)
+    return vit.norm_pre(x)
+
+
+def to_output(vit: VisionTransformer, x: torch.Tensor, positions: torch.Tensor, grid, **kw) -> TokenOutput:
+    """Final norm and split into prefix / patches."""
+    x = vit.norm(x)
+    p = num_prefix(vit)
+    return TokenOutput(prefix=x[:, :p], patches=x[:, p:], positions=positions, grid=tuple(grid), **kw)
+
+
+def all_positions(batch: int, grid, device) -> torch.Tensor:
+    return torch.arange(grid[0] * grid[1], device=device).expand(batch, -1)

@@ -1,0 +1,1 @@
+"""Built-in methods (installed as ``lwbench.methods``). Each module holds one method's whole algorithm."""

@@ -1,0 +1,69 @@
+"""``random``: k high-res patches drawn uniformly at random, through the backbone. Budget = k.
+
+The floor every learned selector must beat. Indices are sorted so that k = all patches is the
+plain model exactly. Only the drawn patches are embedded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lwbench.method import Method, detach_copy
+from lwbench.registry import register_method
+from lwbench.tokens import TokenOutput
+from lwbench.vit import assemble, embed_patches, grid_of, to_output
+
+
+class RandomPatchEncoder(nn.Module):
+    def __init__(self, vit: nn.Module, k: int, seed: int = 0):
+        super().__init__()
+        self.vit = vit
+        self.k = k
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor) -> TokenOutput:
+        grid = grid_of(self.vit, x)
+        n = grid[0] * grid[1]
+        gen = None
+        if not self.training:  # deterministic evaluation: same draw for the same batch position
+            gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        scores = torch.rand(x.shape[0], n, generator=gen).to(x.device)
+        idx = scores.topk(self.k, dim=1).indices.sort(dim=1).values
+        tok = assemble(self.vit, embed_patches(self.vit, x, idx))
+        tok = self.vit.blocks(tok)
+        return to_output(self.vit, tok, idx, grid)
+
+
+@register_method("random")
+class RandomPatches(Method):
+    description = "k uniformly random high-res patches through the backbone"
+    kind = "selection"
+    budget_key = "k"
+    training = "finetune"
+
+    @classmethod
+    def option_defaults(cls):
+        return {"finetune": True, "seed": 0}
+
+    @classmethod
+    def default_budget(cls, spec):
+        return cls.budget_grid(spec)[1]
+
+    @classmethod
+    def budget_grid(cls, spec):
+        n = spec.num_patches
+        return sorted({max(1, round(n * f)) for f in (1 / 16, 1 / 8, 1 / 4)})
+
+    def check_budget(self):
+        n = self.spec.num_patches
+        self._require(1 <= self.budget <= n, f"k=1..{n}")
+
+    def build(self, vit):
+        return RandomPatchEncoder(detach_copy(vit), int(self.budget), seed=int(self.opts["seed"]))
+
+    def fit(self, ctx):
+        model = super().fit(ctx)
+        if self.opts["finetune"]:
+            ctx.finetune(model, tag=f"random-{self.budget}")
+        return model
