@@ -1,0 +1,5 @@
+import sys
+
+from lwbench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,325 @@
+"""``lwbench`` command line. Heavy imports (torch, timm) happen inside each command, so
+``lwbench --help`` is instant. Errors a user can fix print one line and exit with code 2;
+``--debug`` shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lwbench.errors import ConfigError, LwbenchError
+
+EXAMPLES = {
+    "run": """examples:
+  lwbench run --method full --task traffic_signs
+  lwbench run --method lookwhere --task traffic_signs --budget k=24
+  lwbench run --method tome --task billiards --budget r=8 --source synthetic --force
+  lwbench run --method full --task imagenet --data-root ~/data/imagenet --profile paper""",
+    "flops": """examples:
+  lwbench flops --method full --backbone vit_base_patch14_reg4_dinov2 --img-size 224 --json
+  lwbench flops --method random --backbone vit_small_patch16_224 --img-size 224 --budget k=49""",
+    "plot": """examples:
+  lwbench plot pareto --task traffic_signs
+  lwbench plot pareto --task billiards --x latency_ms --out billiards.png""",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MOD|FILE.py",
+                   help="import a plugin module or file that registers methods/tasks (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _load_plugins(args) -> None:
+    from lwbench.registry import METHODS
+
+    for spec in getattr(args, "plugin", []) or []:
+        METHODS.load_module(spec)
+
+
+def _parse_hw(text: str | None):
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        vals = [int(v) for v in parts]
+    except ValueError:
+        raise ConfigError(f"--img-size must be S or HxW (e.g. 224 or 240x320), got '{text}'") from None
+    if len(vals) == 1:
+        return (vals[0], vals[0])
+    if len(vals) == 2:
+        return (vals[0], vals[1])
+    raise ConfigError(f"--img-size must be S or HxW, got '{text}'")
+
+
+def _split_sets(sets: list[str]) -> tuple[dict, dict, list[str]]:
+    """``--set method.x=1 task.y=2 teacher.steps=5`` -> method opts, task opts, profile overrides."""
+    from lwbench.config import parse_value
+
+    mopts, topts, rest = {}, {}, []
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        if key.startswith("method."):
+            mopts[key[7:]] = parse_value(value)
+        elif key.startswith("task."):
+            topts[key[5:]] = parse_value(value)
+        else:
+            rest.append(item)
+    return mopts, topts, rest
+
+
+def _overrides(task: str, rest: list[str]) -> dict:
+    """Profile overrides: ``teacher.steps=5`` applies to this task's block; full paths also work."""
+    from lwbench.config import apply_sets
+
+    nested = []
+    for item in rest:
+        key = item.partition("=")[0]
+        top = key.split(".")[0]
+        nested.append(item if top in ("defaults", "tasks", "methods", "device", "threads") else f"tasks.{task}.{item}")
+    return apply_sets({}, nested)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_list(args) -> int:
+    from tabulate import tabulate
+
+    from lwbench.registry import METHODS, TASKS
+
+    if args.what == "methods":
+        rows = []
+        for name in METHODS.names():
+            try:
+                c = METHODS.get(name)
+            except Exception as exc:  # broken plugin: one line, keep listing
+                rows.append([name, f"(failed to load: {exc})", "", "", "", "", ""])
+                continue
+            grid = ", ".join(f"{b:g}" for b in c.default_budgets) if c.default_budgets else "scaled to grid"
+            rows.append([name, c.kind, c.training, f"{c.budget_key}" if c.budget_key else "-",
+                         grid if c.budget_key else "-", "yes" if c.dense_output else "no",
+                         "yes" if c.variable_length else "no", c.description])
+        print(tabulate(rows, headers=["method", "kind", "training", "budget", "default grid", "dense", "var-len",
+                                      "description"]))
+    else:
+        rows = []
+        for name in TASKS.names():
+            try:
+                c = TASKS.get(name)
+            except Exception as exc:
+                rows.append([name, f"(failed to load: {exc})", "", "", "", ""])
+                continue
+            rows.append([name, c.kind, c.num_classes, c.metric, ",".join(c.sources),
+                         "x".join(map(str, c.default_img_size)), c.description])
+        print(tabulate(rows, headers=["task", "kind", "classes", "metric", "sources", "default size", "description"]))
+    return 0
+
+
+def _request(args, method: str, task: str, budget: str | None):
+    from lwbench.runner import RunRequest
+
+    mopts, topts, rest = _split_sets(args.set)
+    return RunRequest(method=method, task=task, budget=budget, profile=args.profile, source=args.source,
+                      data_root=args.data_root, device=args.device, seed=args.seed, backbone=args.backbone,
+                      weights=args.weights, img_size=_parse_hw(args.img_size), force=args.force, quiet=args.quiet,
+                      results=args.results, method_opts=mopts, task_opts=topts, overrides=_overrides(task, rest))
+
+
+def cmd_run(args) -> int:
+    from lwbench.results import format_results
+    from lwbench.runner import run
+
+    row = run(_request(args, args.method, args.task, args.budget))
+    import pandas as pd
+
+    print(format_results(pd.DataFrame([row]), "table"))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from lwbench.sweep import run_sweep
+
+    failures = run_sweep(args.file, args, _request, shard=args.shard)
+    return 1 if failures else 0
+
+
+def cmd_flops(args) -> int:
+    from lwbench.config import parse_value
+    from lwbench.measure.flops import flops_report, format_flops_report
+
+    opts = {}
+    for item in args.set or []:
+        k, _, v = item.partition("=")
+        opts[k.removeprefix("method.")] = parse_value(v)
+    rep = flops_report(args.method, args.backbone, _parse_hw(args.img_size), budget=args.budget, opts=opts)
+    print(json.dumps(rep) if args.json else format_flops_report(rep))
+    return 0
+
+
+def cmd_results(args) -> int:
+    from lwbench.paths import results_dir
+    from lwbench.results import ResultStore, format_results
+
+    store = ResultStore(Path(args.results) if args.results else results_dir())
+    df = store.frame(task=args.task, method=args.method)
+    if df.empty:
+        print("no results yet" + (f" for task {args.task}" if args.task else "") +
+              "; run e.g. `lwbench run --method full --task traffic_signs`", file=sys.stderr)
+        return 0
+    print(format_results(df, args.format))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from lwbench.paths import results_dir
+    from lwbench.plots import pareto_plot
+    from lwbench.results import ResultStore
+
+    store = ResultStore(Path(args.results) if args.results else results_dir())
+    df = store.frame(task=args.task)
+    if df.empty:
+        raise ConfigError(f"no results for task '{args.task}' in {store.root}; run `lwbench run --task {args.task} ...` "
+                          "first")
+    out = Path(args.out) if args.out else Path(store.root) / f"pareto_{args.task}_{args.x}.png"
+    path = pareto_plot(df, args.task, x=args.x, out=out, source=args.source)
+    print(path)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from lwbench.show import show
+
+    path = show(_request(args, args.method, args.task, args.budget), out=Path(args.out), n=args.n)
+    print(path)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from lwbench.methods.lookwhere.pretrain import run_pretrain
+
+    run_pretrain(args)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _run_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
+    if with_method:
+        p.add_argument("--method", required=True, help="method name (lwbench list methods)")
+        p.add_argument("--task", required=True, help="task name (lwbench list tasks)")
+        p.add_argument("--budget", help="budget as key=value, e.g. k=64, r=8, keep_rate=0.7, size=96")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--profile", default="quick", help="quick (CPU-sized, default) | paper | path to a profile YAML")
+    g.add_argument("--source", default="auto", choices=["auto", "real", "synthetic"],
+                   help="real dataset, in-tree synthetic source, or auto (real when found)")
+    g.add_argument("--data-root", help="folder holding the real dataset")
+    g.add_argument("--backbone", help="override the profile's backbone (a timm vit_* name)")
+    g.add_argument("--weights", help="local backbone weights file (.safetensors/.pth)")
+    g.add_argument("--img-size", help="override the profile's image size: S or HxW")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the profile's (auto)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override: method.<opt>=v, task.<opt>=v, teacher.steps=v, finetune.lr=v, ...")
+    o = p.add_argument_group("output")
+    o.add_argument("--results", help="results folder (default ./results or $LWBENCH_RESULTS)")
+    o.add_argument("--force", action="store_true", help="rerun even if this config already has a row")
+    o.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="lwbench", description="Benchmark efficient ViTs: LookWhere and "
+                                     "token-reduction/selection baselines. Accuracy vs GMACs, latency, memory.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list methods or tasks with their capability flags")
+    p.add_argument("what", choices=["methods", "tasks"])
+    _common(p)
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("run", help="train what a method needs, evaluate, measure, store one result row",
+                       epilog=EXAMPLES["run"], formatter_class=fmt)
+    _run_args(p)
+    _common(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("sweep", help="run a grid of methods x budgets x tasks from a YAML file",
+                       epilog="example:\n  lwbench sweep configs/sweeps/quick.yaml", formatter_class=fmt)
+    p.add_argument("file", help="sweep YAML (see configs/sweeps/)")
+    p.add_argument("--shard", help="i/n: run only every n-th point starting at i (for parallel launchers)")
+    _run_args(p, with_method=False)
+    _common(p)
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("flops", help="count GMACs (multiply-accumulates) of one forward, random weights",
+                       epilog=EXAMPLES["flops"], formatter_class=fmt)
+    p.add_argument("--method", required=True)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--img-size", required=True, help="S or HxW")
+    p.add_argument("--budget", help="key=value")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _common(p)
+    p.set_defaults(fn=cmd_flops)
+
+    p = sub.add_parser("results", help="print stored results")
+    p.add_argument("--task")
+    p.add_argument("--method")
+    p.add_argument("--format", default="table", choices=["table", "csv", "md", "json"])
+    p.add_argument("--results", help="results folder")
+    _common(p)
+    p.set_defaults(fn=cmd_results)
+
+    p = sub.add_parser("plot", help="draw plots from stored results", epilog=EXAMPLES["plot"], formatter_class=fmt)
+    p.add_argument("kind", choices=["pareto"])
+    p.add_argument("--task", required=True)
+    p.add_argument("--x", default="gmacs", choices=["gmacs", "latency_ms", "throughput"])
+    p.add_argument("--source", choices=["real", "synthetic"], help="which source to plot if both exist")
+    p.add_argument("--out", help="PNG path (default results/pareto_<task>_<x>.png)")
+    p.add_argument("--results", help="results folder")
+    _common(p)
+    p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("show", help="figure of a method's selection on a few test images (LookWhere: Fig. 3)")
+    p.add_argument("--method", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--budget")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=4, help="number of images")
+    _run_args(p, with_method=False)
+    _common(p)
+    p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("pretrain", help="distillation stage of a method (lwbench pretrain lookwhere ...)")
+    p.add_argument("what", choices=["lookwhere"])
+    try:
+        from lwbench.methods.lookwhere.pretrain import add_pretrain_args
+
+        add_pretrain_args(p)
+    except ImportError:
+        pass
+    _common(p)
+    p.set_defaults(fn=cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _load_plugins(args)
+        return int(args.fn(args) or 0)
+    except LwbenchError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"lwbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lwbench: interrupted; finished stages are cached, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

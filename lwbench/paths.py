@@ -1,0 +1,19 @@
+"""Where lwbench keeps things: results (the user's) and caches (regenerable)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Synthetic datasets, trained teachers and method checkpoints. ``$LWBENCH_CACHE`` overrides."""
+    root = os.environ.get("LWBENCH_CACHE")
+    path = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lwbench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def results_dir() -> Path:
+    """The results store. ``$LWBENCH_RESULTS`` overrides; default ``./results``."""
+    return Path(os.environ.get("LWBENCH_RESULTS", "results"))
