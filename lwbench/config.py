@@ -8,8 +8,6 @@ its hash (over what determines the result, not over paths or verbosity) is the r
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -89,8 +87,3 @@ def task_profile(profile: dict, task: str) -> dict:
     """The profile's settings for ``task``: its ``defaults`` block merged with ``tasks.<task>``."""
     base = profile.get("defaults", {})
     return deep_merge(base, profile.get("tasks", {}).get(task, {}))
-
-
-def config_hash(config: dict) -> str:
-    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from lwbench.config import config_hash, deep_merge, load_profile, task_profile
+from lwbench.config import deep_merge, load_profile, task_profile
 from lwbench.errors import ConfigError
 from lwbench.method import BackboneSpec, resolve_budget
 from lwbench.paths import cache_dir, results_dir
 from lwbench.registry import get_method, get_task
+from lwbench.results import config_hash
 
 
 @dataclass
@@ -154,10 +155,10 @@ def run(req: RunRequest) -> dict:
 
     plan = Plan(req)
     store = ResultStore(Path(req.results) if req.results else results_dir())
-    if store.has(plan.run_id, task=plan.task.name, method=plan.method.name) and not req.force:
+    if store.has(plan.run_id) and not req.force:
         log(f"{plan.method.name} {plan.method.budget_str()} on {plan.task.name}: already done (run {plan.run_id}); "
             "use --force to rerun", req.quiet)
-        return store.get(plan.run_id, task=plan.task.name, method=plan.method.name)
+        return store.get(plan.run_id)
     torch.set_num_threads(plan.threads)
     log(f"run {plan.run_id}: method={plan.method.name} {plan.method.budget_str()} task={plan.task.name} "
         f"source={plan.task.source} backbone={plan.backbone_name} img={plan.task.img_size[0]}x{plan.task.img_size[1]} "
@@ -219,34 +220,39 @@ def measure_images(plan: Plan, n: int) -> torch.Tensor:
 
 
 def measure_cost(plan: Plan, model) -> dict:
-    from lwbench.measure.flops import count_macs
+    from lwbench.measure.flops import mean_macs_over
     from lwbench.measure.worker import measure_in_subprocess
 
     ms = plan.tp.get("measure") or {}
     images = measure_images(plan, max(int(ms.get("throughput_batch", 32)), int(ms.get("flops_images", 4))))
     model = model.to("cpu").eval()
-    reports, tokens = [], []
+    n_flops = min(int(ms.get("flops_images", 4)), images.shape[0])
+    singles = [images[i: i + 1] for i in range(n_flops)]
+    rep = mean_macs_over(model, singles)  # data-dependent methods: averaged over real images
     with torch.inference_mode():
-        for i in range(min(int(ms.get("flops_images", 4)), images.shape[0])):
-            x = images[i: i + 1]
-            reports.append(count_macs(model, x))
-            tokens.append(float(model.encoder(x).realised_tokens().float().mean()))
-    parts: dict[str, float] = {}
-    for r in reports:
-        for k, v in r.parts.items():
-            parts[k] = parts.get(k, 0.0) + v / len(reports)
-    timing = measure_in_subprocess(model.to(plan.device), images, device=plan.device, threads=plan.threads,
-                                   throughput_batch=int(ms.get("throughput_batch", 32)),
-                                   warmup=int(ms.get("warmup", 5)), min_run_time=float(ms.get("min_run_time", 1.0)),
-                                   isolate=bool(ms.get("isolate", True)))
+        tokens = [float(model.encoder(x).realised_tokens().float().mean()) for x in singles]
+    parts = rep.parts_gmacs
+    kw = dict(device=plan.device, threads=plan.threads, throughput_batch=int(ms.get("throughput_batch", 32)),
+              warmup=int(ms.get("warmup", 5)), min_run_time=float(ms.get("min_run_time", 1.0)))
+    if ms.get("isolate", True):
+        timing = measure_in_subprocess(model, images, **kw)
+    else:
+        from lwbench.measure.worker import measure_all
+
+        timing = {**measure_all(model, images, **kw), "isolated": False}
+    mem_kind = "cuda_max_allocated" if plan.device == "cuda" else "cpu_peak_rss_delta"
     return {
-        "gmacs": sum(r.gmacs for r in reports) / len(reports),
+        "gmacs": rep.gmacs,
         "gmacs_overhead": parts.get("overhead", 0.0),
         "gmacs_backbone": parts.get("backbone", 0.0),
         "gmacs_head": parts.get("head", 0.0),
-        "params_m": reports[0].params_m,
+        "params_m": rep.params,
         "tokens_mean": sum(tokens) / len(tokens),
-        **timing,
+        "latency_ms": timing["latency_ms"], "latency_iqr_ms": timing["latency_iqr_ms"],
+        "throughput": timing["throughput"], "throughput_iqr": timing["throughput_iqr"],
+        "throughput_batch": timing["throughput_batch"],
+        "peak_mem_mb": timing["peak_memory_mb"], "mem_kind": mem_kind,
+        "measure_isolated": bool(timing.get("isolated", False)),
     }
 
 
