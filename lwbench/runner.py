@@ -125,7 +125,9 @@ def build_teacher(plan: Plan):
     task, tp = plan.task, plan.tp
     vit = create_backbone(plan.backbone_name, task.img_size, weights=plan.weights, pretrained=plan.pretrained)
     torch.manual_seed(plan.req.seed)
-    model = TaskModel(FullEncoder(vit), make_head(task.kind, vit.embed_dim, task.num_classes))
+    head = task.make_head(vit.embed_dim) if hasattr(task, "make_head") else make_head(task.kind, vit.embed_dim,
+                                                                                         task.num_classes)
+    model = TaskModel(FullEncoder(vit), head)
     tdir = cache_dir() / "teachers" / plan.teacher_id
     ts = tp.get("teacher") or {}
     steps = int(ts.get("steps", 0))
