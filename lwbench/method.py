@@ -124,7 +124,7 @@ class Method(abc.ABC):
         The default (training-free methods) wraps the task-trained backbone and reuses its head."""
         from lwbench.heads import TaskModel
 
-        return TaskModel(self.build(ctx.teacher.encoder.vit), copy.deepcopy(ctx.teacher.head))
+        return TaskModel(self.build(ctx.teacher.encoder.vit), copy.deepcopy(ctx.teacher.head).requires_grad_(True))
 
     # -- helpers ---------------------------------------------------------------------------------
     def budget_str(self) -> str:
@@ -177,8 +177,8 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def detach_copy(vit: nn.Module) -> nn.Module:
-    """A deep copy that shares nothing with the task-trained backbone."""
-    return copy.deepcopy(vit)
+    """A deep copy that shares nothing with the (frozen) task-trained backbone, trainable again."""
+    return copy.deepcopy(vit).requires_grad_(True)
 
 
 __all__ = ["BackboneSpec", "Method", "Overhead", "parse_budget", "resolve_budget", "freeze", "detach_copy", "torch"]

@@ -55,7 +55,7 @@ class FitContext:
         return endless(self.task.loader("train", bs, train=True, num_workers=int(self.settings.get("workers", 0))))
 
     def train(self, model: nn.Module, loss_fn: LossFn, tag: str, steps: int | None = None, lr: float | None = None,
-              params: list[nn.Parameter] | None = None, batch_size: int | None = None,
+              params: list[nn.Parameter | dict] | None = None, batch_size: int | None = None,
               batches: Iterator | None = None) -> nn.Module:
         """Train ``params`` (default: all trainable parameters of ``model``) for ``steps`` AdamW steps.
 

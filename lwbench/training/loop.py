@@ -40,13 +40,24 @@ def task_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
     return loss, {}
 
 
-def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only (not biases, norms, tokens' scales), as timm and LookWhere do."""
-    decay, no_decay = [], []
-    for p in params:
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and p.shape[0] > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(params: Iterable[nn.Parameter | dict], weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only (not biases, norms, tokens' scales), as timm and LookWhere do.
+
+    Items may also be groups ``{"params": [...], "lr_mult": m}`` whose learning rate is ``m`` times the
+    schedule's (DynamicViT trains its backbone at 0.01x the rate of its predictors)."""
+    items = list(params)
+    plain = [p for p in items if not isinstance(p, dict)]
+    groups = [g for g in items if isinstance(g, dict)]
+    out = []
+    for group in ([{"params": plain}] if plain or not groups else []) + groups:
+        decay, no_decay = [], []
+        for p in group["params"]:
+            if p.requires_grad:
+                (decay if p.ndim >= 2 and p.shape[0] > 1 else no_decay).append(p)
+        mult = float(group.get("lr_mult", 1.0))
+        out += [{"params": decay, "weight_decay": weight_decay, "lr_mult": mult},
+                {"params": no_decay, "weight_decay": 0.0, "lr_mult": mult}]
+    return out
 
 
 def lr_at(step: int, steps: int, base_lr: float, warmup: int, min_ratio: float = 0.01) -> float:
@@ -74,6 +85,13 @@ def load_checkpoint(model: nn.Module, ckpt_dir: Path) -> dict | None:
         raise CheckpointError(f"checkpoint {ckpt_dir} does not fit the model (missing {list(missing)[:5]}, "
                               f"unexpected {list(unexpected)[:5]}); delete it or use --force")
     return state
+
+
+def is_main_process() -> bool:
+    """False on DDP ranks other than 0: only rank 0 writes checkpoints (all ranks read them to resume)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _atomic_checkpoint(model: nn.Module, opt: torch.optim.Optimizer | None, state: dict, ckpt_dir: Path) -> None:
@@ -113,10 +131,11 @@ def train_loop(
     from tqdm.auto import tqdm
 
     model.to(device)
-    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    groups = param_groups(list(params if params is not None else model.parameters()), weight_decay)
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise TrainingError(f"{desc}: nothing to train (no parameter requires grad)")
-    opt = torch.optim.AdamW(param_groups(params, weight_decay), lr=lr, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     start, elapsed = 0, 0.0
     if ckpt_dir is not None:
         ckpt_dir = Path(ckpt_dir)
@@ -127,6 +146,7 @@ def train_loop(
                 opt.load_state_dict(torch.load(ckpt_dir / "optim.pt", map_location=device, weights_only=True))
             if start < steps and not quiet:
                 print(f"lwbench: resuming {desc} from step {start}/{steps} ({ckpt_dir})", file=sys.stderr)
+    writer = is_main_process()
     model.train()
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=quiet or not sys.stderr.isatty(),
                dynamic_ncols=True, file=sys.stderr)
@@ -139,7 +159,7 @@ def train_loop(
         if on_step is not None:
             on_step(step)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup_steps)
+            g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_mult", 1.0)
         images, targets = next(batches)
         loss, logs = loss_fn(model, images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
         if not torch.isfinite(loss):
@@ -164,11 +184,11 @@ def train_loop(
             print(f"lwbench: {desc}: step {step + 1}/{steps} loss {running:.3f} eta {eta / 60:.1f} min",
                   file=sys.stderr, flush=True)
             logged_at = now
-        if ckpt_dir is not None and now - last_ckpt > ckpt_every_s:
+        if ckpt_dir is not None and writer and now - last_ckpt > ckpt_every_s:
             _atomic_checkpoint(model, opt, {"step": step + 1, "elapsed_s": elapsed + now - t0}, ckpt_dir)
             last_ckpt = now
     bar.close()
-    if ckpt_dir is not None:
+    if ckpt_dir is not None and writer:
         total = elapsed + time.perf_counter() - t0
         _atomic_checkpoint(model, None, {"step": steps, "elapsed_s": total}, ckpt_dir)
         (ckpt_dir / DONE).write_text(json.dumps({"steps": steps, "elapsed_s": total}))

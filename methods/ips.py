@@ -1,0 +1,189 @@
+"""``ips``: Iterative Patch Selection (Bergner et al., ICLR 2023). Budget = k = M, the memory size.
+
+IPS scores patches with the attention of its aggregator, a multi-head cross-attention with one learned
+query over patch embeddings (official ``architecture/transformer.py``). Selection runs without gradients:
+a memory of M patches is filled with the first M, then the patches are visited in chunks of I and the
+memory keeps the M best of memory + chunk. Only the M survivors take the gradient pass.
+
+Adaptation to a ViT backbone (whose blocks mix patches, so there is no per-patch encoder to run on all N
+patches): the embeddings scored are the backbone's own shallow patch embeddings (projection + position
+embedding), computed chunk by chunk; the gradient pass runs the backbone on the M kept patches. The
+aggregator (query, attention, residual + LayerNorm, MLP, as in IPS) pools the M kept embeddings; its output
+enters the backbone through the CLS token via a zero-initialised projection, so the task loss trains the
+scorer (as IPS's classification loss trains its aggregator) and an untrained model equals the plain
+backbone on the kept patches.
+
+Ranking: IPS ranks by the head-mean of the softmax attention over the current memory + chunk. With several
+heads that ranking depends on which patches share the buffer, so iterating is not exactly top-M; we rank by
+the head-mean of the attention log-weights, whose order within any buffer equals the order of the
+head-mean attention logits (``log softmax_h = logit_h - log Z_h``, and ``Z_h`` is shared by the buffer). That
+score does not depend on the buffer, so the iterative memory returns exactly the one-shot top-M, and with
+one head it is IPS's ranking.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lwbench.errors import ConfigError
+from lwbench.method import Method, Overhead, detach_copy
+from lwbench.registry import register_method
+from lwbench.tokens import TokenOutput
+from lwbench.vit import all_positions, assemble, embed_patches, grid_of, to_output
+
+
+class CrossAttentionScorer(nn.Module):
+    """IPS's ``Transformer``: one learned query, multi-head cross-attention, residual + LayerNorm, MLP."""
+
+    def __init__(self, dim: int, heads: int = 8, head_dim: int | None = None, mlp_ratio: float = 4.0,
+                 dropout: float = 0.1, attn_dropout: float = 0.1):
+        super().__init__()
+        self.heads = int(heads)
+        self.head_dim = int(head_dim or max(1, dim // heads))
+        inner = self.heads * self.head_dim
+        self.query = nn.Parameter(torch.empty(1, 1, dim))
+        bound = math.sqrt(1.0 / self.head_dim)
+        nn.init.uniform_(self.query, -bound, bound)
+        self.q_w = nn.Linear(dim, inner, bias=False)
+        self.k_w = nn.Linear(dim, inner, bias=False)
+        self.v_w = nn.Linear(dim, inner, bias=False)
+        self.fc = nn.Linear(inner, dim, bias=False)
+        self.attn_drop = nn.Dropout(attn_dropout)
+        self.drop = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.ReLU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """``(B, n, D)`` -> ``(B, H, n)`` scaled query-key logits."""
+        b, n, _ = emb.shape
+        q = self.q_w(self.query).view(1, 1, self.heads, self.head_dim).transpose(1, 2)  # (1, H, 1, d)
+        k = self.k_w(emb).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, n, d)
+        return (q @ k.transpose(-2, -1)).squeeze(2) / math.sqrt(self.head_dim)
+
+    def score(self, emb: torch.Tensor) -> torch.Tensor:
+        """Buffer-independent ranking score ``(B, n)``: head-mean of the attention logits (see module doc)."""
+        return self.logits(emb).mean(1)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        """Pool ``(B, M, D)`` kept embeddings into one ``(B, D)`` vector."""
+        b, n, _ = emb.shape
+        attn = self.attn_drop(self.logits(emb).softmax(dim=-1))  # (B, H, M)
+        v = self.v_w(emb).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, M, d)
+        x = (attn.unsqueeze(2) @ v).squeeze(2).reshape(b, -1)  # (B, H*d)
+        x = self.norm1(self.drop(self.fc(x)) + self.query[:, 0])
+        return self.norm2(x + self.drop(self.mlp(x)))
+
+
+class IterativeSelector(Overhead):
+    """No-grad iterative top-M over chunks of I patches (selection cost), plus the aggregator that
+    trains the scorer in the gradient pass. The backbone is passed in, not owned."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.scorer = CrossAttentionScorer(dim, heads=heads, dropout=dropout, attn_dropout=dropout)
+        self.to_cls = nn.Linear(dim, dim)
+        nn.init.zeros_(self.to_cls.weight)
+        nn.init.zeros_(self.to_cls.bias)
+
+    @torch.no_grad()
+    def select(self, vit: nn.Module, x: torch.Tensor, m: int, chunk: int) -> torch.Tensor:
+        """Indices ``(B, M)`` (sorted) of the M best-scoring patches, embedding at most I new patches at a time."""
+        grid = grid_of(vit, x)
+        n = grid[0] * grid[1]
+        b = x.shape[0]
+        idx = torch.arange(n, device=x.device).expand(b, n)
+        mem_idx = idx[:, :m]
+        mem_score = self.scorer.score(embed_patches(vit, x, mem_idx))
+        for start in range(m, n, chunk):
+            new_idx = idx[:, start: min(start + chunk, n)]
+            new_score = self.scorer.score(embed_patches(vit, x, new_idx))
+            all_idx = torch.cat([mem_idx, new_idx], dim=1)
+            all_score = torch.cat([mem_score, new_score], dim=1)
+            top = all_score.topk(m, dim=1).indices
+            mem_idx, mem_score = all_idx.gather(1, top), all_score.gather(1, top)
+        return mem_idx.sort(dim=1).values
+
+    def forward(self, vit: nn.Module, x: torch.Tensor, m: int, chunk: int) -> torch.Tensor:
+        return self.select(vit, x, m, chunk)
+
+    def summary(self, emb: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D)`` addition to the CLS token (zero for an untrained model)."""
+        return self.to_cls(self.scorer(emb)).unsqueeze(1)
+
+
+class IPSEncoder(nn.Module):
+    def __init__(self, vit: nn.Module, m: int, chunk: int, heads: int, dropout: float):
+        super().__init__()
+        self.vit = vit
+        self.m = int(m)
+        self.chunk = int(chunk)
+        self.selector = IterativeSelector(int(vit.embed_dim), heads, dropout)
+
+    def forward(self, x: torch.Tensor) -> TokenOutput:
+        grid = grid_of(self.vit, x)
+        n = grid[0] * grid[1]
+        if self.m >= n:  # IPS is not needed (as in the official ``ips``): every patch, in order
+            idx = all_positions(x.shape[0], grid, x.device)
+        else:
+            idx = self.selector(self.vit, x, self.m, self.chunk)
+        emb = embed_patches(self.vit, x, idx)  # gradient pass on the M kept patches only
+        tok = assemble(self.vit, emb)
+        tok = torch.cat([tok[:, :1] + self.selector.summary(emb), tok[:, 1:]], dim=1)
+        tok = self.vit.blocks(tok)
+        return to_output(self.vit, tok, idx, grid)
+
+
+@register_method("ips")
+class IPS(Method):
+    description = "no-grad iterative top-M patch memory scored by a cross-attention aggregator; grad pass on M"
+    kind = "selection"
+    budget_key = "k"
+    training = "finetune"
+    dense_output = True
+    variable_length = False
+    needs_attention_row = False
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        return {
+            "chunk": 32,  # I, patches embedded and scored per iteration (official traffic signs: 32)
+            "heads": 8,  # H of the cross-attention scorer (official: 8)
+            "dropout": 0.1,  # official dropout and attention dropout of the aggregator
+        }
+
+    @classmethod
+    def default_budget(cls, spec):
+        return cls.budget_grid(spec)[1]
+
+    @classmethod
+    def budget_grid(cls, spec) -> list[float]:
+        n = spec.num_patches
+        return sorted({max(1, round(n * f)) for f in (1 / 16, 1 / 8, 1 / 4)})
+
+    def check_budget(self) -> None:
+        n = self.spec.num_patches
+        self._require(1 <= self.budget <= n, f"k=1..{n}")
+        if int(self.opts["chunk"]) < 1 or int(self.opts["heads"]) < 1:
+            raise ConfigError("ips: chunk (patches per iteration) and heads must be >= 1")
+        if not 0.0 <= float(self.opts["dropout"]) < 1.0:
+            raise ConfigError("ips: dropout must be in [0, 1)")
+
+    def build(self, vit: nn.Module) -> nn.Module:
+        o = self.opts
+        return IPSEncoder(detach_copy(vit), int(self.budget), int(o["chunk"]), int(o["heads"]), float(o["dropout"]))
+
+    def fit(self, ctx) -> nn.Module:
+        from lwbench.heads import TaskModel
+
+        model = TaskModel(self.build(ctx.teacher.encoder.vit), copy.deepcopy(ctx.teacher.head))
+        model.requires_grad_(True)  # the copies inherit the frozen teacher's requires_grad=False
+        ms = ctx.method_settings
+        ctx.finetune(model, tag=f"ips-{int(self.budget)}", steps=int(ms.get("steps", ctx.settings["steps"])),
+                     lr=float(ms.get("lr", ctx.settings["lr"])))
+        return model.eval()

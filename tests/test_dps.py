@@ -1,0 +1,201 @@
+"""DPS: perturbed top-k (forward, gradient, sigma -> 0), scorer, sigma schedule, hard top-k at test, fit smoke test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from lwbench.backbones import create_backbone
+from lwbench.errors import BudgetError, ConfigError
+from lwbench.heads import ClassifierHead, TaskModel
+from lwbench.method import BackboneSpec, freeze
+from lwbench.methods.dps import DPS, hard_topk_indicators, make_dps_loss, perturbed_topk, zero_one
+from lwbench.methods.full import FullEncoder
+from lwbench.registry import get_method
+from lwbench.task import Task
+from lwbench.tokens import densify
+from lwbench.training.context import FitContext
+from lwbench.vit import assemble, embed_patches, to_output
+
+torch.set_num_threads(1)
+
+
+def make(name: str = "lw_vit_test_p8", size=(32, 48)):
+    torch.manual_seed(0)
+    vit = create_backbone(name, size).eval()
+    return vit, BackboneSpec.of(vit, name, size)
+
+
+class ToyTask(Task):
+    name = "toy"
+    num_classes = 2
+    sources = ("synthetic",)
+    default_img_size = (32, 48)
+
+    def check_layout(self, root):
+        pass
+
+    def dataset(self, split, train=False):
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        return TensorDataset(torch.randn(8, 3, *self.img_size, generator=g), torch.randint(0, 2, (8,), generator=g))
+
+
+def toy_ctx(vit, tmp_path, steps=2) -> FitContext:
+    teacher = freeze(TaskModel(FullEncoder(vit), ClassifierHead(vit.embed_dim, 2))).eval()
+    settings = {"steps": steps, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 0}
+    return FitContext(task=ToyTask(source="synthetic"), teacher=teacher, settings=settings, work_dir=tmp_path,
+                      shared_dir=tmp_path / "shared", quiet=True)
+
+
+def test_registered_and_budget_grid():
+    cls = get_method("dps")
+    assert cls is DPS and cls.budget_key == "k" and cls.training == "finetune" and cls.kind == "selection"
+    _, spec = make()  # 4 x 6 = 24 patches
+    assert DPS.budget_grid(spec) == [2, 3, 6]
+    vit_spec = BackboneSpec("vit_base_patch14_reg4_dinov2", (224, 224), 14, 12, 768, 12, 5)
+    assert DPS.budget_grid(vit_spec) == [16, 32, 64]  # 256 patches / 16, / 8, / 4
+    assert DPS(spec).budget == 3
+
+
+@pytest.mark.parametrize("k", [0, 25, -3])
+def test_bad_k_fails_before_work(k):
+    _, spec = make()
+    with pytest.raises(BudgetError, match="valid: k=1..24"):
+        DPS(spec, k)
+
+
+def test_bad_options():
+    _, spec = make()
+    with pytest.raises(ConfigError, match="scorer_size"):
+        DPS(spec, 4, scorer_size=0)
+    with pytest.raises(ConfigError, match="num_samples"):
+        DPS(spec, 4, num_samples=0)
+
+
+def test_perturbed_topk_with_vanishing_sigma_is_hard_topk():
+    torch.manual_seed(0)
+    scores = torch.randperm(40).float().view(2, 20) / 40  # distinct, gaps of 1/40
+    hard = hard_topk_indicators(scores, 5)
+    assert hard.shape == (2, 5, 20) and torch.equal(hard.sum(-1), torch.ones(2, 5))
+    rows = hard.argmax(-1)
+    assert torch.equal(rows, scores.topk(5).indices.sort().values)  # rows sorted by position
+    assert torch.equal(perturbed_topk(scores, 5, sigma=1e-7, num_samples=50), hard)
+    assert torch.equal(perturbed_topk(scores, 5, sigma=0.0), hard)
+
+
+def test_perturbed_topk_forward_is_a_mean_of_indicators():
+    torch.manual_seed(0)
+    scores = torch.rand(3, 30)
+    ind = perturbed_topk(scores, 4, sigma=0.5, num_samples=64)
+    assert ind.shape == (3, 4, 30) and bool((ind >= 0).all()) and bool((ind <= 1).all())
+    torch.testing.assert_close(ind.sum(-1), torch.ones(3, 4))  # each selected slot is a distribution
+    assert bool(((ind * 64).round() - ind * 64).abs().max() < 1e-4)  # counts over 64 samples
+    assert ind.max() < 1.0  # sigma = 0.5 on [0, 1] scores: the selection is really soft
+
+
+def test_perturbed_topk_gradient_matches_the_papers_dense_estimator():
+    """J^T g with J = E[Y Z^T] / sigma, as the DPS paper's PyTorch code computes it with einsums."""
+    b, n, k, s, sigma = 2, 12, 3, 40, 0.3
+    scores = torch.rand(b, n, dtype=torch.float64)
+    g = torch.randn(b, k, n, dtype=torch.float64)
+    x = scores.clone().requires_grad_()
+    torch.manual_seed(7)
+    ind = perturbed_topk(x, k, sigma, s)
+    ind.backward(g)
+    torch.manual_seed(7)
+    noise = torch.randn(b, s, n, dtype=torch.float64)  # the same draw as inside the op
+    idx = (scores[:, None, :] + sigma * noise).topk(k, dim=-1).indices.sort(dim=-1).values
+    one_hot = torch.nn.functional.one_hot(idx, n).to(torch.float64)  # (b, s, k, n)
+    torch.testing.assert_close(ind.detach(), one_hot.mean(1))
+    expected = torch.einsum("bskd,bse->bkde", one_hot, noise) / s / sigma
+    torch.testing.assert_close(x.grad, torch.einsum("bkd,bkde->be", g, expected))
+    assert x.grad.abs().max() > 0
+
+
+def test_zero_one_normalisation():
+    s = torch.tensor([[2.0, 4.0, 3.0]])
+    torch.testing.assert_close(zero_one(s), torch.tensor([[0.0, 2.0, 1.0]]) / (2.0 + 1e-5))
+
+
+CASES = [("lw_vit_test_p8", (32, 48)), ("vit_small_patch14_reg4_dinov2", (70, 98))]
+
+
+@pytest.mark.parametrize("name,size", CASES)
+def test_k_equal_to_grid_is_the_plain_backbone(name, size):
+    vit, spec = make(name, size)
+    x = torch.randn(2, 3, *size)
+    n = spec.num_patches
+    enc = DPS(spec, n).build(vit).eval()
+    with torch.no_grad():
+        out, ref = enc(x), FullEncoder(vit)(x)
+    torch.testing.assert_close(out.prefix, ref.prefix, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.patches, ref.patches, atol=1e-5, rtol=0)
+    assert torch.equal(out.positions, torch.arange(n).expand(2, n))
+
+
+def test_inference_is_hard_topk_of_the_scorer_on_selected_patches_only():
+    vit, spec = make()
+    enc = DPS(spec, 5).build(vit).eval()
+    x = torch.randn(2, 3, 32, 48)
+    assert enc.scorer.input_size((32, 48), (4, 6)) == (8, 12)  # 1/4 of the high-res size
+    with torch.no_grad():
+        out = enc(x)
+        raw = enc.scorer(x, (4, 6))
+        idx = raw.topk(5).indices.sort().values
+        ref = to_output(enc.vit, enc.vit.blocks(assemble(enc.vit, embed_patches(enc.vit, x, idx))), idx, (4, 6))
+    assert out.patches.shape == (2, 5, 32) and torch.equal(out.positions, idx)
+    torch.testing.assert_close(out.patches, ref.patches)
+    torch.testing.assert_close(out.prefix, ref.prefix)
+    dense = densify(out)
+    torch.testing.assert_close(dense.gather(1, idx.unsqueeze(-1).expand(-1, -1, 32)), out.patches)
+
+
+def test_training_is_soft_and_trains_the_scorer():
+    vit, spec = make()
+    enc = DPS(spec, 5, sigma=0.2).build(vit).train()
+    x = torch.randn(2, 3, 32, 48)
+    out = enc(x)
+    ind = out.aux["indicators"]
+    assert ind.shape == (2, 5, 24) and torch.equal(out.positions, ind.argmax(-1))
+    out.cls.pow(2).sum().backward()
+    grads = [p.grad for p in enc.scorer.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_sigma_decays_linearly_to_zero_and_is_checkpointed():
+    vit, spec = make()
+    enc = DPS(spec, 5).build(vit).train()  # sigma 0.05
+    enc.total_steps = 4
+    x = torch.randn(1, 3, 32, 48)
+    sigmas = [enc(x).aux["sigma"] for _ in range(5)]
+    assert sigmas == pytest.approx([0.05, 0.0375, 0.025, 0.0125, 0.0])
+    assert int(enc.state_dict()["step"]) == 5
+
+
+def test_loss_adds_the_entropy_regulariser():
+    vit, spec = make()
+    head = ClassifierHead(32, 2)
+    model = TaskModel(DPS(spec, 5).build(vit), head).train()
+    x, y = torch.randn(2, 3, 32, 48), torch.tensor([0, 1])
+    torch.manual_seed(3)
+    loss, logs = make_dps_loss(-0.01)(model, x, y)
+    assert float(loss.detach()) == pytest.approx(logs["ce"] - 0.01 * logs["entropy"], rel=1e-6)
+    assert 0 < logs["entropy"] <= torch.log(torch.tensor(24.0)).item() + 1e-6
+
+
+def test_fit_smoke_trains_and_checkpoints(tmp_path):
+    vit, spec = make()
+    ctx = toy_ctx(vit, tmp_path, steps=2)
+    method = DPS(spec, 5)
+    model = method.fit(ctx)
+    assert isinstance(model, TaskModel) and not model.training
+    assert (tmp_path / "dps-5" / "done.json").is_file()
+    assert model.encoder.total_steps == 2 and int(model.encoder.step) == 2
+    assert not torch.equal(model.encoder.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        logits = model(x)
+        again = method.fit(ctx)(x)  # resumes from the finished checkpoint
+    assert logits.shape == (2, 2)
+    torch.testing.assert_close(again, logits)

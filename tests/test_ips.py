@@ -1,0 +1,171 @@
+"""IPS: iterative top-M equals one-shot top-M, chunked memory, no-op budget, gradient pass, fit smoke test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import lwbench.methods.ips as ips_mod
+from lwbench.backbones import create_backbone
+from lwbench.errors import BudgetError, ConfigError
+from lwbench.heads import ClassifierHead, TaskModel
+from lwbench.method import BackboneSpec, freeze
+from lwbench.methods.full import FullEncoder
+from lwbench.methods.ips import IPS, CrossAttentionScorer
+from lwbench.registry import get_method
+from lwbench.task import Task
+from lwbench.tokens import densify
+from lwbench.training.context import FitContext
+from lwbench.vit import assemble, embed_patches, to_output
+
+torch.set_num_threads(1)
+
+
+def make(name: str = "lw_vit_test_p8", size=(32, 48)):
+    torch.manual_seed(0)
+    vit = create_backbone(name, size).eval()
+    return vit, BackboneSpec.of(vit, name, size)
+
+
+class ToyTask(Task):
+    name = "toy"
+    num_classes = 2
+    sources = ("synthetic",)
+    default_img_size = (32, 48)
+
+    def check_layout(self, root):
+        pass
+
+    def dataset(self, split, train=False):
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        return TensorDataset(torch.randn(8, 3, *self.img_size, generator=g), torch.randint(0, 2, (8,), generator=g))
+
+
+def toy_ctx(vit, tmp_path, steps=2) -> FitContext:
+    teacher = freeze(TaskModel(FullEncoder(vit), ClassifierHead(vit.embed_dim, 2))).eval()
+    settings = {"steps": steps, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 0}
+    return FitContext(task=ToyTask(source="synthetic"), teacher=teacher, settings=settings, work_dir=tmp_path,
+                      shared_dir=tmp_path / "shared", quiet=True)
+
+
+def one_shot_topm(enc, x, m):
+    with torch.no_grad():
+        scores = enc.selector.scorer.score(embed_patches(enc.vit, x))
+    return scores.topk(m, dim=1).indices.sort(dim=1).values
+
+
+def test_registered_and_budget_grid():
+    cls = get_method("ips")
+    assert cls is IPS and cls.budget_key == "k" and cls.training == "finetune" and cls.kind == "selection"
+    _, spec = make()
+    assert IPS.budget_grid(spec) == [2, 3, 6] and IPS(spec).budget == 3
+
+
+@pytest.mark.parametrize("k", [0, 25])
+def test_bad_budget_and_options(k):
+    _, spec = make()
+    with pytest.raises(BudgetError, match="valid: k=1..24"):
+        IPS(spec, k)
+    with pytest.raises(ConfigError, match="chunk"):
+        IPS(spec, 4, chunk=0)
+
+
+@pytest.mark.parametrize("m", [1, 5, 13])
+def test_iterative_selection_is_exact_top_m(m):
+    vit, spec = make("lw_vit_test_p8", (64, 96))  # 8 x 12 = 96 patches
+    x = torch.randn(3, 3, 64, 96)
+    for chunk in (96, 32, 7, 1):  # one chunk (everything fits), several chunks, one patch at a time
+        enc = IPS(spec, m, chunk=chunk).build(vit).eval()
+        with torch.no_grad():
+            idx = enc.selector(enc.vit, x, m, chunk)
+        assert torch.equal(idx, one_shot_topm(enc, x, m)), chunk
+
+
+def test_single_head_ranking_is_ips_softmax_ranking():
+    torch.manual_seed(0)
+    scorer = CrossAttentionScorer(32, heads=1)
+    emb = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        ips_score = scorer.logits(emb).softmax(-1).mean(1)  # IPS's get_scores over one buffer
+        ours = scorer.score(emb)
+    assert torch.equal(ips_score.topk(7).indices.sort().values, ours.topk(7).indices.sort().values)
+
+
+def test_memory_embeds_at_most_one_chunk_at_a_time(monkeypatch):
+    vit, spec = make("lw_vit_test_p8", (64, 96))
+    sizes = []
+    real = ips_mod.embed_patches
+
+    def spy(v, x, idx=None):
+        sizes.append(None if idx is None else idx.shape[1])
+        return real(v, x, idx)
+
+    monkeypatch.setattr(ips_mod, "embed_patches", spy)
+    enc = IPS(spec, 10, chunk=16).build(vit).eval()
+    with torch.no_grad():
+        enc(torch.randn(2, 3, 64, 96))
+    # first M, then ceil((96 - 10) / 16) = 6 chunks of <= 16, then the gradient pass on the M kept patches
+    assert sizes == [10, 16, 16, 16, 16, 16, 6, 10]
+
+
+CASES = [("lw_vit_test_p8", (32, 48)), ("vit_small_patch14_reg4_dinov2", (70, 98))]
+
+
+@pytest.mark.parametrize("name,size", CASES)
+def test_k_equal_to_grid_is_the_plain_backbone(name, size):
+    vit, spec = make(name, size)
+    x = torch.randn(2, 3, *size)
+    n = spec.num_patches
+    enc = IPS(spec, n).build(vit).eval()
+    with torch.no_grad():
+        out, ref = enc(x), FullEncoder(vit)(x)
+    torch.testing.assert_close(out.prefix, ref.prefix, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.patches, ref.patches, atol=1e-5, rtol=0)
+    assert torch.equal(out.positions, torch.arange(n).expand(2, n))
+
+
+def test_untrained_model_runs_the_backbone_on_the_kept_patches():
+    vit, spec = make()
+    enc = IPS(spec, 5, chunk=4).build(vit).eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        out = enc(x)
+        idx = one_shot_topm(enc, x, 5)
+        ref = to_output(enc.vit, enc.vit.blocks(assemble(enc.vit, embed_patches(enc.vit, x, idx))), idx, (4, 6))
+    assert out.patches.shape == (2, 5, 32) and torch.equal(out.positions, idx)
+    torch.testing.assert_close(out.prefix, ref.prefix)  # zero-initialised summary: exactly the plain backbone
+    torch.testing.assert_close(out.patches, ref.patches)
+    dense = densify(out)
+    torch.testing.assert_close(dense.gather(1, idx.unsqueeze(-1).expand(-1, -1, 32)), out.patches)
+
+
+def test_gradient_pass_trains_the_scorer():
+    vit, spec = make()
+    enc = IPS(spec, 5, chunk=4, dropout=0.0).build(vit).train()
+    x = torch.randn(2, 3, 32, 48)
+    enc(x).cls.pow(2).sum().backward()
+    sel = enc.selector
+    assert sel.to_cls.weight.grad.abs().sum() > 0  # the zero-initialised bridge learns first
+    with torch.no_grad():
+        sel.to_cls.weight.add_(0.1 * torch.randn_like(sel.to_cls.weight))
+    enc.zero_grad()
+    enc(x).cls.pow(2).sum().backward()
+    for p in (sel.scorer.query, sel.scorer.q_w.weight, sel.scorer.k_w.weight, sel.scorer.v_w.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0  # ranking parameters get the task gradient
+
+
+def test_fit_smoke_trains_and_checkpoints(tmp_path):
+    vit, spec = make()
+    ctx = toy_ctx(vit, tmp_path, steps=2)
+    method = IPS(spec, 5, chunk=4)
+    model = method.fit(ctx)
+    assert isinstance(model, TaskModel) and not model.training
+    assert (tmp_path / "ips-5" / "done.json").is_file()
+    assert model.encoder.selector.to_cls.weight.abs().sum() > 0
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        logits = model(x)
+        again = method.fit(ctx)(x)
+    assert logits.shape == (2, 2)
+    torch.testing.assert_close(again, logits)
