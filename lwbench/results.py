@@ -1,0 +1,458 @@
+"""The results store: one JSON file per run, read back as a pandas frame, printed as tables.
+
+A run is identified by the hash of its resolved config, so re-running the same config finds its
+row and is skipped (unless ``--force``), and any number of processes can write side by side
+without a shared index file to corrupt. Each file is written to a temp file in the same folder,
+fsync'ed and ``os.replace``'d into place: a reader sees either no row or a whole row, and a
+killed writer leaves only a dot-temp file that reading ignores. The schema is documented in
+``results/README.md``; :data:`FIELDS` is its machine-readable twin.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lwbench.errors import LwbenchError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# (name, type, meaning). Order = column order of frames and CSV files.
+FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("run_id", "str", "= config_hash; also the file name"),
+    ("config_hash", "str", "sha1 prefix of the resolved config (see config_hash())"),
+    ("method", "str", "registered method name"),
+    ("budget", "str", "'k=64', 'r=8', ... or '-' for methods without a budget"),
+    ("budget_key", "str", "'k', 'r', 'keep_rate', 'size', ... or '-'"),
+    ("budget_value", "float", "the budget's number, NaN for none"),
+    ("task", "str", "registered task name"),
+    ("source", "str", "'real' or 'synthetic'"),
+    ("backbone", "str", "timm model name"),
+    ("img_size", "str", "'HxW' of the high-res input"),
+    ("profile", "str", "'quick', 'paper', ..."),
+    ("seed", "int", "seed of training and data order"),
+    ("metric", "str", "name of the task's headline metric ('top1', 'miou')"),
+    ("metric_value", "float", "value of that metric (%, higher is better); never NaN"),
+    ("top1", "float", "top-1 accuracy (%), NaN for segmentation"),
+    ("top5", "float", "top-5 accuracy (%), NaN when not applicable"),
+    ("miou", "float", "mean IoU (%), NaN for classification"),
+    ("pixel_acc", "float", "pixel accuracy (%), NaN for classification"),
+    ("n_eval", "int", "number of evaluation images"),
+    ("gmacs", "float", "total GMACs per image (multiply-accumulates, 1 MAC = 2 FLOPs)"),
+    ("gmacs_overhead", "float", "GMACs of selection (selector, scorer, matching), part of gmacs"),
+    ("gmacs_backbone", "float", "GMACs of the (reduced) backbone, part of gmacs"),
+    ("gmacs_head", "float", "GMACs of the task head, part of gmacs"),
+    ("params_m", "float", "parameters in millions (all modules used at inference)"),
+    ("tokens_mean", "float", "mean number of patch tokens actually processed (after selection/merging)"),
+    ("latency_ms", "float", "median latency at batch 1 (ms)"),
+    ("latency_iqr_ms", "float", "interquartile range of that latency (ms)"),
+    ("throughput", "float", "median throughput at throughput_batch (images/s)"),
+    ("throughput_iqr", "float", "interquartile range of that throughput (images/s)"),
+    ("throughput_batch", "int", "batch size actually used for throughput (after OOM decay)"),
+    ("peak_mem_mb", "float", "peak memory of inference (MiB, weights included), see mem_kind"),
+    ("mem_kind", "str", "'cuda_max_allocated' or 'cpu_peak_rss_delta'"),
+    ("train_time_s", "float", "wall time of this run's training stages (s), 0 for training-free methods"),
+    ("eval_time_s", "float", "wall time of evaluation (s)"),
+    ("device", "str", "'cpu' or 'cuda'"),
+    ("device_name", "str", "CPU model or GPU name"),
+    ("threads", "int", "torch intra-op threads"),
+    ("dtype", "str", "inference dtype ('float32', 'bfloat16', ...)"),
+    ("torch_version", "str", "torch.__version__"),
+    ("timm_version", "str", "timm.__version__"),
+    ("lwbench_version", "str", "lwbench.__version__"),
+    ("git_sha", "str", "commit of the lwbench checkout (None if not a git checkout)"),
+    ("git_dirty", "bool", "uncommitted changes in that checkout"),
+    ("machine_id", "str", "stable id of the host"),
+    ("created_at", "str", "ISO 8601 UTC time the row was written"),
+    ("config", "dict", "the whole resolved config (the only nested field)"),
+    ("status", "str", "'ok'"),
+)
+FIELD_NAMES: tuple[str, ...] = tuple(name for name, _, _ in FIELDS)
+FLOAT_FIELDS = frozenset(name for name, kind, _ in FIELDS if kind == "float")
+INT_FIELDS = frozenset(name for name, kind, _ in FIELDS if kind == "int")
+
+# A row without these cannot be placed, identified or plotted.
+REQUIRED: tuple[str, ...] = ("run_id", "config_hash", "method", "budget", "task", "source", "backbone", "img_size",
+                             "profile", "seed", "metric", "metric_value", "config", "status")
+SOURCES = ("real", "synthetic")
+
+# Top-level config keys that steer a run but cannot change its result; they stay out of the hash.
+HASH_EXCLUDE = frozenset({"force", "quiet", "debug", "verbose", "dry_run", "results_dir", "progress"})
+HASH_LEN = 12
+
+# Metrics stored in percent, and how table headers and plot axes name them.
+METRIC_LABELS = {"top1": "top1 (%)", "top5": "top5 (%)", "miou": "mIoU (%)", "pixel_acc": "pixel acc (%)"}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class ResultError(LwbenchError, ValueError):
+    """A row that must not be stored (missing fields, NaN metric, inconsistent ids); nothing is written."""
+
+
+# -- hashing ----------------------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types only: tuples -> lists, numpy/torch scalars -> Python, Path -> str, NaN/inf -> None."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [_jsonable(v) for v in items]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalar
+        try:
+            return _jsonable(obj.item())
+        except (ValueError, TypeError):
+            pass
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Stable id of a resolved config: sha1 of its sorted-key JSON, first 12 hex digits.
+
+    Only the config goes in, never measured values, so the same config run twice (on any machine)
+    maps to the same file and is skipped. Keys in :data:`HASH_EXCLUDE` (``force``, ``quiet``, ...)
+    are left out at the top level. Tuples and lists hash alike, and so do NaN and None, so a config
+    hashes the same before and after a JSON round trip.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config_hash needs a mapping, got {type(config).__name__}")
+    clean = _jsonable({k: v for k, v in config.items() if k not in HASH_EXCLUDE})
+    text = json.dumps(clean, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha1(text.encode()).hexdigest()[:HASH_LEN]
+
+
+def metric_label(metric: str) -> str:
+    """Header/axis label of a metric, with its unit: ``top1`` -> ``top1 (%)``."""
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# -- the store -------------------------------------------------------------------------------------------
+
+
+class ResultStore:
+    """Rows under ``root/<task>/<method>/<run_id>.json``.
+
+    Example:
+        >>> store = ResultStore(Path("results"))
+        >>> if not store.has(run_id) or force:
+        ...     store.write(row)
+        >>> df = store.frame(task="traffic_signs")
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._warned: set[Path] = set()
+
+    # -- paths ---------------------------------------------------------------------------------------
+    def path_for(self, row: Mapping[str, Any]) -> Path:
+        for key in ("task", "method", "run_id"):
+            value = row.get(key)
+            if not isinstance(value, str) or not _NAME_RE.match(value):
+                raise ResultError(f"result field {key}={value!r} is not usable in a file name "
+                                  f"(letters, digits, _ . + - only)")
+        return self.root / row["task"] / row["method"] / f"{row['run_id']}.json"
+
+    def _files(self, task: str | None = None, method: str | None = None) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        pattern = f"{task or '*'}/{method or '*'}/*.json"
+        return sorted(p for p in self.root.glob(pattern) if not p.name.startswith("."))
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def _load(self, path: Path) -> dict[str, Any] | None:
+        """The row in ``path``, or None (with one warning per file) if it is unreadable or not a row."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                row = json.load(f)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            missing = [k for k in REQUIRED if k not in row]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            if path not in self._warned:
+                self._warned.add(path)
+                warnings.warn(f"lwbench: skipping unreadable result file {path} ({err}); delete it or rerun "
+                              f"that config with --force", RuntimeWarning, stacklevel=3)
+            return None
+        for key in FLOAT_FIELDS:
+            if key in row and row[key] is None:
+                row[key] = math.nan
+        return row
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        """The row of ``run_id``, or None when there is none (or only a damaged one)."""
+        if not _NAME_RE.match(run_id or ""):
+            return None
+        for path in sorted(self.root.glob(f"*/*/{run_id}.json")) if self.root.is_dir() else []:
+            row = self._load(path)
+            if row is not None and row.get("run_id") == run_id:
+                return row
+        return None
+
+    def has(self, run_id: str) -> bool:
+        """True if a complete row for ``run_id`` exists; a damaged file counts as absent, so the run is redone."""
+        return self.get(run_id) is not None
+
+    def rows(self, task: str | None = None, method: str | None = None, **equals: Any) -> list[dict[str, Any]]:
+        """All readable rows, optionally filtered; ``equals`` filters any field (``source="real"``, ``seed=0``).
+
+        A filter value may be a single value or a list/tuple/set of accepted values.
+        """
+        out = []
+        for path in self._files(task, method):
+            row = self._load(path)
+            if row is None:
+                continue
+            if all(_matches(row.get(k), v) for k, v in equals.items()):
+                out.append(row)
+        return out
+
+    def frame(self, task: str | None = None, method: str | None = None, keep_config: bool = False,
+              **equals: Any) -> pd.DataFrame:
+        """Rows as a ``pandas.DataFrame`` with the :data:`FIELDS` columns first.
+
+        The nested ``config`` is dropped, or kept as a JSON string with ``keep_config=True``.
+        Sorted by task, source, method, gmacs.
+        """
+        return rows_to_frame(self.rows(task, method, **equals), keep_config=keep_config)
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def write(self, row: Mapping[str, Any]) -> Path:
+        """Validate and store ``row`` atomically (replacing an older row of the same run_id); returns its path."""
+        row = dict(row)
+        row.setdefault("created_at", _now_iso())
+        validate_row(row)
+        path = self.path_for(row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(_jsonable(row), indent=1, sort_keys=False, allow_nan=False, ensure_ascii=False) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(path.parent)
+        self._warned.discard(path)
+        return path
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the rename itself durable (POSIX); harmless no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _matches(value: Any, wanted: Any) -> bool:
+    if isinstance(wanted, (list, tuple, set, frozenset)):
+        return value in wanted
+    return value == wanted
+
+
+def validate_row(row: Mapping[str, Any]) -> None:
+    """Raise :class:`ResultError` unless ``row`` is storable (see ``results/README.md``)."""
+    missing = [k for k in REQUIRED if k not in row]
+    ident = f"{row.get('method', '?')} {row.get('budget', '?')} on {row.get('task', '?')}"
+    if missing:
+        raise ResultError(f"result row for {ident} lacks required field(s) {', '.join(missing)}")
+    if not isinstance(row["config"], Mapping):
+        raise ResultError(f"result row for {ident}: 'config' must be a dict, got {type(row['config']).__name__}")
+    for key, value in row.items():
+        if key != "config" and not (value is None or isinstance(value, (str, bool, int, float))
+                                    or (hasattr(value, "item") and getattr(value, "ndim", 0) == 0)):
+            raise ResultError(f"result row for {ident}: field {key!r} must be a scalar (rows are flat), "
+                              f"got {type(value).__name__}")
+    if row["source"] not in SOURCES:
+        raise ResultError(f"result row for {ident}: source must be one of {', '.join(SOURCES)}, "
+                          f"got {row['source']!r}")
+    value = _as_float(row["metric_value"])
+    if value is None or not math.isfinite(value):
+        raise ResultError(f"refusing to store {ident}: {row['metric']} = {row['metric_value']!r} is not a finite "
+                          f"number (diverged training or a bug in evaluation); nothing was written")
+    named = _as_float(row.get(row["metric"])) if isinstance(row["metric"], str) else None
+    if named is not None and math.isfinite(named) and not math.isclose(named, value, rel_tol=1e-9, abs_tol=1e-12):
+        raise ResultError(f"result row for {ident}: metric_value {value} differs from {row['metric']} {named}")
+    if row["run_id"] != row["config_hash"]:
+        raise ResultError(f"result row for {ident}: run_id {row['run_id']!r} must equal config_hash "
+                          f"{row['config_hash']!r}")
+    expected = config_hash(row["config"])
+    if row["config_hash"] != expected:
+        raise ResultError(f"result row for {ident}: config_hash {row['config_hash']!r} does not match its config "
+                          f"(expected {expected!r}); compute it with lwbench.results.config_hash(config)")
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- frames and formatting ------------------------------------------------------------------------------------
+
+
+def rows_to_frame(rows: Iterable[Mapping[str, Any]], keep_config: bool = False) -> pd.DataFrame:
+    import pandas as pd
+
+    records = []
+    for row in rows:
+        rec = dict(row)
+        if "config" in rec:
+            if keep_config:
+                rec["config"] = json.dumps(_jsonable(rec["config"]), sort_keys=True)
+            else:
+                del rec["config"]
+        records.append(rec)
+    known = [c for c in FIELD_NAMES if keep_config or c != "config"]
+    extra = sorted({k for rec in records for k in rec} - set(known))
+    df = pd.DataFrame.from_records(records, columns=known + extra)
+    for col in FLOAT_FIELDS:
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    return sort_frame(df)
+
+
+def sort_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Task, then source (real before synthetic), then method, then cost."""
+    keys = [c for c in ("task", "source", "method", "gmacs", "budget_value") if c in df.columns]
+    if not keys or df.empty:
+        return df.reset_index(drop=True)
+    return df.sort_values(keys, kind="stable", na_position="last").reset_index(drop=True)
+
+
+# Compact columns of table/md output: (column, header, decimals). The metric column's header is per group.
+_COMPACT: tuple[tuple[str, str, int], ...] = (
+    ("method", "method", -1),
+    ("budget", "budget", -1),
+    ("task", "task", -1),
+    ("source", "source", -1),
+    ("metric_value", "", 2),
+    ("gmacs", "GMACs (MACs)", 3),
+    ("latency_ms", "latency bs1 (ms)", 2),
+    ("throughput", "throughput (img/s)", 1),
+    ("peak_mem_mb", "peak mem (MB)", 1),
+    ("tokens_mean", "tokens", 1),
+    ("train_time_s", "train (s)", 1),
+)
+FORMATS = ("table", "csv", "md", "json")
+
+
+def source_label(source: Any) -> str:
+    """How a source is shown to people: synthetic rows are SYNTHETIC, loudly."""
+    return "SYNTHETIC" if source == "synthetic" else str(source)
+
+
+def _cell(value: Any, decimals: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if decimals < 0:
+        return str(value)
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if decimals == 3:  # GMACs span 1e-3 (test models) to 1e2 (ViT-L at 518 px): 3 significant digits
+        return f"{x:.1f}" if abs(x) >= 100 else f"{x:#.3g}"
+    return f"{x:.{decimals}f}"
+
+
+def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
+    """Render a results frame as ``table`` (terminal), ``md``, ``csv`` (all columns) or ``json`` (records).
+
+    Tables have one block per (task, source) with a heading, so synthetic and real numbers are never
+    mixed in one block, the source column is always shown, and synthetic rows say SYNTHETIC.
+    """
+    if fmt not in FORMATS:
+        raise ResultError(f"unknown results format '{fmt}'; use one of {', '.join(FORMATS)}")
+    df = df.copy()
+    if "config" in df.columns:
+        df["config"] = [c if isinstance(c, str) or c is None else json.dumps(_jsonable(c), sort_keys=True)
+                        for c in df["config"]]
+    df = sort_frame(df)
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        records = [_jsonable(r) for r in df.to_dict(orient="records")]
+        return json.dumps(records, indent=1, allow_nan=False) + "\n"
+    need = [c for c in ("method", "task", "source", "metric", "metric_value") if c not in df.columns]
+    if need:
+        raise ResultError(f"results frame lacks column(s) {', '.join(need)}")
+    if df.empty:
+        return "(no results)\n"
+
+    from tabulate import tabulate
+
+    tablefmt = "github" if fmt == "md" else "simple"
+    blocks = []
+    for (task, source), group in df.groupby(["task", "source"], sort=False):
+        metrics = list(dict.fromkeys(group["metric"]))
+        cols = [(c, h, d) for c, h, d in _COMPACT if c in group.columns]
+        # Identity columns left out of the compact set come back when they vary inside a block.
+        for extra in ("backbone", "img_size", "profile", "seed", "metric"):
+            if extra in group.columns and group[extra].nunique(dropna=False) > 1:
+                cols.insert(2, (extra, extra, -1))
+        headers, body = [], []
+        for col, head, _ in cols:
+            if col == "metric_value":
+                head = metric_label(metrics[0]) if len(metrics) == 1 else "metric value"
+            headers.append(head)
+        for _, r in group.iterrows():
+            body.append([source_label(r[c]) if c == "source" else _cell(r[c], d) for c, _, d in cols])
+        align = ["right" if d >= 0 else "left" for _, _, d in cols]
+        table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True, colalign=align)
+        blocks.append(_heading(task, source, group, fmt) + table)
+    return "\n\n".join(blocks) + "\n"
+
+
+def _heading(task: str, source: str, group: pd.DataFrame, fmt: str) -> str:
+    bits = [f"task {task}"]
+    bits.append("SYNTHETIC data (generated in-tree, not the real dataset)" if source == "synthetic"
+                else f"{source} data")
+    for col, name in (("backbone", ""), ("img_size", ""), ("profile", "profile "), ("device_name", "")):
+        if col in group.columns:
+            vals = [v for v in dict.fromkeys(group[col]) if isinstance(v, str) and v]
+            if len(vals) == 1:
+                bits.append(f"{name}{vals[0]}")
+    bits.append("GMACs = 1e9 multiply-accumulates")
+    text = " | ".join(bits)
+    return f"### {text}\n\n" if fmt == "md" else f"{text}\n"

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lwbench.errors import ConfigError, LwbenchError
+from lwbench.plots import pareto_figure, pareto_front, pareto_plot
+
+# -- pareto_front --------------------------------------------------------------------------------------
+
+
+def brute_force_front(pts: np.ndarray, x_higher_better: bool = False) -> np.ndarray:
+    """The definition, O(N^2): i is on the front unless some j is at least as good on both axes and better on one."""
+    x = -pts[:, 0] if x_higher_better else pts[:, 0]
+    y = pts[:, 1]
+    out = np.zeros(len(pts), dtype=bool)
+    for i in range(len(pts)):
+        if not (np.isfinite(x[i]) and np.isfinite(y[i])):
+            continue
+        dominated = (x <= x[i]) & (y >= y[i]) & ((x < x[i]) | (y > y[i]))
+        out[i] = not dominated.any()
+    return out
+
+
+def test_front_known_answer_with_ties():
+    pts = [(1, 50), (2, 60), (2, 55), (3, 58), (4, 70), (4, 70), (5, 65), (0.5, 40), (6, 70)]
+    # (2,55): same cost as (2,60) but worse. (3,58): costlier and worse than (2,60).
+    # (4,70) twice: exact duplicates are both on the front. (6,70): same accuracy at more cost.
+    assert pareto_front(pts).tolist() == [True, True, False, False, True, True, False, True, False]
+
+
+def test_front_throughput_direction_flips():
+    pts = [(10, 80), (20, 70), (5, 75), (20, 60), (40, 50), (40, 50)]
+    # throughput: higher x is better, so (5, 75) is beaten by (10, 80) which is faster and more accurate
+    assert pareto_front(pts, x_higher_better=True).tolist() == [True, True, False, False, True, True]
+    # as a cost (lower x better) the same points give a different front
+    assert pareto_front(pts).tolist() == [True, False, True, False, False, False]
+
+
+def test_front_nan_empty_single_and_lower_is_better_metric():
+    assert pareto_front(np.zeros((0, 2))).tolist() == []
+    assert pareto_front([]).tolist() == []
+    assert pareto_front([(3, 1)]).tolist() == [True]
+    assert pareto_front([(1, math.nan), (2, 5), (math.nan, 9)]).tolist() == [False, True, False]
+    assert pareto_front([(1, 0.3), (2, 0.1), (3, 0.2)], y_higher_better=False).tolist() == [True, True, False]
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        pareto_front([1, 2, 3])
+
+
+@pytest.mark.parametrize("higher", [False, True])
+def test_front_matches_definition_on_random_grids(higher):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        pts = rng.integers(0, 6, size=(rng.integers(1, 30), 2)).astype(float)  # coarse grid -> many ties
+        assert pareto_front(pts, x_higher_better=higher).tolist() == brute_force_front(pts, higher).tolist()
+
+
+# -- plots --------------------------------------------------------------------------------------------
+
+
+def frame(sources=("synthetic",), with_mem=True):
+    rows = []
+    spec = {"lookwhere": [(16, 0.3, 62.0), (64, 0.9, 78.0), (128, 1.7, 80.0)],
+            "random": [(16, 0.28, 40.0), (64, 0.85, 60.0)],
+            "tome": [(4, 2.6, 80.5), (8, 2.0, 76.0)]}
+    for source, (method, pts) in itertools.product(sources, spec.items()):
+        for k, g, acc in pts:
+            key = "r" if method == "tome" else "k"
+            rows.append(dict(method=method, budget=f"{key}={k}", budget_key=key, budget_value=float(k),
+                             task="traffic_signs", source=source, backbone="lw_vit_test_p8", img_size="64x64",
+                             profile="quick", seed=0, metric="top1", metric_value=acc - (5 if source == "real" else 0),
+                             gmacs=g, latency_ms=1 + 3 * g, throughput=300 / g,
+                             peak_mem_mb=10 + 5 * g if with_mem else math.nan, mem_kind="cpu_peak_rss_delta",
+                             device="cpu", device_name="Test CPU", threads=1))
+    rows.append(dict(method="full", budget="-", budget_key="-", budget_value=math.nan, task="other",
+                     source="synthetic", metric="top1", metric_value=1.0, gmacs=1.0))
+    return pd.DataFrame(rows)
+
+
+def drawn_points(fig):
+    """(x, y) of the markers of the method lines (frontier rings excluded: they have no face)."""
+    ax = fig.axes[0]
+    pts = [c.get_offsets() for c in ax.collections if len(c.get_facecolors())]
+    return np.concatenate(pts) if pts else np.zeros((0, 2))
+
+
+def test_plot_writes_png(tmp_path):
+    out = pareto_plot(frame(), "traffic_signs", x="gmacs", out=tmp_path / "sub" / "p.png")
+    assert out == tmp_path / "sub" / "p.png" and out.stat().st_size > 20_000
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 800 and im.height > 500
+    assert [p.name for p in out.parent.iterdir()] == ["p.png"]  # temp file replaced
+
+
+def test_figure_content_gmacs():
+    fig = pareto_figure(frame(), "traffic_signs", x="gmacs")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert ax.get_xlabel().startswith("GMACs (multiply-accumulates)")
+    assert ax.get_ylabel().startswith("top1 (%)")
+    title = fig._suptitle.get_text()
+    assert "traffic_signs" in title and "SYNTHETIC" in title and "lw_vit_test_p8" in title and "Test CPU" in title
+    assert len(drawn_points(fig)) == 7  # every point once
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["lookwhere (k)", "random (k)", "tome (r)", "Pareto frontier"]
+    assert len(fig.axes) == 2 and "peak memory (MB)" in fig.axes[1].get_ylabel()  # the colorbar
+    # frontier rings sit exactly on the Pareto-optimal points
+    rings = [c for c in ax.collections if not len(c.get_facecolors())][0].get_offsets()
+    assert sorted(map(tuple, np.asarray(rings))) == [(0.28, 40.0), (0.3, 62.0), (0.9, 78.0), (1.7, 80.0),
+                                                     (2.6, 80.5)]
+    texts = {t.get_text() for t in ax.texts}
+    assert {"16", "64", "128", "4", "8"} <= texts
+
+
+def test_figure_throughput_frontier_flips():
+    fig = pareto_figure(frame(), "traffic_signs", x="throughput")
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("throughput (img/s)")
+    rings = np.asarray([c for c in ax.collections if not len(c.get_facecolors())][0].get_offsets())
+    # lookwhere k=16 (1000 img/s, 62 %) is fast and good; random k=16 (~1071 img/s, 40 %) is the fastest
+    got = sorted((round(x), y) for x, y in rings)
+    assert got == [(115, 80.5), (176, 80.0), (333, 78.0), (1000, 62.0), (1071, 40.0)]
+    assert "Test CPU" in fig._suptitle.get_text() and "1 thread" in fig._suptitle.get_text()
+
+
+def test_sources_never_mixed(tmp_path):
+    df = frame(sources=("synthetic", "real"))
+    with pytest.warns(UserWarning, match="plotting only real"):
+        fig = pareto_figure(df, "traffic_signs")
+    ys = drawn_points(fig)[:, 1]
+    assert len(ys) == 7 and max(ys) == 75.5  # real accuracies are 5 points lower in this frame
+    assert "SYNTHETIC" not in fig._suptitle.get_text() and "real data" in fig._suptitle.get_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = pareto_figure(df, "traffic_signs", source="synthetic")
+    assert max(drawn_points(fig)[:, 1]) == 80.5 and "SYNTHETIC" in fig._suptitle.get_text()
+    with pytest.raises(LwbenchError, match="no real results for task 'traffic_signs'; it has synthetic"):
+        pareto_figure(frame(), "traffic_signs", source="real")
+
+
+def test_seeds_are_averaged_and_rows_without_x_are_left_out():
+    df = frame()
+    extra = df.iloc[[0]].assign(seed=1, metric_value=64.0)  # lookwhere k=16 again: 62 and 64 -> 63
+    df = pd.concat([df, extra, df.iloc[[1]].assign(budget="k=999", latency_ms=math.nan)], ignore_index=True)
+    with pytest.warns(UserWarning, match="1 synthetic row.* no latency_ms .*lookwhere k=999"):
+        fig = pareto_figure(df, "traffic_signs", x="latency_ms")
+    pts = drawn_points(fig)
+    assert len(pts) == 7 and 63.0 in pts[:, 1] and 62.0 not in pts[:, 1]
+    assert "mean of up to 2 seeds" in fig._suptitle.get_text()
+
+
+def test_plot_without_memory_has_no_colorbar(tmp_path):
+    fig = pareto_figure(frame(with_mem=False), "traffic_signs")
+    assert len(fig.axes) == 1
+    out = pareto_plot(frame(with_mem=False), "traffic_signs", out=tmp_path / "p.svg")
+    assert out.read_text().lstrip().startswith("<?xml")
+
+
+def test_plot_errors():
+    with pytest.raises(ConfigError, match="unknown x axis 'flops'"):
+        pareto_figure(frame(), "traffic_signs", x="flops")
+    with pytest.raises(LwbenchError, match="no results for task 'cub'; tasks with results: other, traffic_signs"):
+        pareto_figure(frame(), "cub")
+    with pytest.raises(LwbenchError, match="no results to plot"):
+        pareto_figure(pd.DataFrame(), "cub")
+    with pytest.raises(LwbenchError, match="have a throughput value"), pytest.warns(UserWarning):
+        pareto_figure(frame(), "other", x="throughput")

@@ -1,0 +1,297 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lwbench import results as R
+from lwbench.results import FIELD_NAMES, ResultError, ResultStore, config_hash, format_results
+
+README = Path(__file__).resolve().parents[1] / "results" / "README.md"
+
+
+def make_row(method="lookwhere", k=64, acc=75.0, gmacs=1.5, source="synthetic", task="traffic_signs", seed=0,
+             **extra):
+    budget = f"k={k}" if k is not None else "-"
+    config = {"method": method, "budget": budget, "task": task, "source": source, "backbone": "lw_vit_test_p8",
+              "img_size": [64, 64], "profile": "quick", "seed": seed, "finetune": {"steps": 10, "lr": 5e-4}}
+    h = config_hash(config)
+    row = dict(run_id=h, config_hash=h, method=method, budget=budget, budget_key="k" if k is not None else "-",
+               budget_value=float(k) if k is not None else math.nan, task=task, source=source,
+               backbone="lw_vit_test_p8", img_size="64x64", profile="quick", seed=seed, metric="top1",
+               metric_value=acc, top1=acc, top5=math.nan, miou=math.nan, pixel_acc=math.nan, n_eval=100,
+               gmacs=gmacs, latency_ms=2.5, throughput=400.0, peak_mem_mb=12.0, mem_kind="cpu_peak_rss_delta",
+               tokens_mean=float(k or 64), train_time_s=3.0, device="cpu", git_dirty=False, config=config,
+               status="ok")
+    row.update(extra)
+    return row
+
+
+# -- config_hash ---------------------------------------------------------------------------------------
+
+
+def test_config_hash_is_sha1_prefix_of_sorted_json():
+    cfg = {"b": 1, "a": [1, 2], "c": {"y": 0.5, "x": "s"}}
+    expected = hashlib.sha1(b'{"a":[1,2],"b":1,"c":{"x":"s","y":0.5}}').hexdigest()[:12]
+    assert config_hash(cfg) == expected
+    assert re.fullmatch(r"[0-9a-f]{12}", expected)
+
+
+def test_config_hash_stable_under_order_tuples_and_runtime_keys():
+    a = {"method": "tome", "img_size": (224, 224), "seed": 0, "opts": {"r": 8, "trace": False}}
+    b = {"opts": {"trace": False, "r": 8}, "seed": 0, "img_size": [224, 224], "method": "tome"}
+    assert config_hash(a) == config_hash(b)
+    assert config_hash({**a, "force": True, "quiet": True, "results_dir": "/x"}) == config_hash(a)
+    assert config_hash({**a, "seed": 1}) != config_hash(a)
+    assert config_hash({**a, "opts": {"r": 9, "trace": False}}) != config_hash(a)
+    # numpy scalars and Paths hash like their plain values; a JSON round trip keeps the hash
+    assert config_hash({**a, "seed": np.int64(0)}) == config_hash(a)
+    assert config_hash({"p": Path("/d/x")}) == config_hash({"p": "/d/x"})
+    assert config_hash(json.loads(json.dumps(R._jsonable(a)))) == config_hash(a)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def test_write_layout_and_strict_json(tmp_path):
+    store = ResultStore(tmp_path)
+    row = make_row()
+    path = store.write(row)
+    assert path == tmp_path / "traffic_signs" / "lookwhere" / f"{row['run_id']}.json"
+    text = path.read_text()
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    data = json.loads(text, parse_constant=no_constants)  # NaN was written as null
+    assert data["top5"] is None and data["run_id"] == row["run_id"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", data["created_at"])
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+    back = store.get(row["run_id"])
+    assert math.isnan(back["top5"]) and back["top1"] == 75.0 and back["config"]["finetune"]["lr"] == 5e-4
+
+
+def test_has_skip_and_force_overwrite(tmp_path):
+    store = ResultStore(tmp_path)
+    rows = [make_row(k=k, acc=50.0 + k / 8) for k in (16, 32, 64)]
+    store.write(rows[0])
+    done = []
+    for row in rows:  # what the runner does: skip configs that already have a row
+        if store.has(row["run_id"]):
+            continue
+        store.write(row)
+        done.append(row["budget"])
+    assert done == ["k=32", "k=64"]
+    assert not store.has("0123456789ab") and not store.has("../etc") and not store.has("")
+    # --force: same run_id, new numbers replace the old file
+    store.write({**rows[0], "metric_value": 99.0, "top1": 99.0})
+    assert store.get(rows[0]["run_id"])["metric_value"] == 99.0
+    assert len(store.rows()) == 3
+
+
+def test_leftover_temp_file_from_killed_writer_is_ignored(tmp_path):
+    """A real crash: the writer process dies between writing the temp file and os.replace."""
+    row = make_row()
+    src = (
+        "import json, os, sys\n"
+        "import lwbench.results as R\n"
+        "R.os.replace = lambda *a: os._exit(9)\n"
+        "R.ResultStore(sys.argv[1]).write(json.loads(sys.argv[2]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", src, str(tmp_path), json.dumps(R._jsonable(row))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    folder = tmp_path / "traffic_signs" / "lookwhere"
+    leftovers = list(folder.iterdir())
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(f".{row['run_id']}.")
+    assert leftovers[0].name.endswith(".tmp") and leftovers[0].stat().st_size > 100
+    store = ResultStore(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a temp file is not even worth a warning
+        assert store.rows() == [] and not store.has(row["run_id"])
+        assert store.frame().empty
+    store.write(row)  # the rerun succeeds next to the leftover
+    assert store.has(row["run_id"]) and len(store.rows()) == 1
+
+
+def test_failed_overwrite_keeps_previous_row(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path)
+    row = make_row(acc=70.0, top1=70.0)
+    store.write(row)
+
+    def boom(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R.os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        store.write({**row, "metric_value": 10.0, "top1": 10.0})
+    monkeypatch.undo()
+    assert store.get(row["run_id"])["metric_value"] == 70.0
+    assert len(list((tmp_path / "traffic_signs" / "lookwhere").iterdir())) == 1  # temp file cleaned up
+
+
+def test_damaged_file_is_skipped_with_one_warning_and_counts_as_absent(tmp_path):
+    store = ResultStore(tmp_path)
+    good = make_row(k=16)
+    bad = make_row(k=32)
+    store.write(good)
+    path = store.write(bad)
+    path.write_text(path.read_text()[:120])  # truncated, e.g. a half-finished copy
+    (path.parent / "notarow.json").write_text("[1, 2]")
+    with pytest.warns(RuntimeWarning, match="skipping unreadable result file") as record:
+        rows = store.rows()
+    assert [r["run_id"] for r in rows] == [good["run_id"]]
+    assert len(record) == 2  # one per damaged file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ... and only once
+        assert len(store.rows()) == 1
+        assert not store.has(bad["run_id"])
+    store.write(bad)  # rerunning repairs it
+    assert store.has(bad["run_id"]) and len(store.rows()) == 2
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"metric_value": math.nan, "top1": math.nan}, "refusing to store .* not a finite number"),
+    ({"metric_value": None}, "not a finite number"),
+    ({"metric_value": 80.0}, "differs from top1"),
+    ({"source": "fake"}, "source must be one of real, synthetic"),
+    ({"run_id": "aaaaaaaaaaaa"}, "must equal config_hash"),
+    ({"tokens_mean": [1, 2]}, "must be a scalar"),
+    ({"config": "k=64"}, "'config' must be a dict"),
+])
+def test_write_refuses_bad_rows_and_writes_nothing(tmp_path, change, match):
+    store = ResultStore(tmp_path)
+    with pytest.raises(ResultError, match=match):
+        store.write({**make_row(), **change})
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_write_refuses_missing_fields_and_stale_hash(tmp_path):
+    store = ResultStore(tmp_path)
+    row = make_row()
+    del row["metric"], row["seed"]
+    with pytest.raises(ResultError, match="lacks required field.*seed, metric"):
+        store.write(row)
+    row = make_row()
+    row["config"] = {**row["config"], "seed": 7}  # config changed, hash not recomputed
+    with pytest.raises(ResultError, match="does not match its config"):
+        store.write(row)
+    assert isinstance(ResultError("x"), ValueError)
+
+
+def test_row_names_must_be_file_safe(tmp_path):
+    with pytest.raises(ResultError, match="not usable in a file name"):
+        ResultStore(tmp_path).write(make_row(task="../escape"))
+
+
+# -- reading --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def filled(tmp_path):
+    store = ResultStore(tmp_path)
+    for k, acc, g in ((16, 60.0, 0.4), (64, 75.0, 1.1)):
+        store.write(make_row("lookwhere", k, acc, g))
+    store.write(make_row("lookwhere", 64, 78.0, 1.1, source="real"))
+    store.write(make_row("full", None, 80.0, 4.0))
+    store.write(make_row("tome", 8, 77.0, 2.0, task="billiards", metric_value=77.0))
+    return store
+
+
+def test_rows_and_frame_filtering(filled):
+    assert len(filled.rows()) == 5
+    assert {r["method"] for r in filled.rows(task="traffic_signs")} == {"lookwhere", "full"}
+    assert len(filled.rows(method="lookwhere")) == 3
+    assert len(filled.rows(task="traffic_signs", method="lookwhere", source="synthetic")) == 2
+    assert len(filled.rows(budget=["k=16", "-"])) == 2
+    assert filled.rows(task="nope") == []
+    df = filled.frame(task="traffic_signs")
+    assert list(df.columns[: len(FIELD_NAMES) - 1]) == [c for c in FIELD_NAMES if c != "config"]
+    assert "config" not in df.columns and len(df) == 4
+    # sorted by task, source (real first), method, gmacs
+    assert list(zip(df["source"], df["method"], df["gmacs"], strict=True)) == [
+        ("real", "lookwhere", 1.1), ("synthetic", "full", 4.0), ("synthetic", "lookwhere", 0.4),
+        ("synthetic", "lookwhere", 1.1)]
+    assert df["budget_value"].dtype == float and math.isnan(df.loc[1, "budget_value"])
+    assert df["throughput_iqr"].isna().all()  # absent in every row -> NaN column, not missing
+    kept = filled.frame(method="full", keep_config=True)
+    assert json.loads(kept.loc[0, "config"])["method"] == "full"
+
+
+def test_empty_store_gives_empty_frame_with_columns(tmp_path):
+    df = ResultStore(tmp_path / "none").frame()
+    assert df.empty and "metric_value" in df.columns and "gmacs" in df.columns
+    assert format_results(df, "table") == "(no results)\n"
+    assert json.loads(format_results(df, "json")) == []
+
+
+# -- formatting --------------------------------------------------------------------------------------------
+
+
+def test_csv_round_trip(filled):
+    df = filled.frame()
+    text = format_results(df, "csv")
+    back = pd.read_csv(io.StringIO(text))
+    assert list(back.columns) == list(df.columns) and len(back) == len(df)
+    for col in ("metric_value", "gmacs", "budget_value", "latency_ms", "top5"):
+        np.testing.assert_allclose(back[col].to_numpy(float), df[col].to_numpy(float), equal_nan=True)
+    assert list(back["run_id"]) == list(df["run_id"]) and list(back["source"]) == list(df["source"])
+    assert list(back["task"]) == ["billiards"] + ["traffic_signs"] * 4
+
+
+def test_csv_keeps_config_as_json(filled):
+    back = pd.read_csv(io.StringIO(format_results(filled.frame(keep_config=True), "csv")))
+    assert json.loads(back.loc[0, "config"])["task"] == "billiards"
+
+
+def test_table_and_md_label_synthetic_and_never_mix_sources(filled):
+    df = filled.frame(task="traffic_signs")
+    for fmt in ("table", "md"):
+        text = format_results(df, fmt)
+        assert "SYNTHETIC" in text and "top1 (%)" in text and "GMACs (MACs)" in text
+        blocks = [b for b in text.split("\n\n") if "task traffic_signs" in b]
+        assert len(blocks) == 2 and "real data" in blocks[0] and "SYNTHETIC data" in blocks[1]
+        real_part, synth_part = text.split("SYNTHETIC data", 1)
+        assert "SYNTHETIC" not in real_part  # the real block holds no synthetic row
+        assert real_part.count("lookwhere") == 1 and synth_part.count("lookwhere") == 2
+    md = format_results(df, "md")
+    table_lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len(table_lines) == 2 * 2 + 4  # two header+rule pairs, four rows
+    assert "| full " in md and "75.00" in md and "0.400" in md and "4.00" in md
+
+
+def test_table_shows_varying_identity_columns_and_metric_names(tmp_path):
+    store = ResultStore(tmp_path)
+    store.write(make_row(k=16, seed=0))
+    store.write(make_row(k=16, seed=1, acc=76.0))
+    seg = make_row("full", None, 40.0, 3.0, task="ade20k", metric="miou", metric_value=40.0, miou=40.0,
+                   top1=math.nan)
+    store.write(seg)
+    text = format_results(store.frame(), "table")
+    assert "mIoU (%)" in text and "seed" in text.split("task traffic_signs")[1]
+    assert "seed" not in text.split("task traffic_signs")[0]  # ade20k block: one seed, no seed column
+
+
+def test_json_format_and_unknown_format(filled):
+    data = json.loads(format_results(filled.frame(), "json"))
+    assert len(data) == 5 and data[0]["task"] == "billiards" and data[1]["top5"] is None
+    with pytest.raises(ResultError, match="unknown results format 'xlsx'"):
+        format_results(filled.frame(), "xlsx")
+
+
+def test_readme_documents_every_field():
+    text = README.read_text()
+    missing = [f for f in FIELD_NAMES if f"| `{f}` |" not in text]
+    assert not missing, f"results/README.md does not document {missing}"
+    for name in R.REQUIRED:
+        assert re.search(rf"\| `{name}` \| \w+ \| \*\*required\*\*", text), name
