@@ -128,8 +128,16 @@ METHODS: Registry = Registry(
     "lwbench.methods",
     {
         "full": "lwbench.methods.full:Full",
+        "lookwhere": "lwbench.methods.lookwhere.method:LookWhere",
         "lowres": "lwbench.methods.lowres:LowRes",
         "random": "lwbench.methods.random:RandomPatches",
+        "dynamicvit": "lwbench.methods.dynamicvit:DynamicViT",
+        "dps": "lwbench.methods.dps:DPS",
+        "ips": "lwbench.methods.ips:IPS",
+        "tome": "lwbench.methods.tome:ToMe",
+        "evit": "lwbench.methods.evit:EViT",
+        "topk": "lwbench.methods.evit:TopK",
+        "ats": "lwbench.methods.ats:ATS",
     },
 )
 TASKS: Registry = Registry(
@@ -138,6 +146,9 @@ TASKS: Registry = Registry(
     {
         "traffic_signs": "lwbench.tasks.traffic_signs:TrafficSigns",
         "billiards": "lwbench.tasks.billiards:Billiards",
+        "imagenet": "lwbench.tasks.imagenet:ImageNet",
+        "cub": "lwbench.tasks.cub:CUB",
+        "ade20k": "lwbench.tasks.ade20k:ADE20K",
     },
 )
 
