@@ -83,9 +83,13 @@ def embed_patches(vit: VisionTransformer, x: torch.Tensor, idx: torch.Tensor | N
     return tok
 
 
-def assemble(vit: VisionTransformer, patch_tokens: torch.Tensor) -> torch.Tensor:
-    """Prefix + patch tokens through timm's pos_drop / patch_drop / norm_pre, ready for the blocks."""
-    x = torch.cat([prefix_tokens(vit, patch_tokens.shape[0]), patch_tokens], dim=1)
+def assemble(vit: VisionTransformer, patch_tokens: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefix + patch tokens through timm's pos_drop / patch_drop / norm_pre, ready for the blocks.
+
+    ``prefix`` replaces the model's own CLS/register tokens (LookWhere hands the extractor the selector's)."""
+    if prefix is None:
+        prefix = prefix_tokens(vit, patch_tokens.shape[0])
+    x = torch.cat([prefix, patch_tokens], dim=1)
     x = vit.pos_drop(x)
     x = vit.patch_drop(x)
     return vit.norm_pre(x)

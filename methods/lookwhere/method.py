@@ -1,0 +1,209 @@
+"""``lookwhere``: a low-res selector picks the top-k high-res patches; a full-depth extractor sees only
+those. Both distilled from the frozen task-trained teacher, then fine-tuned at k. Budget = k.
+
+Stages of :meth:`LookWhere.fit`:
+
+1. **What-where distillation** (budget-independent, cached in ``ctx.shared_dir``, resumable): the
+   student starts as the teacher (extractor = teacher; selector = its first ``selector_depth`` blocks
+   with embeddings, tokens and final norm at ``selector_size`` px; where-head random) and learns the
+   teacher's CLS, its dense patch features and its last-layer attention (``distill.py``), with k
+   drawn per step in ``[distill_min_k, distill_max_k]``. Skipped when ``weights`` gives a released or
+   lwbench-pretrained checkpoint.
+2. **Fine-tuning at k**: selector frozen (the paper does not fine-tune it); extractor + task head
+   trained with the task loss. The head starts from the teacher's task head: the extractor was just
+   distilled to reproduce the teacher's CLS and patch features, so the teacher's head already reads
+   them and the model starts near the teacher's accuracy instead of at chance; a random head would
+   spend the short CPU budget relearning the head and would push large, noisy gradients into the
+   freshly distilled extractor during the first steps.
+
+Profile settings read from ``methods.lookwhere`` (defaults: the profile's fine-tune settings):
+``distill_steps``, ``distill_lr``, ``distill_batch_size``, ``distill_warmup_steps``,
+``distill_weight_decay``, ``finetune_steps``, ``finetune_lr``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lwbench.backbones import check_img_size
+from lwbench.errors import CheckpointError, ConfigError
+from lwbench.method import Method
+from lwbench.registry import register_method
+
+from .model import LookWhereEncoder, build_encoder
+
+SELECTOR_FRACTION = 0.3  # paper: 154 px selector for 518 px high-res
+PAPER_SELECTOR_DEPTH = 3  # of 12 teacher blocks
+PAPER_K_FRACTION = 128 / 1369  # paper: k=128 of the 37x37 grid at 518 px
+
+
+def parse_size(value: Any) -> tuple[int, int] | None:
+    """``None``/``"auto"`` -> None; ``154`` -> (154, 154); ``"112x154"`` or ``[112, 154]`` -> (112, 154)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "", "none")):
+        return None
+    try:
+        if isinstance(value, (list, tuple)):
+            h, w = value
+        elif isinstance(value, str) and "x" in value.lower():
+            h, w = value.lower().split("x")
+        else:
+            h = w = value
+        return int(h), int(w)
+    except (TypeError, ValueError):
+        raise ConfigError(f"lookwhere: selector_size '{value}' must be pixels like 154, 112x154 or auto") from None
+
+
+def default_selector_size(img_size: tuple[int, int], patch: int) -> tuple[int, int]:
+    """A multiple of the patch near 0.3 x the high-res size per axis (518 -> 154, 224/p14 -> 70, 256/p16 -> 80)."""
+    return tuple(max(patch, round(SELECTOR_FRACTION * s / patch) * patch) for s in img_size)  # type: ignore[return-value]
+
+
+@register_method("lookwhere")
+class LookWhere(Method):
+    description = "low-res selector picks top-k high-res patches for a distilled extractor (flagship)"
+    kind = "selection"
+    budget_key = "k"
+    training = "pretrain+finetune"
+    dense_output = True
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        return {
+            "selector_depth": None,  # auto: the paper's 3 of 12 blocks, scaled to the teacher's depth
+            "selector_size": None,  # auto: ~0.3 x high-res (or the checkpoint's own size with `weights`)
+            "distill_min_k": 16,
+            "distill_max_k": 128,
+            "attn_queries": "patch",  # "patch" | "cls": query rows averaged for the teacher's attention target
+            "weights": None,  # official lookwhere_*.pt, or an `lwbench pretrain lookwhere` folder: skips distillation
+        }
+
+    @classmethod
+    def budget_grid(cls, spec) -> list[int]:
+        """About 1/16, the paper's 128/1369 (~1/11) and 1/4 of the patches; at 518 px: 86, 128, 342."""
+        n = spec.num_patches
+        grid = sorted({max(1, round(n * f)) for f in (1 / 16, PAPER_K_FRACTION, 1 / 4)})
+        for extra in range(1, n + 1):  # tiny grids: still three distinct budgets when possible
+            if len(grid) >= 3:
+                break
+            if extra not in grid:
+                grid = sorted({*grid, extra})
+        return grid
+
+    @classmethod
+    def default_budget(cls, spec) -> int:
+        """The paper's fraction of the grid: k=128 at 518 px with patch 14."""
+        return max(1, round(spec.num_patches * PAPER_K_FRACTION))
+
+    # -- validation (before any work) ---------------------------------------------------------------
+    def check_budget(self) -> None:
+        n = self.spec.num_patches
+        self._require(1 <= self.budget <= n, f"k=1..{n}")
+        o = self.opts
+        depth = self.selector_depth()
+        if not isinstance(depth, int) or not 1 <= depth <= self.spec.depth:
+            raise ConfigError(f"lookwhere: selector_depth={depth} must be 1..{self.spec.depth} "
+                              f"(the blocks of {self.spec.name})")
+        size = parse_size(o["selector_size"])
+        if size is not None:
+            check_img_size(size, self.spec.patch, what="lookwhere selector size")
+        lo, hi = o["distill_min_k"], o["distill_max_k"]
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+            raise ConfigError(f"lookwhere: need 1 <= distill_min_k <= distill_max_k, got {lo} and {hi}")
+        if o["attn_queries"] not in ("patch", "cls"):
+            raise ConfigError(f"lookwhere: attn_queries must be 'patch' or 'cls', not '{o['attn_queries']}'")
+        if o["weights"] is not None and not Path(str(o["weights"])).exists():
+            raise CheckpointError(f"lookwhere: weights file not found: {o['weights']}")
+
+    def selector_depth(self) -> int:
+        """Paper: 3 of 12 blocks. Auto keeps that fraction (12 -> 3, 6 -> 2, 4 -> 1) so the selector stays a
+        small part of the cost on the quick profile's shallow teachers."""
+        d = self.opts["selector_depth"]
+        return max(1, round(self.spec.depth * PAPER_SELECTOR_DEPTH / 12)) if d is None else d
+
+    def selector_size(self) -> tuple[int, int]:
+        return parse_size(self.opts["selector_size"]) or default_selector_size(self.spec.img_size, self.spec.patch)
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        h, w = self.selector_size()
+        cfg["opt_selector_size"] = f"{h}x{w}"
+        cfg["opt_selector_depth"] = self.selector_depth()
+        return cfg
+
+    # -- models ---------------------------------------------------------------------------------------
+    def build(self, vit) -> LookWhereEncoder:
+        """Untrained LookWhere on ``vit`` (random where-head): for FLOP counting and as the distillation start."""
+        return build_encoder(vit, int(self.budget), self.selector_depth(), self.selector_size(),
+                             self.spec.img_size)
+
+    def distill_tag(self) -> str:
+        (h, w), o = self.selector_size(), self.opts
+        k_lo, k_hi = o["distill_min_k"], o["distill_max_k"]
+        return f"distill-d{self.selector_depth()}-s{h}x{w}-k{k_lo}-{k_hi}-{o['attn_queries']}"
+
+    def meta(self, encoder: LookWhereEncoder) -> dict[str, Any]:
+        return {"teacher": self.spec.name, "img_size": list(self.spec.img_size),
+                "selector_depth": encoder.selector.depth, "selector_size": list(encoder.selector.low_size),
+                "r": list(encoder.selector.r), "distill_min_k": self.opts["distill_min_k"],
+                "distill_max_k": self.opts["distill_max_k"], "attn_queries": self.opts["attn_queries"]}
+
+    def fit(self, ctx) -> torch.nn.Module:
+        from lwbench.heads import TaskModel
+
+        teacher = ctx.teacher.encoder.vit
+        ms = dict(ctx.method_settings or {})
+        if self.opts["weights"] is not None:
+            from .checkpoint import load_weights
+
+            encoder = load_weights(self.opts["weights"], teacher, self.spec.img_size, int(self.budget),
+                                   selector_size=parse_size(self.opts["selector_size"]))
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(ctx.seed)  # the where-head init is the only random part
+                encoder = self.build(teacher)
+            self.distill(ctx, encoder)
+        encoder.set_trainable(selector=False, extractor=True)
+        model = TaskModel(encoder, copy.deepcopy(ctx.teacher.head))
+        for p in model.head.parameters():
+            p.requires_grad_(True)
+        kw = {k: ms[f"finetune_{k}"] for k in ("steps", "lr") if f"finetune_{k}" in ms}
+        ctx.finetune(model, tag="finetune", **kw)
+        return model
+
+    def distill(self, ctx, encoder: LookWhereEncoder) -> LookWhereEncoder:
+        """Stage 1 in ``ctx.shared_dir/<tag>``; reused by every k (skipped when already done)."""
+        from lwbench.training.loop import DONE, load_checkpoint
+
+        from .checkpoint import write_meta
+        from .distill import DistillStudent, WhatWhereLoss
+
+        s, ms = ctx.settings, dict(ctx.method_settings or {})
+        settings = {
+            **s,
+            "steps": int(ms.get("distill_steps", s["steps"])),
+            "lr": float(ms.get("distill_lr", s["lr"])),
+            "warmup_steps": int(ms.get("distill_warmup_steps", s.get("warmup_steps", 0))),
+            "weight_decay": float(ms.get("distill_weight_decay", s.get("weight_decay", 0.05))),
+            "batch_size": int(ms.get("distill_batch_size", s["batch_size"])),
+        }
+        tag = self.distill_tag()
+        ckpt = Path(ctx.shared_dir) / tag
+        done = ckpt / DONE
+        if done.is_file() and json.loads(done.read_text()).get("steps", 0) >= settings["steps"]:
+            load_checkpoint(encoder, ckpt)
+            return encoder
+        teacher = ctx.teacher.encoder.vit
+        encoder.set_trainable(selector=True, extractor=True)
+        o = self.opts
+        loss = WhatWhereLoss(teacher, DistillStudent(encoder), o["distill_min_k"], o["distill_max_k"],
+                             queries=o["attn_queries"], seed=ctx.seed)
+        dctx = dataclasses.replace(ctx, work_dir=Path(ctx.shared_dir), settings=settings)
+        write_meta(ckpt, self.meta(encoder))  # makes the folder loadable with --set method.weights=<folder>
+        dctx.train(encoder, loss, tag)
+        return encoder

@@ -1,0 +1,105 @@
+"""End-to-end CLI on tiny configs: run -> results -> plot, skipping, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lwbench.cli import main
+
+TINY = ["--img-size", "64x96", "--set", "teacher.steps=4", "--set", "teacher.batch_size=8",
+        "--set", "finetune.steps=2", "--set", "finetune.batch_size=8", "--set", "eval.limit=16",
+        "--set", "measure.min_run_time=0.05", "--set", "measure.throughput_batch=4",
+        "--set", "measure.warmup=1", "--set", "measure.flops_images=2", "--set", "measure.isolate=false",
+        "--set", "task.n_train=64", "--set", "task.n_test=16", "--set", "task.n_val=8", "--quiet"]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("lwbench: error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_run_results_plot_roundtrip(capsys, tmp_path):
+    assert main(["run", "--method", "full", "--task", "traffic_signs", *TINY]) == 0
+    assert main(["run", "--method", "random", "--task", "traffic_signs", "--budget", "k=6", *TINY]) == 0
+    assert main(["run", "--method", "lowres", "--task", "traffic_signs", "--budget", "size=32", *TINY]) == 0
+    capsys.readouterr()
+    rows = list(Path(os.environ["LWBENCH_RESULTS"]).rglob("*.json"))
+    assert len(rows) == 3
+    row = json.loads(rows[0].read_text())
+    for key in ("gmacs", "latency_ms", "throughput", "peak_mem_mb", "source", "git_sha", "metric_value"):
+        assert key in row
+    assert row["source"] == "synthetic"
+
+    assert main(["results", "--format", "csv"]) == 0
+    csv = capsys.readouterr().out
+    df = pd.read_csv(__import__("io").StringIO(csv))
+    assert set(df["method"]) == {"full", "random", "lowres"}
+    full = df[df.method == "full"].iloc[0]
+    rnd = df[df.method == "random"].iloc[0]
+    assert rnd.gmacs < full.gmacs and rnd.tokens_mean == 6 and full.tokens_mean == 24
+
+    out = tmp_path / "p.png"
+    assert main(["plot", "pareto", "--task", "traffic_signs", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+
+    # a finished config is skipped (no new file, same row), --force reruns it
+    mtime = rows[0].stat().st_mtime_ns
+    assert main(["run", "--method", "full", "--task", "traffic_signs", *TINY]) == 0
+    assert len(list(Path(os.environ["LWBENCH_RESULTS"]).rglob("*.json"))) == 3
+    assert rows[0].stat().st_mtime_ns == mtime
+
+
+def test_unknown_method_one_line(capsys):
+    assert main(["run", "--method", "lookwher", "--task", "traffic_signs"]) == 2
+    line = _one_line_error(capsys)
+    assert "unknown method 'lookwher'" in line and "Known:" in line and "full" in line
+
+
+def test_unknown_task_and_backbone(capsys):
+    assert main(["run", "--method", "full", "--task", "trafic_signs"]) == 2
+    assert "Did you mean: traffic_signs" in _one_line_error(capsys)
+    assert main(["flops", "--method", "full", "--backbone", "vit_tiny_patch16_22", "--img-size", "224"]) == 2
+    assert "unknown backbone" in _one_line_error(capsys)
+
+
+def test_impossible_budget_fails_before_any_training(capsys):
+    assert main(["run", "--method", "random", "--task", "traffic_signs", "--budget", "k=100000", *TINY]) == 2
+    assert "valid: k=1..24" in _one_line_error(capsys)
+    assert not (Path(os.environ["LWBENCH_CACHE"]) / "teachers").exists()
+
+
+def test_image_size_not_divisible(capsys):
+    assert main(["run", "--method", "full", "--task", "traffic_signs", "--img-size", "100x96"]) == 2
+    assert "not divisible by the patch size 16" in _one_line_error(capsys)
+
+
+def test_source_real_without_data_names_layout(capsys, tmp_path):
+    assert main(["run", "--method", "full", "--task", "traffic_signs", "--source", "real",
+                 "--data-root", str(tmp_path)]) == 2
+    line = _one_line_error(capsys)
+    assert "annotations.txt" in line and "Set1" in line
+
+
+def test_flops_json(capsys):
+    assert main(["flops", "--method", "full", "--backbone", "lw_vit_test_p8", "--img-size", "32x48", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["gmacs"] > 0 and rep["params_m"] > 0
+
+
+def test_bad_set_and_option(capsys):
+    assert main(["run", "--method", "random", "--task", "traffic_signs", "--set", "method.nope=1"]) == 2
+    assert "no option" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv", [["list", "methods"], ["list", "tasks"]])
+def test_list(capsys, argv):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("lookwhere" in out and "budget" in out) if argv[1] == "methods" else ("traffic_signs" in out)

@@ -1,0 +1,79 @@
+"""The one training loop: resume after a kill, NaN guard keeps the last good checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lwbench.errors import TrainingError
+from lwbench.training.loop import is_done, load_checkpoint, lr_at, param_groups, train_loop
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    while True:
+        x = torch.randn(8, 4, generator=g)
+        yield x, (x.sum(1) > 0).long()
+
+
+def _loss(model, x, y):
+    return nn.functional.cross_entropy(model(x), y), {}
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    calls = {"n": 0}
+
+    def dying_loss(m, x, y):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Killed
+        return _loss(m, x, y)
+
+    with pytest.raises(Killed):
+        train_loop(model, dying_loss, _batches(), steps=6, lr=1e-2, ckpt_dir=tmp_path, ckpt_every_s=0, quiet=True)
+    assert not is_done(tmp_path)
+    fresh = nn.Linear(4, 2)
+    state = load_checkpoint(fresh, tmp_path)
+    assert state["step"] == 3  # three finished steps were saved
+    assert torch.equal(fresh.weight, model.weight)
+    seen = []
+    train_loop(fresh, _loss, _batches(), steps=6, lr=1e-2, ckpt_dir=tmp_path, ckpt_every_s=0, quiet=True,
+               on_step=seen.append)
+    assert seen == [3, 4, 5] and is_done(tmp_path)
+
+
+def test_nan_keeps_last_good_checkpoint(tmp_path):
+    model = nn.Linear(4, 2)
+    train_loop(model, _loss, _batches(), steps=2, lr=1e-2, ckpt_dir=tmp_path / "a", quiet=True)
+    good = model.weight.detach().clone()
+
+    def nan_loss(m, x, y):
+        return m(x).sum() * float("nan"), {}
+
+    with pytest.raises(TrainingError, match="NaN|nan") as e:
+        train_loop(nn.Linear(4, 2), nan_loss, _batches(), steps=3, lr=1e-2, ckpt_dir=tmp_path / "b", quiet=True,
+                   ckpt_every_s=0)
+    assert "lower the learning rate" in str(e.value)
+    again = nn.Linear(4, 2)
+    load_checkpoint(again, tmp_path / "a")
+    assert torch.equal(again.weight, good)
+
+
+def test_weight_decay_only_on_matrices():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    groups = param_groups(model.parameters(), 0.05)
+    decayed = [p for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert len(decayed) == 1 and decayed[0] is model[0].weight
+
+
+def test_warmup_then_cosine():
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(99, 100, 1.0, 10) < 0.05
