@@ -1,0 +1,192 @@
+"""``ats``: Adaptive Token Sampling (Fayyaz et al., ECCV 2022). Budget = keep_rate. Variable length.
+
+At a few blocks (default: EViT's, blocks ``round(depth * {1/4, 1/2, 3/4})``; option ``stages``),
+after attention and before the MLP, each patch token gets a significance score
+``S_j = a_cls,j * ||v_j|| / sum_i a_cls,i * ||v_i||`` (``a`` = CLS attention row summed over heads,
+``v_j`` the token's value vector over all heads), and tokens are drawn by inverse transform
+sampling: with tokens sorted by score and ``F`` their normalised CDF, ``K`` evenly spaced values
+``y_1..y_K`` from the smallest positive ``F`` to 1 each pick the token whose ``F`` is nearest;
+duplicates are dropped, so an image keeps ``K' <= K`` tokens, fewer when attention is peaked. The
+scoring, CDF, the ``y`` grid and the nearest-CDF pick follow the official code
+(``AdaptiveTokenSampler.score_assignment_step`` / ``create_ys`` / ``inverse_transform_sampling``).
+
+Choices made here (documented, tested):
+
+* ``K = ceil(keep_rate * n)`` per image and per stage, ``n`` that image's current patch-token count
+  (the official code derives ``K`` from a ratio of the sequence length too; its floor of 8 tokens is
+  not kept). When ``K >= n`` the image keeps all its tokens: ATS keeps *at most* ``K``, and that holds
+  already. So ``keep_rate=1`` is the plain backbone, bit for bit; ATS as published (``K = n``
+  samples, duplicates still dropped) is ``keep_rate`` just below 1 (e.g. 0.999 for n < 1000).
+* Images in a batch keep different numbers of tokens: survivors are packed to the batch maximum and
+  padded; padding is masked out of every later attention as keys by a ``-inf`` float ``attn_mask``
+  (fused attention kept), never sampled, zeroed in the output, and ``TokenOutput.mask`` marks it. An
+  image's result does not depend on its batch-mates.
+* Survivors are ordered by grid index (official: by score); attention is permutation-equivariant.
+* The selecting block computes attention for all its queries and then keeps the survivors' rows,
+  whereas the paper computes only the sampled rows of ``A V``; the difference is that block's
+  ``A V`` and output projection for the dropped rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lwbench.method import Method, Overhead, detach_copy
+from lwbench.registry import register_method
+from lwbench.vit import all_positions, grid_of, num_prefix, to_output
+
+from ._reduction import (
+    as_attn_mask,
+    attention_residual,
+    check_blocks,
+    cls_attention,
+    embed,
+    gather_tokens,
+    key_bias_from_mask,
+    mlp_residual,
+    parse_layers,
+    split_qkv,
+    tokens_per_layer,
+)
+
+
+def samples_per_image(keep_rate: float, n: torch.Tensor) -> torch.Tensor:
+    """``K = ceil(keep_rate * n)`` (at least 1) for ``(B,)`` token counts ``n``."""
+    return torch.clamp(torch.ceil(n.double() * keep_rate).long(), min=1)
+
+
+def inverse_transform_sample(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """ATS sampling: ``(B, T)`` significance ``scores`` (normalised over ``valid``), ``(B,)`` sample counts ``k``
+    -> ``(B, T)`` bool of the distinct tokens picked.
+
+    Tokens are sorted by score (padding first, excluded), ``F`` = min-max normalised cumulative score,
+    and each of ``k`` evenly spaced ``y`` in ``[min positive F, 1]`` picks the token with the nearest ``F``
+    (first one on ties, as ``argmin`` in the official code); picking a token twice keeps it once.
+    """
+    bsz, t = scores.shape
+    key = torch.where(valid, scores, scores.new_full((), -1.0))
+    sorted_key, order = key.sort(dim=1, stable=True)  # padding (-1) first, then ascending significance
+    ok = sorted_key >= 0
+    cdf = sorted_key.clamp(min=0).cumsum(dim=1)
+    inf = torch.tensor(float("inf"), dtype=cdf.dtype, device=cdf.device)
+    lo = torch.where(ok, cdf, inf).min(dim=1, keepdim=True).values
+    hi = cdf[:, -1:]
+    ncdf = (cdf - lo) / (hi - lo).clamp(min=torch.finfo(cdf.dtype).tiny)
+    ncdf = torch.where(ok, ncdf, -inf).contiguous()  # padding sorts below every y: never nearest
+
+    y0 = torch.where(ok & (ncdf > 0), ncdf, inf).min(dim=1, keepdim=True).values
+    y0 = torch.where(torch.isinf(y0), torch.zeros_like(y0), y0)  # a single token (or equal scores): start at 0
+    kmax = int(k.max())
+    j = torch.arange(kmax, device=scores.device, dtype=cdf.dtype).expand(bsz, -1)
+    denom = (k - 1).clamp(min=1).unsqueeze(1).to(cdf.dtype)
+    frac = torch.where(k.unsqueeze(1) > 1, j / denom, torch.ones_like(j))  # K = 1: the single y is 1
+    ys = (y0 + (1 - y0) * frac).contiguous()  # (B, kmax)
+
+    # Nearest F to each y (F is sorted): compare the neighbours around the insertion point.
+    hi_i = torch.searchsorted(ncdf, ys, side="left").clamp(max=t - 1)
+    lo_i = (hi_i - 1).clamp(min=0)
+    d_hi = (ncdf.gather(1, hi_i) - ys).abs()
+    d_lo = (ys - ncdf.gather(1, lo_i)).abs()
+    pick = torch.where((d_lo <= d_hi) & (hi_i > 0), lo_i, hi_i)
+    pick = torch.searchsorted(ncdf, ncdf.gather(1, pick), side="left")  # first of equal F values, like argmin
+
+    tok = order.gather(1, pick)
+    tok = torch.where(j < k.unsqueeze(1).to(j.dtype), tok, torch.full_like(tok, t))  # unused sample slots
+    chosen = torch.zeros(bsz, t + 1, dtype=torch.bool, device=scores.device)
+    chosen = chosen.scatter(1, tok, torch.ones_like(tok, dtype=torch.bool))[:, :t]  # tensor src: jit-traceable
+    return chosen & valid
+
+
+class TokenSampler(Overhead):
+    """ATS for one block: significance scores from the CLS row and value norms, inverse transform sampling,
+    and packing the survivors (padded) in grid order."""
+
+    def __init__(self, scale: float, num_prefix: int, keep_rate: float):
+        super().__init__()
+        self.scale, self.num_prefix, self.keep_rate = float(scale), int(num_prefix), float(keep_rate)
+
+    def significance(self, q, k, v, valid: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+        """``S_j = a_cls,j ||v_j|| / sum_i a_cls,i ||v_i||`` over the valid patch tokens, ``(B, T)``."""
+        p = self.num_prefix
+        a = cls_attention(q, k, self.scale, key_bias).sum(dim=1)[:, p:]  # summed over heads, as the official code
+        vnorm = v.transpose(1, 2).flatten(2).norm(dim=-1)[:, p:]  # value vector over all heads
+        s = torch.where(valid, a * vnorm, torch.zeros_like(a))
+        return s / s.sum(dim=1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
+
+    def forward(self, x, q, k, v, positions, valid, key_bias):
+        n = valid.sum(dim=1)
+        kk = samples_per_image(self.keep_rate, n)
+        chosen = inverse_transform_sample(self.significance(q, k, v, valid, key_bias), valid, kk)
+        chosen = torch.where((kk >= n).unsqueeze(1), valid, chosen)  # at most K tokens: already true
+        count = chosen.sum(dim=1)
+        m = int(count.max())
+        idx = (~chosen).to(torch.int8).argsort(dim=1, stable=True)[:, :m]  # chosen first, in grid order
+        new_valid = torch.arange(m, device=x.device).unsqueeze(0) < count.unsqueeze(1)
+        tokens = gather_tokens(x, idx) * new_valid.unsqueeze(-1).to(x.dtype)
+        pos = torch.where(new_valid, positions.gather(1, idx), torch.full_like(idx, -1))
+        return tokens, pos, new_valid
+
+
+class ATSEncoder(nn.Module):
+    def __init__(self, vit: nn.Module, keep_rate: float, stages: list[int]):
+        super().__init__()
+        self.vit = vit
+        self.keep_rate = float(keep_rate)
+        p = num_prefix(vit)
+        active = stages if keep_rate < 1 else []  # keep_rate = 1: K >= n for every image, nothing to sample
+        self.samplers = nn.ModuleDict({str(i): TokenSampler(vit.blocks[i].attn.scale, p, keep_rate) for i in active})
+
+    def forward(self, x: torch.Tensor):
+        vit = self.vit
+        grid = grid_of(vit, x)
+        p, bsz = num_prefix(vit), x.shape[0]
+        h = embed(vit, x)
+        positions = all_positions(bsz, grid, x.device).clone()
+        valid = torch.ones_like(positions, dtype=torch.bool)
+        key_bias = None  # no padding yet: plain attention, bit for bit
+        counts = []
+        for i, blk in enumerate(vit.blocks):
+            if str(i) in self.samplers:
+                h, qkv = attention_residual(blk, h, as_attn_mask(key_bias))
+                q, k, v = split_qkv(blk.attn, qkv)
+                pat, positions, valid = self.samplers[str(i)](h[:, p:], q, k, v, positions, valid, key_bias)
+                h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
+                key_bias = None if bool(valid.all()) else key_bias_from_mask(valid, p, h.dtype)
+            else:
+                h = blk(h, attn_mask=as_attn_mask(key_bias))
+            counts.append(valid.sum(dim=1))
+        out = to_output(
+            vit, h, positions, grid, mask=valid, aux={"tokens_per_layer": tokens_per_layer(counts, bsz, x.device)}
+        )
+        out.patches = out.patches * valid.unsqueeze(-1).to(out.patches.dtype)  # padding reads as zeros
+        return out
+
+
+@register_method("ats")
+class ATS(Method):
+    description = "Adaptive Token Sampling: inverse-transform sampling of tokens by CLS attention x value norm"
+    kind = "reduction"
+    budget_key = "keep_rate"
+    budget_type = float
+    default_budgets = (0.3, 0.5, 0.7, 0.9)
+    training = "none"
+    dense_output = True
+    variable_length = True
+    needs_attention_row = True
+
+    @classmethod
+    def option_defaults(cls):
+        return {"stages": None}
+
+    def check_budget(self):
+        self.stages = parse_layers(self.opts["stages"], self.spec.depth, "ats", "stages")
+        self._require(
+            0 < self.budget <= 1,
+            "keep_rate in (0, 1] (K = ceil(keep_rate * tokens) samples per stage; 1 = no sampling)",
+        )
+
+    def build(self, vit):
+        vit = detach_copy(vit)
+        check_blocks(vit, "ats")
+        return ATSEncoder(vit, self.budget, self.stages)

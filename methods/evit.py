@@ -1,0 +1,153 @@
+"""``evit`` and ``topk``: keep the patch tokens the CLS token attends to most. Budget = keep_rate.
+
+EViT (Liang et al., ICLR 2022, "Not All Patches are What You Need: Expediting Vision Transformers
+via Token Reorganizations"; official code youweiliang/evit, ``evit.py``): at a few blocks (ViT-B:
+blocks 3, 6, 9 of 12, 0-based), after attention and before the MLP, the ``ceil(keep_rate * n)`` of
+the ``n`` non-prefix tokens with the highest CLS attention (softmax row of the CLS query, averaged
+over heads) are kept, and the inattentive rest is fused into one token, ``sum_i a_i x_i`` with ``a_i``
+their CLS attention (the official weighting: attention probabilities, not renormalised), appended
+after the kept ones. As in the official code, ``n`` counts every non-prefix token including an
+earlier fused token, which may be kept or fused again. ``topk`` is the same without fusion (EViT's
+``fuse_token=False`` ablation, the usual "attention top-k" baseline).
+
+Generalised: pruning blocks scale with depth (``round(depth * {1/4, 1/2, 3/4})``, option
+``keep_layers``); CLS and registers are never pruned; the CLS row is computed on the side from the
+block's q and k (one row, never the full matrix), so timm's fused attention is untouched. Kept
+tokens are re-ordered by grid index (attention is permutation-equivariant, so this only changes
+rounding). Training-free by default; ``finetune=true`` fine-tunes the pruned model with the task loss,
+as the EViT paper does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lwbench.method import Method, Overhead, detach_copy
+from lwbench.registry import register_method
+from lwbench.vit import all_positions, grid_of, num_prefix, to_output
+
+from ._reduction import (
+    as_bool,
+    attention_residual,
+    check_blocks,
+    cls_attention,
+    embed,
+    gather_tokens,
+    mlp_residual,
+    parse_layers,
+    split_qkv,
+    tokens_per_layer,
+)
+
+
+def num_kept(keep_rate: float, n: int) -> int:
+    return min(n, max(1, math.ceil(keep_rate * n)))
+
+
+def select_attentive(
+    x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor, keep: int, fuse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``keep`` tokens of ``x`` ``(B, n, D)`` with the highest ``attn`` ``(B, n)``, in index order; with
+    ``fuse`` append ``sum a_i x_i`` over the rest (position -1)."""
+    idx = attn.topk(keep, dim=1, largest=True, sorted=False).indices.sort(dim=1).values
+    kept, pos = gather_tokens(x, idx), positions.gather(1, idx)
+    if not fuse:
+        return kept, pos
+    n = x.shape[1]
+    # scatter a tensor, not a scalar: jit tracing (fvcore) cannot alias-analyse scatter.value
+    dropped_mask = torch.ones_like(attn, dtype=torch.bool).scatter(1, idx, torch.zeros_like(idx, dtype=torch.bool))
+    rest = dropped_mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, : n - keep]
+    w = attn.gather(1, rest)
+    fused = torch.einsum("bn,bnd->bd", w, gather_tokens(x, rest)).unsqueeze(1)
+    return torch.cat([kept, fused], dim=1), torch.cat([pos, pos.new_full((pos.shape[0], 1), -1)], dim=1)
+
+
+class AttentivePruner(Overhead):
+    """CLS attention row of one block (on the side) and EViT's keep/fuse step."""
+
+    def __init__(self, scale: float, num_prefix: int, keep_rate: float, fuse: bool):
+        super().__init__()
+        self.scale, self.num_prefix, self.keep_rate, self.fuse = float(scale), int(num_prefix), keep_rate, fuse
+
+    def cls_row(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Head-averaged CLS attention over the non-prefix tokens ``(B, n)`` (softmax over all keys, as EViT)."""
+        return cls_attention(q, k, self.scale).mean(dim=1)[:, self.num_prefix :]
+
+    def forward(self, x, q, k, positions):
+        row = self.cls_row(q, k)
+        return (*select_attentive(x, row, positions, num_kept(self.keep_rate, x.shape[1]), self.fuse), row)
+
+
+class EViTEncoder(nn.Module):
+    def __init__(self, vit: nn.Module, keep_rate: float, layers: list[int], fuse: bool):
+        super().__init__()
+        self.vit = vit
+        self.keep_rate = float(keep_rate)
+        self.layers = list(layers)
+        p = num_prefix(vit)
+        self.pruners = nn.ModuleDict(
+            {str(i): AttentivePruner(vit.blocks[i].attn.scale, p, keep_rate, fuse) for i in self.layers}
+        )
+
+    def forward(self, x: torch.Tensor):
+        vit = self.vit
+        grid = grid_of(vit, x)
+        p, bsz = num_prefix(vit), x.shape[0]
+        h = embed(vit, x)
+        positions = all_positions(bsz, grid, x.device).clone()
+        counts, cls_rows = [], {}
+        for i, blk in enumerate(vit.blocks):
+            n = h.shape[1] - p
+            if str(i) in self.pruners and num_kept(self.keep_rate, n) < n:
+                h, qkv = attention_residual(blk, h)
+                q, k, _ = split_qkv(blk.attn, qkv)
+                pat, positions, cls_rows[i] = self.pruners[str(i)](h[:, p:], q, k, positions)
+                h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
+            else:
+                h = blk(h)
+            counts.append(h.shape[1] - p)
+        aux = {"tokens_per_layer": tokens_per_layer(counts, bsz, x.device), "cls_attention": cls_rows}
+        return to_output(vit, h, positions, grid, aux=aux)
+
+
+@register_method("evit")
+class EViT(Method):
+    description = "EViT: keep the top keep_rate tokens by CLS attention at 3 blocks, fuse the rest into one"
+    kind = "reduction"
+    budget_key = "keep_rate"
+    budget_type = float
+    default_budgets = (0.5, 0.7, 0.9)
+    training = "none"
+    dense_output = True
+    variable_length = False
+    needs_attention_row = True
+    fuse = True
+
+    @classmethod
+    def option_defaults(cls):
+        return {"keep_layers": None, "finetune": False}
+
+    def check_budget(self):
+        self.layers = parse_layers(self.opts["keep_layers"], self.spec.depth, self.name, "keep_layers")
+        self.opts["finetune"] = as_bool(self.opts["finetune"], self.name, "finetune")
+        self._require(0 < self.budget <= 1, "keep_rate in (0, 1] (fraction of tokens kept at each pruning block)")
+
+    def build(self, vit):
+        vit = detach_copy(vit)
+        check_blocks(vit, self.name)
+        return EViTEncoder(vit, self.budget, self.layers, fuse=self.fuse)
+
+    def fit(self, ctx):
+        model = super().fit(ctx)
+        if self.opts["finetune"]:
+            ctx.finetune(model, tag=f"{self.name}-{self.budget:g}")
+        return model
+
+
+@register_method("topk")
+class TopK(EViT):
+    description = "keep the top keep_rate tokens by CLS attention at 3 blocks, drop the rest (EViT without fusion)"
+    fuse = False

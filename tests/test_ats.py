@@ -1,0 +1,178 @@
+"""ATS: inverse transform sampling on hand-made distributions, the significance score, exactness at
+keep_rate=1, padding and masks for variable token counts, batch independence and budgets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lwbench.backbones import create_backbone
+from lwbench.errors import BudgetError, ConfigError
+from lwbench.method import BackboneSpec
+from lwbench.methods._reduction import embed, split_qkv
+from lwbench.methods.ats import ATS, TokenSampler, inverse_transform_sample, samples_per_image
+from lwbench.registry import get_method
+from lwbench.tokens import densify
+
+CASES = [("lw_vit_test_p8", (40, 56)), ("vit_small_patch14_reg4_dinov2", (70, 98))]  # 5x7 grids
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def case(request):
+    name, size = request.param
+    torch.manual_seed(0)
+    vit = create_backbone(name, size).eval()
+    return vit, BackboneSpec.of(vit, name, size), size
+
+
+def _picked(scores, k, valid=None):
+    scores = torch.tensor([scores])
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else torch.tensor([valid])
+    chosen = inverse_transform_sample(scores, valid, torch.tensor([k]))
+    return chosen[0].nonzero().flatten().tolist()
+
+
+def test_inverse_transform_sampling_hand_made():
+    # Sorted ascending: t1 (0.1), t3 (0.1), t2 (0.2), t0 (0.6): CDF 0.1 0.2 0.4 1.0, normalised 0 .111 .333 1.
+    s = [0.6, 0.1, 0.2, 0.1]
+    # K=4: y = .111 .407 .704 1 -> t3, t2, t0, t0 (a duplicate, kept once); t1 (lowest CDF) is never drawn.
+    assert _picked(s, 4) == [0, 2, 3]
+    assert _picked(s, 2) == [0, 3]  # y = .111, 1
+    assert _picked(s, 1) == [0]  # y = 1: the most significant token
+    assert _picked(s, 100) == [0, 2, 3]  # more samples cannot add a token below the first y
+
+
+def test_sampling_ignores_padding():
+    s = [0.6, 0.1, 0.9, 0.2, 0.1]  # token 2 is padding: whatever its score, never drawn, never counted
+    valid = [True, True, False, True, True]
+    assert _picked(s, 4, valid) == [0, 3, 4]
+    assert _picked(s, 2, valid) == [0, 4]
+
+
+def test_peaked_distribution_keeps_fewer_tokens_than_samples():
+    s = [0.01] * 9 + [0.91]  # one token carries most of the mass
+    picked = _picked(s, 10)
+    assert 9 in picked and len(picked) < 10
+
+
+def test_samples_per_image():
+    assert samples_per_image(0.5, torch.tensor([35, 10, 1])).tolist() == [18, 5, 1]
+    assert samples_per_image(0.01, torch.tensor([35])).tolist() == [1]
+
+
+def test_significance_score(case):
+    """S_j = a_cls,j * ||v_j|| / sum, a summed over heads, v over all heads, patch tokens only."""
+    vit, spec, size = case
+    blk, p = vit.blocks[0], spec.num_prefix
+    with torch.no_grad():
+        h = embed(vit, torch.randn(2, 3, *size))
+        q, k, v = split_qkv(blk.attn, blk.attn.qkv(blk.norm1(h)))
+        full = (q @ k.transpose(-1, -2) * blk.attn.scale).softmax(-1)
+        a = full[:, :, 0].sum(1)[:, p:]
+        vn = torch.stack([v[:, :, j].flatten(1).norm(dim=1) for j in range(v.shape[2])], 1)[:, p:]
+        expect = a * vn / (a * vn).sum(1, keepdim=True)
+        valid = torch.ones(2, spec.num_patches, dtype=torch.bool)
+        got = TokenSampler(blk.attn.scale, p, 0.5).significance(q, k, v, valid, None)
+    assert torch.allclose(got, expect, atol=1e-6)
+
+
+def test_keep_rate_1_is_the_plain_backbone(case):
+    vit, spec, size = case
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        ref = vit.forward_features(x)
+        out = get_method("ats")(spec, 1.0).build(vit).eval()(x)
+    assert torch.equal(torch.cat([out.prefix, out.patches], 1), ref)
+    assert out.mask.all() and out.aux["tokens_per_layer"].tolist() == [[spec.num_patches] * spec.depth] * 2
+
+
+def _peaked(vit):
+    """A copy whose CLS attention is sharp (a non-zero CLS token, q and k scaled up), so sampling draws
+    duplicates as with a trained ViT; at random init the CLS query is ~0 and attention is uniform."""
+    vit = copy.deepcopy(vit)
+    d = vit.embed_dim
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        vit.cls_token.copy_(torch.randn(vit.cls_token.shape, generator=gen))
+        for blk in vit.blocks:
+            blk.attn.qkv.weight[: 2 * d] *= 10.0
+    return vit
+
+
+def test_variable_counts_masks_and_positions():
+    vit = _peaked(create_backbone("lw_vit_test_p14", (70, 98)).eval())  # 3 blocks: stages 1, 2
+    spec = BackboneSpec.of(vit, "lw_vit_test_p14", (70, 98))
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 70, 98)
+    with torch.no_grad():
+        out = ATS(spec, 0.7).build(vit).eval()(x)
+    tpl = out.aux["tokens_per_layer"]
+    counts = out.mask.sum(1)
+    assert torch.equal(tpl[:, -1], counts) and torch.equal(out.realised_tokens(), counts)
+    assert out.patches.shape[1] == int(counts.max())
+    assert (tpl[:, 0] == 35).all()
+    assert (tpl[:, 1] <= 25).all() and (tpl[:, 2] <= torch.ceil(0.7 * tpl[:, 1])).all()  # at most K per stage
+    assert len(set(counts.tolist())) > 1  # adaptive: images keep different numbers of tokens
+    for b in range(4):
+        real = out.positions[b, out.mask[b]]
+        assert (real >= 0).all() and (real.diff() > 0).all()  # distinct grid cells, in grid order
+        assert (out.positions[b, ~out.mask[b]] == -1).all() and (out.patches[b, ~out.mask[b]] == 0).all()
+    assert densify(out).shape == (4, 35, vit.embed_dim)
+
+
+def test_an_image_does_not_depend_on_its_batch():
+    vit = _peaked(create_backbone("lw_vit_test_p14", (70, 98)).eval())
+    spec = BackboneSpec.of(vit, "lw_vit_test_p14", (70, 98))
+    enc = ATS(spec, 0.6).build(vit).eval()
+    torch.manual_seed(4)
+    x = torch.randn(3, 3, 70, 98)
+    with torch.no_grad():
+        together = enc(x)
+        for b in range(3):
+            alone = enc(x[b : b + 1])
+            m = int(alone.mask.sum())
+            assert int(together.mask[b].sum()) == m
+            assert torch.equal(together.positions[b, :m], alone.positions[0, :m])
+            assert torch.allclose(together.patches[b, :m], alone.patches[0, :m], atol=1e-5)
+            assert torch.allclose(together.prefix[b], alone.prefix[0], atol=1e-5)
+
+
+def test_tokens_decrease_as_budget_tightens(case):
+    vit, spec, size = case
+    vit = _peaked(vit)
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, *size)
+    kept = []
+    for kr in (0.9, 0.5, 0.2):
+        with torch.no_grad():
+            out = ATS(spec, kr).build(vit).eval()(x)
+        kept.append(out.aux["tokens_per_layer"].float().mean().item())
+    assert kept[0] > kept[1] > kept[2]
+
+
+def test_budget_and_option_errors():
+    spec = BackboneSpec("lw_vit_test_p8", (40, 56), 8, 2, 32, 2, 5)
+    for bad in (0.0, 1.01, -1.0):
+        with pytest.raises(BudgetError, match=r"valid: keep_rate in \(0, 1\]"):
+            ATS(spec, bad)
+    with pytest.raises(ConfigError, match="stages"):
+        ATS(spec, 0.5, stages=[5])
+    assert ATS(spec, 0.5, stages=[0]).stages == [0]
+    assert ATS.variable_length and ATS.needs_attention_row and ATS.kind == "reduction"
+
+
+def test_sampling_cost_is_counted_as_overhead():
+    from lwbench.heads import ClassifierHead, TaskModel
+    from lwbench.measure.flops import count_macs
+
+    vit = create_backbone("lw_vit_test_p8", (40, 56)).eval()
+    spec = BackboneSpec.of(vit, "lw_vit_test_p8", (40, 56))
+    x = torch.randn(1, 3, 40, 56)
+    full = count_macs(TaskModel(ATS(spec, 1.0).build(vit), ClassifierHead(32, 3)), x)
+    enc = ATS(spec, 0.5).build(vit)
+    ats = count_macs(TaskModel(enc, ClassifierHead(32, 3)), x)
+    kept = int(enc(x).mask.sum())
+    assert full.parts["overhead"] == 0 and ats.parts["overhead"] == 2 * 40 * 16  # the CLS row at block 1
+    assert full.parts["backbone"] - ats.parts["backbone"] == (35 - kept) * 2 * 32 * 64  # MLP of the dropped tokens
