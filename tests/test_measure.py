@@ -1,0 +1,153 @@
+"""Latency, throughput, memory, the isolated worker and the environment record."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+from lwbench.backbones import create_backbone
+from lwbench.measure import env as env_mod
+from lwbench.measure.env import environment, git_info
+from lwbench.measure.latency import measure_latency, measure_throughput
+from lwbench.measure.memory import measure_memory, model_bytes
+from lwbench.measure.worker import measure_all, measure_in_subprocess
+
+FAST = dict(warmup=2, min_run_time=0.2, min_runs=5)
+
+
+def _images(n, size, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_latency_is_stable_and_reports_spread():
+    model = create_backbone("lw_vit_test_p8", 32)
+    imgs = _images(4, 32)
+    a = measure_latency(model, imgs, "cpu", threads=1, **FAST)
+    b = measure_latency(model, imgs, "cpu", threads=1, **FAST)
+    for r in (a, b):
+        assert set(r) == {"latency_ms", "latency_iqr_ms", "latency_runs"}
+        assert r["latency_ms"] > 0 and r["latency_iqr_ms"] >= 0 and r["latency_runs"] >= 5
+    # Generous: the machine is shared with other jobs, but medians of the same model stay close.
+    assert 0.33 < a["latency_ms"] / b["latency_ms"] < 3.0
+
+
+def test_bigger_model_is_slower():
+    small = measure_latency(create_backbone("lw_vit_test_p8", 32), _images(2, 32), "cpu", threads=1, **FAST)
+    big = measure_latency(create_backbone("lw_vit_nano_p16", 128), _images(2, 128), "cpu", threads=1, **FAST)
+    assert big["latency_ms"] > 3 * small["latency_ms"]
+
+
+class _Recorder(nn.Module):
+    """Remembers the batch shapes and the images it was given (by their first pixel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.seen: set[float] = set()
+        self.batches: set[int] = set()
+        self.grad_enabled: set[bool] = set()
+
+    def forward(self, x):
+        self.batches.add(x.shape[0])
+        self.seen.update(float(v) for v in x[:, 0, 0, 0])
+        self.grad_enabled.add(torch.is_grad_enabled())
+        return self.fc(x[:, 0, 0, :4])
+
+
+def test_latency_cycles_real_images_at_batch_1_in_inference_mode():
+    imgs = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 4, 4).contiguous()
+    rec = _Recorder().train()
+    measure_latency(rec, imgs, "cpu", threads=1, **FAST)
+    assert rec.batches == {1}
+    assert rec.seen == {0.0, 1.0, 2.0, 3.0, 4.0}  # every given image, not one image and not noise
+    assert rec.grad_enabled == {False} and not rec.training
+
+
+def test_throughput_fills_the_batch_from_the_given_images():
+    imgs = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 3, 4, 4).contiguous()
+    rec = _Recorder()
+    r = measure_throughput(rec, imgs, "cpu", batch_size=8, threads=1, **FAST)
+    assert rec.batches == {8} and rec.seen == {0.0, 1.0, 2.0}
+    assert r["throughput_batch"] == 8 and r["throughput"] > 0 and r["throughput_iqr"] >= 0
+
+
+def test_cpu_path_never_touches_cuda(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("CUDA API called on the CPU path")
+
+    for name in ("is_available", "synchronize", "Event", "get_device_name", "reset_peak_memory_stats",
+                 "max_memory_allocated", "empty_cache", "device", "device_count"):
+        monkeypatch.setattr(torch.cuda, name, boom)
+    model = create_backbone("lw_vit_test_p8", 32)
+    r = measure_all(model, _images(2, 32), "cpu", threads=1, throughput_batch=2, **FAST)
+    assert r["latency_ms"] > 0 and r["throughput"] > 0 and r["peak_memory_mb"] > 0
+    assert environment("cpu")["device_name"]
+
+
+def test_memory_counts_weights_plus_growth():
+    model = create_backbone("lw_vit_test_p8", 32)
+    r = measure_memory(model, _images(1, 32), "cpu")
+    assert r["param_mb"] == pytest.approx(model_bytes(model) / 2**20)
+    assert r["peak_memory_mb"] == pytest.approx(r["param_mb"] + r["activation_mb"])
+    assert r["activation_mb"] >= 0 and r["memory_batch"] == 1
+
+
+def test_subprocess_worker_returns_the_same_fields_isolated():
+    model = create_backbone("lw_vit_test_p8", 32)
+    imgs = _images(3, 32)
+    iso = measure_in_subprocess(model, imgs, "cpu", threads=1, throughput_batch=4, **FAST)
+    local = measure_all(create_backbone("lw_vit_test_p8", 32), imgs, "cpu", threads=1, throughput_batch=4, **FAST)
+    assert iso["isolated"] is True
+    assert set(local) <= set(iso)
+    assert iso["throughput_batch"] == 4 and iso["threads"] == 1 and iso["dtype"] == "float32"
+    assert iso["latency_ms"] > 0 and iso["throughput"] > 0
+    # A fresh process: the forward's own peak is visible, on top of the weights.
+    assert iso["memory_exact"] is True and iso["peak_memory_mb"] > iso["param_mb"] > 0
+
+
+class _Unpicklable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.fn = lambda t: t  # lambdas cannot be pickled
+
+    def forward(self, x):
+        return self.fc(self.fn(x[:, 0, 0, :4]))
+
+
+def test_subprocess_falls_back_in_process_and_says_so(capsys):
+    r = measure_in_subprocess(_Unpicklable(), torch.rand(2, 3, 4, 4), "cpu", threads=1, throughput_batch=2, **FAST)
+    assert r["isolated"] is False and r["isolation_error"]
+    assert r["latency_ms"] > 0 and r["memory_exact"] is False
+    assert "isolated measurement failed" in capsys.readouterr().err
+
+
+def test_environment_records_versions_and_this_checkout(monkeypatch, tmp_path):
+    e = environment("cpu", threads=2)
+    for key in ("device_name", "torch_version", "timm_version", "threads", "dtype", "attention_backend",
+                "machine_id", "git_sha", "git_dirty"):
+        assert key in e
+    assert e["threads"] == 2 and e["dtype"] == "float32" and e["torch_version"] == torch.__version__
+    assert e["attention_backend"].startswith("sdpa")
+    assert re.fullmatch(r"[0-9a-f]{12}", e["machine_id"])
+    assert re.fullmatch(r"[0-9a-f]{40}", e["git_sha"]) and isinstance(e["git_dirty"], bool)
+    # git runs in the package's directory, not the current one (tmp_path is not a checkout).
+    monkeypatch.chdir(tmp_path)
+    git_info.cache_clear()
+    sha = git_info()["git_sha"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=env_mod.PACKAGE_DIR, capture_output=True, text=True)
+    assert sha == head.stdout.strip()
+
+
+def test_git_info_is_none_outside_a_checkout(monkeypatch, tmp_path):
+    (tmp_path / "__init__.py").write_text("")
+    monkeypatch.setattr(env_mod, "PACKAGE_DIR", tmp_path)
+    git_info.cache_clear()
+    try:
+        assert git_info() == {"git_sha": None, "git_dirty": None}
+    finally:
+        git_info.cache_clear()
