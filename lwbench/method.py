@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import abc
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from torch import nn
 
 from lwbench.errors import BudgetError, ConfigError
@@ -111,6 +110,7 @@ class Method(abc.ABC):
 
     def check_budget(self) -> None:
         """Raise :class:`BudgetError` naming the valid range when the budget cannot be honoured."""
+        return None
 
     @abc.abstractmethod
     def build(self, vit: VisionTransformer) -> nn.Module:
@@ -144,6 +144,30 @@ class Method(abc.ABC):
                 f"{self.spec.img_size[0]}x{self.spec.img_size[1]} (grid {self.spec.grid[0]}x{self.spec.grid[1]} = "
                 f"{self.spec.num_patches} patches); valid: {valid}"
             )
+
+
+class PatchSelectionMethod(Method):
+    """Base for methods that pick ``k`` high-res patches before the backbone (random, DPS, IPS, LookWhere).
+
+    They share the budget's meaning, its valid range (1..grid cells) and a default grid at fixed fractions
+    of the patch grid, so a sweep compares them at the same k."""
+
+    kind: ClassVar[str] = "selection"
+    budget_key: ClassVar[str | None] = "k"
+    grid_fractions: ClassVar[tuple[float, ...]] = (1 / 16, 1 / 8, 1 / 4)
+
+    @classmethod
+    def default_budget(cls, spec: BackboneSpec) -> float | None:
+        return cls.budget_grid(spec)[1]
+
+    @classmethod
+    def budget_grid(cls, spec: BackboneSpec) -> list[float]:
+        n = spec.num_patches
+        return sorted({max(1, round(n * f)) for f in cls.grid_fractions})
+
+    def check_budget(self) -> None:
+        n = self.spec.num_patches
+        self._require(1 <= self.budget <= n, f"k=1..{n}")
 
 
 def parse_budget(text: str | None) -> tuple[str | None, float | None]:
@@ -181,4 +205,5 @@ def detach_copy(vit: nn.Module) -> nn.Module:
     return copy.deepcopy(vit).requires_grad_(True)
 
 
-__all__ = ["BackboneSpec", "Method", "Overhead", "parse_budget", "resolve_budget", "freeze", "detach_copy", "torch"]
+__all__ = ["BackboneSpec", "Method", "Overhead", "PatchSelectionMethod", "parse_budget", "resolve_budget", "freeze",
+           "detach_copy"]

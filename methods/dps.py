@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lwbench.errors import ConfigError
-from lwbench.method import Method, Overhead, detach_copy
+from lwbench.method import Overhead, PatchSelectionMethod, detach_copy
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
 from lwbench.vit import assemble, embed_patches, grid_of, to_output
@@ -170,10 +170,8 @@ def make_dps_loss(entropy_weight: float):
 
 
 @register_method("dps")
-class DPS(Method):
+class DPS(PatchSelectionMethod):
     description = "CNN scorer on a downscaled image + perturbed top-k (Berthet) picks k high-res patches"
-    kind = "selection"
-    budget_key = "k"
     training = "finetune"
     dense_output = True
     variable_length = False
@@ -188,18 +186,8 @@ class DPS(Method):
             "entropy_weight": -0.01,  # official entropy_regularizer (negative: rewards spread-out scores)
         }
 
-    @classmethod
-    def default_budget(cls, spec):
-        return cls.budget_grid(spec)[1]
-
-    @classmethod
-    def budget_grid(cls, spec) -> list[float]:
-        n = spec.num_patches
-        return sorted({max(1, round(n * f)) for f in (1 / 16, 1 / 8, 1 / 4)})
-
     def check_budget(self) -> None:
-        n = self.spec.num_patches
-        self._require(1 <= self.budget <= n, f"k=1..{n}")
+        super().check_budget()
         if float(self.opts["scorer_size"]) <= 0:
             raise ConfigError("dps: scorer_size must be a fraction in (0, 1] of the image size or a height in px")
         if float(self.opts["sigma"]) < 0 or int(self.opts["num_samples"]) < 1:

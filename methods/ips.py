@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lwbench.errors import ConfigError
-from lwbench.method import Method, Overhead, detach_copy
+from lwbench.method import Overhead, PatchSelectionMethod, detach_copy
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
 from lwbench.vit import all_positions, assemble, embed_patches, grid_of, to_output
@@ -140,10 +140,8 @@ class IPSEncoder(nn.Module):
 
 
 @register_method("ips")
-class IPS(Method):
+class IPS(PatchSelectionMethod):
     description = "no-grad iterative top-M patch memory scored by a cross-attention aggregator; grad pass on M"
-    kind = "selection"
-    budget_key = "k"
     training = "finetune"
     dense_output = True
     variable_length = False
@@ -157,18 +155,8 @@ class IPS(Method):
             "dropout": 0.1,  # official dropout and attention dropout of the aggregator
         }
 
-    @classmethod
-    def default_budget(cls, spec):
-        return cls.budget_grid(spec)[1]
-
-    @classmethod
-    def budget_grid(cls, spec) -> list[float]:
-        n = spec.num_patches
-        return sorted({max(1, round(n * f)) for f in (1 / 16, 1 / 8, 1 / 4)})
-
     def check_budget(self) -> None:
-        n = self.spec.num_patches
-        self._require(1 <= self.budget <= n, f"k=1..{n}")
+        super().check_budget()
         if int(self.opts["chunk"]) < 1 or int(self.opts["heads"]) < 1:
             raise ConfigError("ips: chunk (patches per iteration) and heads must be >= 1")
         if not 0.0 <= float(self.opts["dropout"]) < 1.0:

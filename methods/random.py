@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lwbench.method import Method, detach_copy
+from lwbench.method import PatchSelectionMethod, detach_copy
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
 from lwbench.vit import assemble, embed_patches, grid_of, to_output
@@ -36,28 +36,13 @@ class RandomPatchEncoder(nn.Module):
 
 
 @register_method("random")
-class RandomPatches(Method):
+class RandomPatches(PatchSelectionMethod):
     description = "k uniformly random high-res patches through the backbone"
-    kind = "selection"
-    budget_key = "k"
     training = "finetune"
 
     @classmethod
     def option_defaults(cls):
         return {"finetune": True, "seed": 0}
-
-    @classmethod
-    def default_budget(cls, spec):
-        return cls.budget_grid(spec)[1]
-
-    @classmethod
-    def budget_grid(cls, spec):
-        n = spec.num_patches
-        return sorted({max(1, round(n * f)) for f in (1 / 16, 1 / 8, 1 / 4)})
-
-    def check_budget(self):
-        n = self.spec.num_patches
-        self._require(1 <= self.budget <= n, f"k=1..{n}")
 
     def build(self, vit):
         return RandomPatchEncoder(detach_copy(vit), int(self.budget), seed=int(self.opts["seed"]))

@@ -33,7 +33,7 @@ import torch
 
 from lwbench.backbones import check_img_size
 from lwbench.errors import CheckpointError, ConfigError
-from lwbench.method import Method
+from lwbench.method import PatchSelectionMethod
 from lwbench.registry import register_method
 
 from .model import LookWhereEncoder, build_encoder
@@ -65,10 +65,9 @@ def default_selector_size(img_size: tuple[int, int], patch: int) -> tuple[int, i
 
 
 @register_method("lookwhere")
-class LookWhere(Method):
+class LookWhere(PatchSelectionMethod):
     description = "low-res selector picks top-k high-res patches for a distilled extractor (flagship)"
-    kind = "selection"
-    budget_key = "k"
+    grid_fractions = (1 / 16, PAPER_K_FRACTION, 1 / 4)
     training = "pretrain+finetune"
     dense_output = True
 
@@ -85,10 +84,11 @@ class LookWhere(Method):
 
     @classmethod
     def budget_grid(cls, spec) -> list[int]:
-        """About 1/16, the paper's 128/1369 (~1/11) and 1/4 of the patches; at 518 px: 86, 128, 342."""
+        """About 1/16, the paper's 128/1369 (~1/11) and 1/4 of the patches; at 518 px: 86, 128, 342.
+        Tiny grids still get three distinct budgets when possible."""
         n = spec.num_patches
-        grid = sorted({max(1, round(n * f)) for f in (1 / 16, PAPER_K_FRACTION, 1 / 4)})
-        for extra in range(1, n + 1):  # tiny grids: still three distinct budgets when possible
+        grid = super().budget_grid(spec)
+        for extra in range(1, n + 1):
             if len(grid) >= 3:
                 break
             if extra not in grid:
@@ -102,8 +102,7 @@ class LookWhere(Method):
 
     # -- validation (before any work) ---------------------------------------------------------------
     def check_budget(self) -> None:
-        n = self.spec.num_patches
-        self._require(1 <= self.budget <= n, f"k=1..{n}")
+        super().check_budget()
         o = self.opts
         depth = self.selector_depth()
         if not isinstance(depth, int) or not 1 <= depth <= self.spec.depth:
