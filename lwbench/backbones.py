@@ -159,7 +159,8 @@ def load_backbone_weights(model: VisionTransformer, weights, strict: bool = True
         if unexpected:
             parts.append(f"unexpected {_few(unexpected)}")
         if shape:
-            parts.append("shape mismatch " + _few([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shape]))
+            pairs = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shape]
+            parts.append("shape mismatch " + _few(pairs))
         raise CheckpointError("weights do not fit the backbone: " + "; ".join(parts))
     model.load_state_dict({k: v for k, v in sd.items() if k in own and sd[k].shape == own[k].shape}, strict=False)
 

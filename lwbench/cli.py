@@ -181,8 +181,8 @@ def cmd_plot(args) -> int:
     store = ResultStore(Path(args.results) if args.results else results_dir())
     df = store.frame(task=args.task)
     if df.empty:
-        raise ConfigError(f"no results for task '{args.task}' in {store.root}; run `lwbench run --task {args.task} ...` "
-                          "first")
+        raise ConfigError(f"no results for task '{args.task}' in {store.root}; "
+                          f"run `lwbench run --task {args.task} ...` first")
     out = Path(args.out) if args.out else Path(store.root) / f"pareto_{args.task}_{args.x}.png"
     path = pareto_plot(df, args.task, x=args.x, out=out, source=args.source)
     print(path)

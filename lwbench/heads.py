@@ -14,14 +14,34 @@ from lwbench.tokens import TokenOutput, densify
 
 
 class ClassifierHead(nn.Module):
-    """Linear classifier on the CLS token (timm's ``global_pool='token'``)."""
+    """Linear classifier on pooled tokens, the same head for every method of a task.
 
-    def __init__(self, dim: int, num_classes: int):
+    ``pool="token"`` reads CLS (timm's ``global_pool='token'``, the paper's setting). ``pool="max"`` takes the
+    per-channel maximum over the surviving patch tokens (padding excluded): multiple-instance pooling, which lets
+    a small CPU-trained teacher find a small object (a sign of a few patches among hundreds) in hundreds rather
+    than thousands of steps. ``pool="avg"`` averages them (weighted by merge size when tokens were merged).
+    """
+
+    def __init__(self, dim: int, num_classes: int, pool: str = "token"):
         super().__init__()
+        if pool not in ("token", "max", "avg"):
+            from lwbench.errors import ConfigError
+
+            raise ConfigError(f"head pool must be token, max or avg, not '{pool}'")
+        self.pool = pool
         self.fc = nn.Linear(dim, num_classes)
 
     def forward(self, out: TokenOutput) -> torch.Tensor:
-        return self.fc(out.cls)
+        if self.pool == "token":
+            return self.fc(out.cls)
+        x = out.patches
+        keep = out.mask if out.mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        if self.pool == "max":
+            pooled = x.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(1)
+        else:
+            w = keep.to(x.dtype) * (out.sizes.to(x.dtype) if out.sizes is not None else 1.0)
+            pooled = (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-6)
+        return self.fc(pooled)
 
 
 class LinearSegHead(nn.Module):
@@ -42,8 +62,8 @@ class LinearSegHead(nn.Module):
         return logits
 
 
-def make_head(kind: str, dim: int, num_classes: int) -> nn.Module:
-    return ClassifierHead(dim, num_classes) if kind == "classification" else LinearSegHead(dim, num_classes)
+def make_head(kind: str, dim: int, num_classes: int, pool: str = "token") -> nn.Module:
+    return ClassifierHead(dim, num_classes, pool) if kind == "classification" else LinearSegHead(dim, num_classes)
 
 
 class TaskModel(nn.Module):

@@ -20,6 +20,7 @@ from lwbench.errors import BudgetError, ConfigError
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
 
+    from lwbench.heads import TaskModel
     from lwbench.training.context import FitContext
 
 Training = Literal["none", "finetune", "pretrain+finetune"]
@@ -122,9 +123,17 @@ class Method(abc.ABC):
         """Train what the method needs and return the trained ``TaskModel``. Resumable through ``ctx``.
 
         The default (training-free methods) wraps the task-trained backbone and reuses its head."""
+        return self.task_model(ctx)
+
+    def task_model(self, ctx: FitContext, trainable: bool = False) -> TaskModel:
+        """This method's encoder on the teacher's backbone, with a trainable copy of the teacher's head.
+
+        ``trainable`` also unfreezes every encoder parameter, for methods that fine-tune all of it: copies
+        of the frozen teacher inherit its ``requires_grad=False``."""
         from lwbench.heads import TaskModel
 
-        return TaskModel(self.build(ctx.teacher.encoder.vit), copy.deepcopy(ctx.teacher.head).requires_grad_(True))
+        model = TaskModel(self.build(ctx.teacher.encoder.vit), copy.deepcopy(ctx.teacher.head).requires_grad_(True))
+        return model.requires_grad_(True) if trainable else model
 
     # -- helpers ---------------------------------------------------------------------------------
     def budget_str(self) -> str:

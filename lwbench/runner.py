@@ -103,6 +103,7 @@ class Plan:
         self.teacher_config = {
             "backbone": self.backbone_name, "weights": str(self.weights) if self.weights else None,
             "pretrained": self.pretrained, **self.task.config(), "teacher": self.tp.get("teacher"),
+            "head": self.tp.get("head"),
             "seed": req.seed,
         }
         self.teacher_id = config_hash(self.teacher_config)
@@ -125,8 +126,9 @@ def build_teacher(plan: Plan):
     task, tp = plan.task, plan.tp
     vit = create_backbone(plan.backbone_name, task.img_size, weights=plan.weights, pretrained=plan.pretrained)
     torch.manual_seed(plan.req.seed)
+    pool = (tp.get("head") or {}).get("pool", "token")
     head = task.make_head(vit.embed_dim) if hasattr(task, "make_head") else make_head(task.kind, vit.embed_dim,
-                                                                                         task.num_classes)
+                                                                                         task.num_classes, pool)
     model = TaskModel(FullEncoder(vit), head)
     tdir = cache_dir() / "teachers" / plan.teacher_id
     ts = tp.get("teacher") or {}
@@ -173,7 +175,6 @@ def run(req: RunRequest) -> dict:
         p.requires_grad_(False)
 
     from lwbench.training.context import FitContext
-    from lwbench.training.loop import training_time
 
     work = cache_dir() / "runs" / plan.run_id
     ctx = FitContext(task=plan.task, teacher=teacher, settings=dict(plan.tp.get("finetune") or {}),

@@ -33,20 +33,45 @@ def kept_mask(out, i: int) -> torch.Tensor:
     n = out.num_cells
     mask = torch.zeros(n, dtype=torch.bool)
     if out.assignment is not None:
-        mask |= out.assignment[i] >= 0
-    pos = out.positions[i][out.valid()[i]]
+        mask |= out.assignment[i].cpu() >= 0
+    pos = out.positions[i][out.valid()[i]].cpu()
     mask[pos.clamp(0, n - 1)] = True
     return mask
 
 
-def show(req, out: Path, n: int = 4) -> Path:
+def pyplot():
+    """pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def clear_ticks(axes) -> None:
+    """Image panels, not plots: no axis ticks."""
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Lay out, write ``out`` (creating its folder) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def show(req, out: Path, n: int = 4) -> Path:
     from lwbench.task import denormalize
 
+    plt = pyplot()
     plan, model = _trained_model(req)
     ds = plan.task.dataset("test")
     idx = list(range(min(n, len(ds))))
@@ -75,14 +100,7 @@ def show(req, out: Path, n: int = 4) -> Path:
         shown = img * (0.25 + 0.75 * up[..., None]) + 0.35 * (1 - up[..., None])
         axes[r][-1].imshow(shown.clip(0, 1))
         axes[r][-1].set_title(f"{int(keep.sum())}/{gh * gw} patches processed", fontsize=9)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+        clear_ticks(axes[r])
     fig.suptitle(f"{plan.method.name} {plan.method.budget_str()} on {plan.task.name} "
                  f"({plan.task.source.upper()} source)", fontsize=11)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

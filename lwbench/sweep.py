@@ -50,7 +50,8 @@ def sweep_points(spec: dict, base_request) -> list:
                     grid = plan.method_cls.budget_grid(plan.spec)
                     budgets = [f"{key}={b:g}" for b in grid]
                 if not isinstance(budgets, list):
-                    raise ConfigError(f"sweep: budgets of '{method}' must be null, 'default' or a list like [k=8, k=16]")
+                    raise ConfigError(f"sweep: budgets of '{method}' must be null, 'default' or a list like "
+                                      "[k=8, k=16]")
                 for b in budgets:
                     points.append(dataclasses.replace(req, budget=str(b)))
     return points
@@ -93,7 +94,8 @@ def run_sweep(path: str, args, make_request, shard: str | None = None) -> list[t
             if getattr(args, "debug", False):
                 traceback.print_exc()
     mins = (time.perf_counter() - t0) / 60
-    print(f"lwbench: sweep done: {len(points) - len(failures)}/{len(points)} points ok in {mins:.1f} min", file=sys.stderr)
+    ok = len(points) - len(failures)
+    print(f"lwbench: sweep done: {ok}/{len(points)} points ok in {mins:.1f} min", file=sys.stderr)
     for name, why in failures:
         print(f"  failed: {name}: {why}", file=sys.stderr)
     return failures

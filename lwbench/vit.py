@@ -102,5 +102,21 @@ def to_output(vit: VisionTransformer, x: torch.Tensor, positions: torch.Tensor, 
     return TokenOutput(prefix=x[:, :p], patches=x[:, p:], positions=positions, grid=tuple(grid), **kw)
 
 
+def run_tokens(vit: VisionTransformer, patch_tokens: torch.Tensor, positions: torch.Tensor, grid,
+               prefix: torch.Tensor | None = None, **kw) -> TokenOutput:
+    """The whole backbone (blocks, final norm) on a chosen set of embedded patch tokens ``(B, K, D)``.
+
+    ``positions`` ``(B, K)`` are their grid cells; ``prefix`` and ``kw`` as for :func:`assemble` / :func:`to_output`."""
+    return to_output(vit, vit.blocks(assemble(vit, patch_tokens, prefix=prefix)), positions, grid, **kw)
+
+
+def run_selected(vit: VisionTransformer, x: torch.Tensor, idx: torch.Tensor, prefix: torch.Tensor | None = None,
+                 **kw) -> TokenOutput:
+    """The backbone on the patches ``idx`` ``(B, K)`` of ``x`` only: selection methods after they have chosen.
+
+    Only the selected pixels are embedded; ``idx`` sorted by cell makes k = all patches the plain model."""
+    return run_tokens(vit, embed_patches(vit, x, idx), idx, grid_of(vit, x), prefix=prefix, **kw)
+
+
 def all_positions(batch: int, grid, device) -> torch.Tensor:
     return torch.arange(grid[0] * grid[1], device=device).expand(batch, -1)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lwbench.errors import ConfigError
-from lwbench.vit import assemble, embed_patches
+from lwbench.vit import all_positions, assemble, embed_patches, grid_of, num_prefix
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
@@ -40,6 +40,13 @@ def check_blocks(vit: nn.Module, method: str) -> None:
 def embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Prefix + all patch tokens, ready for the first block (bit-identical to ``forward_features``)."""
     return assemble(vit, embed_patches(vit, x))
+
+
+def start_tokens(vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]:
+    """Where every reduction starts: tokens for the first block (:func:`embed`), each patch token's grid cell
+    ``(B, N)`` (a copy the method may rewrite as tokens go), the patch grid and the number of prefix tokens."""
+    grid = grid_of(vit, x)
+    return embed(vit, x), all_positions(x.shape[0], grid, x.device).clone(), grid, num_prefix(vit)
 
 
 class _Tap:

@@ -23,7 +23,6 @@ gradient estimator's variance grows as 1/S); set ``num_samples=500`` for the pap
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from lwbench.errors import ConfigError
 from lwbench.method import Overhead, PatchSelectionMethod, detach_copy
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
-from lwbench.vit import assemble, embed_patches, grid_of, to_output
+from lwbench.vit import embed_patches, grid_of, run_tokens
 
 
 # -- perturbed top-k ---------------------------------------------------------------------------------
@@ -142,8 +141,7 @@ class DPSEncoder(nn.Module):
             positions = scores.topk(self.k, dim=1).indices.sort(dim=1).values
             patches = embed_patches(self.vit, x, positions)  # only the k chosen patches are embedded
             aux = {"scores": raw}
-        tok = self.vit.blocks(assemble(self.vit, patches))
-        return to_output(self.vit, tok, positions, grid, aux=aux)
+        return run_tokens(self.vit, patches, positions, grid, aux=aux)
 
 
 def score_entropy(raw: torch.Tensor) -> torch.Tensor:
@@ -199,13 +197,9 @@ class DPS(PatchSelectionMethod):
                           int(o["num_samples"]))
 
     def fit(self, ctx) -> nn.Module:
-        from lwbench.heads import TaskModel
-
-        model = TaskModel(self.build(ctx.teacher.encoder.vit), copy.deepcopy(ctx.teacher.head))
-        model.requires_grad_(True)  # the copies inherit the frozen teacher's requires_grad=False
-        ms = ctx.method_settings
-        steps = int(ms.get("steps", ctx.settings["steps"]))
+        model = self.task_model(ctx, trainable=True)
+        steps = int(ctx.setting("steps"))
         model.encoder.total_steps = steps
         ctx.train(model, make_dps_loss(float(self.opts["entropy_weight"])), f"dps-{int(self.budget)}", steps=steps,
-                  lr=float(ms.get("lr", ctx.settings["lr"])))
+                  lr=float(ctx.setting("lr")))
         return model.eval()

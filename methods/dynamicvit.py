@@ -23,7 +23,6 @@ Inference: at each stage the top ``ceil(rho^s * N)`` patch tokens by keep log-pr
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -249,13 +248,9 @@ class DynamicViT(Method):
         return DynamicViTEncoder(detach_copy(vit), float(self.budget), self.prune_locs())
 
     def fit(self, ctx) -> nn.Module:
-        from lwbench.heads import TaskModel
-
-        model = TaskModel(self.build(ctx.teacher.encoder.vit), copy.deepcopy(ctx.teacher.head))
-        model.requires_grad_(True)  # the copies inherit the frozen teacher's requires_grad=False
-        ms = ctx.method_settings
-        steps = int(ms.get("steps", ctx.settings["steps"]))
-        lr = float(ms.get("lr", ctx.settings["lr"]))
+        model = self.task_model(ctx, trainable=True)
+        steps = int(ctx.setting("steps"))
+        lr = float(ctx.setting("lr"))
         warm = int(round(steps * float(self.opts["predictor_warmup"])))
         loss_fn = dynamicvit_loss(ctx.teacher, float(self.opts["ratio_weight"]), float(self.opts["distill_weight"]))
         tag = f"dynamicvit-{float(self.budget):g}"

@@ -27,18 +27,18 @@ from torch import nn
 
 from lwbench.method import Method, Overhead, detach_copy
 from lwbench.registry import register_method
-from lwbench.vit import all_positions, grid_of, num_prefix, to_output
+from lwbench.vit import num_prefix, to_output
 
 from ._reduction import (
     as_bool,
     attention_residual,
     check_blocks,
     cls_attention,
-    embed,
     gather_tokens,
     mlp_residual,
     parse_layers,
     split_qkv,
+    start_tokens,
     tokens_per_layer,
 )
 
@@ -94,10 +94,8 @@ class EViTEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor):
         vit = self.vit
-        grid = grid_of(vit, x)
-        p, bsz = num_prefix(vit), x.shape[0]
-        h = embed(vit, x)
-        positions = all_positions(bsz, grid, x.device).clone()
+        h, positions, grid, p = start_tokens(vit, x)
+        bsz = x.shape[0]
         counts, cls_rows = [], {}
         for i, blk in enumerate(vit.blocks):
             n = h.shape[1] - p

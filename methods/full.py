@@ -7,8 +7,8 @@ from torch import nn
 
 from lwbench.method import Method, detach_copy
 from lwbench.registry import register_method
-from lwbench.vit import all_positions, grid_of, num_prefix
 from lwbench.tokens import TokenOutput
+from lwbench.vit import all_positions, grid_of, num_prefix
 
 
 class FullEncoder(nn.Module):

@@ -23,7 +23,6 @@ one head it is IPS's ranking.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -167,11 +166,7 @@ class IPS(PatchSelectionMethod):
         return IPSEncoder(detach_copy(vit), int(self.budget), int(o["chunk"]), int(o["heads"]), float(o["dropout"]))
 
     def fit(self, ctx) -> nn.Module:
-        from lwbench.heads import TaskModel
-
-        model = TaskModel(self.build(ctx.teacher.encoder.vit), copy.deepcopy(ctx.teacher.head))
-        model.requires_grad_(True)  # the copies inherit the frozen teacher's requires_grad=False
-        ms = ctx.method_settings
-        ctx.finetune(model, tag=f"ips-{int(self.budget)}", steps=int(ms.get("steps", ctx.settings["steps"])),
-                     lr=float(ms.get("lr", ctx.settings["lr"])))
+        model = self.task_model(ctx, trainable=True)
+        ctx.finetune(model, tag=f"ips-{int(self.budget)}", steps=int(ctx.setting("steps")),
+                     lr=float(ctx.setting("lr")))
         return model.eval()

@@ -12,7 +12,7 @@ from torch import nn
 from lwbench.method import PatchSelectionMethod, detach_copy
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
-from lwbench.vit import assemble, embed_patches, grid_of, to_output
+from lwbench.vit import grid_of, run_selected
 
 
 class RandomPatchEncoder(nn.Module):
@@ -30,9 +30,7 @@ class RandomPatchEncoder(nn.Module):
             gen = torch.Generator(device="cpu").manual_seed(self.seed)
         scores = torch.rand(x.shape[0], n, generator=gen).to(x.device)
         idx = scores.topk(self.k, dim=1).indices.sort(dim=1).values
-        tok = assemble(self.vit, embed_patches(self.vit, x, idx))
-        tok = self.vit.blocks(tok)
-        return to_output(self.vit, tok, idx, grid)
+        return run_selected(self.vit, x, idx)
 
 
 @register_method("random")

@@ -31,16 +31,16 @@ from torch import nn
 from lwbench.errors import ConfigError
 from lwbench.method import Method, Overhead, detach_copy
 from lwbench.registry import register_method
-from lwbench.vit import all_positions, grid_of, num_prefix, to_output
+from lwbench.vit import num_prefix, to_output
 
 from ._reduction import (
     as_bool,
     attention_residual,
     check_blocks,
-    embed,
     gather_tokens,
     mlp_residual,
     split_qkv,
+    start_tokens,
     tokens_per_layer,
 )
 
@@ -122,10 +122,8 @@ class ToMeEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor):
         vit = self.vit
-        grid = grid_of(vit, x)
-        p, bsz = num_prefix(vit), x.shape[0]
-        h = embed(vit, x)
-        positions = all_positions(bsz, grid, x.device).clone()
+        h, positions, grid, p = start_tokens(vit, x)
+        bsz = x.shape[0]
         assignment = positions.clone()
         size = None  # all ones until the first merge: no bias, so r=0 is the plain model bit for bit
         counts = []

@@ -5,6 +5,9 @@ import os
 import pytest
 import torch
 
+pytest.register_assert_rewrite("_toy")  # its shared checks report like test asserts
+from _toy import GRID_5X7_CASES, make  # noqa: E402
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -14,3 +17,11 @@ def _isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("LWBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LWBENCH_RESULTS", str(tmp_path / "results"))
     yield
+
+
+@pytest.fixture(scope="module", params=GRID_5X7_CASES, ids=[c[0] for c in GRID_5X7_CASES])
+def case(request):
+    """``(vit, spec, size)`` on a 5x7 grid for the reduction-method tests (ats, evit, tome), built once per module."""
+    name, size = request.param
+    vit, spec = make(name, size)
+    return vit, spec, size

@@ -16,16 +16,6 @@ from lwbench.methods.ats import ATS, TokenSampler, inverse_transform_sample, sam
 from lwbench.registry import get_method
 from lwbench.tokens import densify
 
-CASES = [("lw_vit_test_p8", (40, 56)), ("vit_small_patch14_reg4_dinov2", (70, 98))]  # 5x7 grids
-
-
-@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
-def case(request):
-    name, size = request.param
-    torch.manual_seed(0)
-    vit = create_backbone(name, size).eval()
-    return vit, BackboneSpec.of(vit, name, size), size
-
 
 def _picked(scores, k, valid=None):
     scores = torch.tensor([scores])

@@ -4,48 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from _toy import BACKBONE_CASES, check_no_op_budget, make, toy_ctx
 
-from lwbench.backbones import create_backbone
 from lwbench.errors import BudgetError, ConfigError
 from lwbench.heads import ClassifierHead, TaskModel
-from lwbench.method import BackboneSpec, freeze
+from lwbench.method import BackboneSpec
 from lwbench.methods.dps import DPS, hard_topk_indicators, make_dps_loss, perturbed_topk, zero_one
-from lwbench.methods.full import FullEncoder
 from lwbench.registry import get_method
-from lwbench.task import Task
 from lwbench.tokens import densify
-from lwbench.training.context import FitContext
 from lwbench.vit import assemble, embed_patches, to_output
 
 torch.set_num_threads(1)
-
-
-def make(name: str = "lw_vit_test_p8", size=(32, 48)):
-    torch.manual_seed(0)
-    vit = create_backbone(name, size).eval()
-    return vit, BackboneSpec.of(vit, name, size)
-
-
-class ToyTask(Task):
-    name = "toy"
-    num_classes = 2
-    sources = ("synthetic",)
-    default_img_size = (32, 48)
-
-    def check_layout(self, root):
-        pass
-
-    def dataset(self, split, train=False):
-        g = torch.Generator().manual_seed(0 if split == "train" else 1)
-        return TensorDataset(torch.randn(8, 3, *self.img_size, generator=g), torch.randint(0, 2, (8,), generator=g))
-
-
-def toy_ctx(vit, tmp_path, steps=2) -> FitContext:
-    teacher = freeze(TaskModel(FullEncoder(vit), ClassifierHead(vit.embed_dim, 2))).eval()
-    settings = {"steps": steps, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 0}
-    return FitContext(task=ToyTask(source="synthetic"), teacher=teacher, settings=settings, work_dir=tmp_path,
-                      shared_dir=tmp_path / "shared", quiet=True)
 
 
 def test_registered_and_budget_grid():
@@ -118,20 +87,9 @@ def test_zero_one_normalisation():
     torch.testing.assert_close(zero_one(s), torch.tensor([[0.0, 2.0, 1.0]]) / (2.0 + 1e-5))
 
 
-CASES = [("lw_vit_test_p8", (32, 48)), ("vit_small_patch14_reg4_dinov2", (70, 98))]
-
-
-@pytest.mark.parametrize("name,size", CASES)
+@pytest.mark.parametrize("name,size", BACKBONE_CASES)
 def test_k_equal_to_grid_is_the_plain_backbone(name, size):
-    vit, spec = make(name, size)
-    x = torch.randn(2, 3, *size)
-    n = spec.num_patches
-    enc = DPS(spec, n).build(vit).eval()
-    with torch.no_grad():
-        out, ref = enc(x), FullEncoder(vit)(x)
-    torch.testing.assert_close(out.prefix, ref.prefix, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.patches, ref.patches, atol=1e-5, rtol=0)
-    assert torch.equal(out.positions, torch.arange(n).expand(2, n))
+    check_no_op_budget(lambda spec: DPS(spec, spec.num_patches), name, size)
 
 
 def test_inference_is_hard_topk_of_the_scorer_on_selected_patches_only():

@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from _toy import BACKBONE_CASES, check_no_op_budget, make, toy_ctx
 
-from lwbench.backbones import create_backbone
 from lwbench.errors import BudgetError, ConfigError
 from lwbench.heads import ClassifierHead, TaskModel
-from lwbench.method import BackboneSpec, freeze
+from lwbench.method import freeze
 from lwbench.methods.dynamicvit import (
     MASK_EPS,
     DynamicViT,
@@ -23,38 +22,9 @@ from lwbench.methods.dynamicvit import (
 )
 from lwbench.methods.full import FullEncoder
 from lwbench.registry import get_method
-from lwbench.task import Task
 from lwbench.tokens import densify
-from lwbench.training.context import FitContext
 
 torch.set_num_threads(1)
-
-
-def make(name: str = "lw_vit_test_p8", size=(32, 48)):
-    torch.manual_seed(0)
-    vit = create_backbone(name, size).eval()
-    return vit, BackboneSpec.of(vit, name, size)
-
-
-class ToyTask(Task):
-    name = "toy"
-    num_classes = 2
-    sources = ("synthetic",)
-    default_img_size = (32, 48)
-
-    def check_layout(self, root):
-        pass
-
-    def dataset(self, split, train=False):
-        g = torch.Generator().manual_seed(0 if split == "train" else 1)
-        return TensorDataset(torch.randn(8, 3, *self.img_size, generator=g), torch.randint(0, 2, (8,), generator=g))
-
-
-def toy_ctx(vit, tmp_path, steps=2) -> FitContext:
-    teacher = freeze(TaskModel(FullEncoder(vit), ClassifierHead(vit.embed_dim, 2))).eval()
-    settings = {"steps": steps, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 0}
-    return FitContext(task=ToyTask(source="synthetic"), teacher=teacher, settings=settings, work_dir=tmp_path,
-                      shared_dir=tmp_path / "shared", quiet=True)
 
 
 def test_registered_and_metadata():
@@ -89,20 +59,9 @@ def test_bad_prune_locs(locs):
         DynamicViT(spec, 0.7, prune_locs=locs)
 
 
-CASES = [("lw_vit_test_p8", (32, 48)), ("vit_small_patch14_reg4_dinov2", (70, 98))]
-
-
-@pytest.mark.parametrize("name,size", CASES)
+@pytest.mark.parametrize("name,size", BACKBONE_CASES)
 def test_keep_rate_one_is_the_plain_backbone(name, size):
-    vit, spec = make(name, size)
-    x = torch.randn(2, 3, *size)
-    enc = DynamicViT(spec, 1.0).build(vit).eval()
-    with torch.no_grad():
-        out, ref = enc(x), FullEncoder(vit)(x)
-    torch.testing.assert_close(out.prefix, ref.prefix, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.patches, ref.patches, atol=1e-5, rtol=0)
-    n = spec.num_patches
-    assert torch.equal(out.positions, torch.arange(n).expand(2, n))
+    check_no_op_budget(lambda spec: DynamicViT(spec, 1.0), name, size)
 
 
 def test_dinov2_twelve_blocks_prunes_before_blocks_3_6_9():

@@ -15,16 +15,6 @@ from lwbench.methods._reduction import cls_attention, default_layers, embed, spl
 from lwbench.methods.evit import EViT, TopK, select_attentive
 from lwbench.registry import get_method
 
-CASES = [("lw_vit_test_p8", (40, 56)), ("vit_small_patch14_reg4_dinov2", (70, 98))]  # 5x7 grids
-
-
-@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
-def case(request):
-    name, size = request.param
-    torch.manual_seed(0)
-    vit = create_backbone(name, size).eval()
-    return vit, BackboneSpec.of(vit, name, size), size
-
 
 def test_keeps_highest_attention_and_fuses_the_rest():
     x = torch.arange(6, dtype=torch.float32).reshape(1, 6, 1).repeat(1, 1, 2)  # token i = (i, i)

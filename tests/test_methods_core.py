@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _toy import make
 
 from lwbench.backbones import create_backbone
 from lwbench.errors import BudgetError, UnknownNameError
-from lwbench.method import BackboneSpec, resolve_budget
+from lwbench.method import resolve_budget
 from lwbench.registry import get_method
 
 CASES = [("lw_vit_test_p8", (48, 64)), ("vit_small_patch14_reg4_dinov2", (70, 98))]
@@ -16,9 +17,8 @@ CASES = [("lw_vit_test_p8", (48, 64)), ("vit_small_patch14_reg4_dinov2", (70, 98
 @pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
 def vit_case(request):
     name, size = request.param
-    torch.manual_seed(0)
-    vit = create_backbone(name, size).eval()
-    return name, size, vit, BackboneSpec.of(vit, name, size)
+    vit, spec = make(name, size)
+    return name, size, vit, spec
 
 
 def test_full_equals_timm(vit_case):

@@ -47,6 +47,10 @@ class FitContext:
     seed: int = 0
     quiet: bool = False
 
+    def setting(self, key: str) -> Any:
+        """``key`` from the method's own settings (``methods.<name>``) if given there, else from ``settings``."""
+        return self.method_settings.get(key, self.settings[key])
+
     def train_batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless stream of augmented training batches (re-shuffled every epoch)."""
         from lwbench.training.loop import endless

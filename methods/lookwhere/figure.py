@@ -1,6 +1,9 @@
 """A figure like the paper's Figure 3: per image, the image, the selector's where-map, and the k
-high-res patches the extractor sees (the rest greyed out). ``lwbench show --method lookwhere`` calls
-:func:`show` with the trained ``TaskModel`` and a batch of test images."""
+high-res patches the extractor sees (the rest greyed out).
+
+``lwbench show`` draws the generic figure of any method from the run caches (:mod:`lwbench.show`);
+:func:`show` here draws the paper's version for a LookWhere ``TaskModel`` already in hand (softmax
+where-map over the image, unselected patches greyed), with the same kept-cell mask and figure helpers."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lwbench.show import clear_ticks, kept_mask, pyplot, save_figure
 from lwbench.task import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -37,19 +41,14 @@ def selection(model: nn.Module, images: torch.Tensor, k: int | None = None):
         enc.train(was)
     h, w = out.grid
     b = images.shape[0]
-    keep = torch.zeros(b, h * w, dtype=torch.bool)
-    keep.scatter_(1, out.aux["selected"].cpu(), True)
+    keep = torch.stack([kept_mask(out, i) for i in range(b)])
     return out.aux["where_map"].float().cpu().reshape(b, h, w), keep.reshape(b, h, w), (h, w)
 
 
 def show(model: nn.Module, images: torch.Tensor, out_png: str | Path, max_images: int = 4, k: int | None = None,
          mean=IMAGENET_MEAN, std=IMAGENET_STD, title: str | None = None) -> Path:
     """Write the figure for the first ``max_images`` of ``images`` (normalised, as the task gives them)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     images = images[:max_images]
     device = next(_encoder(model).parameters()).device
     where, keep, (gh, gw) = selection(model, images.to(device), k=k)
@@ -70,18 +69,11 @@ def show(model: nn.Module, images: torch.Tensor, out_png: str | Path, max_images
         grey = rgb[i].mean(0, keepdim=True).expand(3, -1, -1) * 0.35 + 0.5
         shown = torch.where(mask.unsqueeze(0), rgb[i], grey)
         ax[2].imshow(shown.permute(1, 2, 0).numpy())
-        for a in ax:
-            a.set_xticks([])
-            a.set_yticks([])
+        clear_ticks(ax)
         if i == 0:
             ax[0].set_title("image")
             ax[1].set_title("selector map (softmax)")
             ax[2].set_title(f"extractor sees k={kk} of {gh * gw} patches")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

@@ -29,7 +29,7 @@ from torch import nn
 
 from lwbench.method import Overhead
 from lwbench.tokens import TokenOutput
-from lwbench.vit import assemble, embed_patches, grid_of, num_prefix, to_output
+from lwbench.vit import grid_of, num_prefix, run_selected
 
 
 def _pair(v) -> tuple[int, int]:
@@ -118,10 +118,7 @@ class Extractor(nn.Module):
                 t.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, prefix: torch.Tensor) -> TokenOutput:
-        grid = grid_of(self.vit, x)
-        tok = assemble(self.vit, embed_patches(self.vit, x, idx), prefix=prefix)
-        tok = self.vit.blocks(tok)
-        return to_output(self.vit, tok, idx, grid)
+        return run_selected(self.vit, x, idx, prefix=prefix)
 
 
 class LookWhereEncoder(nn.Module):
