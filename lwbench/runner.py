@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import json
 import math
 import os
 import sys
@@ -121,7 +122,7 @@ def build_teacher(plan: Plan):
     from lwbench.backbones import create_backbone
     from lwbench.heads import TaskModel, make_head
     from lwbench.methods.full import FullEncoder
-    from lwbench.training.loop import endless, is_done, load_checkpoint, task_loss, train_loop, training_time
+    from lwbench.training.teacher import is_done, load_teacher, train_teacher, training_time
 
     task, tp = plan.task, plan.tp
     vit = create_backbone(plan.backbone_name, task.img_size, weights=plan.weights, pretrained=plan.pretrained)
@@ -132,24 +133,17 @@ def build_teacher(plan: Plan):
     model = TaskModel(FullEncoder(vit), head)
     tdir = cache_dir() / "teachers" / plan.teacher_id
     ts = tp.get("teacher") or {}
-    steps = int(ts.get("steps", 0))
-    if steps <= 0:
+    if int(ts.get("steps", 0)) <= 0:
         return model.eval(), 0.0, tdir
     if is_done(tdir):
-        load_checkpoint(model, tdir)
+        load_teacher(model, tdir)
         log(f"teacher {plan.teacher_id} loaded from cache ({tdir})", plan.req.quiet)
         return model.eval(), training_time(tdir), tdir
-    log(f"training the task backbone ('teacher') {plan.backbone_name} on {task.name} ({task.source}) for {steps} "
-        f"steps; cached in {tdir}", plan.req.quiet)
-    (tdir).mkdir(parents=True, exist_ok=True)
-    import json
-
+    log(f"training the task backbone ('teacher') {plan.backbone_name} on {task.name} ({task.source}) for "
+        f"{ts['steps']} steps; cached in {tdir}", plan.req.quiet)
+    tdir.mkdir(parents=True, exist_ok=True)
     (tdir / "config.json").write_text(json.dumps(plan.teacher_config, indent=1, default=str))
-    batches = endless(task.loader("train", int(ts["batch_size"]), train=True, num_workers=int(ts.get("workers", 0))))
-    train_loop(model, task_loss, batches, steps=steps, lr=float(ts["lr"]),
-               weight_decay=float(ts.get("weight_decay", 0.05)), warmup_steps=int(ts.get("warmup_steps", 0)),
-               ckpt_dir=tdir, device=plan.device, desc=f"teacher {task.name}", quiet=plan.req.quiet,
-               grad_clip=ts.get("grad_clip"))
+    train_teacher(model, task, ts, tdir, plan.device, plan.req.quiet)
     return model.eval(), training_time(tdir), tdir
 
 

@@ -120,6 +120,7 @@ class _BilliardsFolder(Dataset):
 class Billiards(Task):
     description = "numbered billiard balls; label = relation between balls (DPS), numbers legible only at high res"
     num_classes = 9  # class default; instances set it from label_fn
+    object_classes = 9  # objects() labels: ball number - 1
     default_img_size = (256, 384)  # synthetic; the real source defaults to the size of its images
     data_dir_name = "billiard"  # the folder DPS extracts billiard.tar.xz into
     expected_layout = ("DIR/{train,valid,test}/{id}.png with {id}.json beside each (a JSON list of balls with "

@@ -189,6 +189,7 @@ class _SyntheticScenes(Dataset):
 class TrafficSigns(Task):
     description = "speed-limit sign (none/50/70/80) in a street scene; digits legible only at high res"
     num_classes = 4
+    object_classes = 4  # objects() labels: the sign's class index (1..3)
     class_names = CLASS_NAMES
     default_img_size = (240, 320)  # synthetic; the real source defaults to its native 960x1280
     data_dir_name = "traffic_signs"
@@ -207,7 +208,7 @@ class TrafficSigns(Task):
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
         return {
-            "sign_frac": (0.10, 0.14),  # synthetic: sign diameter / image height, drawn uniformly
+            "sign_frac": (0.14, 0.18),  # synthetic: sign diameter / image height (34-43 px at 240), uniform
             "clutter": 12,  # synthetic: clutter items per scene
             "n_train": 6000,  # synthetic split sizes
             "n_val": 500,

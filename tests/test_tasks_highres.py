@@ -71,7 +71,7 @@ def test_traffic_synthetic_objects_are_the_sign():
         x0, y0, x1, y1 = obj["box"]
         d = x1 - x0
         assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
-        assert 0.10 * 480 - 1e-6 <= d <= 0.14 * 480 + 1e-6  # sign_frac of the height
+        assert 0.14 * 480 - 1e-6 <= d <= 0.18 * 480 + 1e-6  # sign_frac of the height
         # Left and right of the ring band (11% of the diameter wide) are red; the centre is not.
         arr = np.asarray(traffic_scene.render(cfg, 0, "val", i)).astype(int)
         cy = int((y0 + y1) / 2)

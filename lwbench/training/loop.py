@@ -33,6 +33,17 @@ def endless(loader: Iterable) -> Iterator:
         yield from loader
 
 
+def to_device(obj, device: str):
+    """Tensors, and dicts/lists of them (dense targets), onto ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def task_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
     """Cross-entropy; for label maps (segmentation) per pixel with ignore index 255."""
     logits = model(images)
@@ -161,7 +172,7 @@ def train_loop(
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_mult", 1.0)
         images, targets = next(batches)
-        loss, logs = loss_fn(model, images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+        loss, logs = loss_fn(model, to_device(images, device), to_device(targets, device))
         if not torch.isfinite(loss):
             bar.close()
             where = f"; last good checkpoint kept in {ckpt_dir}" if ckpt_dir is not None else ""

@@ -1,7 +1,7 @@
 """Procedural street scenes with at most one small speed-limit sign (the synthetic ``traffic_signs``).
 
 The scene is built so that the class is readable only at full resolution: the sign is a red ring
-around a white disc with black digits "50" / "70" / "80", a tenth of the image height across.
+around a white disc with black digits "50" / "70" / "80", about a sixth of the image height across (14-18 %).
 Downsampled 4x, the digits are a few grey pixels and the sign is a red blob. Decoys keep that blob
 from being the answer on its own: blue mandatory-sign discs, red warning triangles and red rings
 around a non-digit symbol appear with the same odds in every class, including EMPTY.
@@ -31,7 +31,7 @@ _BLUE = (20, 70, 170)
 @dataclass(frozen=True)
 class SceneConfig:
     size: tuple[int, int]  # (H, W)
-    sign_frac: tuple[float, float] = (0.10, 0.14)  # sign diameter / image height
+    sign_frac: tuple[float, float] = (0.14, 0.18)  # sign diameter / image height
     clutter: int = 12
 
 

@@ -1,0 +1,140 @@
+"""The task-trained backbone ("teacher") every method starts from, trained once per config and cached.
+
+In the ``paper`` profile this is DINOv2 fine-tuned on the task. In the ``quick`` profile no weights
+exist, so a small ViT is trained from scratch on the task, which is the expensive stage on a CPU:
+a 4-block ViT needs many hundred steps to find a sign a few patches wide. Two things make it
+affordable, both configured in the profile and recorded in the teacher's config hash:
+
+* the head pools the patch tokens with a max (``head.pool: max``), so the gradient reaches the
+  few tokens that carry the object instead of waiting for CLS attention to find them;
+* when the task annotates its objects (``Task.objects``: traffic-sign boxes, billiard balls),
+  ``teacher.dense_weight > 0`` adds a per-patch auxiliary loss: each patch whose centre lies in an
+  object's box learns that object's class, the others "background" (the two halves weighted
+  equally). Only the teacher uses it; it changes no method and no evaluation. With the loss on,
+  augmentation is a random shift applied to image and boxes alike.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from lwbench.training.loop import endless, is_done, load_checkpoint, task_loss, train_loop, training_time
+
+
+def cell_targets(objects: list[dict], grid: tuple[int, int], patch: int, shift: tuple[int, int] = (0, 0)
+                 ) -> torch.Tensor:
+    """``(H*W,)`` long: ``1 + label`` of the object whose box holds the cell centre, ``0`` elsewhere.
+
+    ``shift`` = (dy, dx) pixels the image content moved by (boxes move with it)."""
+    h, w = grid
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) * patch
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) * patch
+    cells = torch.zeros(h, w, dtype=torch.long)
+    for obj in objects:
+        x0, y0, x1, y1 = obj["box"]
+        x0, x1, y0, y1 = x0 + shift[1], x1 + shift[1], y0 + shift[0], y1 + shift[0]
+        inside = ((ys[:, None] >= y0) & (ys[:, None] < y1)) & ((xs[None] >= x0) & (xs[None] < x1))
+        cells[inside] = 1 + int(obj["label"])
+    return cells.flatten()
+
+
+class ObjectCells(Dataset):
+    """A task split as ``(image, {"label": y, "cells": (H*W,) long})`` with a shift applied to both."""
+
+    def __init__(self, task, split: str, patch: int, max_shift: float = 0.04):
+        self.task, self.split, self.patch, self.max_shift = task, split, patch, max_shift
+        self.base = task.dataset(split, train=False)
+        self.grid = (task.img_size[0] // patch, task.img_size[1] // patch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        _, h, w = x.shape
+        sy, sx = round(self.max_shift * h), round(self.max_shift * w)
+        dy = int(torch.randint(-sy, sy + 1, ()).item()) if sy else 0
+        dx = int(torch.randint(-sx, sx + 1, ()).item()) if sx else 0
+        padded = F.pad(x[None], (sx, sx, sy, sy), mode="replicate")[0]
+        x = padded[:, sy - dy: sy - dy + h, sx - dx: sx - dx + w]  # content moves by (dy, dx)
+        cells = cell_targets(self.task.objects(self.split, i), self.grid, self.patch, (dy, dx))
+        return x.contiguous(), {"label": y, "cells": cells}
+
+
+class DenseTrainer(nn.Module):
+    """The teacher plus a per-patch auxiliary classifier used only while training it."""
+
+    def __init__(self, model: nn.Module, num_cell_classes: int):
+        super().__init__()
+        self.model = model
+        self.cells = nn.Linear(model.encoder.vit.embed_dim, num_cell_classes)
+
+    def loss(self, images: torch.Tensor, targets: dict, weight: float):
+        out = self.model.encoder(images)
+        task = F.cross_entropy(self.model.head(out), targets["label"])
+        logits = self.cells(out.patches).flatten(0, 1)
+        cells = targets["cells"].flatten()
+        per_cell = F.cross_entropy(logits, cells, reduction="none")
+        obj = cells > 0
+        dense = per_cell[~obj].mean() if bool((~obj).any()) else per_cell.sum() * 0
+        if bool(obj.any()):  # objects and background weigh the same, however small the objects are
+            dense = 0.5 * dense + 0.5 * per_cell[obj].mean()
+        return task + weight * dense, {"task": float(task), "dense": float(dense)}
+
+
+def object_classes(task) -> int:
+    """Classes of ``Task.objects`` labels, 0 when the task (or this source) has no usable annotations."""
+    if not callable(getattr(task, "objects", None)):
+        return 0
+    try:
+        task.objects("train", 0)
+    except Exception as exc:  # e.g. real billiards JSON without ball radii
+        print(f"lwbench: notice: {task.name}: no object annotations for the dense teacher loss ({exc}); "
+              "training with the task loss only", file=sys.stderr)
+        return 0
+    return int(getattr(task, "object_classes", task.num_classes))
+
+
+def train_teacher(model: nn.Module, task, settings: dict, ckpt_dir: Path, device: str, quiet: bool) -> nn.Module:
+    """Train ``model`` (TaskModel around a timm ViT) on ``task`` per ``settings`` (the profile's ``teacher``)."""
+    steps = int(settings.get("steps", 0))
+    bs = int(settings["batch_size"])
+    weight = float(settings.get("dense_weight", 0.0))
+    n_obj = object_classes(task) if weight > 0 else 0
+    common = dict(steps=steps, lr=float(settings["lr"]), weight_decay=float(settings.get("weight_decay", 0.05)),
+                  warmup_steps=int(settings.get("warmup_steps", 0)), ckpt_dir=ckpt_dir, device=device,
+                  desc=f"teacher {task.name}", quiet=quiet, grad_clip=settings.get("grad_clip"))
+    workers = int(settings.get("workers", 0))
+    if n_obj:
+        trainer = DenseTrainer(model, n_obj + 1)
+        patch = int(model.encoder.vit.patch_embed.patch_size[0])
+        data = torch.utils.data.DataLoader(ObjectCells(task, "train", patch), batch_size=bs, shuffle=True,
+                                           drop_last=True, num_workers=workers,
+                                           generator=torch.Generator().manual_seed(task.seed))
+        train_loop(trainer, lambda m, x, t: m.loss(x, t, weight), endless(data), **common)
+    else:
+        train_loop(model, task_loss, endless(task.loader("train", bs, train=True, num_workers=workers)), **common)
+    return model
+
+
+def load_teacher(model: nn.Module, ckpt_dir: Path) -> nn.Module:
+    """Load a finished teacher checkpoint, written with or without the dense trainer around it."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(ckpt_dir) / "model.safetensors"), framework="pt") as f:
+        shape = f.get_slice("cells.weight").get_shape() if "cells.weight" in f.keys() else None
+    if shape is not None:
+        load_checkpoint(DenseTrainer(model, int(shape[0])), ckpt_dir)
+    else:
+        load_checkpoint(model, ckpt_dir)
+    return model
+
+
+__all__ = ["cell_targets", "ObjectCells", "DenseTrainer", "train_teacher", "load_teacher", "is_done",
+           "training_time"]
