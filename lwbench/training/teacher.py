@@ -85,7 +85,7 @@ class DenseTrainer(nn.Module):
         dense = per_cell[~obj].mean() if bool((~obj).any()) else per_cell.sum() * 0
         if bool(obj.any()):  # objects and background weigh the same, however small the objects are
             dense = 0.5 * dense + 0.5 * per_cell[obj].mean()
-        return task + weight * dense, {"task": float(task), "dense": float(dense)}
+        return task + weight * dense, {"task": task.item(), "dense": dense.item()}
 
 
 def object_classes(task) -> int:
