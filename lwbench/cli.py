@@ -155,8 +155,35 @@ def cmd_flops(args) -> int:
         k, _, v = item.partition("=")
         opts[k.removeprefix("method.")] = parse_value(v)
     rep = flops_report(args.method, args.backbone, _parse_hw(args.img_size), budget=args.budget, opts=opts)
+    if args.latency:
+        rep.update(_random_weight_timing(args, opts))
     print(json.dumps(rep) if args.json else format_flops_report(rep))
+    if args.latency and not args.json:
+        print(f"latency, batch 1: {rep['latency_ms']:.2f} ms (IQR {rep['latency_iqr_ms']:.2f}); throughput at batch "
+              f"{rep['throughput_batch']}: {rep['throughput']:.1f} img/s; random weights and random images, "
+              f"{rep['threads']} thread(s), {rep['device']}")
     return 0
+
+
+def _random_weight_timing(args, opts: dict) -> dict:
+    """Latency/throughput of the random-weight model on seeded random images, in a fresh process.
+
+    For comparing budgets of one method on one backbone; ``lwbench run`` times real task images."""
+    import os
+
+    import torch
+
+    from lwbench.measure.flops import random_model
+    from lwbench.measure.worker import measure_in_subprocess
+    from lwbench.runner import resolve_device
+
+    model, _, _, hw = random_model(args.method, args.backbone, _parse_hw(args.img_size), args.budget, opts=opts)
+    images = torch.randn(args.batch, 3, *hw, generator=torch.Generator().manual_seed(0))
+    threads = args.threads or os.cpu_count() or 1
+    t = measure_in_subprocess(model, images, device=resolve_device(args.device), threads=threads,
+                              throughput_batch=args.batch, warmup=5, min_run_time=2.0)
+    keep = ("latency_ms", "latency_iqr_ms", "throughput", "throughput_iqr", "throughput_batch", "peak_memory_mb")
+    return {**{k: t[k] for k in keep}, "threads": threads, "device": t.get("device", "cpu")}
 
 
 def cmd_results(args) -> int:
@@ -261,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="key=value")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--latency", action="store_true", help="also time it (random weights and images, fresh process)")
+    p.add_argument("--batch", type=int, default=8, help="throughput batch for --latency")
+    p.add_argument("--threads", type=int, help="CPU threads for --latency (default: all cores)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _common(p)
     p.set_defaults(fn=cmd_flops)
 

@@ -489,6 +489,24 @@ def _realised_tokens(model: nn.Module, images: torch.Tensor) -> float:
     return sum(counts) / len(counts)
 
 
+def random_model(method: str, backbone: str, img_size, budget: str | None = None, num_classes: int = 1000,
+                 opts: dict[str, Any] | None = None, seed: int = 0):
+    """``(TaskModel, Method, vit, (H, W))``: ``method`` at ``budget`` around a randomly initialised backbone."""
+    from lwbench.backbones import create_backbone
+    from lwbench.heads import ClassifierHead, TaskModel
+    from lwbench.method import BackboneSpec, resolve_budget
+    from lwbench.registry import get_method
+
+    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+    cls = get_method(method)
+    value = resolve_budget(cls, budget)
+    torch.manual_seed(seed)
+    vit = create_backbone(backbone, hw).eval()
+    spec = BackboneSpec.of(vit, backbone, hw)
+    m = cls(spec, value, **(opts or {}))
+    return TaskModel(m.build(vit), ClassifierHead(spec.embed_dim, num_classes)).eval(), m, vit, hw
+
+
 def flops_report(
     method: str,
     backbone: str,
@@ -512,19 +530,7 @@ def flops_report(
         FlopCountError: when the torch counter sees more than 1 % more work than fvcore: an op
             carries work fvcore has no formula for, and the number would be silently low.
     """
-    from lwbench.backbones import create_backbone
-    from lwbench.heads import ClassifierHead, TaskModel
-    from lwbench.method import BackboneSpec, resolve_budget
-    from lwbench.registry import get_method
-
-    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
-    cls = get_method(method)
-    value = resolve_budget(cls, budget)
-    torch.manual_seed(seed)
-    vit = create_backbone(backbone, hw).eval()
-    spec = BackboneSpec.of(vit, backbone, hw)
-    m = cls(spec, value, **(opts or {}))
-    model = TaskModel(m.build(vit), ClassifierHead(spec.embed_dim, num_classes)).eval()
+    model, m, vit, hw = random_model(method, backbone, img_size, budget, num_classes, opts, seed)
     if images is None:
         images = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(seed))
     report = mean_macs_over(model, images)
