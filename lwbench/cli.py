@@ -91,19 +91,23 @@ def cmd_list(args) -> int:
     from lwbench.registry import METHODS, TASKS
 
     if args.what == "methods":
+        from lwbench.method import BackboneSpec
+
+        # Grids scale with the backbone and image size; show them for the paper's configuration.
+        paper = BackboneSpec("vit_base_patch14_reg4_dinov2", (518, 518), patch=14, depth=12, embed_dim=768,
+                             num_heads=12, num_prefix=5)
         rows = []
         for name in METHODS.names():
             try:
                 c = METHODS.get(name)
+                grid = ", ".join(f"{b:g}" for b in c.budget_grid(paper)) if c.budget_key else "-"
             except Exception as exc:  # broken plugin: one line, keep listing
-                rows.append([name, f"(failed to load: {exc})", "", "", "", "", ""])
+                rows.append([name, f"(failed to load: {exc})", "", "", "", "", "", ""])
                 continue
-            grid = ", ".join(f"{b:g}" for b in c.default_budgets) if c.default_budgets else "scaled to grid"
-            rows.append([name, c.kind, c.training, f"{c.budget_key}" if c.budget_key else "-",
-                         grid if c.budget_key else "-", "yes" if c.dense_output else "no",
+            rows.append([name, c.kind, c.training, c.budget_key or "-", grid, "yes" if c.dense_output else "no",
                          "yes" if c.variable_length else "no", c.description])
-        print(tabulate(rows, headers=["method", "kind", "training", "budget", "default grid", "dense", "var-len",
-                                      "description"]))
+        print(tabulate(rows, headers=["method", "kind", "training", "budget", "default grid (ViT-B/14 @518)",
+                                      "dense", "var-len", "description"]))
     else:
         rows = []
         for name in TASKS.names():
