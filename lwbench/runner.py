@@ -163,24 +163,7 @@ def run(req: RunRequest) -> dict:
         f"profile={plan.profile_name} device={plan.device}", req.quiet)
 
     t0 = time.perf_counter()
-    teacher, teacher_time, tdir = build_teacher(plan)
-    teacher.to(plan.device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    from lwbench.training.context import FitContext
-
-    work = cache_dir() / "runs" / plan.run_id
-    ctx = FitContext(task=plan.task, teacher=teacher, settings=dict(plan.tp.get("finetune") or {}),
-                     device=plan.device, work_dir=work,
-                     shared_dir=tdir / "methods" / plan.method.name, method_settings=dict(plan.method_settings),
-                     seed=req.seed, quiet=req.quiet)
-    torch.manual_seed(req.seed)
-    t1 = time.perf_counter()
-    model = plan.method.fit(ctx).to(plan.device).eval()
-    method_train_s = _method_train_time(work, ctx.shared_dir) if plan.method.training != "none" else 0.0
-    if method_train_s == 0.0 and plan.method.training != "none":
-        method_train_s = time.perf_counter() - t1
+    model, teacher_time, method_train_s = fit_method(plan)
 
     log("evaluating", req.quiet)
     ev = plan.tp.get("eval") or {}
@@ -196,6 +179,28 @@ def run(req: RunRequest) -> dict:
     path = store.write(row)
     log(f"wrote {path}", req.quiet)
     return row
+
+
+def fit_method(plan: Plan):
+    """Teacher (cached) then the method's own training (cached): ``(model, teacher_s, method_s)``."""
+    from lwbench.training.context import FitContext
+
+    teacher, teacher_time, tdir = build_teacher(plan)
+    teacher.to(plan.device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    work = cache_dir() / "runs" / plan.run_id
+    ctx = FitContext(task=plan.task, teacher=teacher, settings=dict(plan.tp.get("finetune") or {}),
+                     device=plan.device, work_dir=work,
+                     shared_dir=tdir / "methods" / plan.method.name, method_settings=dict(plan.method_settings),
+                     seed=plan.req.seed, quiet=plan.req.quiet)
+    torch.manual_seed(plan.req.seed)
+    t1 = time.perf_counter()
+    model = plan.method.fit(ctx).to(plan.device).eval()
+    method_train_s = 0.0
+    if plan.method.training != "none":
+        method_train_s = _method_train_time(work, ctx.shared_dir) or time.perf_counter() - t1
+    return model, teacher_time, method_train_s
 
 
 def _method_train_time(work: Path, shared: Path) -> float:

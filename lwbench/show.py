@@ -13,19 +13,10 @@ import torch
 
 
 def _trained_model(req):
-    from lwbench.paths import cache_dir
-    from lwbench.runner import Plan, build_teacher
-    from lwbench.training.context import FitContext
+    from lwbench.runner import Plan, fit_method
 
     plan = Plan(req)
-    teacher, _, tdir = build_teacher(plan)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    ctx = FitContext(task=plan.task, teacher=teacher, settings=dict(plan.tp.get("finetune") or {}),
-                     device=plan.device, work_dir=cache_dir() / "runs" / plan.run_id,
-                     shared_dir=tdir / "methods" / plan.method.name, method_settings=dict(plan.method_settings),
-                     seed=req.seed, quiet=req.quiet)
-    return plan, plan.method.fit(ctx).to("cpu").eval()
+    return plan, fit_method(plan)[0].to("cpu").eval()
 
 
 def kept_mask(out, i: int) -> torch.Tensor:
