@@ -103,3 +103,10 @@ def test_list(capsys, argv):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert ("lookwhere" in out and "budget" in out) if argv[1] == "methods" else ("traffic_signs" in out)
+
+
+def test_show_writes_figure(tmp_path, capsys):
+    out = tmp_path / "show.png"
+    assert main(["show", "--method", "random", "--budget", "k=6", "--task", "traffic_signs", "--out", str(out),
+                 "--n", "2", *TINY]) == 0
+    assert out.stat().st_size > 5_000
