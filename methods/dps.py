@@ -171,9 +171,6 @@ def make_dps_loss(entropy_weight: float):
 class DPS(PatchSelectionMethod):
     description = "CNN scorer on a downscaled image + perturbed top-k (Berthet) picks k high-res patches"
     training = "finetune"
-    dense_output = True
-    variable_length = False
-    needs_attention_row = False
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:

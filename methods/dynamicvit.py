@@ -213,9 +213,6 @@ class DynamicViT(Method):
     budget_type = float
     default_budgets = (0.5, 0.7, 0.9)
     training = "finetune"
-    dense_output = True
-    variable_length = False
-    needs_attention_row = False
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:

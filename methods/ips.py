@@ -142,9 +142,6 @@ class IPSEncoder(nn.Module):
 class IPS(PatchSelectionMethod):
     description = "no-grad iterative top-M patch memory scored by a cross-attention aggregator; grad pass on M"
     training = "finetune"
-    dense_output = True
-    variable_length = False
-    needs_attention_row = False
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
