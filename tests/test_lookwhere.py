@@ -45,6 +45,9 @@ def _vit(name="lw_vit_test_p8", size=(64, 96), seed=0):
 
 
 def _method(vit, name, size, budget=None, **opts):
+    """As the quick profile builds it: a 0.3 x high-res selector (the paper's 11-patch default would cover
+    these tiny grids whole)."""
+    opts.setdefault("selector_size", 0.3)
     return LookWhere(BackboneSpec.of(vit, name, size), budget, **opts)
 
 
@@ -62,10 +65,11 @@ def test_registered_and_budgets():
     assert LookWhere(spec).budget == 128 and LookWhere(spec).selector_depth() == 3
     quick = BackboneSpec("lw_vit_nano_p16", (240, 320), 16, 4, 128, 4, 5)
     assert LookWhere(quick).budget == 28 and LookWhere(quick).selector_depth() == 1
-    assert LookWhere(quick).selector_size() == (64, 96)
-    assert default_selector_size((518, 518), 14) == (154, 154)  # the paper's selector
-    assert default_selector_size((224, 224), 14) == (70, 70)
-    assert default_selector_size((256, 256), 16) == (80, 80)
+    assert LookWhere(quick, selector_size=0.3).selector_size() == (64, 96)  # the quick profile's setting
+    assert LookWhere(quick).selector_size() == (176, 240)  # the paper's 11 patches on the short side
+    assert default_selector_size((518, 518), 14) == (154, 154)  # the paper's selector ...
+    assert default_selector_size((224, 224), 14) == (154, 154)  # ... also at 224 (Table 1's 14.8 GMACs)
+    assert default_selector_size((64, 64), 16) == (64, 64)  # never more than the high-res grid
     tiny = BackboneSpec("lw_vit_test_p8", (32, 32), 8, 2, 32, 2, 5)
     assert len(LookWhere.budget_grid(tiny)) == 3  # 16 patches: still three budgets
 
@@ -234,6 +238,11 @@ def test_bad_budgets_and_options_fail_before_work():
     with pytest.raises(BudgetError) as e:
         _method(vit, "lw_vit_test_p8", (32, 32), selector_size=20)
     assert "not divisible by the patch size 8" in _one_line(e)
+    for size in ("big", 1.5, "16.5", -0.3):
+        with pytest.raises((ConfigError, BudgetError)) as e:
+            _method(vit, "lw_vit_test_p8", (32, 32), selector_size=size)
+        assert "selector" in _one_line(e)
+    assert _method(vit, "lw_vit_test_p8", (64, 96), selector_size=0.3).selector_size() == (16, 32)
     with pytest.raises(ConfigError) as e:
         _method(vit, "lw_vit_test_p8", (32, 32), selector_depth=3)
     assert "1..2" in _one_line(e)

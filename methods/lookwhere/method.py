@@ -38,30 +38,47 @@ from lwbench.registry import register_method
 
 from .model import LookWhereEncoder, build_encoder
 
-SELECTOR_FRACTION = 0.3  # paper: 154 px selector for 518 px high-res
+PAPER_SELECTOR_GRID = 11  # paper: a 154 px selector (11 x 11 patches of 14) at every high-res size
 PAPER_SELECTOR_DEPTH = 3  # of 12 teacher blocks
 PAPER_K_FRACTION = 128 / 1369  # paper: k=128 of the 37x37 grid at 518 px
 
 
-def parse_size(value: Any) -> tuple[int, int] | None:
-    """``None``/``"auto"`` -> None; ``154`` -> (154, 154); ``"112x154"`` or ``[112, 154]`` -> (112, 154)."""
+def parse_size(value: Any, img_size: tuple[int, int] | None = None, patch: int | None = None
+               ) -> tuple[int, int] | None:
+    """``None``/``"auto"`` -> None; ``154`` -> (154, 154); ``"112x154"`` or ``[112, 154]`` -> (112, 154);
+    a fraction ``0 < f < 1`` -> ``f`` x the high-res size per axis, rounded to a multiple of the patch
+    (needs ``img_size`` and ``patch``): one setting that keeps the selector's share across task sizes."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "", "none")):
         return None
+    bad = ConfigError(f"lookwhere: selector_size '{value}' must be pixels like 154 or 112x154, a fraction of "
+                      "the high-res size like 0.3, or auto")
     try:
         if isinstance(value, (list, tuple)):
             h, w = value
         elif isinstance(value, str) and "x" in value.lower():
             h, w = value.lower().split("x")
         else:
+            frac = float(value)
+            if 0 < frac < 1:
+                if img_size is None or patch is None:
+                    return None
+                return tuple(patch * max(1, round(frac * s / patch)) for s in img_size)  # type: ignore[return-value]
             h = w = value
-        return int(h), int(w)
+        if float(h) != int(float(h)) or float(w) != int(float(w)):
+            raise bad
+        return int(float(h)), int(float(w))
     except (TypeError, ValueError):
-        raise ConfigError(f"lookwhere: selector_size '{value}' must be pixels like 154, 112x154 or auto") from None
+        raise bad from None
 
 
 def default_selector_size(img_size: tuple[int, int], patch: int) -> tuple[int, int]:
-    """A multiple of the patch near 0.3 x the high-res size per axis (518 -> 154, 224/p14 -> 70, 256/p16 -> 80)."""
-    return tuple(max(patch, round(SELECTOR_FRACTION * s / patch) * patch) for s in img_size)  # type: ignore[return-value]
+    """The paper's selector: 11 patches on the short side at any high-res size (154 px at patch 14, both for
+    518 px and for 224 px ImageNet, where Table 1's 14.8 GMACs at k=128 counts it), the long side in
+    proportion, never more patches than the high-res grid. Small CPU grids set their own size in the
+    profile (the quick profile does), since 11 patches would be most of their grid."""
+    grid = [s // patch for s in img_size]
+    short = min(grid)
+    return tuple(patch * max(1, min(g, round(PAPER_SELECTOR_GRID * g / short))) for g in grid)  # type: ignore[return-value]
 
 
 @register_method("lookwhere")
@@ -75,7 +92,7 @@ class LookWhere(PatchSelectionMethod):
     def option_defaults(cls) -> dict[str, Any]:
         return {
             "selector_depth": None,  # auto: the paper's 3 of 12 blocks, scaled to the teacher's depth
-            "selector_size": None,  # auto: ~0.3 x high-res (or the checkpoint's own size with `weights`)
+            "selector_size": None,  # auto: the paper's 11-patch grid (or the checkpoint's own size with `weights`)
             "distill_min_k": 16,
             "distill_max_k": 128,
             "attn_queries": "patch",  # "patch" | "cls": query rows averaged for the teacher's attention target
@@ -108,7 +125,7 @@ class LookWhere(PatchSelectionMethod):
         if not isinstance(depth, int) or not 1 <= depth <= self.spec.depth:
             raise ConfigError(f"lookwhere: selector_depth={depth} must be 1..{self.spec.depth} "
                               f"(the blocks of {self.spec.name})")
-        size = parse_size(o["selector_size"])
+        size = parse_size(o["selector_size"], self.spec.img_size, self.spec.patch)
         if size is not None:
             check_img_size(size, self.spec.patch, what="lookwhere selector size")
         lo, hi = o["distill_min_k"], o["distill_max_k"]
@@ -126,7 +143,9 @@ class LookWhere(PatchSelectionMethod):
         return max(1, round(self.spec.depth * PAPER_SELECTOR_DEPTH / 12)) if d is None else d
 
     def selector_size(self) -> tuple[int, int]:
-        return parse_size(self.opts["selector_size"]) or default_selector_size(self.spec.img_size, self.spec.patch)
+        spec = self.spec
+        return (parse_size(self.opts["selector_size"], spec.img_size, spec.patch)
+                or default_selector_size(spec.img_size, spec.patch))
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()
@@ -161,7 +180,8 @@ class LookWhere(PatchSelectionMethod):
             from .checkpoint import load_weights
 
             encoder = load_weights(self.opts["weights"], teacher, self.spec.img_size, int(self.budget),
-                                   selector_size=parse_size(self.opts["selector_size"]))
+                                   selector_size=parse_size(self.opts["selector_size"], self.spec.img_size,
+                                                                    self.spec.patch))
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(ctx.seed)  # the where-head init is the only random part
