@@ -20,24 +20,31 @@ class ClassifierHead(nn.Module):
     per-channel maximum over the surviving patch tokens (padding excluded): multiple-instance pooling, which lets
     a small CPU-trained teacher find a small object (a sign of a few patches among hundreds) in hundreds rather
     than thousands of steps. ``pool="avg"`` averages them (weighted by merge size when tokens were merged).
+    ``pool="token+max"`` reads CLS and the max-pooled patches side by side (one linear layer on both): the
+    max path learns fast, and the CLS path keeps the teacher's CLS attention trained on the task, which is
+    what CLS-ranking methods (EViT, ATS, top-k) and LookWhere's "where" target read.
     """
+
+    POOLS = ("token", "max", "avg", "token+max")
 
     def __init__(self, dim: int, num_classes: int, pool: str = "token"):
         super().__init__()
-        if pool not in ("token", "max", "avg"):
+        if pool not in self.POOLS:
             from lwbench.errors import ConfigError
 
-            raise ConfigError(f"head pool must be token, max or avg, not '{pool}'")
+            raise ConfigError(f"head pool must be one of {', '.join(self.POOLS)}, not '{pool}'")
         self.pool = pool
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = nn.Linear(2 * dim if pool == "token+max" else dim, num_classes)
 
     def forward(self, out: TokenOutput) -> torch.Tensor:
         if self.pool == "token":
             return self.fc(out.cls)
         x = out.patches
         keep = out.mask if out.mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        if self.pool == "max":
+        if self.pool in ("max", "token+max"):
             pooled = x.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(1)
+            if self.pool == "token+max":
+                pooled = torch.cat([out.cls, pooled], dim=-1)
         else:
             w = keep.to(x.dtype) * (out.sizes.to(x.dtype) if out.sizes is not None else 1.0)
             pooled = (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1e-6)

@@ -39,6 +39,17 @@ def test_avg_pool_weights_merge_sizes():
     assert torch.allclose(_identity_head("avg")(_out(patches, sizes=sizes)), torch.tensor([[7 / 4, 0.0]]))
 
 
+def test_token_plus_max_reads_cls_then_max_pooled_patches():
+    patches = torch.tensor([[[1.0, 5.0], [3.0, 2.0], [100.0, 100.0]]])
+    mask = torch.tensor([[True, True, False]])
+    head = ClassifierHead(2, 4, "token+max")
+    assert head.fc.in_features == 4
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.eye(4))
+        head.fc.bias.zero_()
+    assert torch.equal(head(_out(patches, mask)), torch.tensor([[7.0, 7.0, 3.0, 5.0]]))
+
+
 def test_bad_pool():
-    with pytest.raises(ConfigError, match="token, max or avg"):
+    with pytest.raises(ConfigError, match="token, max, avg, token\\+max"):
         ClassifierHead(4, 2, "sum")

@@ -6,7 +6,8 @@ a 4-block ViT needs many hundred steps to find a sign a few patches wide. Two th
 affordable, both configured in the profile and recorded in the teacher's config hash:
 
 * the head pools the patch tokens with a max (``head.pool: max``), so the gradient reaches the
-  few tokens that carry the object instead of waiting for CLS attention to find them;
+  few tokens that carry the object instead of waiting for CLS attention to find them (``token+max``
+  also trains the CLS attention, at some accuracy cost; see the quick profile);
 * when the task annotates its objects (``Task.objects``: traffic-sign boxes, billiard balls),
   ``teacher.dense_weight > 0`` adds a per-patch auxiliary loss: each patch whose centre lies in an
   object's box learns that object's class, the others "background" (the two halves weighted
