@@ -16,7 +16,8 @@ TINY = ["--img-size", "32", "--backbone", "lw_vit_test_p8", "--set", "teacher.st
         "teacher.batch_size=4", "--set", "finetune.steps=1", "--set", "finetune.batch_size=4",
         "--set", "measure.min_run_time=0.05", "--set", "measure.throughput_batch=2", "--set", "measure.warmup=1",
         "--set", "measure.flops_images=1", "--set", "measure.isolate=false",
-        "--set", "methods.lookwhere.distill_steps=1", "--set", "methods.lookwhere.distill_batch_size=4", "--quiet"]
+        "--set", "methods.lookwhere.distill_steps=1", "--set", "methods.lookwhere.distill_batch_size=4",
+        "--set", "methods.lookwhere.finetune_steps=1", "--quiet"]
 METHODS = [("full", None), ("lookwhere", "k=4"), ("tome", "r=2")]
 
 
