@@ -43,11 +43,10 @@ PAPER_SELECTOR_DEPTH = 3  # of 12 teacher blocks
 PAPER_K_FRACTION = 128 / 1369  # paper: k=128 of the 37x37 grid at 518 px
 
 
-def parse_size(value: Any, img_size: tuple[int, int] | None = None, patch: int | None = None
-               ) -> tuple[int, int] | None:
+def parse_size(value: Any, img_size: tuple[int, int], patch: int) -> tuple[int, int] | None:
     """``None``/``"auto"`` -> None; ``154`` -> (154, 154); ``"112x154"`` or ``[112, 154]`` -> (112, 154);
-    a fraction ``0 < f < 1`` -> ``f`` x the high-res size per axis, rounded to a multiple of the patch
-    (needs ``img_size`` and ``patch``): one setting that keeps the selector's share across task sizes."""
+    a fraction ``0 < f < 1`` -> ``f`` x the high-res ``img_size`` per axis, rounded to a multiple of
+    ``patch``: one setting that keeps the selector's share across task sizes."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "", "none")):
         return None
     bad = ConfigError(f"lookwhere: selector_size '{value}' must be pixels like 154 or 112x154, a fraction of "
@@ -60,8 +59,6 @@ def parse_size(value: Any, img_size: tuple[int, int] | None = None, patch: int |
         else:
             frac = float(value)
             if 0 < frac < 1:
-                if img_size is None or patch is None:
-                    return None
                 return tuple(patch * max(1, round(frac * s / patch)) for s in img_size)  # type: ignore[return-value]
             h = w = value
         if float(h) != int(float(h)) or float(w) != int(float(w)):
@@ -125,7 +122,7 @@ class LookWhere(PatchSelectionMethod):
         if not isinstance(depth, int) or not 1 <= depth <= self.spec.depth:
             raise ConfigError(f"lookwhere: selector_depth={depth} must be 1..{self.spec.depth} "
                               f"(the blocks of {self.spec.name})")
-        size = parse_size(o["selector_size"], self.spec.img_size, self.spec.patch)
+        size = self.explicit_selector_size()
         if size is not None:
             check_img_size(size, self.spec.patch, what="lookwhere selector size")
         lo, hi = o["distill_min_k"], o["distill_max_k"]
@@ -142,10 +139,12 @@ class LookWhere(PatchSelectionMethod):
         d = self.opts["selector_depth"]
         return max(1, round(self.spec.depth * PAPER_SELECTOR_DEPTH / 12)) if d is None else d
 
+    def explicit_selector_size(self) -> tuple[int, int] | None:
+        """The ``selector_size`` option in pixels, or None for auto."""
+        return parse_size(self.opts["selector_size"], self.spec.img_size, self.spec.patch)
+
     def selector_size(self) -> tuple[int, int]:
-        spec = self.spec
-        return (parse_size(self.opts["selector_size"], spec.img_size, spec.patch)
-                or default_selector_size(spec.img_size, spec.patch))
+        return self.explicit_selector_size() or default_selector_size(self.spec.img_size, self.spec.patch)
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()
@@ -180,8 +179,7 @@ class LookWhere(PatchSelectionMethod):
             from .checkpoint import load_weights
 
             encoder = load_weights(self.opts["weights"], teacher, self.spec.img_size, int(self.budget),
-                                   selector_size=parse_size(self.opts["selector_size"], self.spec.img_size,
-                                                                    self.spec.patch))
+                                   selector_size=self.explicit_selector_size())
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(ctx.seed)  # the where-head init is the only random part
