@@ -61,9 +61,15 @@ def deep_merge(base: dict, over: dict) -> dict:
 def parse_value(text: str) -> Any:
     """``--set`` values: YAML scalars/lists (``3``, ``1e-3``, ``true``, ``[240, 320]``), else the string."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string; a number was meant
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            pass
+    return value
 
 
 def apply_sets(cfg: dict, sets: list[str]) -> dict:

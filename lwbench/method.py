@@ -92,6 +92,9 @@ class Method(abc.ABC):
                 f"method '{self.name}' has no option(s) {sorted(unknown)}; known: {sorted(self.option_defaults())}"
             )
         self.opts = {**self.option_defaults(), **opts}
+        # Facts a method learns while fitting that explain its result (LookWhere's where-target recall and
+        # its warning); the runner copies them into the result row.
+        self.diagnostics: dict[str, Any] = {}
         self.check_budget()
 
     # -- to override ------------------------------------------------------------------------------

@@ -367,6 +367,7 @@ _COMPACT: tuple[tuple[str, str, int], ...] = (
     ("task", "task", -1),
     ("source", "source", -1),
     ("metric_value", "", 2),
+    ("object_recall", "object recall", 2),
     ("gmacs", "GMACs (MACs)", 3),
     ("latency_ms", "latency bs1 (ms)", 2),
     ("throughput", "throughput (img/s)", 1),
@@ -440,6 +441,9 @@ def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
             body.append([source_label(r[c]) if c == "source" else _cell(r[c], d) for c, _, d in cols])
         align = ["right" if d >= 0 else "left" for _, _, d in cols]
         table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True, colalign=align)
+        if "selection_warning" in group.columns:  # the distillation guard fired for these rows: say so under them
+            for _, r in group[group["selection_warning"].fillna("").astype(str) != ""].iterrows():
+                table += f"\nwarning: {r['method']} {r['budget']} seed {r.get('seed', '?')}: {r['selection_warning']}"
         blocks.append(_heading(task, source, group, fmt) + table)
     return "\n\n".join(blocks) + "\n"
 

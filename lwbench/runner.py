@@ -28,6 +28,7 @@ from lwbench.method import BackboneSpec, resolve_budget
 from lwbench.paths import cache_dir, results_dir
 from lwbench.registry import get_method, get_task
 from lwbench.results import config_hash
+from lwbench.seeding import seed_everything
 
 
 @dataclass
@@ -125,8 +126,8 @@ def build_teacher(plan: Plan):
     from lwbench.training.teacher import is_done, load_teacher, train_teacher, training_time
 
     task, tp = plan.task, plan.tp
+    seed_everything(plan.req.seed)  # before the backbone's weights are drawn: one config, one teacher
     vit = create_backbone(plan.backbone_name, task.img_size, weights=plan.weights, pretrained=plan.pretrained)
-    torch.manual_seed(plan.req.seed)
     pool = (tp.get("head") or {}).get("pool", "token")
     head = task.make_head(vit.embed_dim) if hasattr(task, "make_head") else make_head(task.kind, vit.embed_dim,
                                                                                          task.num_classes, pool)
@@ -170,6 +171,7 @@ def run(req: RunRequest) -> dict:
     t2 = time.perf_counter()
     loader = plan.task.loader("test", int(ev.get("batch_size", 64)), limit=ev.get("limit"))
     metrics = plan.task.evaluate(model, loader, device=plan.device)
+    metrics.update(selection_diagnostics(plan, model, ev))
     eval_s = time.perf_counter() - t2
 
     log("measuring cost (GMACs, latency, memory)", req.quiet)
@@ -179,6 +181,16 @@ def run(req: RunRequest) -> dict:
     path = store.write(row)
     log(f"wrote {path}", req.quiet)
     return row
+
+
+def selection_diagnostics(plan: Plan, model, ev: dict) -> dict:
+    """``object_recall`` (and its chance level) on the test images, plus what the method recorded while
+    fitting (:attr:`Method.diagnostics`). NaN where the task annotates no objects."""
+    from lwbench.diagnostics import object_recall
+
+    found = object_recall(model, plan.task, plan.spec.patch, device=plan.device, limit=ev.get("limit"),
+                          batch_size=int(ev.get("batch_size", 64)))
+    return {**found, **plan.method.diagnostics}
 
 
 def fit_method(plan: Plan):
@@ -194,7 +206,7 @@ def fit_method(plan: Plan):
                      device=plan.device, work_dir=work,
                      shared_dir=tdir / "methods" / plan.method.name, method_settings=dict(plan.method_settings),
                      seed=plan.req.seed, quiet=plan.req.quiet)
-    torch.manual_seed(plan.req.seed)
+    seed_everything(plan.req.seed)
     t1 = time.perf_counter()
     model = plan.method.fit(ctx).to(plan.device).eval()
     method_train_s = 0.0
@@ -275,6 +287,11 @@ def make_row(plan: Plan, metrics: dict, cost: dict, teacher_time: float, method_
         "metric": metric, "metric_value": float(metrics[metric]),
         "top1": metrics.get("top1", nan), "top5": metrics.get("top5", nan), "miou": metrics.get("miou", nan),
         "pixel_acc": metrics.get("pixel_acc", nan), "n_eval": int(metrics.get("n_eval", 0)),
+        "object_recall": metrics.get("object_recall", nan),
+        "object_recall_chance": metrics.get("object_recall_chance", nan),
+        "where_target_recall": metrics.get("where_target_recall", nan),
+        "where_target_chance": metrics.get("where_target_chance", nan),
+        "selection_warning": metrics.get("selection_warning", ""),
         **cost,
         "teacher_train_time_s": teacher_time, "method_train_time_s": method_train_s,
         "train_time_s": teacher_time + method_train_s, "eval_time_s": eval_s,

@@ -21,13 +21,7 @@ def _trained_model(req):
 
 def kept_mask(out, i: int) -> torch.Tensor:
     """``(H*W,)`` bool: grid cells whose own pixels reached the backbone for image ``i``."""
-    n = out.num_cells
-    mask = torch.zeros(n, dtype=torch.bool)
-    if out.assignment is not None:
-        mask |= out.assignment[i].cpu() >= 0
-    pos = out.positions[i][out.valid()[i]].cpu()
-    mask[pos.clamp(0, n - 1)] = True
-    return mask
+    return out.processed_cells()[i].cpu()
 
 
 def pyplot():
@@ -47,11 +41,11 @@ def clear_ticks(axes) -> None:
         ax.set_yticks([])
 
 
-def save_figure(fig, out: str | Path) -> Path:
-    """Lay out, write ``out`` (creating its folder) and close ``fig``."""
+def save_figure(fig, out: str | Path, rect=None) -> Path:
+    """Lay out (inside ``rect`` of the figure, when given), write ``out`` (creating its folder) and close ``fig``."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -75,6 +69,9 @@ def show(req, out: Path, n: int = 4) -> Path:
     cols = 3 if where is not None else 2
     fig, axes = plt.subplots(len(idx), cols, figsize=(3.2 * cols, 2.6 * len(idx)), squeeze=False)
     gh, gw = tok.grid
+    from lwbench.diagnostics import has_objects, object_mask, recall
+
+    objects = has_objects(plan.task) and tuple(tok.grid) == tuple(s // plan.spec.patch for s in plan.task.img_size)
     for r, i in enumerate(idx):
         img = denormalize(images[r]).permute(1, 2, 0).numpy()
         y = ds[i][1]
@@ -90,8 +87,20 @@ def show(req, out: Path, n: int = 4) -> Path:
         up = torch.nn.functional.interpolate(keep[None, None], size=img.shape[:2], mode="nearest")[0, 0].numpy()
         shown = img * (0.25 + 0.75 * up[..., None]) + 0.35 * (1 - up[..., None])
         axes[r][-1].imshow(shown.clip(0, 1))
-        axes[r][-1].set_title(f"{int(keep.sum())}/{gh * gw} patches processed", fontsize=9)
+        title = f"{int(keep.sum())}/{gh * gw} patches processed"
+        if objects:
+            cells = object_mask(plan.task, "test", i, (gh, gw), plan.spec.patch)
+            hit = recall(keep.flatten().bool()[None], cells[None])
+            title += "" if torch.isnan(hit[0]) else f", object recall {float(hit[0]):.2f}"
+        axes[r][-1].set_title(title, fontsize=9)
         clear_ticks(axes[r])
     fig.suptitle(f"{plan.method.name} {plan.method.budget_str()} on {plan.task.name} "
                  f"({plan.task.source.upper()} source)", fontsize=11)
+    warning = plan.method.diagnostics.get("selection_warning")
+    if warning:  # the distillation guard fired: say so where the reader looks
+        import textwrap
+
+        fig.text(0.5, 0.01, "WARNING: " + textwrap.fill(warning, 70), ha="center", va="bottom", color="red",
+                 fontsize=9)
+        return save_figure(fig, out, rect=(0, 0.07, 1, 1))
     return save_figure(fig, out)

@@ -62,6 +62,18 @@ class TokenOutput:
             return torch.full((self.patches.shape[0],), self.patches.shape[1], device=self.patches.device)
         return self.mask.sum(1)
 
+    def processed_cells(self) -> torch.Tensor:
+        """``(B, H*W)`` bool: grid cells whose own pixels reached the backbone's last block, i.e. cells of a
+        kept token or absorbed by a merged one (``assignment``). EViT's fused token and padding locate no cell."""
+        b, n = self.positions.shape[0], self.num_cells
+        out = torch.zeros(b, n + 1, dtype=torch.bool, device=self.positions.device)
+        pos = torch.where(self.valid(), self.positions, torch.full_like(self.positions, n)).clamp(0, n)
+        out.scatter_(1, pos, True)
+        out = out[:, :n]
+        if self.assignment is not None:
+            out |= self.assignment >= 0
+        return out
+
     def replace(self, **kw) -> TokenOutput:
         return replace(self, **kw)
 

@@ -110,3 +110,39 @@ def test_show_writes_figure(tmp_path, capsys):
     assert main(["show", "--method", "random", "--budget", "k=6", "--task", "traffic_signs", "--out", str(out),
                  "--n", "2", *TINY]) == 0
     assert out.stat().st_size > 5_000
+
+
+# Fields that come from training and evaluation (not from timing, which varies run to run).
+_DETERMINED = ("metric_value", "top1", "object_recall", "object_recall_chance", "where_target_recall",
+               "where_target_chance", "selection_warning", "gmacs", "tokens_mean", "run_id")
+
+
+def test_one_config_one_result(monkeypatch, tmp_path, capsys):
+    """Two fresh runs (empty caches) of one tiny config give identical rows, whatever ran before them in the
+    process: the seed is set before the teacher's weights are drawn."""
+    import torch
+
+    rows = []
+    for attempt in range(2):
+        monkeypatch.setenv("LWBENCH_CACHE", str(tmp_path / f"cache{attempt}"))
+        monkeypatch.setenv("LWBENCH_RESULTS", str(tmp_path / f"results{attempt}"))
+        torch.rand(17 + attempt)  # someone used the global generator before this run
+        assert main(["run", "--method", "lookwhere", "--task", "traffic_signs", "--budget", "k=6", *TINY,
+                     "--set", "methods.lookwhere.distill_steps=2", "--set", "methods.lookwhere.finetune_steps=2",
+                     "--set", "teacher.attn_weight=1"]) == 0
+        (path,) = (tmp_path / f"results{attempt}").rglob("*.json")
+        rows.append(json.loads(path.read_text()))
+    a, b = rows
+    assert {k: a[k] for k in _DETERMINED} == {k: b[k] for k in _DETERMINED}
+    assert 0 <= a["object_recall"] <= 1 and a["object_recall_chance"] == pytest.approx(6 / 24)
+    assert a["where_target_chance"] == pytest.approx(6 / 24) and isinstance(a["selection_warning"], str)
+
+
+def test_rows_carry_object_recall(capsys):
+    assert main(["run", "--method", "full", "--task", "billiards", *TINY[2:], "--img-size", "64x96"]) == 0
+    assert main(["run", "--method", "lowres", "--budget", "size=32", "--task", "billiards", *TINY]) == 0
+    rows = {r["method"]: r for r in (json.loads(p.read_text()) for p in
+                                     Path(os.environ["LWBENCH_RESULTS"]).rglob("*.json"))}
+    assert rows["full"]["object_recall"] == 1.0 and rows["full"]["object_recall_chance"] == 1.0
+    assert rows["lowres"]["object_recall"] is None  # another grid: not applicable (null in JSON)
+    assert rows["full"]["where_target_recall"] is None and rows["full"]["selection_warning"] == ""

@@ -295,3 +295,14 @@ def test_readme_documents_every_field():
     assert not missing, f"results/README.md does not document {missing}"
     for name in R.REQUIRED:
         assert re.search(rf"\| `{name}` \| \w+ \| \*\*required\*\*", text), name
+
+
+def test_table_shows_object_recall_and_the_guard_warning(tmp_path):
+    store = ResultStore(tmp_path)
+    store.write(make_row(k=16, object_recall=0.91, selection_warning=""))
+    store.write(make_row(k=32, seed=1, object_recall=0.05,
+                         selection_warning="the teacher's attention does not cover the objects"))
+    text = format_results(store.frame(), "table")
+    assert "object recall" in text and "0.91" in text and "0.05" in text
+    warnings_ = [ln for ln in text.splitlines() if ln.startswith("warning:")]
+    assert warnings_ == ["warning: lookwhere k=32 seed 1: the teacher's attention does not cover the objects"]

@@ -12,7 +12,16 @@ affordable, both configured in the profile and recorded in the teacher's config 
   ``teacher.dense_weight > 0`` adds a per-patch auxiliary loss: each patch whose centre lies in an
   object's box learns that object's class, the others "background" (the two halves weighted
   equally). Only the teacher uses it; it changes no method and no evaluation. With the loss on,
-  augmentation is a random shift applied to image and boxes alike.
+  augmentation is a random shift applied to image and boxes alike;
+* ``teacher.attn_weight > 0`` (same annotations) adds an attention loss: the last block's attention
+  over patch keys (heads averaged, query rows ``teacher.attn_queries``: the CLS row or the mean of the
+  patch rows; :mod:`lwbench.attention`) learns to put its mass on the object cells,
+  ``KL(object mask / its sum || softmax(A))``. A teacher trained from scratch on a task has no reason
+  to attend to the object (a max-pooled head reads the object's token wherever attention goes): one
+  seed's attention covered 8% of the sign cells, another's avoided the signs, and LookWhere, whose
+  selector learns *where* from exactly this attention, then looked at road and clutter (chance
+  accuracy). The loss makes the quantity LookWhere distils point at the object on every seed. It is
+  the shared backbone's recipe, so every method of the task gets the same teacher.
 """
 
 from __future__ import annotations
@@ -25,7 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from lwbench.attention import QUERIES, LastBlockInput
+from lwbench.errors import ConfigError
 from lwbench.training.loop import endless, is_done, load_checkpoint, task_loss, train_loop, training_time
+from lwbench.vit import num_prefix
 
 
 def cell_targets(objects: list[dict], grid: tuple[int, int], patch: int, shift: tuple[int, int] = (0, 0)
@@ -68,25 +80,50 @@ class ObjectCells(Dataset):
         return x.contiguous(), {"label": y, "cells": cells}
 
 
-class DenseTrainer(nn.Module):
-    """The teacher plus a per-patch auxiliary classifier used only while training it."""
+def attention_object_loss(logits: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """``KL(m || softmax(logits))`` averaged over the images that have objects, ``m`` = the object cells
+    (``cells > 0``) as a uniform distribution; 0 (with a graph) when no image has one."""
+    obj = (cells > 0).to(logits.dtype)
+    has = obj.sum(1) > 0
+    if not bool(has.any()):
+        return logits.sum() * 0
+    m = obj[has] / obj[has].sum(1, keepdim=True)
+    logp = F.log_softmax(logits[has].float(), dim=1)
+    return (m * (torch.log(m.clamp_min(1e-12)) - logp)).sum(1).mean()
 
-    def __init__(self, model: nn.Module, num_cell_classes: int):
+
+class DenseTrainer(nn.Module):
+    """The teacher plus a per-patch auxiliary classifier used only while training it, and the optional
+    attention loss (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, num_cell_classes: int, attn_weight: float = 0.0,
+                 attn_queries: str = "cls"):
         super().__init__()
         self.model = model
         self.cells = nn.Linear(model.encoder.vit.embed_dim, num_cell_classes)
+        self.attn_weight, self.attn_queries = float(attn_weight), attn_queries
 
     def loss(self, images: torch.Tensor, targets: dict, weight: float):
-        out = self.model.encoder(images)
+        vit = self.model.encoder.vit
+        with LastBlockInput(vit) as last:
+            out = self.model.encoder(images)
         task = F.cross_entropy(self.model.head(out), targets["label"])
-        logits = self.cells(out.patches).flatten(0, 1)
-        cells = targets["cells"].flatten()
-        per_cell = F.cross_entropy(logits, cells, reduction="none")
-        obj = cells > 0
-        dense = per_cell[~obj].mean() if bool((~obj).any()) else per_cell.sum() * 0
-        if bool(obj.any()):  # objects and background weigh the same, however small the objects are
-            dense = 0.5 * dense + 0.5 * per_cell[obj].mean()
-        return task + weight * dense, {"task": task.item(), "dense": dense.item()}
+        cells = targets["cells"]
+        stats = {"task": task.item()}
+        loss = task
+        if weight > 0:
+            per_cell = F.cross_entropy(self.cells(out.patches).flatten(0, 1), cells.flatten(), reduction="none")
+            obj = cells.flatten() > 0
+            dense = per_cell[~obj].mean() if bool((~obj).any()) else per_cell.sum() * 0
+            if bool(obj.any()):  # objects and background weigh the same, however small the objects are
+                dense = 0.5 * dense + 0.5 * per_cell[obj].mean()
+            loss = loss + weight * dense
+            stats["dense"] = dense.item()
+        if self.attn_weight > 0:
+            attn = attention_object_loss(last.logits(num_prefix(vit), self.attn_queries), cells)
+            loss = loss + self.attn_weight * attn
+            stats["attn"] = attn.item()
+        return loss, stats
 
 
 def object_classes(task) -> int:
@@ -107,13 +144,17 @@ def train_teacher(model: nn.Module, task, settings: dict, ckpt_dir: Path, device
     steps = int(settings.get("steps", 0))
     bs = int(settings["batch_size"])
     weight = float(settings.get("dense_weight", 0.0))
-    n_obj = object_classes(task) if weight > 0 else 0
+    attn_weight = float(settings.get("attn_weight", 0.0))
+    attn_queries = str(settings.get("attn_queries", "cls"))
+    if attn_queries not in QUERIES:
+        raise ConfigError(f"teacher.attn_queries must be one of {', '.join(QUERIES)}, not '{attn_queries}'")
+    n_obj = object_classes(task) if weight > 0 or attn_weight > 0 else 0
     common = dict(steps=steps, lr=float(settings["lr"]), weight_decay=float(settings.get("weight_decay", 0.05)),
                   warmup_steps=int(settings.get("warmup_steps", 0)), ckpt_dir=ckpt_dir, device=device,
                   desc=f"teacher {task.name}", quiet=quiet, grad_clip=settings.get("grad_clip"))
     workers = int(settings.get("workers", 0))
     if n_obj:
-        trainer = DenseTrainer(model, n_obj + 1)
+        trainer = DenseTrainer(model, n_obj + 1, attn_weight, attn_queries)
         patch = int(model.encoder.vit.patch_embed.patch_size[0])
         data = torch.utils.data.DataLoader(ObjectCells(task, "train", patch), batch_size=bs, shuffle=True,
                                            drop_last=True, num_workers=workers,
@@ -137,5 +178,5 @@ def load_teacher(model: nn.Module, ckpt_dir: Path) -> nn.Module:
     return model
 
 
-__all__ = ["cell_targets", "ObjectCells", "DenseTrainer", "train_teacher", "load_teacher", "is_done",
-           "training_time"]
+__all__ = ["cell_targets", "ObjectCells", "DenseTrainer", "attention_object_loss", "train_teacher", "load_teacher",
+           "is_done", "training_time"]

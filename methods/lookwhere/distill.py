@@ -7,11 +7,8 @@ loss = MSE(student CLS, teacher CLS)
 
 Targets are the teacher's final-normed tokens. ``A`` is the teacher's last-block pre-softmax
 attention logits, averaged over heads and over query rows (patch queries, or the CLS row), keys
-restricted to patches. The teacher keeps timm's fused attention; ``A`` is computed on the side
-from the last block's ``qkv`` projection applied to that block's normed input, which a forward
-pre-hook captures during the teacher's ordinary forward. Because a logit is linear in the query,
-the mean over query rows is taken on the queries first (``mean_i q_i . k_j = (mean_i q_i) . k_j``),
-so the side computation costs O(N d) instead of O(N^2 d) and never materialises an N x N matrix.
+restricted to patches, computed on the side of the teacher's ordinary fused forward
+(:mod:`lwbench.attention`).
 """
 
 from __future__ import annotations
@@ -22,6 +19,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from lwbench.attention import LastBlockInput, attention_logits  # noqa: F401  (re-exported)
 from lwbench.tokens import densify
 from lwbench.vit import num_prefix
 
@@ -30,33 +28,13 @@ from .model import LookWhereEncoder
 KL_WEIGHT = 0.1
 
 
-def attention_logits(block: nn.Module, x: torch.Tensor, n_prefix: int, queries: str = "patch") -> torch.Tensor:
-    """``(B, N_patches)``: pre-softmax attention logits of ``block`` on its input ``x`` (before ``norm1``),
-    averaged over heads and over the query rows (``"patch"``: all patch rows; ``"cls"``: the CLS row),
-    for patch keys only."""
-    attn = block.attn
-    h = block.norm1(x)
-    b, n, _ = h.shape
-    qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, heads, N, hd), as timm's Attention does
-    rows = q[:, :, n_prefix:] if queries == "patch" else q[:, :, :1]
-    q_mean = rows.mean(dim=2, keepdim=True) * attn.scale  # (B, heads, 1, hd)
-    logits = (q_mean @ k[:, :, n_prefix:].transpose(-2, -1)).squeeze(2)  # (B, heads, N_patches)
-    return logits.mean(dim=1)
-
-
 @torch.no_grad()
 def teacher_targets(vit: VisionTransformer, x: torch.Tensor, queries: str = "patch"):
     """Teacher ``(cls (B, D), patches (B, N, D), A (B, N))`` from one ordinary (fused) forward."""
-    captured: dict[str, torch.Tensor] = {}
-    last = vit.blocks[-1]
-    hook = last.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0]))
-    try:
+    with LastBlockInput(vit) as last:
         feats = vit.forward_features(x)
-    finally:
-        hook.remove()
     p = num_prefix(vit)
-    return feats[:, 0], feats[:, p:], attention_logits(last, captured["x"], p, queries)
+    return feats[:, 0], feats[:, p:], last.logits(p, queries)
 
 
 def where_kl(teacher_logits: torch.Tensor, where_map: torch.Tensor) -> torch.Tensor:

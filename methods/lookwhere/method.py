@@ -181,6 +181,7 @@ class LookWhere(PatchSelectionMethod):
             encoder = load_weights(self.opts["weights"], teacher, self.spec.img_size, int(self.budget),
                                    selector_size=self.explicit_selector_size())
         else:
+            self.check_where_target(ctx)
             with torch.random.fork_rng():
                 torch.manual_seed(ctx.seed)  # the where-head init is the only random part
                 encoder = self.build(teacher)
@@ -192,6 +193,21 @@ class LookWhere(PatchSelectionMethod):
         kw = {k: ms[f"finetune_{k}"] for k in ("steps", "lr") if f"finetune_{k}" in ms}
         ctx.finetune(model, tag="finetune", **kw)
         return model
+
+    def check_where_target(self, ctx) -> None:
+        """The guard: the where-target's object recall at this k on a held batch (validation images), against
+        a random choice of k cells. When it is not clearly above chance the selector would be distilled to
+        miss the objects: say so now, and record it in the row (``selection_warning``)."""
+        import sys
+
+        from lwbench.diagnostics import selection_warning, where_target_recall
+
+        found = where_target_recall(ctx.teacher.encoder.vit, ctx.task, int(self.budget), self.opts["attn_queries"],
+                                    device=ctx.device)
+        warning = selection_warning(found["where_target_recall"], found["where_target_chance"])
+        self.diagnostics.update(found, selection_warning=warning)
+        if warning:
+            print(f"lwbench: warning: lookwhere: {warning}", file=sys.stderr, flush=True)
 
     def distill(self, ctx, encoder: LookWhereEncoder) -> LookWhereEncoder:
         """Stage 1 in ``ctx.shared_dir/<tag>``; reused by every k (skipped when already done)."""
