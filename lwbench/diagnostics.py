@@ -39,10 +39,20 @@ def has_objects(task) -> bool:
 
 
 def object_mask(task, split: str, index: int, grid: tuple[int, int], patch: int) -> torch.Tensor:
-    """``(H*W,)`` bool: cells of item ``index`` whose centre lies in one of its objects' boxes."""
+    """``(H*W,)`` bool: cells of item ``index`` whose centre lies in one of its objects' boxes (the teacher's
+    dense-loss rule); an object too small to hold any cell centre gets the cell that holds its own centre."""
     from lwbench.training.teacher import cell_targets
 
-    return cell_targets(task.objects(split, index), grid, patch) > 0
+    mask = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
+    for obj in task.objects(split, index):
+        cells = cell_targets([obj], grid, patch) > 0
+        if not bool(cells.any()):
+            x0, y0, x1, y1 = obj["box"]
+            r = min(grid[0] - 1, max(0, int((y0 + y1) / 2 // patch)))
+            c = min(grid[1] - 1, max(0, int((x0 + x1) / 2 // patch)))
+            cells[r * grid[1] + c] = True
+        mask |= cells
+    return mask
 
 
 def recall(chosen: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:

@@ -171,3 +171,15 @@ def test_teacher_attention_loss_moves_attention_onto_the_objects():
         opt.step()
     assert "attn" in stats and "dense" not in stats
     assert mass() > before + 0.3, (before, mass())
+
+
+def test_object_smaller_than_a_cell_gets_the_cell_of_its_centre():
+    from lwbench.diagnostics import object_mask
+
+    class Small(_ObjectTask):
+        def objects(self, split, i):  # 6x6 px at x 13..19: no cell centre (x = 4, 12, 20, ...) inside
+            return [{"box": (13.0, 1.0, 19.0, 7.0), "label": 1}]
+
+    assert not cell_targets(Small().objects("test", 0), (4, 6), 8).any()
+    mask = object_mask(Small(), "test", 0, (4, 6), 8)
+    assert mask.nonzero().flatten().tolist() == [2]  # row 0, column 2 holds the box centre (16, 4)
