@@ -173,6 +173,9 @@ def run(req: RunRequest) -> dict:
     metrics = plan.task.evaluate(model, loader, device=plan.device)
     metrics.update(selection_diagnostics(plan, model, ev))
     eval_s = time.perf_counter() - t2
+    missed = missed_objects(metrics)
+    if missed:
+        log(f"warning: {plan.method.name} {plan.method.budget_str()}: {missed}")
 
     log("measuring cost (GMACs, latency, memory)", req.quiet)
     cost = measure_cost(plan, model)
@@ -191,6 +194,17 @@ def selection_diagnostics(plan: Plan, model, ev: dict) -> dict:
     found = object_recall(model, plan.task, plan.spec.patch, device=plan.device, limit=ev.get("limit"),
                           batch_size=int(ev.get("batch_size", 64)))
     return {**found, **plan.method.diagnostics}
+
+
+def missed_objects(metrics: dict) -> str:
+    """A warning when the processed patches hold the objects no better than a random choice would, else ``""``."""
+    from lwbench.diagnostics import GUARD_SHARE
+
+    rec, chance = metrics.get("object_recall", math.nan), metrics.get("object_recall_chance", math.nan)
+    if math.isnan(rec) or math.isnan(chance) or chance >= 1 or rec >= chance + GUARD_SHARE * (1 - chance):
+        return ""
+    return (f"the processed patches hold {rec:.0%} of the object cells, about what a random choice of as many "
+            f"patches gets ({chance:.0%}): the selection misses the objects")
 
 
 def fit_method(plan: Plan):

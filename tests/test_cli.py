@@ -146,3 +146,30 @@ def test_rows_carry_object_recall(capsys):
     assert rows["full"]["object_recall"] == 1.0 and rows["full"]["object_recall_chance"] == 1.0
     assert rows["lowres"]["object_recall"] is None  # another grid: not applicable (null in JSON)
     assert rows["full"]["where_target_recall"] is None and rows["full"]["selection_warning"] == ""
+
+
+def test_guard_warning_reaches_row_table_and_figure(monkeypatch, tmp_path, capsys):
+    """A teacher whose attention misses the objects: the run warns, the row and the table say so, and so does
+    the ``lwbench show`` figure."""
+    from lwbench import diagnostics, show
+
+    monkeypatch.setattr(diagnostics, "where_target_recall",
+                        lambda *a, **k: {"where_target_recall": 0.0, "where_target_chance": 0.25})
+    lw = ["--method", "lookwhere", "--task", "traffic_signs", "--budget", "k=6", *TINY,
+          "--set", "methods.lookwhere.distill_steps=2", "--set", "methods.lookwhere.finetune_steps=2"]
+    lw.remove("--quiet")
+    assert main(["run", *lw]) == 0
+    err = capsys.readouterr().err
+    assert "warning: lookwhere: the teacher's attention does not cover the objects" in err
+    (path,) = Path(os.environ["LWBENCH_RESULTS"]).rglob("*.json")
+    assert "miss them" in json.loads(path.read_text())["selection_warning"]
+    assert main(["results"]) == 0
+    assert "warning: lookwhere k=6 seed 0: the teacher's attention" in capsys.readouterr().out
+
+    texts = []
+    real_save = show.save_figure
+    monkeypatch.setattr(show, "save_figure",
+                        lambda fig, out, rect=None: (texts.extend(t.get_text() for t in fig.texts),
+                                                     real_save(fig, out, rect))[1])
+    assert main(["show", *lw, "--out", str(tmp_path / "s.png"), "--n", "1"]) == 0
+    assert any(t.startswith("WARNING: the teacher's attention does not cover") for t in texts)

@@ -183,3 +183,12 @@ def test_object_smaller_than_a_cell_gets_the_cell_of_its_centre():
     assert not cell_targets(Small().objects("test", 0), (4, 6), 8).any()
     mask = object_mask(Small(), "test", 0, (4, 6), 8)
     assert mask.nonzero().flatten().tolist() == [2]  # row 0, column 2 holds the box centre (16, 4)
+
+
+def test_run_warns_when_the_processed_patches_miss_the_objects():
+    from lwbench.runner import missed_objects
+
+    assert "misses the objects" in missed_objects({"object_recall": 0.1, "object_recall_chance": 0.09})
+    assert missed_objects({"object_recall": 0.9, "object_recall_chance": 0.09}) == ""
+    assert missed_objects({"object_recall": 1.0, "object_recall_chance": 1.0}) == ""  # full: nothing selected
+    assert missed_objects({"object_recall": math.nan, "object_recall_chance": math.nan}) == ""
