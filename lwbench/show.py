@@ -100,7 +100,8 @@ def show(req, out: Path, n: int = 4) -> Path:
     if warning:  # the distillation guard fired: say so where the reader looks
         import textwrap
 
-        fig.text(0.5, 0.01, "WARNING: " + textwrap.fill(warning, 70), ha="center", va="bottom", color="red",
-                 fontsize=9)
-        return save_figure(fig, out, rect=(0, 0.07, 1, 1))
+        text = textwrap.fill("WARNING: " + warning, 100)
+        fig.text(0.5, 0.01, text, ha="center", va="bottom", color="red", fontsize=9)
+        reserved = (0.2 * (text.count("\n") + 1) + 0.1) / fig.get_figheight()  # inches of text -> figure share
+        return save_figure(fig, out, rect=(0, reserved, 1, 1))
     return save_figure(fig, out)
