@@ -127,16 +127,22 @@ def where_target_recall(vit, task, k: int, queries: str, split: str = "val", n: 
     return {"where_target_recall": nanmean(torch.cat(rec)), "where_target_chance": k / n_cells}
 
 
+def clearly_above_chance(found: float, chance: float) -> bool:
+    """The guard's rule: ``found`` recall is at least :data:`GUARD_SHARE` of the way from ``chance`` to 1."""
+    return found >= chance + GUARD_SHARE * (1 - chance)
+
+
 def selection_warning(target_recall: float, chance: float) -> str:
     """A one-line warning when the where-target is not clearly above a random selection, else ``""``.
 
     "Clearly above" = at least a quarter of the way from chance to perfect recall (0.32 at 28 of 300 cells):
     a teacher whose attention is on the objects is far above that (0.8 and more on quick traffic signs),
     one trained without a reason to look at them sits at chance."""
-    if math.isnan(target_recall) or target_recall >= chance + GUARD_SHARE * (1 - chance):
+    if math.isnan(target_recall) or clearly_above_chance(target_recall, chance):
         return ""
     return (f"the teacher's attention does not cover the objects (its top-k cells hold {target_recall:.0%} of the "
             f"object cells, a random choice {chance:.0%}); the selector will learn to miss them")
 
 
-__all__ = ["object_recall", "where_target_recall", "selection_warning", "recall", "has_objects", "object_mask"]
+__all__ = ["object_recall", "where_target_recall", "selection_warning", "clearly_above_chance", "recall", "has_objects",
+           "object_mask"]

@@ -198,10 +198,10 @@ def selection_diagnostics(plan: Plan, model, ev: dict) -> dict:
 
 def missed_objects(metrics: dict) -> str:
     """A warning when the processed patches hold the objects no better than a random choice would, else ``""``."""
-    from lwbench.diagnostics import GUARD_SHARE
+    from lwbench.diagnostics import clearly_above_chance
 
     rec, chance = metrics.get("object_recall", math.nan), metrics.get("object_recall_chance", math.nan)
-    if math.isnan(rec) or math.isnan(chance) or chance >= 1 or rec >= chance + GUARD_SHARE * (1 - chance):
+    if math.isnan(rec) or math.isnan(chance) or chance >= 1 or clearly_above_chance(rec, chance):
         return ""
     return (f"the processed patches hold {rec:.0%} of the object cells, about what a random choice of as many "
             f"patches gets ({chance:.0%}): the selection misses the objects")
