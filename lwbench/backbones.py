@@ -10,8 +10,10 @@ the small models as on ``vit_*_patch14_reg4_dinov2``.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import timm
 import torch
@@ -19,6 +21,9 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from lwbench.errors import BudgetError, CheckpointError, UnknownNameError
+
+if TYPE_CHECKING:
+    from lwbench.method import BackboneSpec
 
 # name -> VisionTransformer kwargs. Widths/depths sized from CPU measurements (see configs/profiles/quick.yaml).
 _LW_CONFIGS: dict[str, dict] = {
@@ -117,13 +122,53 @@ def create_backbone(
     if pretrained and weights is None:
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as exc:  # offline, no cache: fall back, loudly
-            print(f"lwbench: notice: pretrained weights for {name} unavailable ({type(exc).__name__}); "
-                  "using random init. Pass --weights PATH to use a local file.", file=sys.stderr)
+        except Exception as exc:  # offline, no cache: never train from scratch under a pretrained name
+            raise CheckpointError(
+                f"pretrained weights for {name} are not available ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); pass --weights PATH (a local "
+                f"state dict), put them in the timm/Hugging Face cache (HF_HOME), or use --profile quick, which "
+                f"trains its own teacher") from None
     model = timm.create_model(name, pretrained=False, **kwargs)
     if weights is not None:
         load_backbone_weights(model, weights)
     return model
+
+
+def spec_of(name: str, img_size) -> BackboneSpec:
+    """The :class:`~lwbench.method.BackboneSpec` of ``name`` at ``img_size`` without allocating weights (the model
+    is built on the meta device), so validating a run costs no throwaway ViT."""
+    from lwbench.method import BackboneSpec
+
+    check_backbone_name(name)
+    hw = check_img_size(img_size, patch_size_of(name))
+    with torch.device("meta"):
+        vit = timm.create_model(name, pretrained=False, num_classes=0, img_size=hw)
+    return BackboneSpec.of(vit, name, hw)
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a weights file (or of every file in a checkpoint folder, by relative name), so weights
+    enter a run's identity by content: a retrained file at the same path is a new run. Memoised per
+    (path, size, mtime) within the process."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"weights not found: {path}")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() \
+        else [path]
+    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        for p in files:
+            if path.is_dir():
+                h.update(str(p.relative_to(path)).encode() + b"\0")
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -33,10 +33,18 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _load_plugins(args) -> None:
+    """Import ``--plugin`` modules; one that does not import is one line naming it and the error."""
     from lwbench.registry import METHODS
 
     for spec in getattr(args, "plugin", []) or []:
-        METHODS.load_module(spec)
+        try:
+            METHODS.load_module(spec)
+        except LwbenchError:
+            raise
+        except SyntaxError as exc:
+            raise ConfigError(f"--plugin {spec}: syntax error at line {exc.lineno}: {exc.msg}") from None
+        except Exception as exc:
+            raise ConfigError(f"--plugin {spec} failed to import: {type(exc).__name__}: {exc}") from None
 
 
 def _parse_hw(text: str | None):
@@ -54,42 +62,26 @@ def _parse_hw(text: str | None):
     raise ConfigError(f"--img-size must be S or HxW, got '{text}'")
 
 
-def _split_sets(sets: list[str]) -> tuple[dict, dict, list[str]]:
-    """``--set method.x=1 task.y=2 teacher.steps=5`` -> method opts, task opts, profile overrides."""
-    from lwbench.config import parse_value
-
-    mopts, topts, rest = {}, {}, []
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got '{item}'")
-        if key.startswith("method."):
-            mopts[key[7:]] = parse_value(value)
-        elif key.startswith("task."):
-            topts[key[5:]] = parse_value(value)
-        else:
-            rest.append(item)
-    return mopts, topts, rest
-
-
-def _overrides(task: str, rest: list[str]) -> dict:
-    """Profile overrides: ``teacher.steps=5`` applies to this task's block; full paths also work."""
-    from lwbench.config import apply_sets
-
-    nested = []
-    for item in rest:
-        key = item.partition("=")[0]
-        top = key.split(".")[0]
-        nested.append(item if top in ("defaults", "tasks", "methods", "device", "threads") else f"tasks.{task}.{item}")
-    return apply_sets({}, nested)
-
-
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_list(args) -> int:
     from tabulate import tabulate
 
     from lwbench.registry import METHODS, TASKS
 
+    if args.what == "methods" and args.opts:
+        from lwbench.options import describe
+
+        cls = METHODS.get(args.opts)
+        rows = describe(cls.Options)
+        print(f"{args.opts}: {cls.description}")
+        if not rows:
+            print("(no options)")
+            return 0
+        print(tabulate(rows, headers=["option (--set method.KEY=VALUE)", "type", "default", "meaning"]))
+        if cls.stage_names():
+            print("\nstages (" + ", ".join(cls.stage_names()) + "): unset values inherit the run's train.* "
+                  "(lwbench config keys)")
+        return 0
     if args.what == "methods":
         from lwbench.method import BackboneSpec
 
@@ -122,42 +114,77 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _request(args, method: str, task: str, budget: str | None):
-    from lwbench.runner import RunRequest
+def _config(args, method: str, task: str, budget: str | None):
+    """The :class:`~lwbench.config.RunConfig` of one point: profile < flags < ``--set``."""
+    from lwbench.config import resolve_config
 
-    mopts, topts, rest = _split_sets(args.set)
-    return RunRequest(method=method, task=task, budget=budget, profile=args.profile, source=args.source,
-                      data_root=args.data_root, device=args.device, seed=args.seed, backbone=args.backbone,
-                      weights=args.weights, img_size=_parse_hw(args.img_size), force=args.force, quiet=args.quiet,
-                      results=args.results, method_opts=mopts, task_opts=topts, overrides=_overrides(task, rest))
+    return resolve_config(method, task, budget, profile=args.profile, sets=args.set, seed=args.seed,
+                          source=args.source, data_root=args.data_root, device=args.device, backbone=args.backbone,
+                          weights=args.weights, img_size=_parse_hw(args.img_size), results=args.results,
+                          force=args.force or None, quiet=args.quiet or None)
 
 
 def cmd_run(args) -> int:
     from lwbench.results import format_results
     from lwbench.runner import run
 
-    row = run(_request(args, args.method, args.task, args.budget))
+    cfg = _config(args, args.method, args.task, args.budget)
+    if args.dry_run:
+        return _show_config(cfg)
+    row = run(cfg)
     import pandas as pd
 
     print(format_results(pd.DataFrame([row]), "table"))
     return 0
 
 
+def _show_config(cfg) -> int:
+    """The resolved config as YAML, the run id and the teacher id; nothing is built or trained."""
+    import yaml
+
+    from lwbench.results import HASH_EXCLUDE, _jsonable
+    from lwbench.runner import Plan
+
+    plan = Plan(cfg)
+    print(yaml.safe_dump(_jsonable(plan.config), sort_keys=False, default_flow_style=None, width=110).rstrip())
+    print(f"# run id {plan.run_id} (hash of the above without {', '.join(sorted(HASH_EXCLUDE & set(plan.config)))})")
+    print(f"# teacher id {plan.teacher_id}; replicate id {plan.replicate_id} (the run id without the seed)")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from tabulate import tabulate
+
+    from lwbench.config import RunConfig, run_keys
+    from lwbench.options import describe
+
+    if args.what == "show":
+        if not args.method or not args.task:
+            raise ConfigError("lwbench config show needs --method and --task")
+        return _show_config(_config(args, args.method, args.task, args.budget))
+    keys = set(run_keys())
+    rows = [r for r in describe(RunConfig) if r[0] in keys]
+    print(tabulate(rows, headers=["key (--set KEY=VALUE)", "type", "default", "meaning"]))
+    print("\nmethod options: --set method.KEY=VALUE (lwbench list methods --opts NAME); task options: "
+          "--set task.KEY=VALUE")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from lwbench.sweep import run_sweep
 
-    failures = run_sweep(args.file, args, _request, shard=args.shard)
+    failures = run_sweep(args.file, args, _config, shard=args.shard)
     return 1 if failures else 0
 
 
 def cmd_flops(args) -> int:
-    from lwbench.config import parse_value
+    from lwbench.config import split_sets
     from lwbench.measure.flops import flops_report, format_flops_report
+    from lwbench.registry import get_method
 
-    opts = {}
-    for item in args.set or []:
-        k, _, v = item.partition("=")
-        opts[k.removeprefix("method.")] = parse_value(v)
+    sets = [s if s.split("=")[0].startswith(("method.", "methods.")) else f"method.{s}" for s in args.set or []]
+    _, mopts, _ = split_sets(sets, args.method, "")
+    opts = get_method(args.method).resolve_options(mopts)
     rep = flops_report(args.method, args.backbone, _parse_hw(args.img_size), budget=args.budget, opts=opts)
     if args.latency:
         rep.update(_random_weight_timing(args, opts))
@@ -177,17 +204,19 @@ def _random_weight_timing(args, opts: dict) -> dict:
 
     import torch
 
+    from lwbench.config import MeasureConfig
+    from lwbench.measure.contract import measure
     from lwbench.measure.flops import random_model
-    from lwbench.measure.worker import measure_in_subprocess
     from lwbench.runner import resolve_device
 
     model, _, _, hw = random_model(args.method, args.backbone, _parse_hw(args.img_size), args.budget, opts=opts)
     images = torch.randn(args.batch, 3, *hw, generator=torch.Generator().manual_seed(0))
     threads = args.threads or os.cpu_count() or 1
-    t = measure_in_subprocess(model, images, device=resolve_device(args.device), threads=threads,
-                              throughput_batch=args.batch, warmup=5, min_run_time=2.0)
-    keep = ("latency_ms", "latency_iqr_ms", "throughput", "throughput_iqr", "throughput_batch", "peak_memory_mb")
-    return {**{k: t[k] for k in keep}, "threads": threads, "device": t.get("device", "cpu")}
+    device = resolve_device(args.device)
+    m = measure(model, images, MeasureConfig(throughput_batch=args.batch, flops_images=1), device=device,
+                threads=threads, what=args.method)
+    keep = ("latency_ms", "latency_iqr_ms", "throughput", "throughput_iqr", "throughput_batch", "peak_mem_mb")
+    return {**{k: getattr(m, k) for k in keep}, "peak_memory_mb": m.peak_mem_mb, "threads": threads, "device": device}
 
 
 def cmd_results(args) -> int:
@@ -223,15 +252,41 @@ def cmd_plot(args) -> int:
 def cmd_show(args) -> int:
     from lwbench.show import show
 
-    path = show(_request(args, args.method, args.task, args.budget), out=Path(args.out), n=args.n)
+    path = show(_config(args, args.method, args.task, args.budget), out=Path(args.out), n=args.n)
     print(path)
     return 0
 
 
 def cmd_pretrain(args) -> int:
-    from lwbench.methods.lookwhere.pretrain import run_pretrain
+    """The method's own parser reads the rest of the line: the core never imports a method to build its CLI."""
+    from lwbench.methods.lookwhere.pretrain import add_pretrain_args, run_pretrain
 
-    run_pretrain(args)
+    p = argparse.ArgumentParser(prog=f"lwbench pretrain {args.what}")
+    add_pretrain_args(p)
+    run_pretrain(p.parse_args(args.rest))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from lwbench import cache
+    from lwbench.paths import cache_dir
+
+    root = cache_dir()
+    if args.what == "drop":
+        if not args.entry:
+            raise ConfigError("lwbench cache drop needs an entry: a teacher or run id, or its folder")
+        for entry in args.entry:
+            print(f"removed {cache.drop(entry, root)}")
+        return 0
+    from tabulate import tabulate
+
+    rows = cache.list_entries(root)
+    if not rows:
+        print(f"cache {root} is empty")
+        return 0
+    keys = list(rows[0])
+    print(tabulate([[r.get(k, "") for k in keys] for r in rows], headers=keys))
+    print(f"\n{root}; drop one with: lwbench cache drop ID")
     return 0
 
 
@@ -243,20 +298,22 @@ def _run_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
         p.add_argument("--budget", help="budget as key=value, e.g. k=64, r=8, keep_rate=0.7, size=96")
     g = p.add_argument_group("data and model")
     g.add_argument("--profile", default="quick", help="quick (CPU-sized, default) | paper | path to a profile YAML")
-    g.add_argument("--source", default="auto", choices=["auto", "real", "synthetic"],
+    g.add_argument("--source", choices=["auto", "real", "synthetic"],
                    help="real dataset, in-tree synthetic source, or auto (real when found)")
     g.add_argument("--data-root", help="folder holding the real dataset")
     g.add_argument("--backbone", help="override the profile's backbone (a timm vit_* name)")
     g.add_argument("--weights", help="local backbone weights file (.safetensors/.pth)")
     g.add_argument("--img-size", help="override the profile's image size: S or HxW")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the profile's (auto)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, help="seed (default 0)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override: method.<opt>=v, task.<opt>=v, teacher.steps=v, finetune.lr=v, ...")
+                   help="override: method.<opt>=v, task.<opt>=v, teacher.steps=v, train.lr=v, measure.warmup=v "
+                        "(lwbench config keys)")
     o = p.add_argument_group("output")
     o.add_argument("--results", help="results folder (default ./results or $LWBENCH_RESULTS)")
     o.add_argument("--force", action="store_true", help="rerun even if this config already has a row")
-    o.add_argument("--quiet", action="store_true", help="no progress output")
+    o.add_argument("--quiet", action="store_true", help="no progress output or notices (warnings still show)")
+    o.add_argument("--dry-run", action="store_true", help="print the resolved config and run id; run nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list methods or tasks with their capability flags")
     p.add_argument("what", choices=["methods", "tasks"])
+    p.add_argument("--opts", metavar="METHOD", help="print one method's options (type, default, meaning)")
     _common(p)
     p.set_defaults(fn=cmd_list)
 
@@ -327,22 +385,37 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_show)
 
-    p = sub.add_parser("pretrain", help="distillation stage of a method (lwbench pretrain lookwhere ...)")
-    p.add_argument("what", choices=["lookwhere"])
-    try:
-        from lwbench.methods.lookwhere.pretrain import add_pretrain_args
-
-        add_pretrain_args(p)
-    except ImportError:
-        pass
+    p = sub.add_parser("config", help="the resolved config and run id of a point (show), or every key (keys)",
+                       epilog="examples:\n  lwbench config show --method lookwhere --task traffic_signs --set "
+                              "eval.limit=16\n  lwbench config keys", formatter_class=fmt)
+    p.add_argument("what", choices=["show", "keys"])
+    p.add_argument("--method")
+    p.add_argument("--task")
+    p.add_argument("--budget")
+    _run_args(p, with_method=False)
     _common(p)
+    p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser("cache", help="list cached teachers and runs, or drop one (a damaged or unwanted entry)")
+    p.add_argument("what", choices=["ls", "drop"])
+    p.add_argument("entry", nargs="*", help="teacher or run id, or its folder (drop)")
+    _common(p)
+    p.set_defaults(fn=cmd_cache)
+
+    p = sub.add_parser("pretrain", help="distillation stage of a method (lwbench pretrain lookwhere --help)",
+                       add_help=False)
+    p.add_argument("what", choices=["lookwhere"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the method's own options")
     p.set_defaults(fn=cmd_pretrain)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lwbench.logs import setup
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup(quiet=bool(getattr(args, "quiet", False)))
     try:
         _load_plugins(args)
         return int(args.fn(args) or 0)

@@ -1,8 +1,15 @@
-"""Profiles and the resolved run configuration.
+"""Profiles and the one typed run configuration, :class:`RunConfig`.
 
-Precedence, as in lm-evaluation-harness: command line > ``--config`` YAML > profile YAML > defaults,
-with ``--set a.b=c`` overrides on top. The resolved configuration is saved in every result row, and
-its hash (over what determines the result, not over paths or verbosity) is the run id.
+A run's configuration exists in one shape: a frozen dataclass resolved once, with the precedence of
+lm-evaluation-harness: dataclass defaults < profile YAML (``defaults``, then ``tasks.<task>``, then
+``methods.<method>``) < sweep file < command-line flags < ``--set key=value``. Every value is coerced to
+its field's type and range-checked by :mod:`lwbench.options`, and an unknown key fails naming the
+closest valid one. Every stage (teacher, the method's fit, evaluation, measurement, the row) reads
+this object; nothing reads a raw profile dict.
+
+The run id is the hash of the whole resolved config (:meth:`lwbench.runner.Plan.identity`) minus the
+short list :data:`lwbench.results.HASH_EXCLUDE` (output paths, verbosity, the weights *path*, whose
+content enters as ``weights_sha256`` instead), so a field added here is part of the identity by default.
 """
 
 from __future__ import annotations
@@ -10,11 +17,13 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from lwbench.errors import ConfigError, UnknownNameError
+from lwbench.options import build, close_key, flat_keys, option, set_nested, to_dict
 
 
 def profile_names() -> list[str]:
@@ -72,24 +81,250 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def apply_sets(cfg: dict, sets: list[str]) -> dict:
-    """Apply ``a.b=c`` overrides."""
-    cfg = copy.deepcopy(cfg)
+
+# -- the run's sections ------------------------------------------------------------------------------------
+ATTN_QUERIES = ("patch", "cls")
+POOLS = ("token", "max", "avg", "token+max")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage: AdamW, linear warm-up then cosine (``lwbench/training/loop.py``)."""
+
+    steps: int = option(300, "optimizer steps", min=0)
+    batch_size: int = option(32, "images per step", min=1)
+    lr: float = option(3e-4, "peak learning rate", min=0, min_exclusive=True)
+    weight_decay: float = option(0.05, "AdamW weight decay (weight matrices only)", min=0)
+    warmup_steps: int = option(0, "linear warm-up steps", min=0)
+    grad_clip: float | None = option(1.0, "gradient-norm clip (null: none)", min=0, min_exclusive=True)
+    workers: int = option(0, "DataLoader worker processes", min=0)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A method's training stage: any field left null inherits the run's ``train`` section (resolved before
+    hashing, so the stored config always holds the numbers that were used)."""
+
+    steps: int | None = option(None, "optimizer steps (null: train.steps)", min=0)
+    batch_size: int | None = option(None, "images per step (null: train.batch_size)", min=1)
+    lr: float | None = option(None, "peak learning rate (null: train.lr)", min=0, min_exclusive=True)
+    weight_decay: float | None = option(None, "weight decay (null: train.weight_decay)", min=0)
+    warmup_steps: int | None = option(None, "warm-up steps (null: train.warmup_steps)", min=0)
+    grad_clip: float | None = option(None, "gradient clip (null: train.grad_clip)", min=0, min_exclusive=True)
+    workers: int | None = option(None, "DataLoader workers (null: train.workers)", min=0)
+
+    def resolved(self, base: TrainConfig) -> Stage:
+        return Stage(**{k: (v if v is not None else getattr(base, k)) for k, v in to_dict(self).items()})
+
+
+@dataclass(frozen=True)
+class TeacherConfig(TrainConfig):
+    """The task-trained backbone every method starts from (``lwbench/training/teacher.py``)."""
+
+    steps: int = option(0, "optimizer steps (0: use the backbone as loaded, untrained on the task)", min=0)
+    dense_weight: float = option(0.0, "per-patch object loss weight (tasks with object boxes)", min=0)
+    attn_weight: float = option(0.0, "last-block attention-on-objects loss weight", min=0)
+    attn_queries: str = option("cls", "query rows of that attention", choices=ATTN_QUERIES)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = option(64, "evaluation batch size", min=1)
+    limit: int | None = option(None, "evaluate only the first N test images (null: all)", min=1)
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """The measurement protocol; every field is stored in the row (``lwbench/measure/contract.py``)."""
+
+    throughput_batch: int = option(32, "batch size of the throughput measurement", min=1)
+    warmup: int = option(5, "untimed warm-up calls before timing", min=0)
+    min_run_time: float = option(1.0, "seconds each timed measurement lasts at least", min=0, min_exclusive=True)
+    min_runs: int = option(10, "timed measurements of latency (throughput: min(min_runs, 5))", min=1)
+    memory_batch: int = option(1, "batch size of the peak-memory forward", min=1)
+    dtype: str = option("float32", "inference dtype of the timed model", choices=DTYPES)
+    isolate: bool = option(True, "time in a fresh subprocess (peak memory of this model alone)")
+    flops_images: int = option(4, "test images the GMACs are averaged over (batch 1 each)", min=1)
+    counter: str = option("fvcore", "MAC counter reported", choices=("fvcore", "torch"))
+    flop_tolerance: float = option(0.01, "refuse a count when the second counter sees this much more work",
+                                   min=0)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    pool: str = option("token", "classifier pooling: CLS token, max/avg over patches, or both", choices=POOLS)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one benchmark point. Build it with :func:`resolve_config`."""
+
+    method: str = option("full", "registered method (lwbench list methods)")
+    task: str = option("traffic_signs", "registered task (lwbench list tasks)")
+    budget: str | None = option(None, "key=value, e.g. k=64 (null: the method's default)")
+    profile: str = option("quick", "profile it was resolved from")
+    seed: int = option(0, "seed of initialisation, training and data order", min=0)
+    source: str = option("auto", "real | synthetic | auto (real when found)", choices=("auto", "real", "synthetic"))
+    data_root: str | None = option(None, "folder holding the real dataset")
+    backbone: str = option("lw_vit_nano_p16", "timm vit_* name (or lwbench's lw_vit_*)")
+    weights: str | None = option(None, "local backbone weights file; enters the run id by its sha256")
+    pretrained: bool = option(False, "start from timm's published weights (refused offline without --weights)")
+    img_size: tuple[int, int] | None = option(None, "HxW of the high-res input (null: the task's default)")
+    device: str = option("auto", "cpu | cuda | auto", choices=("auto", "cpu", "cuda"))
+    threads: int | None = option(None, "torch intra-op threads (null: all cores)", min=1)
+    head: HeadConfig = option(default_factory=HeadConfig)
+    teacher: TeacherConfig = option(default_factory=TeacherConfig)
+    train: TrainConfig = option(default_factory=TrainConfig)
+    eval: EvalConfig = option(default_factory=EvalConfig)
+    measure: MeasureConfig = option(default_factory=MeasureConfig)
+    task_opts: dict = option(default_factory=dict, help="the task's options (task.<key>=...)")
+    method_opts: Any = option(None, help="the method's typed options (method.<key>=...)")
+    # Not part of the identity (lwbench.results.HASH_EXCLUDE):
+    results: str | None = option(None, "results folder")
+    force: bool = option(False, "rerun even when the run id has a row")
+    quiet: bool = option(False, "no progress or notices")
+
+    def replace(self, **changes: Any) -> RunConfig:
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+RUN_SECTIONS = ("head", "teacher", "train", "eval", "measure")
+_PROFILE_KEYS = ("name", "description", "device", "threads", "defaults", "tasks", "methods")
+# Keys of RunConfig a profile's ``defaults`` / ``tasks.<t>`` blocks may set.
+_LAYER_KEYS = ("backbone", "weights", "pretrained", "img_size", "device", "threads", "seed", "source", "data_root",
+               *RUN_SECTIONS, "task_opts")
+
+
+def run_keys() -> list[str]:
+    """Every dotted key ``--set`` accepts at the run level (sections expanded)."""
+    skip = ("method", "task", "profile", "method_opts", "task_opts", "results", "force", "quiet", "budget")
+    return [k for k in flat_keys(RunConfig) if k.split(".")[0] not in skip]
+
+
+def _check_layer(layer: dict, where: str) -> None:
+    for key in layer:
+        if key not in _LAYER_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}'{close_key(key, list(_LAYER_KEYS))} (valid: "
+                              f"{', '.join(_LAYER_KEYS)})")
+
+
+def _merge_layer(raw: dict, layer: dict | None, where: str) -> dict:
+    if not layer:
+        return raw
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(layer).__name__}")
+    _check_layer(layer, where)
+    return deep_merge(raw, layer)
+
+
+def split_sets(sets: list[str] | None, method: str, task: str) -> tuple[dict, dict, dict]:
+    """``--set`` items -> (run-level dict, method options, task options), each nested by its dots.
+
+    ``method.x`` / ``methods.<this method>.x`` set this method's options (``methods.<other>.x`` is checked
+    and skipped: a sweep file's overrides may name several methods); ``task.x`` / ``tasks.<this task>.x``
+    the task's; ``defaults.x`` and plain keys (``teacher.steps``, ``train.lr``, ``measure.warmup``) the run's.
+    Unknown run-level keys fail naming the closest valid key."""
+    from lwbench.registry import METHODS, TASKS
+
+    run: dict = {}
+    mopts: dict = {}
+    topts: dict = {}
+    valid = run_keys()
     for item in sets or []:
-        key, sep, value = item.partition("=")
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects key=value (e.g. train.lr=1e-3), got '{item}'")
-        node = cfg
+        value = parse_value(text)
         parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{p}' is not a section")
-        node[parts[-1]] = parse_value(value)
-    return cfg
+        if parts[0] == "method" and len(parts) > 1:
+            set_nested(mopts, ".".join(parts[1:]), value)
+        elif parts[0] == "methods" and len(parts) > 2:
+            METHODS.get(parts[1])  # a typo in the name fails here, with a suggestion
+            if parts[1] == method:
+                set_nested(mopts, ".".join(parts[2:]), value)
+        elif parts[0] == "task" and len(parts) > 1:
+            set_nested(topts, ".".join(parts[1:]), value)
+        elif parts[0] == "tasks" and len(parts) > 2:
+            TASKS.get(parts[1])
+            if parts[1] == task:
+                _set_run(run, ".".join(parts[2:]), value, valid)
+        elif parts[0] == "defaults" and len(parts) > 1:
+            _set_run(run, ".".join(parts[1:]), value, valid)
+        else:
+            _set_run(run, key, value, valid)
+    return run, mopts, topts
 
 
-def task_profile(profile: dict, task: str) -> dict:
-    """The profile's settings for ``task``: its ``defaults`` block merged with ``tasks.<task>``."""
-    base = profile.get("defaults", {})
-    return deep_merge(base, profile.get("tasks", {}).get(task, {}))
+def _set_run(run: dict, key: str, value: Any, valid: list[str]) -> None:
+    if key.startswith("task_opts."):
+        set_nested(run, key, value)
+        return
+    if key not in valid:
+        sections = [k for k in RUN_SECTIONS if k == key]
+        if sections:
+            raise ConfigError(f"--set {key}=...: '{key}' is a section; set one of its keys, e.g. {key}."
+                              f"{[k for k in valid if k.startswith(key + '.')][0].split('.', 1)[1]}=...")
+        raise ConfigError(f"--set: unknown key '{key}'{close_key(key, valid)} (method options are method.<key>, "
+                          f"task options task.<key>; `lwbench config keys` lists the rest)")
+    set_nested(run, key, value)
+
+
+def resolve_config(method: str, task: str, budget: str | None = None, profile: str = "quick",
+                   sets: list[str] | None = None, **flags: Any) -> RunConfig:
+    """The :class:`RunConfig` of one point: profile YAML < ``flags`` < ``sets``.
+
+    ``flags`` are command-line values (``seed=1``, ``backbone=...``, ``img_size=(240, 320)``, ``source``,
+    ``data_root``, ``device``, ``weights``, ``results``, ``force``, ``quiet``, and ``method_opts`` /
+    ``task_opts`` dicts); ``None`` means "not given". ``sets`` are ``--set key=value`` strings, applied last.
+    The method's options are typed by its ``Options`` dataclass and its stages resolved against ``train``."""
+    from lwbench.registry import get_method, get_task
+
+    method_cls = get_method(method)
+    get_task(task)
+    prof = load_profile(profile)
+    for key in prof:
+        if key not in _PROFILE_KEYS:
+            raise ConfigError(f"profile {profile}: unknown key '{key}'{close_key(key, list(_PROFILE_KEYS))}")
+    raw: dict = {}
+    for k in ("device", "threads"):
+        if prof.get(k) is not None:
+            raw[k] = prof[k]
+    raw = _merge_layer(raw, prof.get("defaults"), f"profile {profile}: defaults")
+    raw = _merge_layer(raw, (prof.get("tasks") or {}).get(task), f"profile {profile}: tasks.{task}")
+    mopts = copy.deepcopy((prof.get("methods") or {}).get(method) or {})
+    topts = dict(raw.pop("task_opts", None) or {})
+
+    flag_mopts = flags.pop("method_opts", None) or {}
+    flag_topts = flags.pop("task_opts", None) or {}
+    unknown = [k for k in flags if k not in {f for f in _flag_names()}]
+    if unknown:
+        raise ConfigError(f"unknown option '{unknown[0]}'{close_key(unknown[0], _flag_names())}")
+    for k, v in flags.items():
+        if v is not None:
+            raw[k] = v
+    mopts = deep_merge(mopts, flag_mopts)
+    topts = {**topts, **flag_topts}
+    run_sets, set_mopts, set_topts = split_sets(sets, method, task)
+    topts = {**topts, **set_topts, **(run_sets.pop("task_opts", None) or {})}
+    raw = deep_merge(raw, run_sets)
+    mopts = deep_merge(mopts, set_mopts)
+    raw.update(method=method, task=task, budget=budget, profile=prof["name"])
+    cfg = build(RunConfig, raw)
+    return cfg.replace(method_opts=method_cls.resolve_options(mopts, cfg.train), task_opts=topts)
+
+
+def _flag_names() -> list[str]:
+    return ["seed", "source", "data_root", "backbone", "weights", "pretrained", "img_size", "device", "threads",
+            "results", "force", "quiet"]
+
+
+__all__ = ["RunConfig", "TrainConfig", "TeacherConfig", "Stage", "EvalConfig", "MeasureConfig", "HeadConfig",
+           "resolve_config", "split_sets", "run_keys", "load_profile", "profile_names", "parse_value", "deep_merge",
+           "load_yaml"]

@@ -36,7 +36,9 @@ class ClassifierHead(nn.Module):
         self.pool = pool
         self.fc = nn.Linear(2 * dim if pool == "token+max" else dim, num_classes)
 
-    def forward(self, out: TokenOutput) -> torch.Tensor:
+    def forward(self, out: TokenOutput, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits ``(B, classes)``; ``size`` (the input's, which dense heads upsample to) is unused here, so every
+        head is called the same way."""
         if self.pool == "token":
             return self.fc(out.cls)
         x = out.patches
@@ -85,7 +87,4 @@ class TaskModel(nn.Module):
         return self.encoder(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(x)
-        if isinstance(self.head, LinearSegHead):
-            return self.head(out, size=x.shape[-2:])
-        return self.head(out)
+        return self.head(self.encoder(x), size=x.shape[-2:])

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import nn
 
 from lwbench.errors import BudgetError, ConfigError
+from lwbench.options import NoOptions, build, to_dict
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
@@ -78,30 +81,67 @@ class Method(abc.ABC):
     training: ClassVar[Training] = "none"
     dense_output: ClassVar[bool] = True
     variable_length: ClassVar[bool] = False
-    needs_attention_row: ClassVar[bool] = False
     kind: ClassVar[str] = "selection"  # "baseline" | "selection" (before backbone) | "reduction" (inside)
+    # The method's options: a frozen dataclass of lwbench.options.option fields (default, help, range). Fields
+    # typed lwbench.config.Stage are training stages; their unset values inherit the run's ``train`` section.
+    Options: ClassVar[type] = NoOptions
 
-    def __init__(self, spec: BackboneSpec, budget: float | None = None, **opts: Any) -> None:
+    def __init__(self, spec: BackboneSpec, budget: float | None = None, opts: Any = None, **kw: Any) -> None:
         self.spec = spec
         if budget is None and self.budget_key is not None:
             budget = self.default_budget(spec)
-        self.budget = self.budget_type(budget) if budget is not None else None
-        unknown = set(opts) - set(self.option_defaults())
-        if unknown:
-            raise ConfigError(
-                f"method '{self.name}' has no option(s) {sorted(unknown)}; known: {sorted(self.option_defaults())}"
-            )
-        self.opts = {**self.option_defaults(), **opts}
+        self.budget = self.coerce_budget(budget)
+        if opts is None or kw:
+            opts = self.resolve_options({**(to_dict(opts) if opts is not None else {}), **kw})
+        elif not isinstance(opts, self.Options):
+            raise ConfigError(f"method '{self.name}': options must be {self.Options.__name__}, got "
+                              f"{type(opts).__name__}")
+        self.opts = opts
         # Facts a method learns while fitting that explain its result (LookWhere's where-target recall and
         # its warning); the runner copies them into the result row.
         self.diagnostics: dict[str, Any] = {}
         self.check_budget()
 
-    # -- to override ------------------------------------------------------------------------------
+    # -- options --------------------------------------------------------------------------------------
+    @classmethod
+    def resolve_options(cls, values: dict[str, Any] | None = None, train: Any = None) -> Any:
+        """``cls.Options`` from a (nested) mapping, coerced and validated; with ``train`` (the run's
+        :class:`lwbench.config.TrainConfig`) the stages' unset values are filled from it, so the stored config
+        holds the numbers used. Without it they stay unset and ``FitContext`` fills them when training."""
+        opts = build(cls.Options, values or {}, where="method")
+        if train is None:
+            return opts
+        stages = {f: getattr(opts, f) for f in cls.stage_names(opts)}
+        return dataclasses.replace(opts, **{k: v.resolved(train) for k, v in stages.items()}) if stages else opts
+
+    @classmethod
+    def stage_names(cls, opts: Any = None) -> list[str]:
+        """The method's training stages (its ``Stage`` options), in declaration order."""
+        from lwbench.config import Stage
+
+        opts = opts if opts is not None else cls.Options()
+        return [f.name for f in dataclasses.fields(cls.Options) if isinstance(getattr(opts, f.name), Stage)]
+
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
-        """Method options (``--set method.<key>=...``) and their defaults."""
-        return {}
+        """The options' defaults as a plain dict (for listing)."""
+        return to_dict(cls.Options())
+
+    def coerce_budget(self, budget: Any) -> float | int | None:
+        """The budget as ``budget_type``; NaN, infinities and fractional ``k`` fail here, before any work."""
+        if budget is None:
+            return None
+        try:
+            value = float(budget)
+        except (TypeError, ValueError):
+            raise BudgetError(f"{self.name}: budget {budget!r} is not a number") from None
+        if not math.isfinite(value):
+            raise BudgetError(f"{self.name}: budget {self.budget_key}={budget} is not a finite number")
+        if self.budget_type is int and not value.is_integer():
+            raise BudgetError(f"{self.name}: budget {self.budget_key}={budget:g} must be a whole number")
+        return self.budget_type(value)
+
+    # -- to override ------------------------------------------------------------------------------
 
     @classmethod
     def default_budget(cls, spec: BackboneSpec) -> float | None:
@@ -145,9 +185,10 @@ class Method(abc.ABC):
         b = self.budget
         return f"{self.budget_key}={b:g}" if isinstance(b, float) else f"{self.budget_key}={b}"
 
-    def config(self) -> dict[str, Any]:
-        return {"method": self.name, "method_version": self.version, "budget": self.budget_str(), **{
-            f"opt_{k}": v for k, v in sorted(self.opts.items())}}
+    def resolved_options(self) -> dict[str, Any]:
+        """The options as they will be used (auto values resolved), for the stored config; override to add
+        what ``auto`` became (LookWhere's selector size)."""
+        return to_dict(self.opts)
 
     def _require(self, ok: bool, valid: str) -> None:
         if not ok:

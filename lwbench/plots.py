@@ -116,8 +116,27 @@ def _select(df: pd.DataFrame, task: str, x: str, source: str | None) -> tuple[pd
     return d, source
 
 
-def _aggregate(d: pd.DataFrame, x: str) -> tuple[pd.DataFrame, int]:
-    """One point per (line, budget): seeds are averaged. Lines are methods, split by backbone/profile if mixed."""
+def _replicate_keys(d: pd.DataFrame) -> pd.Series:
+    """The replicate group of each row: its ``replicate_id`` (the config hash without the seed), or a key of its
+    own for rows without one (older result files), which are never averaged with anything."""
+    import pandas as pd
+
+    own = pd.Series([f"\0row{i}" for i in range(len(d))], index=d.index)
+    if "replicate_id" not in d.columns:
+        return own
+    rid = d["replicate_id"]
+    ok = rid.map(lambda v: isinstance(v, str) and bool(v))
+    return rid.where(ok, own).astype(str)
+
+
+def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
+    """One point per replicate group: rows that differ only in their seed (same ``replicate_id``) are averaged.
+
+    Lines are methods, split by backbone/profile/size if those are mixed. Different configs at one budget of a
+    line (different ``replicate_id``) stay separate points, with one notice naming them. Columns: ``line``,
+    ``budget``, ``method``, ``x``, ``y`` (means), ``ylo``/``yhi`` (min/max over the seeds), ``mem``, ``bv``,
+    ``n`` (rows) and ``nseeds`` (distinct seeds; rows without a seed count one each).
+    """
     import pandas as pd
 
     d = d.copy()
@@ -127,19 +146,45 @@ def _aggregate(d: pd.DataFrame, x: str) -> tuple[pd.DataFrame, int]:
             label = label + " · " + d[col].astype(str)
     d["_line"] = label
     d["_budget"] = d["budget"].astype(str) if "budget" in d.columns else "-"
+    d["_rep"] = _replicate_keys(d)
     d["_bv"] = d["budget_value"].astype(float) if "budget_value" in d.columns else np.nan
     d["_mem"] = d["peak_mem_mb"].astype(float) if "peak_mem_mb" in d.columns else np.nan
     d["_x"] = d[x].astype(float)
     d["_y"] = d["metric_value"].astype(float)
-    g = d.groupby(["_line", "_budget"], sort=False, dropna=False)
+    d["_seed"] = d["seed"] if "seed" in d.columns else np.nan
+    d["_seed"] = d["_seed"].where(d["_seed"].notna(), d["_rep"] + [f"\0{i}" for i in range(len(d))])
+    g = d.groupby(["_line", "_budget", "_rep"], sort=False, dropna=False)
     agg = pd.DataFrame({
-        "method": g["method"].first(), "x": g["_x"].mean(), "y": g["_y"].mean(), "mem": g["_mem"].mean(),
-        "bv": g["_bv"].first(), "n": g.size(),
-    }).reset_index().rename(columns={"_line": "line", "_budget": "budget"})
-    return agg, int(agg["n"].max())
+        "method": g["method"].first(), "x": g["_x"].mean(), "y": g["_y"].mean(), "ylo": g["_y"].min(),
+        "yhi": g["_y"].max(), "mem": g["_mem"].mean(), "bv": g["_bv"].first(), "n": g.size(),
+        "nseeds": g["_seed"].nunique(),
+    }).reset_index().rename(columns={"_line": "line", "_budget": "budget", "_rep": "replicate"})
+
+    configs = agg.groupby(["line", "budget"], sort=False).size()
+    several = configs[configs > 1]
+    if len(several):
+        parts = [f"{line} {budget} has {n} different configs" if budget not in ("-", "", "nan")
+                 else f"{line} has {n} different configs" for (line, budget), n in several.items()]
+        shown = ", ".join(parts[:4]) + (f" (and {len(parts) - 4} more)" if len(parts) > 4 else "")
+        old = int(agg["replicate"].str.startswith("\0row").sum())
+        why = (f"; {old} row(s) from older result files have no replicate_id and are never averaged" if old else "")
+        _notice(f"{task + ': ' if task else ''}{shown}; drawn as separate points "
+                f"(filter the results to compare like with like){why}")
+    return agg
 
 
-def _title(d: pd.DataFrame, task: str, source: str, x: str, nseeds: int) -> tuple[str, str]:
+def _seed_note(nseeds: Any) -> str:
+    """Title note on averaging: only when some point really is a mean over several seeds."""
+    counts = sorted({int(n) for n in nseeds})
+    if not counts or counts[-1] <= 1:
+        return ""
+    lo, hi = counts[0], counts[-1]
+    many = f"{hi} seeds" if lo == hi else f"{lo}-{hi} seeds per point"
+    return f"mean of {many}, bars min-max"
+
+
+def _title(d: pd.DataFrame, task: str, source: str, x: str, nseeds: Any = ()) -> tuple[str, str]:
+    """Figure title: task and source, then backbone, profile, device, threads and, if any, the seed averaging."""
     head = f"{task} · {'SYNTHETIC data' if source == 'synthetic' else f'{source} data'}"
     bits = []
     backbones = _one(d.get("backbone", []))
@@ -163,8 +208,9 @@ def _title(d: pd.DataFrame, task: str, source: str, x: str, nseeds: int) -> tupl
     threads = [int(t) for t in dict.fromkeys(d["threads"]) if t == t] if "threads" in d.columns else []
     if len(threads) == 1 and x != "gmacs":
         bits.append(f"{threads[0]} thread{'s' if threads[0] != 1 else ''}")
-    if nseeds > 1:
-        bits.append(f"mean of up to {nseeds} seeds")
+    note = _seed_note(nseeds)
+    if note:
+        bits.append(note)
     return head, " · ".join(bits)
 
 
@@ -244,8 +290,10 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
     One line with markers per method (sorted by ``x``; split by backbone/profile/size if those vary),
     log-scaled x, the Pareto frontier over all points as a thick grey step line with ringed markers
     (for throughput higher is better and the frontier flips), markers filled by peak memory (colorbar)
-    and labelled with their budget, seeds averaged. With both sources in ``df`` only ``source``
-    (default: the real one) is drawn, with a notice; the title says SYNTHETIC for synthetic data.
+    and labelled with their budget. Rows that differ only in their seed (one ``replicate_id``) are
+    averaged into one point with min..max error bars; different configs at one budget stay separate
+    points, with a notice. With both sources in ``df`` only ``source`` (default: the real one) is drawn,
+    with a notice; the title says SYNTHETIC for synthetic data.
     """
     import matplotlib as mpl
     import seaborn as sns
@@ -256,7 +304,7 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     d, source = _select(df, task, x, source)
-    agg, nseeds = _aggregate(d, x)
+    agg = _aggregate(d, x, task)
     higher = X_HIGHER_BETTER[x]
     agg["front"] = pareto_front(agg[["x", "y"]].to_numpy(), x_higher_better=higher)
     metric = str(d["metric"].iloc[0])
@@ -287,9 +335,15 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
         handles, labels, paths = [], [], []
         for i, line in enumerate(lines):
             color, marker = palette[i], _MARKERS[i % len(_MARKERS)]
-            pts = agg[agg["line"] == line].sort_values(["x", "bv"])
+            pts = agg[agg["line"] == line].sort_values(["x", "bv", "y"])
             ax.plot(pts["x"], pts["y"], color=color, lw=1.8, alpha=0.9, zorder=2)
             paths.append(pts[["x", "y"]].to_numpy())
+            spread = pts[pts["nseeds"] > 1]
+            if len(spread):  # the seeds' min..max around each mean
+                ax.errorbar(spread["x"], spread["y"], yerr=[spread["y"] - spread["ylo"], spread["yhi"] - spread["y"]],
+                            fmt="none", ecolor=color, elinewidth=1.3, capsize=3.5, capthick=1.3, alpha=0.85,
+                            zorder=2.5)
+                paths.extend(np.array([[r.x, r.ylo], [r.x, r.yhi]]) for r in spread.itertuples())
             face = pts["mem"].to_numpy() if has_mem else None
             ax.scatter(pts["x"], pts["y"], c=face if has_mem else [color], cmap=cmap if has_mem else None,
                        norm=norm if has_mem else None, marker=marker, s=70, edgecolors=[color], linewidths=1.8,
@@ -308,7 +362,8 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
             handles.append(Line2D([], [], color=color, marker=marker, lw=1.8, markersize=8,
                                   markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.8,
                                   label=f"{line} ({key})" if key else line))
-        ax.scatter(fr["x"], fr["y"], s=260, facecolors="none", edgecolors="black", linewidths=1.6, zorder=4)
+        ax.scatter(fr["x"], fr["y"], s=260, facecolors="none", edgecolors="black", linewidths=1.6, zorder=4,
+                   gid="pareto_frontier")
         handles.append(Line2D([], [], color="0.15", lw=7, alpha=0.16, marker="o", markersize=14,
                               markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.6,
                               label="Pareto frontier"))
@@ -319,7 +374,7 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
         ax.margins(x=0.08, y=0.1)
         ax.set_xlabel(X_AXES[x] + ("  →  better" if higher else "  ←  better"))
         ax.set_ylabel(metric_label(metric) + "  (↑ better)")
-        head, sub = _title(d, task, source, x, nseeds)
+        head, sub = _title(d, task, source, x, agg["nseeds"])
         # A figure title (not an axes title) so constrained layout keeps it clear of the outside legend.
         fig.suptitle(f"{head}\n{sub}" if sub else head, x=0.01, ha="left", fontsize=10.5,
                      color="firebrick" if source == "synthetic" else "black")

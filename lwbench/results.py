@@ -27,10 +27,13 @@ from lwbench.errors import LwbenchError
 if TYPE_CHECKING:
     import pandas as pd
 
-# (name, type, meaning). Order = column order of frames and CSV files.
+# The row schema, declared once: (name, type, meaning). Order = column order of frames and CSV files.
+# results/README.md's table is tested against it, and so is every key the runner writes (tests/test_schema.py).
 FIELDS: tuple[tuple[str, str, str], ...] = (
     ("run_id", "str", "= config_hash; also the file name"),
-    ("config_hash", "str", "sha1 prefix of the resolved config (see config_hash())"),
+    ("config_hash", "str", "hash of the resolved config without HASH_EXCLUDE (see config_hash())"),
+    ("replicate_id", "str", "hash of the config without its seed: rows that differ only in seed share it"),
+    ("teacher_id", "str", "hash of what the task-trained backbone depends on (its cache folder)"),
     ("method", "str", "registered method name"),
     ("budget", "str", "'k=64', 'r=8', ... or '-' for methods without a budget"),
     ("budget_key", "str", "'k', 'r', 'keep_rate', 'size', ... or '-'"),
@@ -40,7 +43,7 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("backbone", "str", "timm model name"),
     ("img_size", "str", "'HxW' of the high-res input"),
     ("profile", "str", "'quick', 'paper', ..."),
-    ("seed", "int", "seed of training and data order"),
+    ("seed", "int", "seed of initialisation, training and data order"),
     ("metric", "str", "name of the task's headline metric ('top1', 'miou')"),
     ("metric_value", "float", "value of that metric (%, higher is better); never NaN"),
     ("top1", "float", "top-1 accuracy (%), NaN for segmentation"),
@@ -48,28 +51,55 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("miou", "float", "mean IoU (%), NaN for classification"),
     ("pixel_acc", "float", "pixel accuracy (%), NaN for classification"),
     ("n_eval", "int", "number of evaluation images"),
+    ("object_recall", "float", "share of object cells among the processed cells, mean over test images with objects"),
+    ("object_recall_chance", "float", "what a random choice of as many cells would get"),
+    ("where_target_recall", "float", "LookWhere: object recall of the teacher's where-target's top-k cells"),
+    ("where_target_chance", "float", "k / cells"),
+    ("selection_warning", "str", "the distillation guard's warning, or empty"),
     ("gmacs", "float", "total GMACs per image (multiply-accumulates, 1 MAC = 2 FLOPs)"),
     ("gmacs_overhead", "float", "GMACs of selection (selector, scorer, matching), part of gmacs"),
     ("gmacs_backbone", "float", "GMACs of the (reduced) backbone, part of gmacs"),
     ("gmacs_head", "float", "GMACs of the task head, part of gmacs"),
     ("params_m", "float", "parameters in millions (all modules used at inference)"),
     ("tokens_mean", "float", "mean number of patch tokens actually processed (after selection/merging)"),
+    ("flops_counter", "str", "counter of gmacs: 'fvcore' or 'torch' (fallback when tracing fails)"),
+    ("flops_images", "int", "test images gmacs is averaged over (batch 1 each)"),
+    ("flops_check_gmacs", "float", "torch.utils.flop_counter's count of the same forwards (NaN when not run)"),
+    ("flops_unsupported_ops", "str", "ops that ran with no MAC formula (empty: none)"),
+    ("flops_uncounted_ops", "str", "elementwise ops left uncounted by convention"),
     ("latency_ms", "float", "median latency at batch 1 (ms)"),
     ("latency_iqr_ms", "float", "interquartile range of that latency (ms)"),
+    ("latency_runs", "int", "timed measurements behind latency_ms"),
     ("throughput", "float", "median throughput at throughput_batch (images/s)"),
     ("throughput_iqr", "float", "interquartile range of that throughput (images/s)"),
     ("throughput_batch", "int", "batch size actually used for throughput (after OOM decay)"),
+    ("throughput_runs", "int", "timed measurements behind throughput"),
     ("peak_mem_mb", "float", "peak memory of inference (MiB, weights included), see mem_kind"),
     ("mem_kind", "str", "'cuda_max_allocated' or 'cpu_peak_rss_delta'"),
-    ("train_time_s", "float", "wall time of this run's training stages (s), 0 for training-free methods"),
+    ("memory_exact", "bool", "the peak belongs to this forward alone (peak counters reset / fresh process)"),
+    ("measure_isolated", "bool", "timed and measured in a fresh subprocess"),
+    ("isolation_error", "str", "why the subprocess measurement fell back to this process (empty: it did not)"),
+    ("measure_warmup", "int", "untimed warm-up calls before timing"),
+    ("measure_min_run_time", "float", "seconds each timed measurement lasted at least"),
+    ("measure_min_runs", "int", "minimum timed measurements asked for"),
+    ("memory_batch", "int", "batch size of the peak-memory forward"),
+    ("teacher_train_time_s", "float", "training time of the task-trained backbone this run starts from (s)"),
+    ("method_train_time_s", "float", "training time of this method's own stages (s)"),
+    ("train_time_s", "float", "teacher_train_time_s + method_train_time_s"),
     ("eval_time_s", "float", "wall time of evaluation (s)"),
+    ("wall_time_s", "float", "wall time of this invocation (s)"),
     ("device", "str", "'cpu' or 'cuda'"),
     ("device_name", "str", "CPU model or GPU name"),
     ("threads", "int", "torch intra-op threads"),
-    ("dtype", "str", "inference dtype ('float32', 'bfloat16', ...)"),
+    ("cpu_count", "int", "logical CPUs of the machine"),
+    ("dtype", "str", "inference dtype of the timed model ('float32', 'bfloat16', ...)"),
+    ("attention_backend", "str", "fused-attention kernel available (SDPA flash/mem-efficient/math)"),
     ("torch_version", "str", "torch.__version__"),
     ("timm_version", "str", "timm.__version__"),
+    ("cuda_version", "str", "torch.version.cuda on CUDA, else null"),
+    ("python_version", "str", "platform.python_version()"),
     ("lwbench_version", "str", "lwbench.__version__"),
+    ("platform", "str", "platform.platform()"),
     ("git_sha", "str", "commit of the lwbench checkout (None if not a git checkout)"),
     ("git_dirty", "bool", "uncommitted changes in that checkout"),
     ("machine_id", "str", "stable id of the host"),
@@ -86,8 +116,10 @@ REQUIRED: tuple[str, ...] = ("run_id", "config_hash", "method", "budget", "task"
                              "profile", "seed", "metric", "metric_value", "config", "status")
 SOURCES = ("real", "synthetic")
 
-# Top-level config keys that steer a run but cannot change its result; they stay out of the hash.
-HASH_EXCLUDE = frozenset({"force", "quiet", "debug", "verbose", "dry_run", "results_dir", "progress"})
+# Top-level config keys that steer a run but cannot change its result; they stay out of the hash. Everything
+# else is in it by default. ``weights`` is the weights *path*: its content enters as ``weights_sha256``.
+HASH_EXCLUDE = frozenset({"results", "force", "quiet", "weights", "debug", "verbose", "dry_run", "results_dir",
+                          "progress"})
 HASH_LEN = 12
 
 # Metrics stored in percent, and how table headers and plot axes name them.

@@ -15,33 +15,270 @@ Sweep file::
       full: null            # no budget knob
       lowres: default       # the method's default grid for this backbone/size
       random: [k=8, k=16, k=32]
+    set: [teacher.steps=4]  # optional --set overrides for every point (the command line's own --set wins)
+
+The file is checked by :func:`validate_sweep` before any point runs: unknown keys, malformed values and
+unregistered task or method names are all reported together in one error.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import sys
 import time
 import traceback
+from typing import Any
 
 from lwbench.config import load_yaml
-from lwbench.errors import ConfigError, LwbenchError
+from lwbench.errors import ConfigError, LwbenchError, UnknownNameError
+
+SWEEP_KEYS = ("profile", "source", "tasks", "seeds", "methods", "set")
+SWEEP_SOURCES = ("auto", "real", "synthetic")
+MAX_PROBLEMS = 10  # listed in one error; the rest are counted
+_NO_BUDGET = (None, "none")  # budgets meaning "run once, without a budget knob"
+
+
+def _show(value: Any) -> str:
+    """A YAML value as the user wrote it, shortened: ``'zero'``, ``[full, tome]``, ``true``."""
+    if isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, bool) or value is None:
+        text = {True: "true", False: "false", None: "null"}[value]
+    elif isinstance(value, list):
+        text = "[" + ", ".join(_show(v).strip("'") for v in value) + "]"
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "empty"}.get(type(value), type(value).__name__)
+
+
+def _check_keys(spec: dict, problems: list[str]) -> None:
+    for key in spec:
+        if key in SWEEP_KEYS:
+            continue
+        close = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "."
+        problems.append(f"unknown key '{key}'{hint} Valid keys: {', '.join(SWEEP_KEYS)}")
+
+
+def _check_tasks(value: Any, problems: list[str]) -> list[str]:
+    if value is None:
+        problems.append("'tasks' is missing or empty; list the tasks to run, e.g. tasks: [traffic_signs]")
+        return []
+    if isinstance(value, str):  # `tasks: traffic_signs` clearly means a one-task list
+        value = [value]
+    if not isinstance(value, list) or not value:
+        problems.append(f"'tasks' must be a non-empty list of task names like [traffic_signs, billiards], "
+                        f"got {_kind(value) if value != [] else 'an empty list'}")
+        return []
+    tasks = []
+    for t in value:
+        if not isinstance(t, str) or not t.strip():
+            problems.append(f"tasks: entry {_show(t)} is not a task name")
+        elif t.strip() not in tasks:
+            tasks.append(t.strip())
+    return tasks
+
+
+def _check_seeds(value: Any, problems: list[str]) -> list[int]:
+    if value is None:
+        return [0]
+    if isinstance(value, int) and not isinstance(value, bool):  # `seeds: 3` means one seed
+        value = [value]
+    if not isinstance(value, list) or not value:
+        problems.append(f"'seeds' must be a non-empty list of integers like [0, 1, 2], got "
+                        f"{_show(value) if not isinstance(value, list) else 'an empty list'}")
+        return []
+    seeds = []
+    for s in value:
+        if isinstance(s, bool) or not isinstance(s, int):
+            problems.append(f"seeds: entry {_show(s)} is not an integer (seeds look like [0, 1, 2])")
+        elif s < 0:
+            problems.append(f"seeds: entry {s} is negative; seeds must be integers >= 0")
+        elif s not in seeds:
+            seeds.append(s)
+    return seeds
+
+
+def _budget_problem(method: str, budgets: Any) -> str | None:
+    """Why ``budgets`` is not null / "default" / a list of key=value strings, or None if it is fine."""
+    if budgets in _NO_BUDGET or budgets == "default":
+        return None
+    key = _budget_key(method) or "k"
+    example = f"{method}: [{key}=8, {key}=16]"
+    if not isinstance(budgets, list) or not budgets:
+        return (f"methods: budgets of '{method}' must be null (no budget knob), default (its default grid) or a "
+                f"list like [k=8, k=16], got {_show(budgets) if budgets != [] else 'an empty list'}")
+    for b in budgets:
+        key, sep, val = b.partition("=") if isinstance(b, str) else ("", "", "")
+        try:
+            float(val)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            return f"methods: budget {_show(b)} of '{method}' must look like key=value, e.g. {example}"
+    return None
+
+
+def _check_methods(value: Any, problems: list[str]) -> dict[str, Any]:
+    if value is None or value == {}:
+        problems.append("'methods' is missing or empty; map each method to its budgets, e.g. "
+                        "methods: {full: null, tome: default, random: [k=8, k=16]}")
+        return {}
+    if isinstance(value, (list, str)):
+        names = [value] if isinstance(value, str) else [n for n in value if isinstance(n, str)]
+        form = ", ".join(f"{n}: {_default_budget_word(n)}" for n in names[:4]) or "full: null, tome: default"
+        problems.append(f"'methods' must be a mapping of method name to budgets, not {_kind(value)}; write e.g. "
+                        f"methods: {{{form}}} (null: no budget knob, default: the method's default grid, or a "
+                        f"list like [k=8, k=16])")
+        return {n: "default" for n in names}  # still check the names
+    if not isinstance(value, dict):
+        problems.append(f"'methods' must be a mapping of method name to budgets, got {_kind(value)}")
+        return {}
+    methods: dict[str, Any] = {}
+    for name, budgets in value.items():
+        if not isinstance(name, str):
+            problems.append(f"methods: {_show(name)} is not a method name")
+            continue
+        if isinstance(budgets, str) and budgets not in ("default", "none") and "=" in budgets:
+            budgets = [budgets]  # `random: k=8` means one budget
+        why = _budget_problem(name, budgets)
+        if why:
+            problems.append(why)
+        methods[name] = list(budgets) if isinstance(budgets, list) else budgets
+    return methods
+
+
+def _budget_key(name: str) -> str | None:
+    """The method's budget key (``"k"``, ``"r"``, ...), None without a knob or when it cannot be loaded."""
+    from lwbench.registry import METHODS
+
+    try:
+        return getattr(METHODS.get(name), "budget_key", None)
+    except Exception:  # unknown or broken: reported elsewhere
+        return None
+
+
+def _default_budget_word(name: str) -> str:
+    """``null`` for a method without a budget knob, else ``default`` (for the suggested mapping form)."""
+    from lwbench.registry import METHODS
+
+    try:
+        return "null" if METHODS.get(name).budget_key is None else "default"
+    except Exception:
+        return "default"
+
+
+def _check_set(value: Any, problems: list[str]) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        problems.append(f"'set' must be a list of key=value overrides like [teacher.steps=4], got {_kind(value)}")
+        return []
+    sets = []
+    for item in value:
+        if not isinstance(item, str) or "=" not in item or not item.partition("=")[0].strip():
+            problems.append(f"set: entry {_show(item)} must look like key=value, e.g. teacher.steps=4")
+        else:
+            sets.append(item)
+    return sets
+
+
+def _check_names(tasks: list[str], methods: dict[str, Any], problems: list[str]) -> None:
+    """Every task and method must be registered; budgets must use the method's own key."""
+    from lwbench.registry import METHODS, TASKS
+
+    for t in tasks:
+        try:
+            TASKS.get(t)
+        except UnknownNameError as exc:
+            problems.append(f"tasks: {exc}")
+        except Exception:  # a broken plugin: its points fail one by one, with the reason
+            pass
+    for name, budgets in methods.items():
+        try:
+            cls = METHODS.get(name)
+        except UnknownNameError as exc:
+            problems.append(f"methods: {exc}")
+            continue
+        except Exception:
+            continue
+        key = getattr(cls, "budget_key", None)
+        if key is None and isinstance(budgets, list):
+            problems.append(f"methods: '{name}' has no budget knob; write {name}: null")
+        elif key is None and budgets == "default":
+            methods[name] = None  # no knob, no grid: one point, as with null
+        elif key is not None and isinstance(budgets, list):
+            bad = sorted({b.partition("=")[0].strip() for b in budgets if isinstance(b, str)} - {key})
+            if bad:
+                problems.append(f"methods: '{name}' takes budgets {key}=..., not {', '.join(f'{b}=...' for b in bad)}")
+
+
+def validate_sweep(spec: dict, path: str) -> dict:
+    """Check a sweep file before any work; return it normalised, or raise one ConfigError listing every problem.
+
+    The returned mapping has exactly the keys of :data:`SWEEP_KEYS`: ``tasks`` a list of registered task
+    names (a single string becomes a one-element list), ``seeds`` a list of ints (default ``[0]``),
+    ``methods`` a dict name -> ``None`` | ``"default"`` | list of ``key=value`` strings, ``source`` one of
+    :data:`SWEEP_SOURCES` or ``None``, ``profile`` a string or ``None``, ``set`` a list of ``key=value``
+    overrides (default ``[]``). Running it through again is a no-op.
+    """
+    problems: list[str] = []
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file {path}: must hold a mapping with keys {', '.join(SWEEP_KEYS)}")
+    _check_keys(spec, problems)
+    profile = spec.get("profile")
+    if profile is not None and (not isinstance(profile, str) or not profile.strip()):
+        problems.append(f"'profile' must be a profile name like quick or a path to a profile YAML, "
+                        f"got {_show(profile)}")
+        profile = None
+    source = spec.get("source")
+    if source is not None and source not in SWEEP_SOURCES:
+        close = difflib.get_close_matches(str(source), SWEEP_SOURCES, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        problems.append(f"'source' must be one of {', '.join(SWEEP_SOURCES)}, got {_show(source)}{hint}")
+        source = None
+    tasks = _check_tasks(spec.get("tasks"), problems)
+    seeds = _check_seeds(spec.get("seeds"), problems)
+    methods = _check_methods(spec.get("methods"), problems)
+    sets = _check_set(spec.get("set"), problems)
+    _check_names(tasks, methods, problems)
+    if problems:
+        if len(problems) == 1:
+            raise ConfigError(f"sweep file {path}: {problems[0]}")
+        shown = problems[:MAX_PROBLEMS]
+        more = len(problems) - len(shown)
+        lines = [f"sweep file {path} has {len(problems)} problems (nothing was run):", *(f"  - {p}" for p in shown)]
+        if more:
+            lines.append(f"  ... and {more} more")
+        raise ConfigError("\n".join(lines))
+    return {"profile": profile, "source": source, "tasks": tasks, "seeds": seeds, "methods": methods, "set": sets}
 
 
 def sweep_points(spec: dict, base_request) -> list:
-    """Expand the sweep into RunRequests (budgets resolved against each task's backbone)."""
+    """Expand the sweep into run requests (budgets resolved against each task's backbone).
+
+    ``spec`` is a sweep mapping (validated here if it was not already); ``base_request(method, task, budget)``
+    returns a request, and each point is ``dataclasses.replace(request, seed=..., budget=...)``.
+    """
     from lwbench.runner import Plan
 
-    tasks = spec.get("tasks") or []
-    methods = spec.get("methods") or {}
-    if not tasks or not methods:
-        raise ConfigError("a sweep file needs non-empty 'tasks' and 'methods'")
+    spec = validate_sweep(spec, "<sweep>")
+    tasks, methods = spec["tasks"], spec["methods"]
     points = []
-    for seed in spec.get("seeds", [0]):
+    for seed in spec["seeds"]:
         for task in tasks:
             for method, budgets in methods.items():
                 req = dataclasses.replace(base_request(method, task, None), seed=int(seed))
-                if budgets is None or budgets == "none":
+                if budgets in _NO_BUDGET:
                     points.append(req)
                     continue
                 if budgets == "default":
@@ -49,34 +286,43 @@ def sweep_points(spec: dict, base_request) -> list:
                     key = plan.method_cls.budget_key
                     grid = plan.method_cls.budget_grid(plan.spec)
                     budgets = [f"{key}={b:g}" for b in grid]
-                if not isinstance(budgets, list):
-                    raise ConfigError(f"sweep: budgets of '{method}' must be null, 'default' or a list like "
-                                      "[k=8, k=16]")
                 for b in budgets:
                     points.append(dataclasses.replace(req, budget=str(b)))
     return points
+
+
+def _parse_shard(shard: str | None) -> tuple[int, int] | None:
+    if not shard:
+        return None
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard must be i/n with 0 <= i < n, got '{shard}'")
+    return i, n
 
 
 def run_sweep(path: str, args, make_request, shard: str | None = None) -> list[tuple[str, str]]:
     """Run every point; return the failures as (point, one-line reason)."""
     from lwbench.runner import run
 
-    spec = load_yaml(path)
-    if spec.get("profile") and args.profile == "quick" and "--profile" not in sys.argv:
+    spec = validate_sweep(load_yaml(path), str(path))  # every problem at once, before any work
+    span = _parse_shard(shard)
+    args = copy.copy(args)  # the file's settings apply to this sweep only
+    if spec["profile"] and args.profile == "quick" and "--profile" not in sys.argv:
         args.profile = spec["profile"]
-    if spec.get("source") and args.source == "auto":
+    if spec["source"] and args.source == "auto":
         args.source = spec["source"]
+    if spec["set"]:  # before the CLI's own --set items, so that the command line wins on a clash
+        args.set = [*spec["set"], *(getattr(args, "set", None) or [])]
 
     def base(method, task, budget):
         return make_request(args, method, task, budget)
 
     points = sweep_points(spec, base)
-    if shard:
-        try:
-            i, n = (int(v) for v in shard.split("/"))
-            assert 0 <= i < n
-        except (ValueError, AssertionError):
-            raise ConfigError(f"--shard must be i/n with 0 <= i < n, got '{shard}'") from None
+    if span:
+        i, n = span
         points = points[i::n]
     failures = []
     t0 = time.perf_counter()

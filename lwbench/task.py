@@ -9,7 +9,9 @@ otherwise the synthetic source, with a visible notice; the source used is record
 from __future__ import annotations
 
 import abc
-import sys
+import hashlib
+import logging
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -17,6 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lwbench.errors import ConfigError, DataNotFoundError
+
+log = logging.getLogger("lwbench")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,17 +55,35 @@ class Task(abc.ABC):
             img_size = self.default_img_size
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(v) for v in img_size)
         self.seed = seed
-        unknown = set(opts) - set(self.option_defaults())
-        if unknown:
-            raise ConfigError(f"task '{self.name}' has no option(s) {sorted(unknown)}; known: "
-                              f"{sorted(self.option_defaults())}")
-        self.opts = {**self.option_defaults(), **opts}
+        self.opts = self.resolve_options(opts)
         self.source = self._resolve_source(source)
 
     # -- to override ---------------------------------------------------------------------------
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
         return {}
+
+    @classmethod
+    def resolve_options(cls, opts: dict[str, Any]) -> dict[str, Any]:
+        """Defaults updated with ``opts``: unknown keys fail naming the closest, a value takes its default's
+        type (``task.n_balls=3`` is the int 3, ``[2, 4]`` a list of ints)."""
+        from lwbench.options import close_key, coerce
+
+        defaults = cls.option_defaults()
+        out = dict(defaults)
+        for key, value in opts.items():
+            if key not in defaults:
+                raise ConfigError(f"task '{cls.name}' has no option '{key}'{close_key(key, sorted(defaults))} "
+                                  f"(known: {', '.join(sorted(defaults)) or 'none'})")
+            default = defaults[key]
+            if isinstance(default, (bool, int, float, str)) and not isinstance(value, (list, tuple, dict)):
+                value = coerce(value, type(default) if not isinstance(default, int) or isinstance(default, bool)
+                               else (int | float), f"task.{key}")
+            elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)) and default:
+                elem = float if any(isinstance(v, float) for v in default) else type(default[0])
+                value = [coerce(v, elem, f"task.{key}[{i}]") for i, v in enumerate(value)]
+            out[key] = value
+        return out
 
     def real_root(self) -> Path | None:
         """Where the real dataset lives: ``--data-root`` itself or its ``data_dir_name`` subfolder."""
@@ -75,6 +97,28 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def check_layout(self, root: Path) -> None:
         """Raise :class:`DataNotFoundError` (naming the expected layout) unless the real data is at ``root``."""
+
+    def make_head(self, dim: int, pool: str = "token") -> torch.nn.Module:
+        """The task head every method of this task shares: a linear classifier on pooled tokens (``pool``:
+        ``head.pool``); segmentation tasks return their decoder."""
+        from lwbench.heads import ClassifierHead
+
+        return ClassifierHead(dim, self.num_classes, pool)
+
+    def objects(self, split: str, index: int) -> list[dict] | None:
+        """Annotated objects of item ``index`` (``[{"box": (x0, y0, x1, y1), "label": int}, ...]`` in pixels of
+        ``img_size``), or None when the task (or this source) annotates none. Used by the quick teacher's
+        object losses and the rows' ``object_recall``."""
+        return None
+
+    def data_identity(self) -> dict[str, Any]:
+        """What identifies the data this task reads, for the run and teacher ids: for real data the resolved
+        root and a cheap fingerprint of its top two levels (names, sizes, mtimes: a different folder, an added
+        split or class, a replaced file list changes it); synthetic data is identified by the task config."""
+        if self.source != "real":
+            return {"source": self.source}
+        root = self.real_root()
+        return {"source": "real", "root": str(Path(root).resolve()), "fingerprint": folder_fingerprint(Path(root))}
 
     @abc.abstractmethod
     def dataset(self, split: str, train: bool = False) -> Dataset:
@@ -113,9 +157,8 @@ class Task(abc.ABC):
                 raise DataNotFoundError(f"task '{self.name}' needs real data: pass --data-root DIR laid out as: "
                                         f"{self.expected_layout}")
             self.check_layout(root)
-        print(f"lwbench: notice: task '{self.name}': no real data found"
-              f"{' under ' + str(root) if root else ' (no --data-root)'}; using the SYNTHETIC source",
-              file=sys.stderr)
+        log.info("notice: task '%s': no real data found%s; using the SYNTHETIC source", self.name,
+                 f" under {root}" if root else " (no --data-root)")
         return "synthetic"
 
     def loader(self, split: str, batch_size: int, train: bool = False, num_workers: int = 0,
@@ -146,6 +189,27 @@ class Task(abc.ABC):
         if self.num_classes > 5:
             out["top5"] = 100.0 * correct5 / max(total, 1)
         return out
+
+
+def folder_fingerprint(root: Path) -> str:
+    """sha1 over the names, sizes and mtimes of ``root``'s entries and its subfolders' entries (two levels):
+    milliseconds even for ImageNet (1000 class folders), and it changes when a split, class or file list does."""
+    h = hashlib.sha1()
+
+    def scan(folder: Path, depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for e in entries:
+            st = e.stat(follow_symlinks=True) if e.is_file() or e.is_dir() else None
+            h.update(f"{e.name}|{e.is_dir()}|{st.st_size if st and not e.is_dir() else 0}|"
+                     f"{st.st_mtime_ns if st else 0}\n".encode())
+            if depth > 1 and e.is_dir():
+                scan(Path(e.path), depth - 1)
+
+    scan(Path(root), 2)
+    return h.hexdigest()[:16]
 
 
 def normalize(img: torch.Tensor) -> torch.Tensor:

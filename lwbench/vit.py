@@ -1,8 +1,11 @@
-"""Shared token operations on a timm VisionTransformer, used by every method.
+"""The one seam that mirrors timm's ``VisionTransformer.forward_features`` order, used by every method.
 
 These helpers call timm's own modules (patch embedding weights, blocks, norm) and only do the
 bookkeeping timm does not: embedding a *subset* of patches, gathering their position
-embeddings, and packaging the result as a :class:`TokenOutput`.
+embeddings, and packaging the result as a :class:`TokenOutput`. Reduction methods' per-block
+order (attention, then the method's step, then the MLP) lives in ``methods/_reduction.py``.
+Both are tested against timm (``tests/test_vit_seam.py``). :class:`FullEncoder` (timm's own
+forward, split into prefix and patches) is here because the core needs it: the teacher is one.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
+
+from torch import nn
 
 from lwbench.tokens import TokenOutput
 
@@ -120,3 +125,17 @@ def run_selected(vit: VisionTransformer, x: torch.Tensor, idx: torch.Tensor, pre
 
 def all_positions(batch: int, grid, device) -> torch.Tensor:
     return torch.arange(grid[0] * grid[1], device=device).expand(batch, -1)
+
+
+class FullEncoder(nn.Module):
+    """timm's own ``forward_features`` (fused attention, its norm), split into prefix and patches."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> TokenOutput:
+        feats = self.vit.forward_features(x)
+        p = num_prefix(self.vit)
+        grid = grid_of(self.vit, x)
+        return TokenOutput(feats[:, :p], feats[:, p:], all_positions(x.shape[0], grid, x.device), grid)

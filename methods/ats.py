@@ -29,10 +29,13 @@ Choices made here (documented, tested):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from lwbench.method import Method, Overhead, detach_copy
+from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
 
@@ -171,14 +174,14 @@ class ATS(Method):
     training = "none"
     dense_output = True
     variable_length = True
-    needs_attention_row = True
 
-    @classmethod
-    def option_defaults(cls):
-        return {"stages": None}
+    @dataclass(frozen=True)
+    class Options:
+        stages: str | list[int] | None = option(None, "0-based blocks that sample, e.g. 3,6,9 (null: depth/4, "
+                                                      "depth/2, 3 depth/4)")
 
     def check_budget(self):
-        self.stages = parse_layers(self.opts["stages"], self.spec.depth, "ats", "stages")
+        self.stages = parse_layers(self.opts.stages, self.spec.depth, "ats", "stages")
         self._require(
             0 < self.budget <= 1,
             "keep_rate in (0, 1] (K = ceil(keep_rate * tokens) samples per stage; 1 = no sampling)",

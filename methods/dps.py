@@ -23,14 +23,15 @@ gradient estimator's variance grows as 1/S); set ``num_samples=500`` for the pap
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwbench.errors import ConfigError
+from lwbench.config import Stage
 from lwbench.method import Overhead, PatchSelectionMethod, detach_copy
+from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
 from lwbench.vit import embed_patches, grid_of, run_tokens
@@ -152,15 +153,10 @@ def score_entropy(raw: torch.Tensor) -> torch.Tensor:
 
 def make_dps_loss(entropy_weight: float):
     """Task cross-entropy + the official entropy regulariser on the raw scores, as an lwbench ``loss_fn``."""
-    from lwbench.heads import LinearSegHead
-
     def loss_fn(model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
         out = model.encoder(images)
-        if isinstance(model.head, LinearSegHead):
-            logits = model.head(out, size=images.shape[-2:])
-            ce = F.cross_entropy(logits, targets, ignore_index=255)
-        else:
-            ce = F.cross_entropy(model.head(out), targets)
+        logits = model.head(out, size=images.shape[-2:])
+        ce = F.cross_entropy(logits, targets, ignore_index=255) if targets.ndim > 1 else F.cross_entropy(logits, targets)
         ent = score_entropy(out.aux["scores"])
         return ce + entropy_weight * ent, {"ce": ce.item(), "entropy": ent.item(), "sigma": out.aux["sigma"]}
 
@@ -172,31 +168,24 @@ class DPS(PatchSelectionMethod):
     description = "CNN scorer on a downscaled image + perturbed top-k (Berthet) picks k high-res patches"
     training = "finetune"
 
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        return {
-            "scorer_size": 0.25,  # <= 1: fraction of the high-res size; > 1: scorer input height in px
-            "sigma": 0.05,  # official perturbed_topk sigma (scores in [0, 1]), decayed linearly to 0
-            "num_samples": 100,  # paper: 500; 100 keeps a CPU step affordable (see module docstring)
-            "entropy_weight": -0.01,  # official entropy_regularizer (negative: rewards spread-out scores)
-        }
-
-    def check_budget(self) -> None:
-        super().check_budget()
-        if float(self.opts["scorer_size"]) <= 0:
-            raise ConfigError("dps: scorer_size must be a fraction in (0, 1] of the image size or a height in px")
-        if float(self.opts["sigma"]) < 0 or int(self.opts["num_samples"]) < 1:
-            raise ConfigError("dps: sigma must be >= 0 and num_samples >= 1")
+    @dataclass(frozen=True)
+    class Options:
+        scorer_size: float = option(0.25, "<= 1: fraction of the high-res size; > 1: scorer input height in px",
+                                    min=0, min_exclusive=True)
+        sigma: float = option(0.05, "perturbed top-k noise (official, scores in [0, 1]), decayed linearly to 0",
+                              min=0)
+        num_samples: int = option(100, "perturbed top-k samples (paper: 500; 100 keeps a CPU step affordable)",
+                                  min=1)
+        entropy_weight: float = option(-0.01, "official entropy regulariser (negative: rewards spread-out scores)")
+        finetune: Stage = option(default_factory=Stage, help="end-to-end training of scorer, backbone and head")
 
     def build(self, vit: nn.Module) -> nn.Module:
         o = self.opts
-        return DPSEncoder(detach_copy(vit), int(self.budget), float(o["scorer_size"]), float(o["sigma"]),
-                          int(o["num_samples"]))
+        return DPSEncoder(detach_copy(vit), int(self.budget), o.scorer_size, o.sigma, o.num_samples)
 
     def fit(self, ctx) -> nn.Module:
         model = self.task_model(ctx, trainable=True)
-        steps = int(ctx.setting("steps"))
-        model.encoder.total_steps = steps
-        ctx.train(model, make_dps_loss(float(self.opts["entropy_weight"])), f"dps-{int(self.budget)}", steps=steps,
-                  lr=float(ctx.setting("lr")))
+        stage = ctx.stage(self.opts.finetune)
+        model.encoder.total_steps = stage.steps
+        ctx.train(model, make_dps_loss(self.opts.entropy_weight), f"dps-{int(self.budget)}", stage=stage)
         return model.eval()

@@ -24,14 +24,17 @@ Inference: at each stage the top ``ceil(rho^s * N)`` patch tokens by keep log-pr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lwbench.config import Stage
 from lwbench.errors import ConfigError
 from lwbench.method import Method, Overhead, detach_copy
+from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
 from lwbench.vit import all_positions, assemble, embed_patches, grid_of, num_prefix, to_output
@@ -144,12 +147,8 @@ class DynamicViTEncoder(nn.Module):
 
 
 def task_logits(model: nn.Module, out: TokenOutput, images: torch.Tensor) -> torch.Tensor:
-    """The model's head on ``out``, as ``TaskModel.forward`` would call it."""
-    from lwbench.heads import LinearSegHead
-
-    if isinstance(model.head, LinearSegHead):
-        return model.head(out, size=images.shape[-2:])
-    return model.head(out)
+    """The model's head on ``out``, as ``TaskModel.forward`` calls it."""
+    return model.head(out, size=images.shape[-2:])
 
 
 def task_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -214,18 +213,19 @@ class DynamicViT(Method):
     default_budgets = (0.5, 0.7, 0.9)
     training = "finetune"
 
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        return {
-            "prune_locs": None,  # None: depth * {1/4, 1/2, 3/4}; or e.g. "3,6,9"
-            "ratio_weight": 2.0,  # official --ratiow
-            "distill_weight": 0.5,  # official --distillw
-            "backbone_lr_mult": 0.01,  # official: backbone at 0.01x the predictors' learning rate
-            "predictor_warmup": 5 / 30,  # official: backbone frozen for the first 5 of 30 epochs
-        }
+    @dataclass(frozen=True)
+    class Options:
+        prune_locs: str | list[int] | None = option(None, "blocks before which predictors prune, e.g. 3,6,9 "
+                                                          "(null: depth x 1/4, 1/2, 3/4)")
+        ratio_weight: float = option(2.0, "keep-ratio loss weight (official --ratiow)", min=0)
+        distill_weight: float = option(0.5, "distillation loss weight (official --distillw)", min=0)
+        backbone_lr_mult: float = option(0.01, "backbone learning rate / predictors' (official: 0.01)", min=0)
+        predictor_warmup: float = option(5 / 30, "fraction of steps training the predictors alone (official: 5 "
+                                                 "of 30 epochs)", min=0, max=0.999)
+        finetune: Stage = option(default_factory=Stage, help="predictor warm-up then joint training")
 
     def prune_locs(self) -> list[int]:
-        locs = parse_locs(self.opts["prune_locs"])
+        locs = parse_locs(self.opts.prune_locs)
         return default_prune_locs(self.spec.depth) if locs is None else locs
 
     def check_budget(self) -> None:
@@ -235,8 +235,6 @@ class DynamicViT(Method):
         if not locs or any(not 1 <= i <= depth - 1 for i in locs) or sorted(set(locs)) != locs:
             raise ConfigError(f"dynamicvit: prune_locs {locs} must be increasing block indices in 1..{depth - 1} "
                               f"for {self.spec.name} ({depth} blocks), e.g. {default_prune_locs(depth)}")
-        if not 0.0 <= float(self.opts["predictor_warmup"]) < 1.0:
-            raise ConfigError("dynamicvit: predictor_warmup is a fraction of the training steps in [0, 1)")
 
     def keep_counts(self) -> list[int]:
         return keep_counts(self.spec.num_patches, float(self.budget), len(self.prune_locs()))
@@ -246,10 +244,10 @@ class DynamicViT(Method):
 
     def fit(self, ctx) -> nn.Module:
         model = self.task_model(ctx, trainable=True)
-        steps = int(ctx.setting("steps"))
-        lr = float(ctx.setting("lr"))
-        warm = int(round(steps * float(self.opts["predictor_warmup"])))
-        loss_fn = dynamicvit_loss(ctx.teacher, float(self.opts["ratio_weight"]), float(self.opts["distill_weight"]))
+        stage = ctx.stage(self.opts.finetune)
+        steps = stage.steps
+        warm = int(round(steps * self.opts.predictor_warmup))
+        loss_fn = dynamicvit_loss(ctx.teacher, self.opts.ratio_weight, self.opts.distill_weight)
         tag = f"dynamicvit-{float(self.budget):g}"
         enc = model.encoder
         predictor_params = list(enc.predictors.parameters())
@@ -264,12 +262,12 @@ class DynamicViT(Method):
             for q in base:
                 q.requires_grad_(False)
             try:
-                ctx.train(model, loss_fn, f"{tag}-predictors", steps=warm, lr=lr, params=predictor_params)
+                ctx.train(model, loss_fn, f"{tag}-predictors", stage=stage, steps=warm, params=predictor_params)
             finally:
                 for q, f in zip(base, flags, strict=True):
                     q.requires_grad_(f)
         if steps - warm > 0:
             groups = [{"params": predictor_params},
-                      {"params": base, "lr_mult": float(self.opts["backbone_lr_mult"])}]
-            ctx.train(model, loss_fn, tag, steps=steps - warm, lr=lr, params=groups)
+                      {"params": base, "lr_mult": self.opts.backbone_lr_mult}]
+            ctx.train(model, loss_fn, tag, stage=stage, steps=steps - warm, params=groups)
         return model.eval()

@@ -21,16 +21,18 @@ as the EViT paper does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lwbench.config import Stage
 from lwbench.method import Method, Overhead, detach_copy
+from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
 
 from ._reduction import (
-    as_bool,
     attention_residual,
     check_blocks,
     cls_attention,
@@ -121,16 +123,18 @@ class EViT(Method):
     training = "none"
     dense_output = True
     variable_length = False
-    needs_attention_row = True
     fuse = True
 
-    @classmethod
-    def option_defaults(cls):
-        return {"keep_layers": None, "finetune": False}
+    @dataclass(frozen=True)
+    class Options:
+        keep_layers: str | list[int] | None = option(None, "0-based blocks that prune, e.g. 3,6,9 (null: depth/4, "
+                                                           "depth/2, 3 depth/4)")
+        finetune: Stage = option(default_factory=lambda: Stage(steps=0),
+                                 help="fine-tuning after pruning (default steps=0: training-free, as evaluated "
+                                      "off the shelf)")
 
     def check_budget(self):
-        self.layers = parse_layers(self.opts["keep_layers"], self.spec.depth, self.name, "keep_layers")
-        self.opts["finetune"] = as_bool(self.opts["finetune"], self.name, "finetune")
+        self.layers = parse_layers(self.opts.keep_layers, self.spec.depth, self.name, "keep_layers")
         self._require(0 < self.budget <= 1, "keep_rate in (0, 1] (fraction of tokens kept at each pruning block)")
 
     def build(self, vit):
@@ -140,8 +144,8 @@ class EViT(Method):
 
     def fit(self, ctx):
         model = super().fit(ctx)
-        if self.opts["finetune"]:
-            ctx.finetune(model, tag=f"{self.name}-{self.budget:g}")
+        if ctx.stage(self.opts.finetune).steps:
+            ctx.finetune(model, tag=f"{self.name}-{self.budget:g}", stage=self.opts.finetune)
         return model
 
 

@@ -1,28 +1,14 @@
-"""``full``: the whole high-resolution image through the plain backbone. The reference point."""
+"""``full``: the whole high-resolution image through the plain backbone. The reference point.
+
+Its encoder, :class:`lwbench.vit.FullEncoder`, is timm's own forward (the teacher uses it too)."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from lwbench.method import Method, detach_copy
 from lwbench.registry import register_method
-from lwbench.tokens import TokenOutput
-from lwbench.vit import all_positions, grid_of, num_prefix
-
-
-class FullEncoder(nn.Module):
-    """timm's own ``forward_features`` (fused attention, its norm), split into prefix and patches."""
-
-    def __init__(self, vit: nn.Module):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, x: torch.Tensor) -> TokenOutput:
-        feats = self.vit.forward_features(x)
-        p = num_prefix(self.vit)
-        grid = grid_of(self.vit, x)
-        return TokenOutput(feats[:, :p], feats[:, p:], all_positions(x.shape[0], grid, x.device), grid)
+from lwbench.vit import FullEncoder
 
 
 @register_method("full")
@@ -34,3 +20,6 @@ class Full(Method):
 
     def build(self, vit: nn.Module) -> nn.Module:
         return FullEncoder(detach_copy(vit))
+
+
+__all__ = ["Full", "FullEncoder"]

@@ -24,13 +24,14 @@ one head it is IPS's ranking.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lwbench.errors import ConfigError
+from lwbench.config import Stage
 from lwbench.method import Overhead, PatchSelectionMethod, detach_copy
+from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
 from lwbench.vit import all_positions, assemble, embed_patches, grid_of, to_output
@@ -143,27 +144,19 @@ class IPS(PatchSelectionMethod):
     description = "no-grad iterative top-M patch memory scored by a cross-attention aggregator; grad pass on M"
     training = "finetune"
 
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        return {
-            "chunk": 32,  # I, patches embedded and scored per iteration (official traffic signs: 32)
-            "heads": 8,  # H of the cross-attention scorer (official: 8)
-            "dropout": 0.1,  # official dropout and attention dropout of the aggregator
-        }
-
-    def check_budget(self) -> None:
-        super().check_budget()
-        if int(self.opts["chunk"]) < 1 or int(self.opts["heads"]) < 1:
-            raise ConfigError("ips: chunk (patches per iteration) and heads must be >= 1")
-        if not 0.0 <= float(self.opts["dropout"]) < 1.0:
-            raise ConfigError("ips: dropout must be in [0, 1)")
+    @dataclass(frozen=True)
+    class Options:
+        chunk: int = option(32, "I: patches embedded and scored per iteration (official traffic signs: 32)", min=1)
+        heads: int = option(8, "H of the cross-attention scorer (official: 8)", min=1)
+        dropout: float = option(0.1, "dropout and attention dropout of the aggregator (official: 0.1)", min=0,
+                                max=0.99)
+        finetune: Stage = option(default_factory=Stage, help="end-to-end training of scorer, backbone and head")
 
     def build(self, vit: nn.Module) -> nn.Module:
         o = self.opts
-        return IPSEncoder(detach_copy(vit), int(self.budget), int(o["chunk"]), int(o["heads"]), float(o["dropout"]))
+        return IPSEncoder(detach_copy(vit), int(self.budget), o.chunk, o.heads, o.dropout)
 
     def fit(self, ctx) -> nn.Module:
         model = self.task_model(ctx, trainable=True)
-        ctx.finetune(model, tag=f"ips-{int(self.budget)}", steps=int(ctx.setting("steps")),
-                     lr=float(ctx.setting("lr")))
+        ctx.finetune(model, tag=f"ips-{int(self.budget)}", stage=self.opts.finetune)
         return model.eval()

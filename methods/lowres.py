@@ -8,11 +8,15 @@ train/test resolution mismatch; set ``--set method.finetune=false`` for the trai
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lwbench.config import Stage
 from lwbench.method import Method, detach_copy
+from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
 from lwbench.vit import all_positions, grid_of, num_prefix
@@ -50,9 +54,9 @@ class LowRes(Method):
     budget_key = "size"
     training = "finetune"
 
-    @classmethod
-    def option_defaults(cls):
-        return {"finetune": True}
+    @dataclass(frozen=True)
+    class Options:
+        finetune: Stage = option(default_factory=Stage, help="fine-tuning at this size (steps=0: none)")
 
     @classmethod
     def default_budget(cls, spec):
@@ -74,6 +78,6 @@ class LowRes(Method):
 
     def fit(self, ctx):
         model = super().fit(ctx)
-        if self.opts["finetune"]:
-            ctx.finetune(model, tag=f"lowres-{self.budget}")
+        if ctx.stage(self.opts.finetune).steps:
+            ctx.finetune(model, tag=f"lowres-{self.budget}", stage=self.opts.finetune)
         return model

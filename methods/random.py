@@ -6,10 +6,14 @@ plain model exactly. Only the drawn patches are embedded.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from lwbench.config import Stage
 from lwbench.method import PatchSelectionMethod, detach_copy
+from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
 from lwbench.vit import grid_of, run_selected
@@ -38,15 +42,16 @@ class RandomPatches(PatchSelectionMethod):
     description = "k uniformly random high-res patches through the backbone"
     training = "finetune"
 
-    @classmethod
-    def option_defaults(cls):
-        return {"finetune": True, "seed": 0}
+    @dataclass(frozen=True)
+    class Options:
+        seed: int = option(0, "seed of the evaluation-time draw", min=0)
+        finetune: Stage = option(default_factory=Stage, help="fine-tuning at k (steps=0: none)")
 
     def build(self, vit):
-        return RandomPatchEncoder(detach_copy(vit), int(self.budget), seed=int(self.opts["seed"]))
+        return RandomPatchEncoder(detach_copy(vit), int(self.budget), seed=self.opts.seed)
 
     def fit(self, ctx):
         model = super().fit(ctx)
-        if self.opts["finetune"]:
-            ctx.finetune(model, tag=f"random-{self.budget}")
+        if ctx.stage(self.opts.finetune).steps:
+            ctx.finetune(model, tag=f"random-{self.budget}", stage=self.opts.finetune)
         return model

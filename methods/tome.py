@@ -25,16 +25,17 @@ smaller set), so every layer keeps at least half its patch tokens and never fewe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from lwbench.errors import ConfigError
 from lwbench.method import Method, Overhead, detach_copy
+from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
 
 from ._reduction import (
-    as_bool,
     attention_residual,
     check_blocks,
     gather_tokens,
@@ -158,11 +159,11 @@ class ToMe(Method):
     training = "none"
     dense_output = True
     variable_length = False
-    needs_attention_row = False
 
-    @classmethod
-    def option_defaults(cls):
-        return {"schedule": "constant", "prop_attn": True}
+    @dataclass(frozen=True)
+    class Options:
+        schedule: str = option("constant", "r per block: constant, or decreasing from 2r to 0", choices=SCHEDULES)
+        prop_attn: bool = option(True, "proportional attention (log of merged sizes added to the logits)")
 
     @classmethod
     def max_r(cls, spec, schedule: str = "constant") -> int:
@@ -184,10 +185,7 @@ class ToMe(Method):
         return grid[(len(grid) - 1) // 2]  # about half the patch tokens merged away by the last block
 
     def check_budget(self):
-        schedule = str(self.opts["schedule"])
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"tome: option schedule={schedule!r} must be one of {', '.join(SCHEDULES)}")
-        self.opts["prop_attn"] = as_bool(self.opts["prop_attn"], "tome", "prop_attn")
+        schedule = self.opts.schedule
         hi = self.max_r(self.spec, schedule)
         why = "bipartite matching merges at most half the tokens of a block"
         if schedule == "decreasing":
@@ -195,9 +193,9 @@ class ToMe(Method):
         self._require(0 <= self.budget <= hi, f"r=0..{hi} ({why})")
 
     def schedule(self) -> list[int]:
-        return tome_schedule(int(self.budget), self.spec.depth, str(self.opts["schedule"]))
+        return tome_schedule(int(self.budget), self.spec.depth, self.opts.schedule)
 
     def build(self, vit):
         vit = detach_copy(vit)
         check_blocks(vit, "tome")
-        return ToMeEncoder(vit, self.schedule(), prop_attn=self.opts["prop_attn"])
+        return ToMeEncoder(vit, self.schedule(), prop_attn=self.opts.prop_attn)

@@ -198,8 +198,8 @@ class ADE20K(Task):
             raise DataNotFoundError(f"ADE20K not found under {root}: expected {self.expected_layout}; "
                                     f"pass --data-root DIR holding them (or DIR/ADEChallengeData2016/)")
 
-    def make_head(self, dim: int) -> torch.nn.Module:
-        """The decoder this task was configured with (only ``linear`` is built in)."""
+    def make_head(self, dim: int, pool: str = "token") -> torch.nn.Module:
+        """The decoder this task was configured with (only ``linear`` is built in); ``pool`` is for classifiers."""
         from lwbench.heads import LinearSegHead
 
         return LinearSegHead(dim, self.num_classes)

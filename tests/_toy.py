@@ -8,6 +8,7 @@ from torch.utils.data import TensorDataset
 from lwbench.backbones import create_backbone
 from lwbench.heads import ClassifierHead, TaskModel
 from lwbench.method import BackboneSpec, freeze
+from lwbench.config import TrainConfig
 from lwbench.methods.full import FullEncoder
 from lwbench.task import Task
 from lwbench.training.context import FitContext
@@ -41,8 +42,8 @@ class ToyTask(Task):
 
 def toy_ctx(vit, tmp_path, steps=2) -> FitContext:
     teacher = freeze(TaskModel(FullEncoder(vit), ClassifierHead(vit.embed_dim, 2))).eval()
-    settings = {"steps": steps, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 0}
-    return FitContext(task=ToyTask(source="synthetic"), teacher=teacher, settings=settings, work_dir=tmp_path,
+    defaults = TrainConfig(steps=steps, batch_size=4, lr=1e-3, weight_decay=0.05, warmup_steps=0)
+    return FitContext(task=ToyTask(source="synthetic"), teacher=teacher, defaults=defaults, work_dir=tmp_path,
                       shared_dir=tmp_path / "shared", quiet=True)
 
 

@@ -16,6 +16,9 @@ def _isolated_dirs(tmp_path, monkeypatch):
     """Every test gets its own cache and results folders: no test sees another's teachers or rows."""
     monkeypatch.setenv("LWBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LWBENCH_RESULTS", str(tmp_path / "results"))
+    from lwbench.logs import setup
+
+    setup(quiet=False)  # a --quiet test must not silence the next one's notices
     yield
 
 

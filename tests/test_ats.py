@@ -150,7 +150,7 @@ def test_budget_and_option_errors():
     with pytest.raises(ConfigError, match="stages"):
         ATS(spec, 0.5, stages=[5])
     assert ATS(spec, 0.5, stages=[0]).stages == [0]
-    assert ATS.variable_length and ATS.needs_attention_row and ATS.kind == "reduction"
+    assert ATS.variable_length and ATS.kind == "reduction"
 
 
 def test_sampling_cost_is_counted_as_overhead():

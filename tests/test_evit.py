@@ -125,10 +125,10 @@ def test_finetune_option_calls_the_context(finetune):
     calls = []
     ctx = SimpleNamespace(
         teacher=SimpleNamespace(encoder=SimpleNamespace(vit=vit), head=torch.nn.Linear(32, 3)),
-        finetune=lambda model, tag: calls.append(tag) or model,
+        finetune=lambda model, tag, stage: calls.append((tag, stage.steps)) or model, stage=lambda s: s,
     )
-    model = EViT(spec, 0.5, finetune=finetune).fit(ctx)
-    assert calls == (["evit-0.5"] if finetune else [])
+    model = EViT(spec, 0.5, finetune={"steps": 5 if finetune else 0}).fit(ctx)
+    assert calls == ([("evit-0.5", 5)] if finetune else [])
     assert model.encoder.pruners["1"].fuse
 
 

@@ -363,16 +363,18 @@ def test_fit_distills_once_and_finetunes_each_k(tmp_path):
     for p in teacher.parameters():
         p.requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    settings = {"steps": 3, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.05, "warmup_steps": 0}
+    from lwbench.config import TrainConfig
+
+    defaults = TrainConfig(steps=3, batch_size=4, lr=1e-3, weight_decay=0.05, warmup_steps=0)
 
     def ctx(k):
-        return FitContext(task=_TinyTask(size), teacher=teacher, settings=settings, work_dir=tmp_path / f"k{k}",
-                          shared_dir=tmp_path / "shared", method_settings={"distill_steps": 4}, quiet=True)
+        return FitContext(task=_TinyTask(size), teacher=teacher, defaults=defaults, work_dir=tmp_path / f"k{k}",
+                          shared_dir=tmp_path / "shared", quiet=True)
 
-    m1 = _method(teacher_vit, "lw_vit_test_p8", size, budget=6)
+    m1 = _method(teacher_vit, "lw_vit_test_p8", size, budget=6, distill={"steps": 4})
     model = m1.fit(ctx(6))
-    tag = m1.distill_tag()
-    assert tag == "distill-d1-s8x16-k16-128-patch"
+    tag = m1.distill_tag(ctx(6).stage(m1.opts.distill))
+    assert tag.startswith("distill-d1-s8x16-k16-128-patch-")
     done = tmp_path / "shared" / tag / "done.json"
     assert json.loads(done.read_text())["steps"] == 4
     assert (tmp_path / "k6" / "finetune" / "done.json").is_file()
@@ -390,7 +392,7 @@ def test_fit_distills_once_and_finetunes_each_k(tmp_path):
                            distilled.extractor.vit.blocks[0].attn.qkv.weight)
     # a second k reuses the distillation without touching it
     stamp = done.stat().st_mtime_ns, (done.parent / "model.safetensors").stat().st_mtime_ns
-    model2 = _method(teacher_vit, "lw_vit_test_p8", size, budget=12).fit(ctx(12))
+    model2 = _method(teacher_vit, "lw_vit_test_p8", size, budget=12, distill={"steps": 4}).fit(ctx(12))
     assert stamp == (done.stat().st_mtime_ns, (done.parent / "model.safetensors").stat().st_mtime_ns)
     assert model2.encoder(x).patches.shape == (2, 12, 32)
 

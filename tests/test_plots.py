@@ -77,17 +77,30 @@ def frame(sources=("synthetic",), with_mem=True):
                              profile="quick", seed=0, metric="top1", metric_value=acc - (5 if source == "real" else 0),
                              gmacs=g, latency_ms=1 + 3 * g, throughput=300 / g,
                              peak_mem_mb=10 + 5 * g if with_mem else math.nan, mem_kind="cpu_peak_rss_delta",
-                             device="cpu", device_name="Test CPU", threads=1))
+                             device="cpu", device_name="Test CPU", threads=1,
+                             replicate_id=f"{source}-{method}-{key}{k}"))
     rows.append(dict(method="full", budget="-", budget_key="-", budget_value=math.nan, task="other",
                      source="synthetic", metric="top1", metric_value=1.0, gmacs=1.0))
     return pd.DataFrame(rows)
 
 
 def drawn_points(fig):
-    """(x, y) of the markers of the method lines (frontier rings excluded: they have no face)."""
+    """(x, y) of the markers of the method lines (frontier rings and error bars excluded: they have no face)."""
     ax = fig.axes[0]
     pts = [c.get_offsets() for c in ax.collections if len(c.get_facecolors())]
     return np.concatenate(pts) if pts else np.zeros((0, 2))
+
+
+def frontier_rings(fig):
+    return np.asarray(next(c for c in fig.axes[0].collections if c.get_gid() == "pareto_frontier").get_offsets())
+
+
+def error_bars(fig):
+    """(x, ylo, yhi) of every error bar drawn."""
+    from matplotlib.collections import LineCollection
+
+    segs = [seg for c in fig.axes[0].collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+    return sorted((float(a[0]), float(a[1]), float(b[1])) for a, b in segs)
 
 
 def test_plot_writes_png(tmp_path):
@@ -111,8 +124,10 @@ def test_figure_content_gmacs():
     assert legend == ["lookwhere (k)", "random (k)", "tome (r)", "Pareto frontier"]
     assert len(fig.axes) == 2 and "peak memory (MB)" in fig.axes[1].get_ylabel()  # the colorbar
     # frontier rings sit exactly on the Pareto-optimal points
-    rings = [c for c in ax.collections if not len(c.get_facecolors())][0].get_offsets()
-    assert sorted(map(tuple, np.asarray(rings))) == [(0.28, 40.0), (0.3, 62.0), (0.9, 78.0), (1.7, 80.0),
+    rings = frontier_rings(fig)
+    assert error_bars(fig) == []  # one seed per point: no spread to show
+    assert "mean of" not in title
+    assert sorted(map(tuple, rings)) == [(0.28, 40.0), (0.3, 62.0), (0.9, 78.0), (1.7, 80.0),
                                                      (2.6, 80.5)]
     texts = {t.get_text() for t in ax.texts}
     assert {"16", "64", "128", "4", "8"} <= texts
@@ -122,7 +137,7 @@ def test_figure_throughput_frontier_flips():
     fig = pareto_figure(frame(), "traffic_signs", x="throughput")
     ax = fig.axes[0]
     assert ax.get_xlabel().startswith("throughput (img/s)")
-    rings = np.asarray([c for c in ax.collections if not len(c.get_facecolors())][0].get_offsets())
+    rings = frontier_rings(fig)
     # lookwhere k=16 (1000 img/s, 62 %) is fast and good; random k=16 (~1071 img/s, 40 %) is the fastest
     got = sorted((round(x), y) for x, y in rings)
     assert got == [(115, 80.5), (176, 80.0), (333, 78.0), (1000, 62.0), (1071, 40.0)]
@@ -152,7 +167,50 @@ def test_seeds_are_averaged_and_rows_without_x_are_left_out():
         fig = pareto_figure(df, "traffic_signs", x="latency_ms")
     pts = drawn_points(fig)
     assert len(pts) == 7 and 63.0 in pts[:, 1] and 62.0 not in pts[:, 1]
-    assert "mean of up to 2 seeds" in fig._suptitle.get_text()
+    assert "mean of 1-2 seeds per point, bars min-max" in fig._suptitle.get_text()  # the others have one seed
+    assert error_bars(fig) == [(1.9, 62.0, 64.0)]  # latency 1 + 3 * 0.3 ms, accuracies 62..64
+
+
+def test_same_replicate_two_seeds_is_one_point_with_its_spread():
+    base = frame().iloc[[0]]  # lookwhere k=16, seed 0, 62 %
+    df = pd.concat([base, base.assign(seed=1, metric_value=66.0)], ignore_index=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same config: nothing to warn about
+        fig = pareto_figure(df, "traffic_signs")
+    assert drawn_points(fig).tolist() == [[0.3, 64.0]]
+    assert error_bars(fig) == [(0.3, 62.0, 66.0)]
+    assert "mean of 2 seeds" in fig._suptitle.get_text()
+
+
+def test_different_configs_at_one_budget_are_not_averaged():
+    base = frame().iloc[[0]]  # lookwhere k=16, seed 0
+    # same method, budget and seed, but a different finetune length: another config, another replicate_id
+    other = base.assign(replicate_id="lookwhere-k16-finetune.steps=500", metric_value=70.0)
+    third = base.assign(replicate_id="lookwhere-k16-finetune.steps=50", metric_value=58.0)
+    df = pd.concat([base, other, third], ignore_index=True)
+    with pytest.warns(UserWarning, match=r"traffic_signs: lookwhere k=16 has 3 different configs; drawn as separate "
+                                         r"points \(filter the results to compare like with like\)") as rec:
+        fig = pareto_figure(df, "traffic_signs")
+    assert sum("different configs" in str(w.message) for w in rec) == 1  # once, not once per point
+    assert sorted(drawn_points(fig)[:, 1].tolist()) == [58.0, 62.0, 70.0]  # never the mean, 63.3
+    assert "mean of" not in fig._suptitle.get_text() and error_bars(fig) == []
+
+
+def test_mixed_seed_counts_and_old_rows_are_titled_truthfully():
+    df = frame()
+    lw16, lw64 = df.iloc[[0]], df.iloc[[1]]
+    df = pd.concat([df, lw16.assign(seed=1, metric_value=64.0), lw16.assign(seed=2, metric_value=66.0),
+                    lw64.assign(seed=1, metric_value=80.0)], ignore_index=True)
+    fig = pareto_figure(df, "traffic_signs")
+    assert "mean of 1-3 seeds per point" in fig._suptitle.get_text()
+    ys = drawn_points(fig)[:, 1].tolist()
+    assert len(ys) == 7 and 64.0 in ys and 79.0 in ys  # (62 + 64 + 66) / 3 and (78 + 80) / 2
+    assert error_bars(fig) == [(0.3, 62.0, 66.0), (0.9, 78.0, 80.0)]
+    # old result files have no replicate_id: seed replicates cannot be told from other configs, so no averaging
+    old = df.drop(columns="replicate_id")
+    with pytest.warns(UserWarning, match="lookwhere k=16 has 3 different configs.*no replicate_id"):
+        fig = pareto_figure(old, "traffic_signs")
+    assert len(drawn_points(fig)) == 10 and "mean of" not in fig._suptitle.get_text()
 
 
 def test_plot_without_memory_has_no_colorbar(tmp_path):

@@ -13,11 +13,11 @@ from fixtures import make_ade20k, make_cub, make_imagenet
 from lwbench.cli import main
 
 TINY = ["--img-size", "32", "--backbone", "lw_vit_test_p8", "--set", "teacher.steps=2", "--set",
-        "teacher.batch_size=4", "--set", "finetune.steps=1", "--set", "finetune.batch_size=4",
+        "teacher.batch_size=4", "--set", "train.steps=1", "--set", "train.batch_size=4",
         "--set", "measure.min_run_time=0.05", "--set", "measure.throughput_batch=2", "--set", "measure.warmup=1",
         "--set", "measure.flops_images=1", "--set", "measure.isolate=false",
-        "--set", "methods.lookwhere.distill_steps=1", "--set", "methods.lookwhere.distill_batch_size=4",
-        "--set", "methods.lookwhere.finetune_steps=1", "--quiet"]
+        "--set", "methods.lookwhere.distill.steps=1", "--set", "methods.lookwhere.distill.batch_size=4",
+        "--set", "methods.lookwhere.finetune.steps=1", "--quiet"]
 METHODS = [("full", None), ("lookwhere", "k=4"), ("tome", "r=2")]
 
 

@@ -290,9 +290,13 @@ def test_json_format_and_unknown_format(filled):
 
 
 def test_readme_documents_every_field():
+    """One schema: README's table lists exactly FIELDS, with the same types."""
     text = README.read_text()
     missing = [f for f in FIELD_NAMES if f"| `{f}` |" not in text]
     assert not missing, f"results/README.md does not document {missing}"
+    documented = dict(re.findall(r"^\| `(\w+)` \| (\w+) \|", text, re.M))
+    declared = {name: kind for name, kind, _ in R.FIELDS}
+    assert documented == declared
     for name in R.REQUIRED:
         assert re.search(rf"\| `{name}` \| \w+ \| \*\*required\*\*", text), name
 

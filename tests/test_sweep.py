@@ -1,13 +1,19 @@
-"""Sweeps: grid expansion, a failing point does not stop the rest, finished points are skipped."""
+"""Sweeps: grid expansion, a failing point does not stop the rest, finished points are skipped, bad files
+are refused up front with every problem in one error."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from pathlib import Path
 
+import pytest
 from test_cli import TINY
 
 from lwbench.cli import main
+from lwbench.errors import ConfigError
+from lwbench.sweep import MAX_PROBLEMS, run_sweep, validate_sweep
 
 
 def test_sweep_runs_grid_reports_failure_and_resumes(tmp_path, capsys):
@@ -34,3 +40,112 @@ def test_shard_splits_points(tmp_path, capsys):
     assert len(budgets) == 2
     assert main(["sweep", str(sweep), "--shard", "2/2", *TINY]) == 2
     assert "--shard must be i/n" in capsys.readouterr().err
+
+
+# -- validation: every problem of a sweep file in one error, before any point runs -------------------------------
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Record the requests `lwbench.runner.run` gets instead of running them."""
+    calls = []
+    monkeypatch.setattr("lwbench.runner.run", lambda req: calls.append(req) or {})
+    return calls
+
+
+def _sweep(tmp_path, text: str) -> str:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("tasks: [traffic_signs]\nmethods: [full, tome]\n",
+     "'methods' must be a mapping of method name to budgets, not a list; write e.g. "
+     "methods: {full: null, tome: default}"),
+    ("tasks: [traffic_signs]\nseeds: [zero]\nmethods: {full: null}\n", "seeds: entry 'zero' is not an integer"),
+    ("tasks: [traffic_signs]\nseeds: [0, true]\nmethods: {full: null}\n", "seeds: entry true is not an integer"),
+    ("sourse: synthetic\ntasks: [traffic_signs]\nmethods: {full: null}\n",
+     "unknown key 'sourse'; did you mean 'source'? Valid keys: profile, source, tasks, seeds, methods, set"),
+    ("source: synth\ntasks: [traffic_signs]\nmethods: {full: null}\n",
+     "'source' must be one of auto, real, synthetic, got 'synth'; did you mean 'synthetic'?"),
+    ("tasks: trafic_signs\nmethods: {full: null}\n",
+     "tasks: unknown task 'trafic_signs'. Did you mean: traffic_signs?"),
+    ("tasks: []\nmethods: {full: null}\n", "'tasks' must be a non-empty list of task names"),
+    ("methods: {full: null}\n", "'tasks' is missing or empty"),
+    ("tasks: [traffic_signs]\nmethods: {tomee: default}\n", "methods: unknown method 'tomee'. Did you mean: tome?"),
+    ("tasks: [traffic_signs]\nmethods: {random: [8, 16]}\n",
+     "methods: budget 8 of 'random' must look like key=value, e.g. random: [k=8, k=16]"),
+    ("tasks: [traffic_signs]\nmethods: {tome: defualt}\n", "methods: budgets of 'tome' must be null (no budget knob)"),
+    ("tasks: [traffic_signs]\nmethods: {tome: [k=4]}\n", "methods: 'tome' takes budgets r=..., not k=..."),
+    ("tasks: [traffic_signs]\nmethods: {full: [k=4]}\n", "methods: 'full' has no budget knob; write full: null"),
+    ("tasks: [traffic_signs]\nmethods: {full: null}\nset: [teacher.steps]\n", "set: entry 'teacher.steps' must look"),
+])
+def test_bad_sweep_file_is_one_line_error_and_runs_nothing(tmp_path, capsys, runs, text, expected):
+    path = _sweep(tmp_path, text)
+    assert main(["sweep", path, *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"lwbench: error: sweep file {path}: ") and expected in err[0], err[0]
+    assert runs == []
+
+
+def test_all_problems_are_reported_together(tmp_path, capsys, runs):
+    path = _sweep(tmp_path, "sourse: synthetic\ntasks: [trafic_signs, billiards, cubb]\nseeds: [zero, 1]\n"
+                            "methods: {full: null, tomee: default, random: [k=3]}\n")
+    assert main(["sweep", path, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"lwbench: error: sweep file {path} has 5 problems (nothing was run):" in err
+    for part in ("unknown key 'sourse'", "seeds: entry 'zero'", "unknown task 'trafic_signs'", "unknown task 'cubb'",
+                 "unknown method 'tomee'"):
+        assert part in err
+    assert "Traceback" not in err and runs == []
+
+
+def test_problem_list_is_capped():
+    bad = {f"extra{i}": 1 for i in range(14)}
+    with pytest.raises(ConfigError) as info:
+        validate_sweep({**bad, "tasks": ["traffic_signs"], "methods": {"full": None}}, "s.yaml")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "sweep file s.yaml has 14 problems (nothing was run):"
+    assert len(lines) == 1 + MAX_PROBLEMS + 1 and lines[-1] == "  ... and 4 more"
+
+
+def test_validate_normalises_and_is_idempotent():
+    spec = validate_sweep({"tasks": "traffic_signs", "seeds": 3, "methods": {"full": "default", "random": "k=4"},
+                           "set": "teacher.steps=4"}, "s.yaml")
+    assert spec == {"profile": None, "source": None, "tasks": ["traffic_signs"], "seeds": [3],
+                    "methods": {"full": None, "random": ["k=4"]}, "set": ["teacher.steps=4"]}
+    assert validate_sweep(spec, "s.yaml") == spec
+
+
+def test_task_string_expands_to_the_right_points(tmp_path, capsys, runs):
+    path = _sweep(tmp_path, "source: synthetic\ntasks: traffic_signs\nseeds: [0, 1]\n"
+                            "methods:\n  full: null\n  random: [k=3, k=6]\n  tome: default\n")
+    assert main(["sweep", path, *TINY]) == 0
+    got = [(r.method, r.task, r.budget, r.seed) for r in runs]
+    tome = [b for m, _, b, s in got if m == "tome" and s == 0]
+    assert len(tome) >= 3 and all(b.startswith("r=") for b in tome)  # tome: its default grid
+    per_seed = [("traffic_signs", "full", None), ("traffic_signs", "random", "k=3"), ("traffic_signs", "random", "k=6")]
+    per_seed += [("traffic_signs", "tome", b) for b in tome]
+    assert sorted(got) == sorted((m, t, b, s) for s in (0, 1) for t, m, b in per_seed)
+    assert "sweep done: " in capsys.readouterr().err
+
+
+@dataclasses.dataclass(frozen=True)
+class _Req:
+    method: str
+    task: str
+    budget: str | None
+    seed: int
+    sets: tuple[str, ...]
+
+
+def test_file_set_applies_to_every_point_and_the_command_line_wins(tmp_path, runs):
+    path = _sweep(tmp_path, "tasks: [traffic_signs, billiards]\nmethods: {random: [k=3]}\n"
+                            "set: [teacher.steps=9, eval.limit=4]\n")
+    args = argparse.Namespace(profile="quick", source="auto", set=["teacher.steps=2"])
+    assert run_sweep(path, args, lambda a, m, t, b: _Req(m, t, b, 0, tuple(a.set))) == []
+    assert [(r.task, r.sets) for r in runs] == [(t, ("teacher.steps=9", "eval.limit=4", "teacher.steps=2"))
+                                              for t in ("traffic_signs", "billiards")]
+    assert args.set == ["teacher.steps=2"]  # the caller's namespace is left alone

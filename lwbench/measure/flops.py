@@ -154,13 +154,6 @@ def _fvcore_handles() -> dict[str, Any]:
     }
 
 
-# The ops counted, for reference (keep in step with _fvcore_handles).
-MAC_OPS: frozenset[str] = frozenset({
-    "aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::mv", "aten::dot", "aten::addmm", "aten::baddbmm",
-    "aten::addmv", "aten::einsum", "aten::_convolution", "aten::scaled_dot_product_attention", "aten::cdist",
-})
-
-
 # -- counting ----------------------------------------------------------------------------------------
 @dataclass
 class MacReport:
@@ -480,15 +473,6 @@ def torch_counter_macs(model: nn.Module, inputs: Inputs) -> float:
 
 
 # -- lwbench flops -------------------------------------------------------------------------------------
-def _realised_tokens(model: nn.Module, images: torch.Tensor) -> float:
-    encoder = getattr(model, "encoder", None)
-    if encoder is None:
-        return float("nan")
-    with torch.no_grad():
-        counts = [float(encoder(images[i: i + 1]).realised_tokens().float().mean()) for i in range(len(images))]
-    return sum(counts) / len(counts)
-
-
 def random_model(method: str, backbone: str, img_size, budget: str | None = None, num_classes: int = 1000,
                  opts: dict[str, Any] | None = None, seed: int = 0):
     """``(TaskModel, Method, vit, (H, W))``: ``method`` at ``budget`` around a randomly initialised backbone."""
@@ -503,7 +487,7 @@ def random_model(method: str, backbone: str, img_size, budget: str | None = None
     torch.manual_seed(seed)
     vit = create_backbone(backbone, hw).eval()
     spec = BackboneSpec.of(vit, backbone, hw)
-    m = cls(spec, value, **(opts or {}))
+    m = cls(spec, value, **(opts or {})) if isinstance(opts, dict) or opts is None else cls(spec, value, opts=opts)
     return TaskModel(m.build(vit), ClassifierHead(spec.embed_dim, num_classes)).eval(), m, vit, hw
 
 
@@ -517,6 +501,7 @@ def flops_report(
     images: torch.Tensor | None = None,
     seed: int = 0,
     cross_check: bool = True,
+    measure: Any = None,
 ) -> dict[str, Any]:
     """GMACs of ``method`` at ``budget`` on a randomly initialised ``backbone`` at ``img_size``.
 
@@ -530,34 +515,32 @@ def flops_report(
         FlopCountError: when the torch counter sees more than 1 % more work than fvcore: an op
             carries work fvcore has no formula for, and the number would be silently low.
     """
+    from lwbench.config import MeasureConfig
+    from lwbench.measure.contract import count
+
     model, m, vit, hw = random_model(method, backbone, img_size, budget, num_classes, opts, seed)
     if images is None:
         images = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(seed))
-    report = mean_macs_over(model, images)
+    # the same counting and the same refusal rule as `lwbench run` (lwbench/measure/contract.py)
+    cfg = measure or MeasureConfig(flops_images=images.shape[0], flop_tolerance=0.01 if cross_check else math.inf)
+    c = count(model, images, cfg, what=method)
     out: dict[str, Any] = {
         "method": method,
         "backbone": backbone,
         "img_size": list(hw),
         "budget": m.budget_str(),
-        "gmacs": report.gmacs,
-        "params_m": report.params,
-        "parts_gmacs": report.parts_gmacs,
-        "tokens": _realised_tokens(model, images),
+        "gmacs": c.gmacs,
+        "params_m": c.params_m,
+        "parts_gmacs": {"backbone": c.gmacs_backbone, "overhead": c.gmacs_overhead, "head": c.gmacs_head},
+        "tokens": c.tokens_mean,
         "closed_form_gmacs": closed_form_for(vit, hw, num_classes=num_classes) / 1e9,
-        "unsupported_ops": report.unsupported_ops,
-        "uncounted_ops": report.uncounted_ops,
-        "images": report.images,
-        "counter": report.counter,
+        "unsupported_ops": [o for o in c.flops_unsupported_ops.split(", ") if o],
+        "uncounted_ops": [o for o in c.flops_uncounted_ops.split(", ") if o],
+        "images": c.flops_images,
+        "counter": c.flops_counter,
     }
-    if cross_check and report.counter == "fvcore":
-        tc = _mean([torch_counter_macs(model, images[i: i + 1]) for i in range(len(images))])
-        out["torch_counter_gmacs"] = tc / 1e9
-        if tc > report.macs * 1.01:
-            ops = ", ".join(report.unsupported_ops) or "none listed"
-            raise FlopCountError(
-                f"{method}: fvcore counts {report.gmacs:.4g} GMACs but torch.utils.flop_counter {tc / 1e9:.4g}; "
-                f"ops without a MAC formula: {ops}. Add a handle in lwbench/measure/flops.py"
-            )
+    if math.isfinite(c.flops_check_gmacs):
+        out["torch_counter_gmacs"] = c.flops_check_gmacs
     return out
 
 

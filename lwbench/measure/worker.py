@@ -1,69 +1,145 @@
-"""Measure one model in a fresh Python process: ``python -m lwbench.measure.worker DIR [options]``.
+"""Measure one model in a fresh Python process: ``python -m lwbench.measure.worker DIR [--parent-pid PID]``.
 
 Why a subprocess per point (as timm's ``bulk_runner`` and optimum-benchmark do): the peak RSS of
 a fresh process belongs to this model alone, no allocator cache or thread pool state carries
 over from the previous method, and a crash or OOM loses one point, not the sweep.
 
 The parent pickles the whole module (``torch.save``) and the image batch into a temporary
-directory; the child loads them (``weights_only=False``: we wrote the file ourselves), measures
-memory first (the first full-size forward of the process), then latency and throughput, and
-prints one JSON line on stdout. Anything else the model prints goes to stderr.
+directory ``lwbench-measure-*`` with the options (``options.json``, a :class:`MeasureOptions`) and its
+own pid (``owner.pid``); the child writes ``worker.pid``, loads them (``weights_only=False``: we wrote
+the file ourselves), measures memory first (the first full-size forward of the process), then latency
+and throughput, and prints one JSON line on stdout. Anything else the model prints goes to stderr.
+
+A parent killed with ``kill -9`` runs no cleanup, so the child sees to it: on Linux the kernel sends it
+SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), and everywhere a thread polls the parent's pid
+every 0.5 s. The folder it leaves behind (the pickled model) is removed by the next measurement once its
+owner is dead and it is older than a minute.
+
+This module imports torch only once the parent watch is in place: importing it takes seconds, during
+which an orphaned child would otherwise keep running.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
+TEMP_PREFIX = "lwbench-measure-"
+STALE_AFTER_S = 60.0
+OWNER, WORKER, OPTIONS = "owner.pid", "worker.pid", "options.json"
 
 
 def _dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
+    import torch
+
+    if name not in DTYPES:
         from lwbench.errors import ConfigError
 
-        raise ConfigError(f"unknown dtype '{name}'; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+        raise ConfigError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureOptions:
+    """How one point is timed; the same object in this process and, as ``options.json``, in the worker.
+
+    Attributes:
+        device: "cpu", "cuda", "cuda:1", ...
+        threads: intra-op threads on CPU (also OMP/MKL_NUM_THREADS of the worker).
+        throughput_batch: batch size of the throughput pass.
+        warmup: warm-up iterations before each timing.
+        min_run_time: seconds each timed measurement runs at least.
+        min_runs: latency measurements (throughput takes ``min(min_runs, 5)``).
+        dtype: one of float32, float16, bfloat16.
+        memory_batch: batch size of the memory pass.
+    """
+
+    device: str = "cpu"
+    threads: int = 1
+    throughput_batch: int = 32
+    warmup: int = 10
+    min_run_time: float = 2.0
+    min_runs: int = 10
+    dtype: str = "float32"
+    memory_batch: int = 1
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            kind = {"str": str, "int": int, "float": float}[f.type if isinstance(f.type, str) else f.type.__name__]
+            object.__setattr__(self, f.name, kind(getattr(self, f.name)))  # torch.device -> "cuda:0", "2" -> 2
+        if self.dtype not in DTYPES:
+            from lwbench.errors import ConfigError
+
+            raise ConfigError(f"unknown dtype '{self.dtype}'; use one of {', '.join(DTYPES)}")
+
+    @classmethod
+    def of(cls, options: MeasureOptions | None = None, **overrides: Any) -> MeasureOptions:
+        """``options`` (default: the defaults) with every override that is not None applied."""
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> MeasureOptions:
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def measure_all(
     model: nn.Module,
     images: torch.Tensor,
-    device: str | torch.device = "cpu",
-    threads: int = 1,
-    throughput_batch: int = 32,
-    warmup: int = 10,
-    min_run_time: float = 2.0,
-    min_runs: int = 10,
-    dtype: str = "float32",
-    memory_batch: int = 1,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    throughput_batch: int | None = None,
+    warmup: int | None = None,
+    min_run_time: float | None = None,
+    min_runs: int | None = None,
+    dtype: str | None = None,
+    memory_batch: int | None = None,
+    options: MeasureOptions | None = None,
 ) -> dict[str, Any]:
     """Memory, then latency (batch 1), then throughput, in this process. The model is put in eval
     mode, cast to ``dtype`` and moved to ``device`` (in place). Latency takes at least ``min_runs``
-    measurements, throughput at least ``min(min_runs, 5)``, each at least ``min_run_time`` seconds."""
+    measurements, throughput at least ``min(min_runs, 5)``, each at least ``min_run_time`` seconds.
+
+    Settings come from ``options`` (default ``MeasureOptions()``); a keyword given here overrides it."""
+    import torch
+
     from lwbench.measure.latency import as_device, measure_latency, measure_throughput
     from lwbench.measure.memory import measure_memory
 
-    device = as_device(device)
-    if device.type == "cpu":
-        torch.set_num_threads(int(threads))
-    model = model.eval().to(device=device, dtype=_dtype(dtype))
-    out: dict[str, Any] = {"device": device.type, "threads": int(threads), "dtype": dtype}
-    out.update(measure_memory(model, images, device, batch_size=memory_batch))
-    kw = dict(threads=threads, warmup=warmup, min_run_time=min_run_time)
-    out.update(measure_latency(model, images, device, min_runs=min_runs, **kw))
+    o = MeasureOptions.of(options, device=device, threads=threads, throughput_batch=throughput_batch, warmup=warmup,
+                          min_run_time=min_run_time, min_runs=min_runs, dtype=dtype, memory_batch=memory_batch)
+    dev = as_device(o.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(o.threads)
+    model = model.eval().to(device=dev, dtype=_dtype(o.dtype))
+    out: dict[str, Any] = {"device": dev.type, "threads": o.threads, "dtype": o.dtype}
+    out.update(measure_memory(model, images, dev, batch_size=o.memory_batch))
+    kw = dict(threads=o.threads, warmup=o.warmup, min_run_time=o.min_run_time)
+    out.update(measure_latency(model, images, dev, min_runs=o.min_runs, **kw))
     # A big batch on CPU takes seconds per call: a median of 5 calls is enough there.
-    out.update(measure_throughput(model, images, device, batch_size=throughput_batch, min_runs=min(min_runs, 5), **kw))
+    out.update(measure_throughput(model, images, dev, batch_size=o.throughput_batch, min_runs=min(o.min_runs, 5),
+                                  **kw))
     return out
 
 
@@ -88,37 +164,116 @@ def _parse_result(stdout: str) -> dict[str, Any]:
     raise ValueError("worker printed no JSON result line")
 
 
+# -- orphans: the worker dies with its parent, and the parent clears what killed parents left ----------------
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, counts as dead). Always True on
+    Windows, where ``os.kill(pid, 0)`` would send CTRL_C_EVENT instead of probing."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): alive as far as we can tell
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the worker: exit when ``parent_pid`` is gone (PR_SET_PDEATHSIG on Linux, plus a polling thread)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the thread below still notices
+    # The parent may have died before prctl took effect (its death signal is then never sent).
+    if os.getppid() != parent_pid and not pid_alive(parent_pid):
+        os._exit(3)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if not pid_alive(parent_pid):
+                os._exit(3)
+
+    threading.Thread(target=watch, name="lwbench-parent-watch", daemon=True).start()
+
+
+def remove_stale_folders(tmpdir: str | Path | None = None, min_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Delete ``lwbench-measure-*`` folders in ``tmpdir`` (default ``tempfile.gettempdir()``) whose owner
+    process is dead and which are older than ``min_age_s``: the pickled models of parents killed mid-way.
+    Folders without an ``owner.pid`` are left alone (another lwbench version's, possibly in use).
+    Returns the folders removed."""
+    removed = []
+    for folder in Path(tmpdir or tempfile.gettempdir()).glob(TEMP_PREFIX + "*"):
+        try:
+            owner = int((folder / OWNER).read_text().strip())
+            age = time.time() - folder.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if owner == os.getpid() or age < min_age_s or pid_alive(owner):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _write_atomic(file: Path, text: str) -> None:
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
 def measure_in_subprocess(
     model: nn.Module,
     images: torch.Tensor,
-    device: str | torch.device = "cpu",
-    threads: int = 1,
-    throughput_batch: int = 32,
-    warmup: int = 10,
-    min_run_time: float = 2.0,
-    min_runs: int = 10,
-    dtype: str = "float32",
-    memory_batch: int = 1,
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    throughput_batch: int | None = None,
+    warmup: int | None = None,
+    min_run_time: float | None = None,
+    min_runs: int | None = None,
+    dtype: str | None = None,
+    memory_batch: int | None = None,
     timeout: float | None = 3600.0,
+    options: MeasureOptions | None = None,
 ) -> dict[str, Any]:
     """:func:`measure_all` in a fresh process; ``"isolated": True`` in the result when it worked.
 
-    When the model cannot be pickled or the worker fails (e.g. a class defined in ``__main__``),
-    the measurement is repeated in this process, a notice goes to stderr, and the result says
-    ``"isolated": False`` with the reason in ``"isolation_error"`` (its peak memory then includes
-    this process's history, see :mod:`lwbench.measure.memory`).
+    Settings as for :func:`measure_all` (``options``, keywords override). When the model cannot be pickled
+    or the worker fails (e.g. a class defined in ``__main__``), the measurement is repeated in this process,
+    a notice goes to stderr, and the result says ``"isolated": False`` with the reason in
+    ``"isolation_error"`` (its peak memory then includes this process's history, see
+    :mod:`lwbench.measure.memory`).
     """
-    opts = dict(device=str(device), threads=int(threads), throughput_batch=int(throughput_batch), warmup=int(warmup),
-                min_run_time=float(min_run_time), min_runs=int(min_runs), dtype=dtype, memory_batch=int(memory_batch))
+    import torch
+
+    opts = MeasureOptions.of(options, device=device, threads=threads, throughput_batch=throughput_batch,
+                             warmup=warmup, min_run_time=min_run_time, min_runs=min_runs, dtype=dtype,
+                             memory_batch=memory_batch)
+    remove_stale_folders()
     error: str
-    with tempfile.TemporaryDirectory(prefix="lwbench-measure-") as tmp:
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+    try:
+        (tmp / OWNER).write_text(str(os.getpid()))
         try:
-            torch.save(model, Path(tmp) / "model.pt")
-            torch.save(images.detach().cpu(), Path(tmp) / "images.pt")
-            cmd = [sys.executable, "-m", "lwbench.measure.worker", tmp]
-            for k, v in opts.items():
-                cmd += [f"--{k.replace('_', '-')}", str(v)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env(threads))
+            torch.save(model, tmp / "model.pt")
+            torch.save(images.detach().cpu(), tmp / "images.pt")
+            (tmp / OPTIONS).write_text(opts.to_json())
+            cmd = [sys.executable, "-m", "lwbench.measure.worker", str(tmp), "--parent-pid", str(os.getpid())]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env(opts.threads))
             if proc.returncode == 0:
                 result = _parse_result(proc.stdout)
                 result["isolated"] = True
@@ -129,9 +284,11 @@ def measure_in_subprocess(
             error = f"worker timed out after {timeout} s"
         except Exception as exc:  # pickling, spawning, parsing
             error = f"{type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"lwbench: notice: isolated measurement failed ({error}); measuring in this process instead",
           file=sys.stderr)
-    result = measure_all(model, images, **opts)
+    result = measure_all(model, images, options=opts)
     result["isolated"] = False
     result["isolation_error"] = error
     result["memory_exact"] = False  # this process's allocator already holds memory from earlier work
@@ -140,27 +297,26 @@ def measure_in_subprocess(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lwbench.measure.worker", description=__doc__.splitlines()[0])
-    ap.add_argument("dir", help="folder with model.pt (torch.save of the module) and images.pt")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--throughput-batch", type=int, default=32)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--min-run-time", type=float, default=2.0)
-    ap.add_argument("--min-runs", type=int, default=10)
-    ap.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
-    ap.add_argument("--memory-batch", type=int, default=1)
+    ap.add_argument("dir", help="folder with model.pt (torch.save of the module), images.pt and options.json")
+    ap.add_argument("--parent-pid", type=int, default=None, help="exit as soon as this process is gone")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    folder = Path(args.dir)
+    if args.parent_pid is not None:
+        _die_with_parent(args.parent_pid)
+    _write_atomic(folder / WORKER, str(os.getpid()))
+    opts_file = folder / OPTIONS
+    opts = MeasureOptions.from_json(opts_file.read_text()) if opts_file.is_file() else MeasureOptions()
+
+    import torch
+
+    torch.set_num_threads(opts.threads)
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         import lwbench.backbones  # noqa: F401  (registers lw_vit_* so pickled timm models resolve)
 
-        model = torch.load(Path(args.dir) / "model.pt", map_location="cpu", weights_only=False)
-        images = torch.load(Path(args.dir) / "images.pt", map_location="cpu", weights_only=True)
-        result = measure_all(model, images, device=args.device, threads=args.threads,
-                             throughput_batch=args.throughput_batch, warmup=args.warmup,
-                             min_run_time=args.min_run_time, min_runs=args.min_runs, dtype=args.dtype,
-                             memory_batch=args.memory_batch)
+        model = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)
+        images = torch.load(folder / "images.pt", map_location="cpu", weights_only=True)
+        result = measure_all(model, images, options=opts)
         result["pid"] = os.getpid()
     print(json.dumps(result), file=real_stdout, flush=True)
     return 0

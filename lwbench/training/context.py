@@ -3,6 +3,7 @@ one training loop with checkpoints, resumption, progress and NaN guards, so no m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lwbench.config import Stage, TrainConfig
 from lwbench.heads import TaskModel
 from lwbench.task import Task
 
@@ -26,59 +28,88 @@ class FitContext:
         task: the task (its ``dataset``/``loader`` give augmented training data).
         teacher: the task-trained backbone as a frozen ``TaskModel``; ``teacher.encoder.vit`` is the timm ViT,
             ``teacher.head`` its task head. Never modify it: copy what you train.
-        settings: the profile's training settings for this task (steps, batch_size, lr, weight_decay,
-            warmup_steps, ...); see configs/profiles/*.yaml, key ``finetune`` (and method-specific keys).
+        defaults: the run's ``train`` section (:class:`~lwbench.config.TrainConfig`), used for a training call
+            that names no stage. A method's stages (its ``Stage`` options, e.g. ``self.opts.finetune``) already
+            carry these defaults where they leave a value unset.
         device: "cpu" or "cuda".
-        work_dir: a folder private to this (method, budget, task, source, backbone, profile, seed) config for
-            checkpoints; a rerun of the same config resumes from here.
+        work_dir: a folder private to this run id for checkpoints; a rerun of the same config resumes from here.
         shared_dir: a folder shared by every budget of this method on this teacher, for stages that do not
             depend on the budget (LookWhere's distillation): a second run at another k reuses them.
-        method_settings: the profile's ``methods.<name>`` block (method-specific training settings, e.g.
-            distillation steps); empty if the profile has none.
+        method_opts: the method's options (to name a stage's settings in error messages).
+        stage_times: seconds each training stage took, filled by :meth:`train` and :meth:`record_stage`
+            (a cached stage counts with the time it took when it ran); the row's ``method_train_time_s``.
     """
 
     task: Task
     teacher: TaskModel
-    settings: dict[str, Any]
+    defaults: TrainConfig = field(default_factory=TrainConfig)
     device: str = "cpu"
     work_dir: Path = field(default_factory=lambda: Path("."))
     shared_dir: Path = field(default_factory=lambda: Path("."))
-    method_settings: dict[str, Any] = field(default_factory=dict)
+    method_opts: Any = None
     seed: int = 0
     quiet: bool = False
+    stage_times: dict[str, float] = field(default_factory=dict)
 
-    def setting(self, key: str) -> Any:
-        """``key`` from the method's own settings (``methods.<name>``) if given there, else from ``settings``."""
-        return self.method_settings.get(key, self.settings[key])
+    def train_batches(self, batch_size: int, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless stream of augmented training batches (re-shuffled every epoch), an
+        :class:`~lwbench.training.loop.EpochStream` whose position is checkpointed, so a resumed stage
+        continues with the batches an uninterrupted one would have drawn."""
+        from lwbench.training.loop import EpochStream, endless
 
-    def train_batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless stream of augmented training batches (re-shuffled every epoch)."""
-        from lwbench.training.loop import endless
+        if not callable(getattr(self.task, "dataset", None)):  # a task object with a loader only
+            return endless(self.task.loader("train", batch_size, train=True, num_workers=workers))
+        return EpochStream(self.task.dataset("train", train=True), batch_size, seed=int(getattr(self.task, "seed", 0)),
+                           num_workers=workers)
 
-        bs = int(batch_size or self.settings["batch_size"])
-        return endless(self.task.loader("train", bs, train=True, num_workers=int(self.settings.get("workers", 0))))
+    def stage(self, stage: Stage | TrainConfig | None) -> Stage | TrainConfig:
+        """``stage`` with its unset values taken from the run's ``train`` section (``None``: that section)."""
+        if stage is None:
+            return self.defaults
+        return stage.resolved(self.defaults) if isinstance(stage, Stage) else stage
 
-    def train(self, model: nn.Module, loss_fn: LossFn, tag: str, steps: int | None = None, lr: float | None = None,
-              params: list[nn.Parameter | dict] | None = None, batch_size: int | None = None,
+    def stage_key(self, stage: Any) -> str:
+        """How the user sets ``stage``'s values: ``method.<name>`` for a method stage, else ``train``."""
+        opts = self.method_opts
+        if opts is not None and dataclasses.is_dataclass(opts):
+            for f in dataclasses.fields(opts):
+                value = getattr(opts, f.name)
+                if isinstance(value, Stage) and (value is stage or self.stage(value) == stage):
+                    return f"method.{f.name}"
+        return "train"
+
+    def train(self, model: nn.Module, loss_fn: LossFn, tag: str, stage: Stage | TrainConfig | None = None,
+              steps: int | None = None, lr: float | None = None, params: list[nn.Parameter | dict] | None = None,
               batches: Iterator | None = None) -> nn.Module:
-        """Train ``params`` (default: all trainable parameters of ``model``) for ``steps`` AdamW steps.
+        """Train ``params`` (default: all trainable parameters of ``model``) with ``stage``'s settings
+        (default: the run's ``train`` section); ``steps``/``lr`` override the stage's (DynamicViT splits its
+        stage in two parts).
 
         Weight decay on weight matrices only, linear warm-up then cosine; checkpoints (safetensors) in
-        ``work_dir/tag`` every few steps and at the end; resumes if a checkpoint is there; a NaN loss raises
-        ``TrainingError`` and leaves the last good checkpoint. Returns ``model`` (trained in place)."""
-        from lwbench.training.loop import train_loop
+        ``work_dir/tag``; resumes if a checkpoint is there; a NaN loss raises ``TrainingError`` naming the
+        setting to lower. Returns ``model`` (trained in place)."""
+        from lwbench.training.loop import train_loop, training_time
 
-        s = self.settings
-        return train_loop(
+        s = self.stage(stage)
+        ckpt = self.work_dir / tag
+        train_loop(
             model, loss_fn,
-            batches=batches if batches is not None else self.train_batches(batch_size),
-            steps=int(steps if steps is not None else s["steps"]),
-            lr=float(lr if lr is not None else s["lr"]),
-            weight_decay=float(s.get("weight_decay", 0.05)),
-            warmup_steps=int(s.get("warmup_steps", 0)),
-            params=params, ckpt_dir=self.work_dir / tag, device=self.device, desc=tag, quiet=self.quiet,
-            grad_clip=s.get("grad_clip"),
+            batches=batches if batches is not None else self.train_batches(int(s.batch_size), int(s.workers or 0)),
+            steps=int(steps if steps is not None else s.steps),
+            lr=float(lr if lr is not None else s.lr),
+            weight_decay=float(s.weight_decay),
+            warmup_steps=int(s.warmup_steps),
+            params=params, ckpt_dir=ckpt, device=self.device, desc=tag, quiet=self.quiet,
+            grad_clip=s.grad_clip, lr_key=f"{self.stage_key(s)}.lr",
         )
+        self.stage_times[tag] = training_time(ckpt)
+        return model
+
+    def record_stage(self, tag: str, ckpt_dir: Path) -> None:
+        """Count a stage loaded from its cache with the time it took when it ran."""
+        from lwbench.training.loop import training_time
+
+        self.stage_times[tag] = training_time(ckpt_dir)
 
     def finetune(self, model: TaskModel, tag: str, loss_fn: LossFn | None = None, **kw) -> TaskModel:
         """Supervised fine-tuning with the task loss (cross-entropy; pixel CE with ignore=255 for segmentation)."""

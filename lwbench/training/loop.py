@@ -2,33 +2,55 @@
 
 Every trainable thing in lwbench (the quick profile's task-trained teacher, fine-tuning, LookWhere's
 distillation, DynamicViT, DPS, IPS) goes through :func:`train_loop`, so resumption and failure
-behaviour are the same everywhere: a checkpoint (safetensors weights + optimizer state) is written
-atomically every ``ckpt_every`` steps and at the end; a rerun with the same ``ckpt_dir`` continues
-from it; a NaN loss stops with one clear line and leaves the last good checkpoint in place.
+behaviour are the same everywhere:
+
+* a checkpoint (safetensors weights, optimizer state, RNG and data-stream position) is written
+  atomically every ``ckpt_every_s`` seconds and at the end; a rerun with the same ``ckpt_dir``
+  continues from it, and with an :class:`EpochStream` and ``num_workers=0`` a killed-and-resumed
+  run ends with exactly the weights of an uninterrupted one;
+* one process at a time trains a stage folder (:func:`lwbench.locks.stage_lock`): a second one
+  waits, then reuses the finished result;
+* a NaN loss stops with one clear line and leaves the last good checkpoint in place;
+* a damaged checkpoint (a truncated file after a full disk or a crash) is one line naming the file
+  and ``lwbench cache drop``, not a traceback.
+
+Checkpoint folder: ``model.safetensors``, ``state.json`` (step, elapsed_s; written last, so it always
+describes complete files), while training also ``optim.pt`` and ``resume.pt`` (RNG states, stream
+position, the loss function's own state), and ``done.json`` once finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from lwbench.errors import TrainingError
+from lwbench.errors import CheckpointError, TrainingError
+from lwbench.locks import stage_lock
 
 DONE = "done.json"
+STATE = "state.json"
+WEIGHTS = "model.safetensors"
+OPTIM = "optim.pt"
+RESUME = "resume.pt"
 
 
 def endless(loader: Iterable) -> Iterator:
-    """Cycle a DataLoader forever (re-shuffling every epoch)."""
+    """Cycle a DataLoader forever (re-shuffling every epoch). Its position cannot be saved: training
+    resumed from it restarts the data order; use :class:`EpochStream` where resumption must be exact."""
     while True:
         yield from loader
 
@@ -78,24 +100,184 @@ def lr_at(step: int, steps: int, base_lr: float, warmup: int, min_ratio: float =
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+class EpochStream:
+    """Endless shuffled batches of ``dataset`` whose position can be saved and restored.
+
+    Why not ``endless(DataLoader(shuffle=True))``: its order comes from a generator that a restarted
+    process cannot fast-forward, so a resumed run sees other batches than an uninterrupted one. Here the
+    order of epoch ``e`` is a permutation drawn from its own generator, seeded ``seed * 1000003 + e``
+    (never from the global RNG, which augmentation and dropout use), so ``(epoch, batch)`` is the whole
+    position: :meth:`state_dict` / :meth:`load_state_dict` save and restore it, :meth:`skip_to` puts the
+    stream where ``step`` batches have been drawn from the start.
+
+    With ``num_workers=0`` (batches built in this process) random augmentation draws from the global RNG,
+    which :func:`train_loop` checkpoints, so resumption is exact. With workers the order is still exact but
+    each worker's augmentation RNG restarts with the resumed process.
+
+    Args:
+        dataset: a map-style dataset.
+        batch_size: items per batch.
+        seed: the data-order seed (the task's seed).
+        collate_fn: as for ``DataLoader`` (default: ``default_collate``).
+        num_workers: ``DataLoader`` workers (persistent across epochs).
+        drop_last: drop the last partial batch of each epoch, unless the dataset has fewer items than one
+            batch (then the one partial batch is the epoch), as ``Task.loader`` does.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, collate_fn: Callable | None = None,
+                 num_workers: int = 0, drop_last: bool = True):
+        from torch.utils.data import DataLoader
+
+        self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
+        n = len(dataset)
+        if n == 0:
+            raise TrainingError("the training set is empty: nothing to draw batches from")
+        full = n // self.batch_size
+        self.batches_per_epoch = full if drop_last and full > 0 else math.ceil(n / self.batch_size)
+        self.epoch, self.batch = 0, 0
+        self._it: Iterator | None = None
+        # One loader whose batch sampler reads this stream's position each time an epoch starts; its own
+        # generator (worker seeds) keeps it from drawing on the global RNG.
+        self._loader = DataLoader(dataset, batch_sampler=_Positions(self), collate_fn=collate_fn,
+                                  num_workers=int(num_workers), persistent_workers=int(num_workers) > 0,
+                                  generator=torch.Generator().manual_seed(self.seed))
+
+    def order(self, epoch: int) -> list[int]:
+        """The item order of ``epoch``."""
+        g = torch.Generator().manual_seed(self.seed * 1000003 + int(epoch))
+        return torch.randperm(len(self.dataset), generator=g).tolist()
+
+    def __iter__(self) -> EpochStream:
+        return self
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                if self.batch >= self.batches_per_epoch:
+                    self.epoch, self.batch = self.epoch + 1, 0
+                self._it = iter(self._loader)
+            try:
+                out = next(self._it)
+            except StopIteration:
+                self._it = None
+                continue
+            self.batch += 1
+            return out
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batch"}``: the epoch being drawn and how many of its batches were yielded."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._it = None
+
+    def skip_to(self, step: int) -> None:
+        """Continue as if ``step`` batches had been drawn from the start."""
+        epoch, batch = divmod(int(step), self.batches_per_epoch)
+        self.load_state_dict({"epoch": epoch, "batch": batch})
+
+
+class _Positions:
+    """Batch sampler of an :class:`EpochStream`: the index batches left in its current epoch."""
+
+    def __init__(self, stream: EpochStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[list[int]]:
+        s = self.stream
+        order, bs = s.order(s.epoch), s.batch_size
+        for b in range(s.batch, s.batches_per_epoch):
+            yield order[b * bs:(b + 1) * bs]
+
+    def __len__(self) -> int:
+        return self.stream.batches_per_epoch
+
+
 def is_done(ckpt_dir: Path) -> bool:
     return (Path(ckpt_dir) / DONE).is_file()
 
 
+def damaged(file: Path, why: str) -> CheckpointError:
+    """The one-line error for an unreadable checkpoint file, saying how to drop the stage folder."""
+    folder = Path(file).parent
+    return CheckpointError(f"checkpoint file {file} is damaged ({why}); {_drop_hint(folder)}")
+
+
+def _drop_hint(folder: Path) -> str:
+    from lwbench.paths import cache_dir
+
+    try:
+        Path(folder).resolve().relative_to(cache_dir().resolve())
+    except ValueError:  # e.g. a pretrain --out folder of the user's
+        return f"delete the folder {folder} to train this stage again"
+    return f"remove it with: lwbench cache drop {folder}"
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise damaged(file, f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise damaged(file, "not a JSON object")
+    return data
+
+
+def check_weights(file: Path) -> None:
+    """Raise :func:`damaged` unless ``file`` is a complete safetensors file (header readable, every tensor's
+    bytes present). Reads the header only."""
+    file = Path(file)
+    if not file.is_file():
+        raise damaged(file, "missing")
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        raise damaged(file, f"unreadable safetensors header: {exc}") from None
+    if 8 + n + end > size:
+        raise damaged(file, f"truncated: {size} bytes, the header describes {8 + n + end}")
+
+
 def load_checkpoint(model: nn.Module, ckpt_dir: Path) -> dict | None:
-    """Load the last checkpoint of ``ckpt_dir`` into ``model``; returns its state (step, ...) or None."""
+    """Load the last checkpoint of ``ckpt_dir`` into ``model``; returns its state (step, ...) or None.
+
+    Raises ``CheckpointError`` (one line) when a file is damaged or the weights do not fit ``model``."""
     ckpt_dir = Path(ckpt_dir)
-    state_file = ckpt_dir / "state.json"
+    state_file = ckpt_dir / STATE
     if not state_file.is_file():
         return None
-    state = json.loads(state_file.read_text())
-    missing, unexpected = load_model(model, str(ckpt_dir / "model.safetensors"), strict=False, device="cpu")
+    state = _read_json(state_file)
+    if not isinstance(state.get("step"), int):
+        raise damaged(state_file, "no integer 'step'")
+    weights = ckpt_dir / WEIGHTS
+    check_weights(weights)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device="cpu")
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise damaged(weights, str(exc).splitlines()[0]) from None
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "size mismatch")
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not fit the model ({first}); "
+                              f"{_drop_hint(ckpt_dir)}") from None
+    except Exception as exc:  # safetensors' own errors
+        raise damaged(weights, f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
     if missing or unexpected:
-        from lwbench.errors import CheckpointError
-
         raise CheckpointError(f"checkpoint {ckpt_dir} does not fit the model (missing {list(missing)[:5]}, "
-                              f"unexpected {list(unexpected)[:5]}); delete it or use --force")
+                              f"unexpected {list(unexpected)[:5]}); {_drop_hint(ckpt_dir)}")
     return state
+
+
+def _torch_load(file: Path, device: str = "cpu"):
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated zip, unpickling error
+        raise damaged(file, f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 
 def is_main_process() -> bool:
@@ -105,18 +287,92 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _atomic_checkpoint(model: nn.Module, opt: torch.optim.Optimizer | None, state: dict, ckpt_dir: Path) -> None:
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _temp_file(ckpt_dir: Path, name: str) -> Path:
+    """A fresh hidden file next to ``name``: two writers of one folder never share a temporary name."""
+    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shared cache unreadable to others
+    return Path(tmp)
+
+
+def _atomic_checkpoint(model: nn.Module, opt: torch.optim.Optimizer | None, state: dict, ckpt_dir: Path,
+                       resume: dict | None = None) -> None:
+    """Write weights, optimizer and resume state under unique temporary names, then ``os.replace`` them
+    into place, weights first and ``state.json`` last: a ``state.json`` always describes complete files.
+    Temporary files are removed if anything fails."""
+    ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp_model = ckpt_dir / "model.safetensors.tmp"
-    save_model(model, str(tmp_model))
-    if opt is not None:
-        torch.save(opt.state_dict(), ckpt_dir / "optim.pt.tmp")
-    (ckpt_dir / "state.json.tmp").write_text(json.dumps(state))
-    # weights first, state last: a state.json always describes complete files
-    os.replace(tmp_model, ckpt_dir / "model.safetensors")
-    if opt is not None:
-        os.replace(ckpt_dir / "optim.pt.tmp", ckpt_dir / "optim.pt")
-    os.replace(ckpt_dir / "state.json.tmp", ckpt_dir / "state.json")
+    written: list[tuple[Path, str]] = []
+
+    def temp(name: str) -> Path:
+        tmp = _temp_file(ckpt_dir, name)
+        written.append((tmp, name))
+        return tmp
+
+    try:
+        save_model(model, str(temp(WEIGHTS)))
+        if opt is not None:
+            torch.save(opt.state_dict(), temp(OPTIM))
+        if resume is not None:
+            torch.save(resume, temp(RESUME))
+        temp(STATE).write_text(json.dumps(state))
+        for tmp, name in written:
+            os.replace(tmp, ckpt_dir / name)
+    finally:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+
+
+def _write_json_atomic(file: Path, data: dict) -> None:
+    tmp = _temp_file(file.parent, file.name)
+    try:
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _resume_state(step: int, loss_fn: Callable, batches: Iterator) -> dict[str, Any]:
+    """What a resumed run needs besides weights and optimizer to continue exactly as this one would."""
+    state: dict[str, Any] = {"step": int(step), "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if callable(getattr(loss_fn, "state_dict", None)):
+        state["loss_fn"] = loss_fn.state_dict()
+    if callable(getattr(batches, "state_dict", None)):
+        state["batches"] = batches.state_dict()
+    return state
+
+
+def _restore(ckpt_dir: Path, start: int, loss_fn: Callable, batches: Iterator) -> None:
+    """Restore ``resume.pt`` (RNG, stream position, loss state) if it belongs to step ``start``. Checkpoints
+    written before it existed still resume (the stream then skips ``start`` batches; the RNG is not restored)."""
+    file = ckpt_dir / RESUME
+    saved = _torch_load(file) if file.is_file() else None
+    if saved is not None and int(saved.get("step", -1)) != start:
+        saved = None  # left by another writer of this folder: not this step's state
+    if saved is None:
+        if callable(getattr(batches, "skip_to", None)):
+            batches.skip_to(start)
+        return
+    if "batches" in saved and callable(getattr(batches, "load_state_dict", None)):
+        batches.load_state_dict(saved["batches"])
+    elif callable(getattr(batches, "skip_to", None)):
+        batches.skip_to(start)
+    if _world_size() > 1:
+        return  # rank 0's RNG and loss state (k draws) are not the other ranks'
+    torch.set_rng_state(saved["torch_rng"])
+    cuda = saved.get("cuda_rng")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    if "loss_fn" in saved and callable(getattr(loss_fn, "load_state_dict", None)):
+        loss_fn.load_state_dict(saved["loss_fn"])
 
 
 def train_loop(
@@ -134,29 +390,56 @@ def train_loop(
     quiet: bool = False,
     grad_clip: float | None = None,
     ckpt_every_s: float = 60.0,
-    on_step: Callable[[int], None] | None = None,
+    lr_key: str | None = None,
 ) -> nn.Module:
     """Train ``model`` in place for ``steps`` optimizer steps; see the module docstring for guarantees.
 
-    ``on_step(step)`` is called before each step (e.g. to anneal a temperature)."""
-    from tqdm.auto import tqdm
-
+    ``batches`` yields ``(images, targets)``; with ``state_dict``/``load_state_dict`` (:class:`EpochStream`)
+    its position is checkpointed, and so is ``loss_fn``'s if it has them (LookWhere's k draws).
+    ``lr_key`` is the setting that holds ``lr`` (e.g. ``teacher.lr``), named by the NaN error."""
     model.to(device)
     groups = param_groups(list(params if params is not None else model.parameters()), weight_decay)
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise TrainingError(f"{desc}: nothing to train (no parameter requires grad)")
+    if ckpt_dir is None:
+        lock: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        ckpt_dir = Path(ckpt_dir)
+        # Rank 0 alone: other DDP ranks wait for it in the gradient all-reduce, not on the lock.
+        lock = stage_lock(ckpt_dir, desc, quiet=quiet) if is_main_process() else contextlib.nullcontext()
+    with lock:
+        if ckpt_dir is not None and _finished(ckpt_dir, steps):  # e.g. by the process this one waited for
+            if load_checkpoint(model, ckpt_dir) is None:
+                raise damaged(ckpt_dir / STATE, f"missing although {DONE} says the stage is finished")
+            return model.to(device).eval()
+        return _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckpt_dir, device, desc,
+                      quiet, grad_clip, ckpt_every_s, lr_key)
+
+
+def _finished(ckpt_dir: Path, steps: int) -> bool:
+    done = ckpt_dir / DONE
+    return done.is_file() and int(_read_json(done).get("steps", 0)) >= steps
+
+
+def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckpt_dir, device, desc, quiet,
+           grad_clip, ckpt_every_s, lr_key) -> nn.Module:
+    from tqdm.auto import tqdm
+
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     start, elapsed = 0, 0.0
     if ckpt_dir is not None:
-        ckpt_dir = Path(ckpt_dir)
         state = load_checkpoint(model, ckpt_dir)
         if state is not None:
             start, elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
-            if (ckpt_dir / "optim.pt").is_file() and start < steps:
-                opt.load_state_dict(torch.load(ckpt_dir / "optim.pt", map_location=device, weights_only=True))
-            if start < steps and not quiet:
-                print(f"lwbench: resuming {desc} from step {start}/{steps} ({ckpt_dir})", file=sys.stderr)
+            if start < steps:
+                if (ckpt_dir / OPTIM).is_file():
+                    opt.load_state_dict(_torch_load(ckpt_dir / OPTIM, device))
+                _restore(ckpt_dir, start, loss_fn, batches)
+                if is_main_process():
+                    (ckpt_dir / DONE).unlink(missing_ok=True)  # trained further: not done until this run ends
+                if not quiet:
+                    print(f"lwbench: resuming {desc} from step {start}/{steps} ({ckpt_dir})", file=sys.stderr)
     writer = is_main_process()
     model.train()
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=quiet or not sys.stderr.isatty(),
@@ -164,20 +447,15 @@ def train_loop(
     t0 = time.perf_counter()
     last_ckpt = t0
     logged_at = t0
-    step = start
     running = None
     for step in range(start, steps):
-        if on_step is not None:
-            on_step(step)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_mult", 1.0)
         images, targets = next(batches)
         loss, logs = loss_fn(model, to_device(images, device), to_device(targets, device))
         if not torch.isfinite(loss):
             bar.close()
-            where = f"; last good checkpoint kept in {ckpt_dir}" if ckpt_dir is not None else ""
-            raise TrainingError(f"{desc}: loss became {loss.item()} at step {step}{where}; lower the learning rate "
-                                f"(--set train.lr=...) or check the data")
+            raise TrainingError(_nan_message(desc, loss.item(), step, ckpt_dir, lr_key))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -187,30 +465,36 @@ def train_loop(
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}", **{k: f"{v:.3g}" for k, v in logs.items()})
         now = time.perf_counter()
-        if not bar.disable:
-            pass
-        elif not quiet and now - logged_at > 30:  # no TTY: a plain progress line every 30 s
+        if bar.disable and not quiet and now - logged_at > 30:  # no TTY: a plain progress line every 30 s
             done = step + 1 - start
             eta = (now - t0) / done * (steps - step - 1)
             print(f"lwbench: {desc}: step {step + 1}/{steps} loss {running:.3f} eta {eta / 60:.1f} min",
                   file=sys.stderr, flush=True)
             logged_at = now
         if ckpt_dir is not None and writer and now - last_ckpt > ckpt_every_s:
-            _atomic_checkpoint(model, opt, {"step": step + 1, "elapsed_s": elapsed + now - t0}, ckpt_dir)
+            _atomic_checkpoint(model, opt, {"step": step + 1, "elapsed_s": elapsed + now - t0}, ckpt_dir,
+                               resume=_resume_state(step + 1, loss_fn, batches))
             last_ckpt = now
     bar.close()
     if ckpt_dir is not None and writer:
         total = elapsed + time.perf_counter() - t0
         _atomic_checkpoint(model, None, {"step": steps, "elapsed_s": total}, ckpt_dir)
-        (ckpt_dir / DONE).write_text(json.dumps({"steps": steps, "elapsed_s": total}))
-        optim = ckpt_dir / "optim.pt"
-        if optim.exists():
-            optim.unlink()
+        _write_json_atomic(ckpt_dir / DONE, {"steps": steps, "elapsed_s": total})
+        for name in (OPTIM, RESUME):  # only needed to resume; a finished stage is reused, not resumed
+            (ckpt_dir / name).unlink(missing_ok=True)
     model.eval()
     return model
+
+
+def _nan_message(desc: str, value: float, step: int, ckpt_dir: Path | None, lr_key: str | None) -> str:
+    kept = ""
+    if ckpt_dir is not None and (ckpt_dir / STATE).is_file():
+        kept = f"; the last good checkpoint is kept in {ckpt_dir}"
+    fix = f"lower the learning rate (--set {lr_key}=...)" if lr_key else "lower the learning rate of this stage"
+    return f"{desc}: loss became {value} at step {step}{kept}; {fix} or check the data"
 
 
 def training_time(ckpt_dir: Path) -> float:
     """Seconds spent training in ``ckpt_dir`` (across resumptions), 0 if unknown."""
     f = Path(ckpt_dir) / DONE
-    return float(json.loads(f.read_text())["elapsed_s"]) if f.is_file() else 0.0
+    return float(_read_json(f).get("elapsed_s", 0.0)) if f.is_file() else 0.0

@@ -26,6 +26,7 @@ affordable, both configured in the profile and recorded in the teacher's config 
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -36,8 +37,18 @@ from torch.utils.data import Dataset
 
 from lwbench.attention import QUERIES, LastBlockInput
 from lwbench.errors import ConfigError
-from lwbench.training.loop import endless, is_done, load_checkpoint, task_loss, train_loop, training_time
+from lwbench.training.loop import (
+    EpochStream,
+    check_weights,
+    is_done,
+    load_checkpoint,
+    task_loss,
+    train_loop,
+    training_time,
+)
 from lwbench.vit import num_prefix
+
+log = logging.getLogger("lwbench")
 
 
 def cell_targets(objects: list[dict], grid: tuple[int, int], patch: int, shift: tuple[int, int] = (0, 0)
@@ -131,10 +142,11 @@ def object_classes(task) -> int:
     if not callable(getattr(task, "objects", None)):
         return 0
     try:
-        task.objects("train", 0)
+        if task.objects("train", 0) is None:  # the task annotates no objects
+            return 0
     except Exception as exc:  # e.g. real billiards JSON without ball radii
-        print(f"lwbench: notice: {task.name}: no object annotations for the dense teacher loss ({exc}); "
-              "training with the task loss only", file=sys.stderr)
+        log.info("notice: %s: no object annotations for the dense teacher loss (%s); training with the task "
+                 "loss only", task.name, exc)
         return 0
     return int(getattr(task, "object_classes", task.num_classes))
 
@@ -151,17 +163,18 @@ def train_teacher(model: nn.Module, task, settings: dict, ckpt_dir: Path, device
     n_obj = object_classes(task) if weight > 0 or attn_weight > 0 else 0
     common = dict(steps=steps, lr=float(settings["lr"]), weight_decay=float(settings.get("weight_decay", 0.05)),
                   warmup_steps=int(settings.get("warmup_steps", 0)), ckpt_dir=ckpt_dir, device=device,
-                  desc=f"teacher {task.name}", quiet=quiet, grad_clip=settings.get("grad_clip"))
+                  desc=f"teacher {task.name}", quiet=quiet, grad_clip=settings.get("grad_clip"), lr_key="teacher.lr")
     workers = int(settings.get("workers", 0))
+    # EpochStream, not endless(DataLoader): its position is checkpointed, so a killed teacher resumes exactly
+    # (ObjectCells' shifts draw on the global RNG, which train_loop checkpoints, when workers == 0).
     if n_obj:
         trainer = DenseTrainer(model, n_obj + 1, attn_weight, attn_queries)
         patch = int(model.encoder.vit.patch_embed.patch_size[0])
-        data = torch.utils.data.DataLoader(ObjectCells(task, "train", patch), batch_size=bs, shuffle=True,
-                                           drop_last=True, num_workers=workers,
-                                           generator=torch.Generator().manual_seed(task.seed))
-        train_loop(trainer, lambda m, x, t: m.loss(x, t, weight), endless(data), **common)
+        data = EpochStream(ObjectCells(task, "train", patch), bs, seed=task.seed, num_workers=workers)
+        train_loop(trainer, lambda m, x, t: m.loss(x, t, weight), data, **common)
     else:
-        train_loop(model, task_loss, endless(task.loader("train", bs, train=True, num_workers=workers)), **common)
+        data = EpochStream(task.dataset("train", train=True), bs, seed=task.seed, num_workers=workers)
+        train_loop(model, task_loss, data, **common)
     return model
 
 
@@ -169,7 +182,9 @@ def load_teacher(model: nn.Module, ckpt_dir: Path) -> nn.Module:
     """Load a finished teacher checkpoint, written with or without the dense trainer around it."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(ckpt_dir) / "model.safetensors"), framework="pt") as f:
+    weights = Path(ckpt_dir) / "model.safetensors"
+    check_weights(weights)  # a truncated file is one CheckpointError line, not a safetensors traceback
+    with safe_open(str(weights), framework="pt") as f:
         shape = f.get_slice("cells.weight").get_shape() if "cells.weight" in f.keys() else None
     if shape is not None:
         load_checkpoint(DenseTrainer(model, int(shape[0])), ckpt_dir)

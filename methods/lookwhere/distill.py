@@ -79,6 +79,13 @@ class WhatWhereLoss:
         self.kl_weight = float(kl_weight)
         self.gen = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict:
+        """The k generator's state, so that a resumed distillation draws the k an uninterrupted one would."""
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+
     def draw_k(self, num_patches: int) -> int:
         lo, hi = k_range(num_patches, self.min_k, self.max_k)
         return int(torch.randint(lo, hi + 1, (1,), generator=self.gen))

@@ -16,9 +16,8 @@ Stages of :meth:`LookWhere.fit`:
    spend the short CPU budget relearning the head and would push large, noisy gradients into the
    freshly distilled extractor during the first steps.
 
-Profile settings read from ``methods.lookwhere`` (defaults: the profile's fine-tune settings):
-``distill_steps``, ``distill_lr``, ``distill_batch_size``, ``distill_warmup_steps``,
-``distill_weight_decay``, ``finetune_steps``, ``finetune_lr``.
+The two stages are the typed options ``distill`` and ``finetune`` (``--set method.distill.steps=400``);
+what they leave unset comes from the run's ``train`` section.
 """
 
 from __future__ import annotations
@@ -26,17 +25,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lwbench.backbones import check_img_size
+from lwbench.config import Stage
 from lwbench.errors import CheckpointError, ConfigError
 from lwbench.method import PatchSelectionMethod
+from lwbench.options import option, to_dict
 from lwbench.registry import register_method
 
 from .model import LookWhereEncoder, build_encoder
+
+log = logging.getLogger("lwbench")
 
 PAPER_SELECTOR_GRID = 11  # paper: a 154 px selector (11 x 11 patches of 14) at every high-res size
 PAPER_SELECTOR_DEPTH = 3  # of 12 teacher blocks
@@ -85,16 +90,21 @@ class LookWhere(PatchSelectionMethod):
     training = "pretrain+finetune"
     dense_output = True
 
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        return {
-            "selector_depth": None,  # auto: the paper's 3 of 12 blocks, scaled to the teacher's depth
-            "selector_size": None,  # auto: the paper's 11-patch grid (or the checkpoint's own size with `weights`)
-            "distill_min_k": 16,
-            "distill_max_k": 128,
-            "attn_queries": "patch",  # "patch" | "cls": query rows averaged for the teacher's attention target
-            "weights": None,  # official lookwhere_*.pt, or an `lwbench pretrain lookwhere` folder: skips distillation
-        }
+    @dataclass(frozen=True)
+    class Options:
+        selector_depth: int | None = option(None, "selector blocks (null: the paper's 3 of 12, scaled to the "
+                                                  "teacher's depth)", min=1)
+        selector_size: int | float | str | list[int] | None = option(
+            None, "selector input: px (154), HxW (112x154), a fraction of the high-res size (0.3), or null: the "
+                  "paper's 11-patch grid (the checkpoint's own size with weights)")
+        distill_min_k: int = option(16, "smallest k drawn per distillation step", min=1)
+        distill_max_k: int = option(128, "largest k drawn per distillation step", min=1)
+        attn_queries: str = option("patch", "query rows averaged for the teacher's attention (where) target",
+                                   choices=("patch", "cls"))
+        weights: str | None = option(None, "official lookwhere_*.pt or an `lwbench pretrain lookwhere` folder: "
+                                           "skips distillation; enters the run id by content")
+        distill: Stage = option(default_factory=Stage, help="what-where distillation (budget-independent, shared)")
+        finetune: Stage = option(default_factory=Stage, help="fine-tuning at k (selector frozen)")
 
     @classmethod
     def budget_grid(cls, spec) -> list[int]:
@@ -125,33 +135,35 @@ class LookWhere(PatchSelectionMethod):
         size = self.explicit_selector_size()
         if size is not None:
             check_img_size(size, self.spec.patch, what="lookwhere selector size")
-        lo, hi = o["distill_min_k"], o["distill_max_k"]
-        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
-            raise ConfigError(f"lookwhere: need 1 <= distill_min_k <= distill_max_k, got {lo} and {hi}")
-        if o["attn_queries"] not in ("patch", "cls"):
-            raise ConfigError(f"lookwhere: attn_queries must be 'patch' or 'cls', not '{o['attn_queries']}'")
-        if o["weights"] is not None and not Path(str(o["weights"])).exists():
-            raise CheckpointError(f"lookwhere: weights file not found: {o['weights']}")
+        lo, hi = o.distill_min_k, o.distill_max_k
+        if not lo <= hi:
+            raise ConfigError(f"lookwhere: need distill_min_k <= distill_max_k, got {lo} and {hi}")
+        if o.weights is not None and not Path(str(o.weights)).exists():
+            raise CheckpointError(f"lookwhere: weights file not found: {o.weights}")
 
     def selector_depth(self) -> int:
         """Paper: 3 of 12 blocks. Auto keeps that fraction (12 -> 3, 6 -> 2, 4 -> 1) so the selector stays a
         small part of the cost on the quick profile's shallow teachers."""
-        d = self.opts["selector_depth"]
+        d = self.opts.selector_depth
         return max(1, round(self.spec.depth * PAPER_SELECTOR_DEPTH / 12)) if d is None else d
 
     def explicit_selector_size(self) -> tuple[int, int] | None:
         """The ``selector_size`` option in pixels, or None for auto."""
-        return parse_size(self.opts["selector_size"], self.spec.img_size, self.spec.patch)
+        return parse_size(self.opts.selector_size, self.spec.img_size, self.spec.patch)
 
     def selector_size(self) -> tuple[int, int]:
         return self.explicit_selector_size() or default_selector_size(self.spec.img_size, self.spec.patch)
 
-    def config(self) -> dict[str, Any]:
-        cfg = super().config()
+    def resolved_options(self) -> dict[str, Any]:
+        """What ``auto`` became (selector size and depth), and the weights by content, not path."""
+        from lwbench.backbones import file_sha256
+
+        opts = to_dict(self.opts)
         h, w = self.selector_size()
-        cfg["opt_selector_size"] = f"{h}x{w}"
-        cfg["opt_selector_depth"] = self.selector_depth()
-        return cfg
+        opts.update(selector_size=f"{h}x{w}", selector_depth=self.selector_depth())
+        if self.opts.weights is not None:
+            opts["weights"] = f"sha256:{file_sha256(self.opts.weights)}"
+        return opts
 
     # -- models ---------------------------------------------------------------------------------------
     def build(self, vit) -> LookWhereEncoder:
@@ -159,26 +171,29 @@ class LookWhere(PatchSelectionMethod):
         return build_encoder(vit, int(self.budget), self.selector_depth(), self.selector_size(),
                              self.spec.img_size)
 
-    def distill_tag(self) -> str:
+    def distill_tag(self, stage: Stage | None = None) -> str:
+        """The shared distillation folder's name: everything the distilled weights depend on, the stage's
+        training settings included (as a short hash), so two settings never reuse each other's result."""
+        from lwbench.results import config_hash
+
         (h, w), o = self.selector_size(), self.opts
-        k_lo, k_hi = o["distill_min_k"], o["distill_max_k"]
-        return f"distill-d{self.selector_depth()}-s{h}x{w}-k{k_lo}-{k_hi}-{o['attn_queries']}"
+        key = config_hash(to_dict(stage if stage is not None else o.distill))[:8]
+        return f"distill-d{self.selector_depth()}-s{h}x{w}-k{o.distill_min_k}-{o.distill_max_k}-{o.attn_queries}-{key}"
 
     def meta(self, encoder: LookWhereEncoder) -> dict[str, Any]:
         return {"teacher": self.spec.name, "img_size": list(self.spec.img_size),
                 "selector_depth": encoder.selector.depth, "selector_size": list(encoder.selector.low_size),
-                "r": list(encoder.selector.r), "distill_min_k": self.opts["distill_min_k"],
-                "distill_max_k": self.opts["distill_max_k"], "attn_queries": self.opts["attn_queries"]}
+                "r": list(encoder.selector.r), "distill_min_k": self.opts.distill_min_k,
+                "distill_max_k": self.opts.distill_max_k, "attn_queries": self.opts.attn_queries}
 
     def fit(self, ctx) -> torch.nn.Module:
         from lwbench.heads import TaskModel
 
         teacher = ctx.teacher.encoder.vit
-        ms = dict(ctx.method_settings or {})
-        if self.opts["weights"] is not None:
+        if self.opts.weights is not None:
             from .checkpoint import load_weights
 
-            encoder = load_weights(self.opts["weights"], teacher, self.spec.img_size, int(self.budget),
+            encoder = load_weights(self.opts.weights, teacher, self.spec.img_size, int(self.budget),
                                    selector_size=self.explicit_selector_size())
         else:
             self.check_where_target(ctx)
@@ -190,24 +205,21 @@ class LookWhere(PatchSelectionMethod):
         model = TaskModel(encoder, copy.deepcopy(ctx.teacher.head))
         for p in model.head.parameters():
             p.requires_grad_(True)
-        kw = {k: ms[f"finetune_{k}"] for k in ("steps", "lr") if f"finetune_{k}" in ms}
-        ctx.finetune(model, tag="finetune", **kw)
+        ctx.finetune(model, tag="finetune", stage=self.opts.finetune)
         return model
 
     def check_where_target(self, ctx) -> None:
         """The guard: the where-target's object recall at this k on a held batch (validation images), against
         a random choice of k cells. When it is not clearly above chance the selector would be distilled to
         miss the objects: say so now, and record it in the row (``selection_warning``)."""
-        import sys
-
         from lwbench.diagnostics import selection_warning, where_target_recall
 
-        found = where_target_recall(ctx.teacher.encoder.vit, ctx.task, int(self.budget), self.opts["attn_queries"],
+        found = where_target_recall(ctx.teacher.encoder.vit, ctx.task, int(self.budget), self.opts.attn_queries,
                                     device=ctx.device)
         warning = selection_warning(found["where_target_recall"], found["where_target_chance"])
         self.diagnostics.update(found, selection_warning=warning)
         if warning:
-            print(f"lwbench: warning: lookwhere: {warning}", file=sys.stderr, flush=True)
+            log.warning("lookwhere: %s", warning)
 
     def distill(self, ctx, encoder: LookWhereEncoder) -> LookWhereEncoder:
         """Stage 1 in ``ctx.shared_dir/<tag>``; reused by every k (skipped when already done)."""
@@ -216,27 +228,20 @@ class LookWhere(PatchSelectionMethod):
         from .checkpoint import write_meta
         from .distill import DistillStudent, WhatWhereLoss
 
-        s, ms = ctx.settings, dict(ctx.method_settings or {})
-        settings = {
-            **s,
-            "steps": int(ms.get("distill_steps", s["steps"])),
-            "lr": float(ms.get("distill_lr", s["lr"])),
-            "warmup_steps": int(ms.get("distill_warmup_steps", s.get("warmup_steps", 0))),
-            "weight_decay": float(ms.get("distill_weight_decay", s.get("weight_decay", 0.05))),
-            "batch_size": int(ms.get("distill_batch_size", s["batch_size"])),
-        }
-        tag = self.distill_tag()
+        stage = ctx.stage(self.opts.distill)
+        tag = self.distill_tag(stage)
         ckpt = Path(ctx.shared_dir) / tag
         done = ckpt / DONE
-        if done.is_file() and json.loads(done.read_text()).get("steps", 0) >= settings["steps"]:
+        if done.is_file() and json.loads(done.read_text()).get("steps", 0) >= stage.steps:
             load_checkpoint(encoder, ckpt)
+            ctx.record_stage(tag, ckpt)  # a cached stage counts with the time it took when it ran
             return encoder
         teacher = ctx.teacher.encoder.vit
         encoder.set_trainable(selector=True, extractor=True)
         o = self.opts
-        loss = WhatWhereLoss(teacher, DistillStudent(encoder), o["distill_min_k"], o["distill_max_k"],
-                             queries=o["attn_queries"], seed=ctx.seed)
-        dctx = dataclasses.replace(ctx, work_dir=Path(ctx.shared_dir), settings=settings)
+        loss = WhatWhereLoss(teacher, DistillStudent(encoder), o.distill_min_k, o.distill_max_k,
+                             queries=o.attn_queries, seed=ctx.seed)
+        dctx = dataclasses.replace(ctx, work_dir=Path(ctx.shared_dir))
         write_meta(ckpt, self.meta(encoder))  # makes the folder loadable with --set method.weights=<folder>
-        dctx.train(encoder, loss, tag)
+        dctx.train(encoder, loss, tag, stage=stage)
         return encoder

@@ -1,0 +1,139 @@
+"""The one measurement contract: ``measure(model, images, MeasureConfig) -> Measurement``.
+
+``lwbench run`` and ``lwbench flops`` both count MACs through :func:`count`, so the rule that refuses a
+count the counters cannot see (the second counter, ``torch.utils.flop_counter``, finding more than
+``flop_tolerance`` more work than the reported one: an op with real work and no formula) guards every
+number a user may quote, not only ``lwbench flops``. Timing and memory run in a fresh process
+configured by the same :class:`~lwbench.config.MeasureConfig`, and the whole :class:`Measurement`
+(counter, exactness flags, run counts, protocol parameters, attention backend, dtype, threads) goes
+into the result row, so a row says how its numbers were obtained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lwbench.config import MeasureConfig
+from lwbench.measure.flops import FlopCountError, mean_macs_over, torch_counter_macs
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """MACs per image (GMACs), their parts, and how they were counted."""
+
+    gmacs: float
+    gmacs_overhead: float
+    gmacs_backbone: float
+    gmacs_head: float
+    params_m: float
+    tokens_mean: float
+    flops_counter: str
+    flops_images: int
+    flops_check_gmacs: float  # the second counter's total (NaN when not run)
+    flops_unsupported_ops: str  # ops with no formula, comma-separated ("" when none)
+    flops_uncounted_ops: str  # elementwise ops left uncounted by convention, comma-separated
+
+
+@dataclass(frozen=True)
+class Measurement(FlopCount):
+    """A :class:`FlopCount` plus latency, throughput and memory, with the protocol that produced them."""
+
+    latency_ms: float = math.nan
+    latency_iqr_ms: float = math.nan
+    latency_runs: int = 0
+    throughput: float = math.nan
+    throughput_iqr: float = math.nan
+    throughput_batch: int = 0
+    throughput_runs: int = 0
+    peak_mem_mb: float = math.nan
+    mem_kind: str = ""
+    memory_exact: bool = False
+    measure_isolated: bool = False
+    isolation_error: str = ""
+    measure_warmup: int = 0
+    measure_min_run_time: float = math.nan
+    measure_min_runs: int = 0
+    memory_batch: int = 1
+    dtype: str = "float32"
+    threads: int = 0
+    device: str = "cpu"
+    attention_backend: str = ""
+
+    def row(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _tokens(model: nn.Module, singles: list[torch.Tensor]) -> float:
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        return math.nan
+    with torch.inference_mode():
+        counts = [float(encoder(x).realised_tokens().float().mean()) for x in singles]
+    return sum(counts) / len(counts)
+
+
+def count(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, what: str = "model") -> FlopCount:
+    """GMACs of ``model`` averaged over the first ``cfg.flops_images`` of ``images`` at batch 1, checked by
+    the second counter. Raises :class:`FlopCountError` when that one sees more than ``cfg.flop_tolerance``
+    more work: some op carries real work the reported counter has no formula for."""
+    model = model.to("cpu").eval()
+    n = max(1, min(int(cfg.flops_images), images.shape[0]))
+    singles = [images[i: i + 1] for i in range(n)]
+    rep = mean_macs_over(model, singles, counter=cfg.counter)
+    check = math.nan
+    if rep.counter == "fvcore":
+        check = sum(torch_counter_macs(model, x) for x in singles) / n
+        if check > rep.macs * (1 + cfg.flop_tolerance):
+            ops = ", ".join(rep.unsupported_ops) or "none listed"
+            raise FlopCountError(
+                f"{what}: fvcore counts {rep.gmacs:.4g} GMACs but torch.utils.flop_counter {check / 1e9:.4g} "
+                f"(more than {cfg.flop_tolerance:.0%} more); ops without a MAC formula: {ops}. The count would be "
+                f"silently low: add a handle in lwbench/measure/flops.py")
+        check /= 1e9
+    parts = rep.parts_gmacs
+    return FlopCount(
+        gmacs=rep.gmacs, gmacs_overhead=parts.get("overhead", 0.0), gmacs_backbone=parts.get("backbone", 0.0),
+        gmacs_head=parts.get("head", 0.0), params_m=rep.params, tokens_mean=_tokens(model, singles),
+        flops_counter=rep.counter, flops_images=rep.images, flops_check_gmacs=check,
+        flops_unsupported_ops=", ".join(rep.unsupported_ops), flops_uncounted_ops=", ".join(rep.uncounted_ops),
+    )
+
+
+def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: str = "cpu", threads: int = 1,
+            what: str = "model") -> Measurement:
+    """:func:`count`, then memory, latency (batch 1) and throughput (``cfg.throughput_batch``) in a fresh
+    process (``cfg.isolate``; in this one otherwise, flagged in the result)."""
+    from lwbench.measure.env import attention_backend
+    from lwbench.measure.worker import measure_all, measure_in_subprocess
+
+    flops = count(model, images, cfg, what)
+    kw = dict(device=device, threads=int(threads), throughput_batch=int(cfg.throughput_batch),
+              warmup=int(cfg.warmup), min_run_time=float(cfg.min_run_time), min_runs=int(cfg.min_runs),
+              dtype=cfg.dtype, memory_batch=int(cfg.memory_batch))
+    if cfg.isolate:
+        t = measure_in_subprocess(model, images, **kw)
+    else:
+        t = {**measure_all(model, images, **kw), "isolated": False, "memory_exact": False}
+    return Measurement(
+        **dataclasses.asdict(flops),
+        latency_ms=float(t["latency_ms"]), latency_iqr_ms=float(t["latency_iqr_ms"]),
+        latency_runs=int(t.get("latency_runs", 0)),
+        throughput=float(t["throughput"]), throughput_iqr=float(t["throughput_iqr"]),
+        throughput_batch=int(t["throughput_batch"]), throughput_runs=int(t.get("throughput_runs", 0)),
+        peak_mem_mb=float(t["peak_memory_mb"]),
+        mem_kind="cuda_max_allocated" if device == "cuda" else "cpu_peak_rss_delta",
+        memory_exact=bool(t.get("memory_exact", False)), measure_isolated=bool(t.get("isolated", False)),
+        isolation_error=str(t.get("isolation_error", "")),
+        measure_warmup=int(cfg.warmup), measure_min_run_time=float(cfg.min_run_time),
+        measure_min_runs=int(cfg.min_runs), memory_batch=int(cfg.memory_batch), dtype=cfg.dtype,
+        threads=int(threads), device=device, attention_backend=attention_backend(device),
+    )
+
+
+__all__ = ["FlopCount", "Measurement", "count", "measure", "FlopCountError"]
