@@ -15,9 +15,9 @@ content enters as ``weights_sha256`` instead), so a field added here is part of 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml

@@ -88,6 +88,8 @@ class Method(abc.ABC):
 
     def __init__(self, spec: BackboneSpec, budget: float | None = None, opts: Any = None, **kw: Any) -> None:
         self.spec = spec
+        if budget is not None and self.budget_key is None:
+            raise BudgetError(f"method '{self.name}' has no budget knob; drop the budget ({budget!r})")
         if budget is None and self.budget_key is not None:
             budget = self.default_budget(spec)
         self.budget = self.coerce_budget(budget)
@@ -211,7 +213,8 @@ class PatchSelectionMethod(Method):
 
     @classmethod
     def default_budget(cls, spec: BackboneSpec) -> float | None:
-        return cls.budget_grid(spec)[1]
+        grid = cls.budget_grid(spec)
+        return grid[min(1, len(grid) - 1)]  # the middle of three; tiny grids may have fewer distinct values
 
     @classmethod
     def budget_grid(cls, spec: BackboneSpec) -> list[float]:

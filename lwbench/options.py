@@ -155,7 +155,8 @@ def _check_range(value: Any, f: dataclasses.Field, key: str) -> None:
         return
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{close_key(str(value), list(map(str, choices)))}")
+        names = [str(c) for c in choices]
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}{close_key(str(value), names)}")
     if isinstance(value, (int, float)):
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):

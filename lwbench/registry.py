@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import hashlib
 import importlib
 import importlib.util
 import inspect
+import sys
 import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -78,10 +80,20 @@ class Registry(Generic[T]):
         if spec.endswith(".py") or path.is_file():
             if not path.is_file():
                 raise UnknownNameError(f"plugin file not found: {spec}")
-            mod_name = f"lwbench_plugin_{path.stem}"
-            sp = importlib.util.spec_from_file_location(mod_name, path)
+            # One module per file (two plugins named myplug.py in different folders stay distinct), registered in
+            # sys.modules so inspect finds its source (origins name the file) and pickling its classes works.
+            resolved = path.resolve()
+            mod_name = f"lwbench_plugin_{path.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+            if mod_name in sys.modules:
+                return
+            sp = importlib.util.spec_from_file_location(mod_name, resolved)
             mod = importlib.util.module_from_spec(sp)  # type: ignore[arg-type]
-            sp.loader.exec_module(mod)  # type: ignore[union-attr]
+            sys.modules[mod_name] = mod
+            try:
+                sp.loader.exec_module(mod)  # type: ignore[union-attr]
+            except BaseException:
+                del sys.modules[mod_name]
+                raise
         else:
             importlib.import_module(spec)
 

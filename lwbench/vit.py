@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
-
 from torch import nn
 
 from lwbench.tokens import TokenOutput

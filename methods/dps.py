@@ -156,7 +156,8 @@ def make_dps_loss(entropy_weight: float):
     def loss_fn(model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
         out = model.encoder(images)
         logits = model.head(out, size=images.shape[-2:])
-        ce = F.cross_entropy(logits, targets, ignore_index=255) if targets.ndim > 1 else F.cross_entropy(logits, targets)
+        seg = targets.ndim > 1  # label maps: ignore index 255
+        ce = F.cross_entropy(logits, targets, ignore_index=255) if seg else F.cross_entropy(logits, targets)
         ent = score_entropy(out.aux["scores"])
         return ce + entropy_weight * ent, {"ce": ce.item(), "entropy": ent.item(), "sigma": out.aux["sigma"]}
 

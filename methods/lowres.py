@@ -60,7 +60,8 @@ class LowRes(Method):
 
     @classmethod
     def default_budget(cls, spec):
-        return cls.budget_grid(spec)[1]
+        grid = cls.budget_grid(spec)
+        return grid[min(1, len(grid) - 1)]
 
     @classmethod
     def budget_grid(cls, spec):

@@ -6,9 +6,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lwbench.backbones import create_backbone
+from lwbench.config import TrainConfig
 from lwbench.heads import ClassifierHead, TaskModel
 from lwbench.method import BackboneSpec, freeze
-from lwbench.config import TrainConfig
 from lwbench.methods.full import FullEncoder
 from lwbench.task import Task
 from lwbench.training.context import FitContext

@@ -147,10 +147,7 @@ NOOP: dict[str, NoOp | NoNoOp] = {
 }
 
 # (method, case id) -> reason, for cases that fail today because of a library defect (xfail, strict).
-KNOWN_DEFECTS: dict[tuple[str, str], str] = {
-    ("full", "budget=8"): "Method.__init__ accepts a budget for a method with budget_key=None (Full(spec, 8) runs "
-    "as full); only resolve_budget refuses it",
-}
+KNOWN_DEFECTS: dict[tuple[str, str], str] = {}
 # Methods whose overhead/backbone/head split differs between the fvcore and torch counters.
 SPLIT_DEFECTS: dict[str, str] = {
     "ips": "IPSEncoder calls selector.summary() (the aggregator, an Overhead's submodule) outside the selector's "
@@ -170,9 +167,7 @@ def _heads(dim: int) -> dict[str, nn.Module]:
 
 
 def _logits(model_or_head: nn.Module, arg, size) -> torch.Tensor:
-    if isinstance(model_or_head, LinearSegHead):
-        return model_or_head(arg, size=size)
-    return model_or_head(arg)
+    return model_or_head(arg, size=size)
 
 
 def _reference(vit: nn.Module, spec: BackboneSpec, x: torch.Tensor) -> TokenOutput:
@@ -322,14 +317,8 @@ SPECS: dict[str, BackboneSpec] = {
     "grid_2x2_p16": BackboneSpec("vit_base_patch16_224", (32, 32), patch=16, depth=2, embed_dim=32, num_heads=2,
                                  num_prefix=1),
 }
-_GRID1 = ("default_budget() is budget_grid(spec)[1], but on a grid this small the default fractions collapse to "
-          "one value: IndexError instead of a budget or a BudgetError")
-# (spec id, method) -> reason, for the default-budget contract.
-DEFAULT_BUDGET_DEFECTS: dict[tuple[str, str], str] = {
-    ("vit_classic_p16", "lowres"): _GRID1,
-    ("grid_2x2_p16", "lowres"): _GRID1,
-    **{("grid_2x2_p16", m): f"PatchSelectionMethod.{_GRID1}" for m in ("random", "dps", "ips")},
-}
+# (spec id, method) -> reason, for the default-budget contract (none known).
+DEFAULT_BUDGET_DEFECTS: dict[tuple[str, str], str] = {}
 
 
 def _spec_params(defects: dict[tuple[str, str], str] | None = None):
@@ -378,7 +367,5 @@ def test_plugin_loads_from_its_file(methods):
     assert methods.get(PLUGIN).budget_key == PLUGIN_BUDGET_KEY
 
 
-@pytest.mark.xfail(strict=True, reason="Registry.load_module does not put the module in sys.modules, so "
-                   "inspect cannot find the class's file and origin() falls back to 'module.Class'")
 def test_plugin_origin_names_its_file(methods):
     assert methods.origin(PLUGIN).startswith(str(PLUGIN_PATH))

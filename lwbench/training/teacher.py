@@ -27,7 +27,6 @@ affordable, both configured in the profile and recorded in the teacher's config 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import torch
