@@ -176,6 +176,10 @@ def build(cls: type, values: Mapping[str, Any] | None = None, where: str = "", b
     if unknown:
         valid = sorted(flat_keys(cls))
         k = unknown[0]
+        value = values[k]
+        while isinstance(value, Mapping) and value:  # match the dotted key the user typed: distil.steps
+            sub = next(iter(value))
+            k, value = f"{k}.{sub}", value[sub]
         close = difflib.get_close_matches(k, valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
         raise ConfigError(f"unknown key '{prefix}{k}'{hint} (valid keys of {where or cls.__name__}: "
