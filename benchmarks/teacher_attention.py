@@ -24,16 +24,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None, help="cells for the recall (default: LookWhere's default k)")
     args = ap.parse_args()
 
-    from lwbench.cli import _overrides, _split_sets
+    from lwbench.config import resolve_config
     from lwbench.diagnostics import where_target_recall
-    from lwbench.runner import Plan, RunRequest, build_teacher
+    from lwbench.runner import Plan, build_teacher
 
-    mopts, topts, rest = _split_sets(args.set)
     rows = []
     for seed in args.seeds:
-        req = RunRequest(method="lookwhere", task=args.task, seed=seed, method_opts=mopts, task_opts=topts,
-                         overrides=_overrides(args.task, rest))
-        plan = Plan(req)
+        plan = Plan(resolve_config("lookwhere", args.task, sets=args.set, seed=seed))
         import torch
 
         torch.set_num_threads(plan.threads)

@@ -8,8 +8,8 @@ checkpoints; with it the second waits, then finds the finished result and reuses
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,7 +47,7 @@ def stage_lock(folder: Path, what: str, quiet: bool = False) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not quiet:
-                print(f"lwbench: waiting for another process training {what} in {folder}", file=sys.stderr, flush=True)
+                logging.getLogger("lwbench").info("waiting for another process training %s in %s", what, folder)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield path
     finally:

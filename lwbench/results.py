@@ -474,7 +474,8 @@ def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
         align = ["right" if d >= 0 else "left" for _, _, d in cols]
         table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True, colalign=align)
         if "selection_warning" in group.columns:  # the distillation guard fired for these rows: say so under them
-            for _, r in group[group["selection_warning"].fillna("").astype(str) != ""].iterrows():
+            fired = group["selection_warning"].map(lambda v: isinstance(v, str) and v != "")
+            for _, r in group[fired].iterrows():
                 table += f"\nwarning: {r['method']} {r['budget']} seed {r.get('seed', '?')}: {r['selection_warning']}"
         blocks.append(_heading(task, source, group, fmt) + table)
     return "\n\n".join(blocks) + "\n"

@@ -13,7 +13,7 @@ see ``tasks/_synth/billiards_scene.py``): ``real`` reads DPS's released data und
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ Ball = dict[str, Any]  # {"position": [x, y, ...], "number": 1-9, "color": str, 
 
 MIN_COLORS = ("green", "blue", "purple")
 MAX_COLORS = ("yellow", "red", "orange")
+
+log = logging.getLogger("lwbench")
 
 
 # -- label functions (DPS: ptopk_patch_selection/lib/datasets/billiard.py) -----------------------------
@@ -205,10 +207,9 @@ class Billiards(Task):
         out = cache_dir() / "synthetic" / "billiards" / cfg.digest()
         if not (out / "settings.json").is_file():
             total = cfg.n_train + cfg.n_val + cfg.n_test
-            print(f"lwbench: generating synthetic billiards ({total} images at {cfg.size[0]}x{cfg.size[1]}) "
-                  f"into {out}", file=sys.stderr)
+            log.info("generating synthetic billiards (%d images at %dx%d) into %s", total, *cfg.size, out)
             secs = billiards_scene.generate(cfg, out)
-            print(f"lwbench: generated synthetic billiards in {secs:.1f} s", file=sys.stderr)
+            log.info("generated synthetic billiards in %.1f s", secs)
         return out
 
     def data_dir(self) -> Path:

@@ -187,7 +187,8 @@ def test_python_api():
     assert lwbench.__version__ and "lookwhere" in lwbench.list_methods()
     model = lwbench.create_model("tome", "lw_vit_test_p8", 32, "r=2", num_classes=5)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
-    cfg = lwbench.configure("lookwhere", "traffic_signs", "k=8", seed=2, **{"train.lr": 1e-4, "method.distill.steps": 3})
+    cfg = lwbench.configure("lookwhere", "traffic_signs", "k=8", seed=2,
+                            **{"train.lr": 1e-4, "method.distill.steps": 3})
     assert cfg.seed == 2 and cfg.train.lr == 1e-4 and cfg.method_opts.distill.steps == 3
 
 

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -286,8 +287,8 @@ def measure_in_subprocess(
             error = f"{type(exc).__name__}: {exc}"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"lwbench: notice: isolated measurement failed ({error}); measuring in this process instead",
-          file=sys.stderr)
+    logging.getLogger("lwbench").warning("isolated measurement failed (%s); measuring in this process instead "
+                                         "(the row says measure_isolated: false)", error)
     result = measure_all(model, images, options=opts)
     result["isolated"] = False
     result["isolation_error"] = error

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import struct
@@ -46,6 +47,8 @@ STATE = "state.json"
 WEIGHTS = "model.safetensors"
 OPTIM = "optim.pt"
 RESUME = "resume.pt"
+
+log = logging.getLogger("lwbench")
 
 
 def endless(loader: Iterable) -> Iterator:
@@ -439,7 +442,7 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
                 if is_main_process():
                     (ckpt_dir / DONE).unlink(missing_ok=True)  # trained further: not done until this run ends
                 if not quiet:
-                    print(f"lwbench: resuming {desc} from step {start}/{steps} ({ckpt_dir})", file=sys.stderr)
+                    log.info("resuming %s from step %d/%d (%s)", desc, start, steps, ckpt_dir)
     writer = is_main_process()
     model.train()
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=quiet or not sys.stderr.isatty(),
@@ -468,8 +471,7 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
         if bar.disable and not quiet and now - logged_at > 30:  # no TTY: a plain progress line every 30 s
             done = step + 1 - start
             eta = (now - t0) / done * (steps - step - 1)
-            print(f"lwbench: {desc}: step {step + 1}/{steps} loss {running:.3f} eta {eta / 60:.1f} min",
-                  file=sys.stderr, flush=True)
+            log.info("%s: step %d/%d loss %.3f eta %.1f min", desc, step + 1, steps, running, eta / 60)
             logged_at = now
         if ckpt_dir is not None and writer and now - last_ckpt > ckpt_every_s:
             _atomic_checkpoint(model, opt, {"step": step + 1, "elapsed_s": elapsed + now - t0}, ckpt_dir,
