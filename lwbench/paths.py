@@ -10,7 +10,13 @@ def cache_dir() -> Path:
     """Synthetic datasets, trained teachers and method checkpoints. ``$LWBENCH_CACHE`` overrides."""
     root = os.environ.get("LWBENCH_CACHE")
     path = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lwbench"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, read-only file system
+        from lwbench.errors import ConfigError
+
+        what = "is a file, not a folder" if path.exists() and not path.is_dir() else f"cannot be created ({exc.strerror})"
+        raise ConfigError(f"cache folder {path} {what}; set LWBENCH_CACHE to a writable folder") from None
     return path
 
 

@@ -372,8 +372,11 @@ def test_fit_distills_once_and_finetunes_each_k(tmp_path):
                           shared_dir=tmp_path / "shared", quiet=True)
 
     m1 = _method(teacher_vit, "lw_vit_test_p8", size, budget=6, distill={"steps": 4})
-    model = m1.fit(ctx(6))
-    tag = m1.distill_tag(ctx(6).stage(m1.opts.distill))
+    c6 = ctx(6)
+    model = m1.fit(c6)
+    tag = m1.distill_tag(c6.stage(m1.opts.distill))
+    # stage times come from this run's own stages, not from other folders of the shared teacher
+    assert set(c6.stage_times) == {tag, "finetune"} and all(t > 0 for t in c6.stage_times.values())
     assert tag.startswith("distill-d1-s8x16-k16-128-patch-")
     done = tmp_path / "shared" / tag / "done.json"
     assert json.loads(done.read_text())["steps"] == 4
@@ -392,7 +395,11 @@ def test_fit_distills_once_and_finetunes_each_k(tmp_path):
                            distilled.extractor.vit.blocks[0].attn.qkv.weight)
     # a second k reuses the distillation without touching it
     stamp = done.stat().st_mtime_ns, (done.parent / "model.safetensors").stat().st_mtime_ns
-    model2 = _method(teacher_vit, "lw_vit_test_p8", size, budget=12, distill={"steps": 4}).fit(ctx(12))
+    other = _method(teacher_vit, "lw_vit_test_p8", size, budget=12, distill={"steps": 5})  # another variant
+    assert other.distill_tag(c6.stage(other.opts.distill)) != tag
+    c12 = ctx(12)
+    model2 = _method(teacher_vit, "lw_vit_test_p8", size, budget=12, distill={"steps": 4}).fit(c12)
+    assert c12.stage_times[tag] == c6.stage_times[tag]  # the cached distillation counts what it took once
     assert stamp == (done.stat().st_mtime_ns, (done.parent / "model.safetensors").stat().st_mtime_ns)
     assert model2.encoder(x).patches.shape == (2, 12, 32)
 
