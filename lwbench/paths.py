@@ -15,7 +15,8 @@ def cache_dir() -> Path:
     except OSError as exc:  # a file in the way, no permission, read-only file system
         from lwbench.errors import ConfigError
 
-        what = "is a file, not a folder" if path.exists() and not path.is_dir() else f"cannot be created ({exc.strerror})"
+        in_the_way = path.exists() and not path.is_dir()
+        what = "is a file, not a folder" if in_the_way else f"cannot be created ({exc.strerror})"
         raise ConfigError(f"cache folder {path} {what}; set LWBENCH_CACHE to a writable folder") from None
     return path
 
