@@ -72,8 +72,9 @@ def create_model(method: str, backbone: str, img_size, budget: str | None = None
     from lwbench.backbones import create_backbone
     from lwbench.heads import ClassifierHead, TaskModel
     from lwbench.method import BackboneSpec, resolve_budget
+    from lwbench.sizes import as_hw
 
-    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+    hw = as_hw(img_size)
     cls = METHODS.get(method)
     value = resolve_budget(cls, budget)
     vit = create_backbone(backbone, hw, weights=weights).eval()

@@ -71,10 +71,9 @@ def patch_size_of(name: str) -> int:
 
 
 def _as_hw(img_size) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return (img_size, img_size)
-    h, w = img_size
-    return (int(h), int(w))
+    from lwbench.sizes import as_hw
+
+    return as_hw(img_size)
 
 
 def check_backbone_name(name: str) -> None:

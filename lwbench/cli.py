@@ -48,18 +48,9 @@ def _load_plugins(args) -> None:
 
 
 def _parse_hw(text: str | None):
-    if text is None:
-        return None
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        vals = [int(v) for v in parts]
-    except ValueError:
-        raise ConfigError(f"--img-size must be S or HxW (e.g. 224 or 240x320), got '{text}'") from None
-    if len(vals) == 1:
-        return (vals[0], vals[0])
-    if len(vals) == 2:
-        return (vals[0], vals[1])
-    raise ConfigError(f"--img-size must be S or HxW, got '{text}'")
+    from lwbench.sizes import as_hw
+
+    return None if text is None else as_hw(text, "--img-size")
 
 
 # ---------------------------------------------------------------------------------------------- commands

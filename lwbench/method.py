@@ -19,6 +19,7 @@ from torch import nn
 
 from lwbench.errors import BudgetError, ConfigError
 from lwbench.options import NoOptions, build, to_dict
+from lwbench.sizes import as_hw
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
@@ -51,7 +52,7 @@ class BackboneSpec:
 
     @classmethod
     def of(cls, vit: VisionTransformer, name: str, img_size) -> BackboneSpec:
-        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        h, w = as_hw(img_size)
         return cls(
             name=name,
             img_size=(int(h), int(w)),

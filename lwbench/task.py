@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lwbench.errors import ConfigError, DataNotFoundError
+from lwbench.sizes import as_hw
 
 log = logging.getLogger("lwbench")
 
@@ -53,7 +54,7 @@ class Task(abc.ABC):
         self.data_root = Path(data_root).expanduser() if data_root else None
         if img_size is None:
             img_size = self.default_img_size
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(v) for v in img_size)
+        self.img_size = as_hw(img_size)
         self.seed = seed
         self.opts = self.resolve_options(opts)
         self.source = self._resolve_source(source)

@@ -139,17 +139,6 @@ def parse_layers(value: Any, depth: int, method: str, option: str) -> list[int]:
     return layers
 
 
-def as_bool(value: Any, method: str, option: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{method}: option {option}={value!r} must be true or false")
-
-
 def tokens_per_layer(counts: Sequence[torch.Tensor | int], batch: int, device) -> torch.Tensor:
     """Patch tokens (non-prefix, padding excluded) leaving each block, ``(B, depth)`` long."""
     cols = [torch.as_tensor(c, device=device).long() for c in counts]  # ints, or 0-dim tensors under jit tracing

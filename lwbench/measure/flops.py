@@ -35,6 +35,7 @@ from torch import nn
 
 from lwbench.errors import LwbenchError
 from lwbench.method import Overhead
+from lwbench.sizes import as_hw
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -423,7 +424,7 @@ def closed_form_vit_macs(
 
 def closed_form_for(vit: nn.Module, img_size, num_classes: int = 0, num_patches: int | None = None) -> int:
     """:func:`closed_form_vit_macs` for a timm ViT at ``img_size``, all patches unless ``num_patches`` given."""
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    h, w = as_hw(img_size)
     p = int(vit.patch_embed.patch_size[0])
     m = (h // p) * (w // p) if num_patches is None else int(num_patches)
     return closed_form_vit_macs(
@@ -481,7 +482,7 @@ def random_model(method: str, backbone: str, img_size, budget: str | None = None
     from lwbench.method import BackboneSpec, resolve_budget
     from lwbench.registry import get_method
 
-    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+    hw = as_hw(img_size)
     cls = get_method(method)
     value = resolve_budget(cls, budget)
     torch.manual_seed(seed)

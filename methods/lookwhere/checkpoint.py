@@ -25,6 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from lwbench.backbones import load_backbone_weights
 from lwbench.errors import CheckpointError
+from lwbench.sizes import as_hw
 
 from .model import LookWhereEncoder, build_encoder
 
@@ -184,7 +185,7 @@ def encoder_from_pretrain_dir(path: str | Path, teacher: VisionTransformer, img_
         parts += [f"shape mismatch {_few(shape)}"] if shape else []
         raise CheckpointError(f"{weights} does not fit teacher {_arch_str(describe_vit(teacher))}: " + "; ".join(parts))
     enc.load_state_dict(sd)
-    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    hw = as_hw(img_size)
     if tuple(enc.extractor.vit.patch_embed.img_size) != tuple(hw):
         enc.extractor.vit.set_input_size(img_size=tuple(hw))
         enc.selector.high_grid = tuple(int(g) for g in enc.extractor.vit.patch_embed.grid_size)

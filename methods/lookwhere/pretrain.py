@@ -55,7 +55,9 @@ class ImageFolderImages:
 def _as_hw(size) -> tuple[int, int] | None:
     if size is None:
         return None
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    from lwbench.sizes import as_hw
+
+    return as_hw(size)
 
 
 def load_teacher(name: str, img_size: tuple[int, int], weights: str | Path | None):
