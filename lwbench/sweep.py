@@ -312,7 +312,7 @@ def run_sweep(path: str, args, make_request, shard: str | None = None) -> list[t
     args = copy.copy(args)  # the file's settings apply to this sweep only
     if spec["profile"] and args.profile == "quick" and "--profile" not in sys.argv:
         args.profile = spec["profile"]
-    if spec["source"] and args.source == "auto":
+    if spec["source"] and args.source in (None, "auto"):  # the CLI's --source wins when given
         args.source = spec["source"]
     if spec["set"]:  # before the CLI's own --set items, so that the command line wins on a clash
         args.set = [*spec["set"], *(getattr(args, "set", None) or [])]

@@ -129,6 +129,7 @@ def test_task_string_expands_to_the_right_points(tmp_path, capsys, runs):
     per_seed = [("traffic_signs", "full", None), ("traffic_signs", "random", "k=3"), ("traffic_signs", "random", "k=6")]
     per_seed += [("traffic_signs", "tome", b) for b in tome]
     assert sorted(got) == sorted((m, t, b, s) for s in (0, 1) for t, m, b in per_seed)
+    assert {r.source for r in runs} == {"synthetic"}  # the file's source reaches every point
     assert "sweep done: " in capsys.readouterr().err
 
 
