@@ -110,16 +110,14 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
     """:func:`count`, then memory, latency (batch 1) and throughput (``cfg.throughput_batch``) in a fresh
     process (``cfg.isolate``; in this one otherwise, flagged in the result)."""
     from lwbench.measure.env import attention_backend
-    from lwbench.measure.worker import measure_all, measure_in_subprocess
+    from lwbench.measure.worker import MeasureOptions, measure_all, measure_in_subprocess
 
     flops = count(model, images, cfg, what)
-    kw = dict(device=device, threads=int(threads), throughput_batch=int(cfg.throughput_batch),
-              warmup=int(cfg.warmup), min_run_time=float(cfg.min_run_time), min_runs=int(cfg.min_runs),
-              dtype=cfg.dtype, memory_batch=int(cfg.memory_batch))
+    options = MeasureOptions.from_config(cfg, device, int(threads))
     if cfg.isolate:
-        t = measure_in_subprocess(model, images, **kw)
+        t = measure_in_subprocess(model, images, options=options)
     else:
-        t = {**measure_all(model, images, **kw), "isolated": False, "memory_exact": False}
+        t = {**measure_all(model, images, options=options), "isolated": False, "memory_exact": False}
     return Measurement(
         **dataclasses.asdict(flops),
         latency_ms=float(t["latency_ms"]), latency_iqr_ms=float(t["latency_iqr_ms"]),

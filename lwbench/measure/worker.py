@@ -36,11 +36,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lwbench.config import DTYPES, MeasureConfig  # no torch: the parent watch starts before torch loads
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-DTYPES = ("float32", "float16", "bfloat16")
+_PROTOCOL = MeasureConfig()
 TEMP_PREFIX = "lwbench-measure-"
 STALE_AFTER_S = 60.0
 OWNER, WORKER, OPTIONS = "owner.pid", "worker.pid", "options.json"
@@ -73,12 +75,13 @@ class MeasureOptions:
 
     device: str = "cpu"
     threads: int = 1
-    throughput_batch: int = 32
-    warmup: int = 10
-    min_run_time: float = 2.0
-    min_runs: int = 10
-    dtype: str = "float32"
-    memory_batch: int = 1
+    # The protocol's defaults are MeasureConfig's (lwbench/config.py): one place, not one per caller.
+    throughput_batch: int = _PROTOCOL.throughput_batch
+    warmup: int = _PROTOCOL.warmup
+    min_run_time: float = _PROTOCOL.min_run_time
+    min_runs: int = _PROTOCOL.min_runs
+    dtype: str = _PROTOCOL.dtype
+    memory_batch: int = _PROTOCOL.memory_batch
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -88,6 +91,12 @@ class MeasureOptions:
             from lwbench.errors import ConfigError
 
             raise ConfigError(f"unknown dtype '{self.dtype}'; use one of {', '.join(DTYPES)}")
+
+    @classmethod
+    def from_config(cls, cfg: MeasureConfig, device: str, threads: int) -> MeasureOptions:
+        """The worker's part of a run's ``measure`` section, on ``device`` with ``threads``."""
+        return cls(device=device, threads=threads, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)
+                                                      if f.name not in ("device", "threads")})
 
     @classmethod
     def of(cls, options: MeasureOptions | None = None, **overrides: Any) -> MeasureOptions:
@@ -105,31 +114,20 @@ class MeasureOptions:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def measure_all(
-    model: nn.Module,
-    images: torch.Tensor,
-    device: str | torch.device | None = None,
-    threads: int | None = None,
-    throughput_batch: int | None = None,
-    warmup: int | None = None,
-    min_run_time: float | None = None,
-    min_runs: int | None = None,
-    dtype: str | None = None,
-    memory_batch: int | None = None,
-    options: MeasureOptions | None = None,
-) -> dict[str, Any]:
+def measure_all(model: nn.Module, images: torch.Tensor, device: str | torch.device | None = None,
+                options: MeasureOptions | None = None, **overrides: Any) -> dict[str, Any]:
     """Memory, then latency (batch 1), then throughput, in this process. The model is put in eval
     mode, cast to ``dtype`` and moved to ``device`` (in place). Latency takes at least ``min_runs``
     measurements, throughput at least ``min(min_runs, 5)``, each at least ``min_run_time`` seconds.
 
-    Settings come from ``options`` (default ``MeasureOptions()``); a keyword given here overrides it."""
+    Settings come from ``options`` (default ``MeasureOptions()``); ``device`` and keyword ``overrides``
+    (``threads=1``, ``warmup=2``, any :class:`MeasureOptions` field) that are not None override it."""
     import torch
 
     from lwbench.measure.latency import as_device, measure_latency, measure_throughput
     from lwbench.measure.memory import measure_memory
 
-    o = MeasureOptions.of(options, device=device, threads=threads, throughput_batch=throughput_batch, warmup=warmup,
-                          min_run_time=min_run_time, min_runs=min_runs, dtype=dtype, memory_batch=memory_batch)
+    o = MeasureOptions.of(options, device=device, **overrides)
     dev = as_device(o.device)
     if dev.type == "cpu":
         torch.set_num_threads(o.threads)
@@ -237,23 +235,12 @@ def _write_atomic(file: Path, text: str) -> None:
     os.replace(tmp, file)
 
 
-def measure_in_subprocess(
-    model: nn.Module,
-    images: torch.Tensor,
-    device: str | torch.device | None = None,
-    threads: int | None = None,
-    throughput_batch: int | None = None,
-    warmup: int | None = None,
-    min_run_time: float | None = None,
-    min_runs: int | None = None,
-    dtype: str | None = None,
-    memory_batch: int | None = None,
-    timeout: float | None = 3600.0,
-    options: MeasureOptions | None = None,
-) -> dict[str, Any]:
+def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | torch.device | None = None,
+                          timeout: float | None = 3600.0, options: MeasureOptions | None = None,
+                          **overrides: Any) -> dict[str, Any]:
     """:func:`measure_all` in a fresh process; ``"isolated": True`` in the result when it worked.
 
-    Settings as for :func:`measure_all` (``options``, keywords override). When the model cannot be pickled
+    Settings as for :func:`measure_all` (``options``; ``device`` and keyword overrides win). When the model cannot be pickled
     or the worker fails (e.g. a class defined in ``__main__``), the measurement is repeated in this process,
     a notice goes to stderr, and the result says ``"isolated": False`` with the reason in
     ``"isolation_error"`` (its peak memory then includes this process's history, see
@@ -261,9 +248,7 @@ def measure_in_subprocess(
     """
     import torch
 
-    opts = MeasureOptions.of(options, device=device, threads=threads, throughput_batch=throughput_batch,
-                             warmup=warmup, min_run_time=min_run_time, min_runs=min_runs, dtype=dtype,
-                             memory_batch=memory_batch)
+    opts = MeasureOptions.of(options, device=device, **overrides)
     remove_stale_folders()
     error: str
     tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
