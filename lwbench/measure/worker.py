@@ -240,10 +240,10 @@ def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | 
                           **overrides: Any) -> dict[str, Any]:
     """:func:`measure_all` in a fresh process; ``"isolated": True`` in the result when it worked.
 
-    Settings as for :func:`measure_all` (``options``; ``device`` and keyword overrides win). When the model
-    cannot be pickled or the worker fails (e.g. a class defined in ``__main__``), the measurement is repeated in this process,
-    a notice goes to stderr, and the result says ``"isolated": False`` with the reason in
-    ``"isolation_error"`` (its peak memory then includes this process's history, see
+    Settings as for :func:`measure_all` (``options``; ``device`` and keyword overrides win). When the
+    model cannot be pickled or the worker fails (e.g. a class defined in ``__main__``), the measurement is
+    repeated in this process, a warning is logged, and the result says ``"isolated": False`` with the
+    reason in ``"isolation_error"`` (its peak memory then includes this process's history, see
     :mod:`lwbench.measure.memory`).
     """
     import torch
