@@ -23,18 +23,16 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-_FLAGS = ("seed", "source", "data_root", "backbone", "weights", "pretrained", "img_size", "device", "threads",
-          "results", "force", "quiet")
 
 
 def configure(method: str, task: str, budget: str | None = None, profile: str = "quick", **overrides: Any):
     """The resolved :class:`lwbench.config.RunConfig`: ``overrides`` are the command line's flags (``seed=1``,
     ``source="synthetic"``, ``img_size=(240, 320)``) or dotted ``--set`` keys (``**{"train.lr": 1e-4}``,
     ``**{"method.distill.steps": 100}``), applied in that order."""
-    from lwbench.config import resolve_config
+    from lwbench.config import FLAGS, resolve_config
 
-    flags = {k: v for k, v in overrides.items() if k in _FLAGS}
-    sets = [f"{k}={_text(v)}" for k, v in overrides.items() if k not in _FLAGS]
+    flags = {k: v for k, v in overrides.items() if k in FLAGS}
+    sets = [f"{k}={_text(v)}" for k, v in overrides.items() if k not in FLAGS]
     return resolve_config(method, task, budget, profile=profile, sets=sets, **flags)
 
 

@@ -195,6 +195,9 @@ class RunConfig:
 
 
 RUN_SECTIONS = ("head", "teacher", "train", "eval", "measure")
+# RunConfig fields the command line (and lwbench.run's keyword arguments) set directly, not through --set.
+FLAGS = ("seed", "source", "data_root", "backbone", "weights", "pretrained", "img_size", "device", "threads",
+         "results", "force", "quiet")
 _PROFILE_KEYS = ("name", "description", "device", "threads", "defaults", "tasks", "methods")
 # Keys of RunConfig a profile's ``defaults`` / ``tasks.<t>`` blocks may set.
 _LAYER_KEYS = ("backbone", "weights", "pretrained", "img_size", "device", "threads", "seed", "source", "data_root",
@@ -267,10 +270,9 @@ def _set_run(run: dict, key: str, value: Any, valid: list[str]) -> None:
         set_nested(run, key, value)
         return
     if key not in valid:
-        sections = [k for k in RUN_SECTIONS if k == key]
-        if sections:
-            raise ConfigError(f"--set {key}=...: '{key}' is a section; set one of its keys, e.g. {key}."
-                              f"{[k for k in valid if k.startswith(key + '.')][0].split('.', 1)[1]}=...")
+        if key in RUN_SECTIONS:
+            first = next(k for k in valid if k.startswith(f"{key}."))
+            raise ConfigError(f"--set {key}=...: '{key}' is a section; set one of its keys, e.g. {first}=...")
         raise ConfigError(f"--set: unknown key '{key}'{close_key(key, valid)} (method options are method.<key>, "
                           f"task options task.<key>; `lwbench config keys` lists the rest)")
     set_nested(run, key, value)
@@ -303,9 +305,9 @@ def resolve_config(method: str, task: str, budget: str | None = None, profile: s
 
     flag_mopts = flags.pop("method_opts", None) or {}
     flag_topts = flags.pop("task_opts", None) or {}
-    unknown = [k for k in flags if k not in {f for f in _flag_names()}]
+    unknown = [k for k in flags if k not in FLAGS]
     if unknown:
-        raise ConfigError(f"unknown option '{unknown[0]}'{close_key(unknown[0], _flag_names())}")
+        raise ConfigError(f"unknown option '{unknown[0]}'{close_key(unknown[0], list(FLAGS))}")
     for k, v in flags.items():
         if v is not None:
             raw[k] = v
@@ -318,11 +320,6 @@ def resolve_config(method: str, task: str, budget: str | None = None, profile: s
     raw.update(method=method, task=task, budget=budget, profile=prof["name"])
     cfg = build(RunConfig, raw)
     return cfg.replace(method_opts=method_cls.resolve_options(mopts, cfg.train), task_opts=topts)
-
-
-def _flag_names() -> list[str]:
-    return ["seed", "source", "data_root", "backbone", "weights", "pretrained", "img_size", "device", "threads",
-            "results", "force", "quiet"]
 
 
 __all__ = ["RunConfig", "TrainConfig", "TeacherConfig", "Stage", "EvalConfig", "MeasureConfig", "HeadConfig",

@@ -75,14 +75,13 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
             if type(None) in args:
                 return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return coerce(value, a, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} is not {type_name(hint)}")
     if hint is Any:
         return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -19,6 +20,27 @@ def cache_dir() -> Path:
         what = "is a file, not a folder" if in_the_way else f"cannot be created ({exc.strerror})"
         raise ConfigError(f"cache folder {path} {what}; set LWBENCH_CACHE to a writable folder") from None
     return path
+
+
+def temp_beside(folder: Path, name: str) -> Path:
+    """A fresh hidden file ``.<name>.XXXX.tmp`` in ``folder`` (created): two writers of one folder never share
+    a temporary name; readable by others like an ordinary file (mkstemp's 0600 would hide a shared cache)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    return Path(tmp)
+
+
+def write_text_atomic(file: Path, text: str) -> None:
+    """Write ``file`` through a temporary file and ``os.replace``: a reader sees the old or the new text,
+    never half of it, and a killed writer leaves only a hidden temporary file."""
+    file = Path(file)
+    tmp = temp_beside(file.parent, file.name)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def results_dir() -> Path:

@@ -11,6 +11,7 @@ config, the weights and the data by content, minus :data:`lwbench.results.HASH_E
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import tempfile
@@ -25,9 +26,9 @@ from lwbench.errors import ConfigError
 from lwbench.logs import log
 from lwbench.method import resolve_budget
 from lwbench.options import to_dict
-from lwbench.paths import cache_dir, results_dir
+from lwbench.paths import cache_dir, results_dir, write_text_atomic
 from lwbench.registry import get_method, get_task
-from lwbench.results import config_hash
+from lwbench.results import _jsonable, config_hash
 from lwbench.seeding import seed_everything
 
 
@@ -82,8 +83,8 @@ class Plan:
         self.teacher_id = config_hash(self.teacher_config)
         self.config = self.identity()
         self.run_id = config_hash(self.config)
-        self.replicate_id = config_hash({k: v for k, v in self.config.items() if k not in ("seed", "teacher_id")}
-                                        | {"teacher": {k: v for k, v in self.teacher_config.items() if k != "seed"}})
+        # The teacher id is derived from fields the config holds itself, seed included: drop both.
+        self.replicate_id = config_hash({k: v for k, v in self.config.items() if k not in ("seed", "teacher_id")})
 
     # -- identity ------------------------------------------------------------------------------------------
     def teacher_identity(self) -> dict[str, Any]:
@@ -135,19 +136,9 @@ def build_teacher(plan: Plan, lock: bool = True):
     log.info("training the task backbone ('teacher') %s on %s (%s) for %d steps; cached in %s", plan.backbone_name,
              task.name, task.source, steps, tdir)
     tdir.mkdir(parents=True, exist_ok=True)
-    _write_json(tdir / "config.json", plan.teacher_config)
+    write_text_atomic(tdir / "config.json", json.dumps(_jsonable(plan.teacher_config), indent=1))
     train_teacher(model, task, to_dict(cfg.teacher), tdir, plan.device, cfg.quiet)
     return model.eval(), training_time(tdir), tdir
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    import json
-
-    from lwbench.results import _jsonable
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=1))
-    os.replace(tmp, path)
 
 
 def run(cfg: RunConfig) -> dict:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lwbench.config import DTYPES, MeasureConfig  # no torch: the parent watch starts before torch loads
+from lwbench.paths import write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -229,12 +230,6 @@ def remove_stale_folders(tmpdir: str | Path | None = None, min_age_s: float = ST
     return removed
 
 
-def _write_atomic(file: Path, text: str) -> None:
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
-
-
 def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | torch.device | None = None,
                           timeout: float | None = 3600.0, options: MeasureOptions | None = None,
                           **overrides: Any) -> dict[str, Any]:
@@ -289,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.dir)
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
-    _write_atomic(folder / WORKER, str(os.getpid()))
+    write_text_atomic(folder / WORKER, str(os.getpid()))
     opts_file = folder / OPTIONS
     opts = MeasureOptions.from_json(opts_file.read_text()) if opts_file.is_file() else MeasureOptions()
 

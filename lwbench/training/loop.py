@@ -28,7 +28,6 @@ import math
 import os
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import nn
 
 from lwbench.errors import CheckpointError, TrainingError
 from lwbench.locks import stage_lock
+from lwbench.paths import temp_beside, write_text_atomic
 
 DONE = "done.json"
 STATE = "state.json"
@@ -296,14 +296,6 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _temp_file(ckpt_dir: Path, name: str) -> Path:
-    """A fresh hidden file next to ``name``: two writers of one folder never share a temporary name."""
-    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shared cache unreadable to others
-    return Path(tmp)
-
-
 def _atomic_checkpoint(model: nn.Module, opt: torch.optim.Optimizer | None, state: dict, ckpt_dir: Path,
                        resume: dict | None = None) -> None:
     """Write weights, optimizer and resume state under unique temporary names, then ``os.replace`` them
@@ -314,7 +306,7 @@ def _atomic_checkpoint(model: nn.Module, opt: torch.optim.Optimizer | None, stat
     written: list[tuple[Path, str]] = []
 
     def temp(name: str) -> Path:
-        tmp = _temp_file(ckpt_dir, name)
+        tmp = temp_beside(ckpt_dir, name)
         written.append((tmp, name))
         return tmp
 
@@ -330,15 +322,6 @@ def _atomic_checkpoint(model: nn.Module, opt: torch.optim.Optimizer | None, stat
     finally:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
-
-
-def _write_json_atomic(file: Path, data: dict) -> None:
-    tmp = _temp_file(file.parent, file.name)
-    try:
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _resume_state(step: int, loss_fn: Callable, batches: Iterator) -> dict[str, Any]:
@@ -412,7 +395,7 @@ def train_loop(
         # Rank 0 alone: other DDP ranks wait for it in the gradient all-reduce, not on the lock.
         lock = stage_lock(ckpt_dir, desc, quiet=quiet) if is_main_process() else contextlib.nullcontext()
     with lock:
-        if ckpt_dir is not None and _finished(ckpt_dir, steps):  # e.g. by the process this one waited for
+        if ckpt_dir is not None and is_finished(ckpt_dir, steps):  # e.g. by the process this one waited for
             if load_checkpoint(model, ckpt_dir) is None:
                 raise damaged(ckpt_dir / STATE, f"missing although {DONE} says the stage is finished")
             return model.to(device).eval()
@@ -420,7 +403,8 @@ def train_loop(
                       quiet, grad_clip, ckpt_every_s, lr_key)
 
 
-def _finished(ckpt_dir: Path, steps: int) -> bool:
+def is_finished(ckpt_dir: Path, steps: int) -> bool:
+    """The stage in ``ckpt_dir`` has finished at least ``steps`` steps (its ``done.json`` says so)."""
     done = ckpt_dir / DONE
     return done.is_file() and int(_read_json(done).get("steps", 0)) >= steps
 
@@ -481,7 +465,7 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
     if ckpt_dir is not None and writer:
         total = elapsed + time.perf_counter() - t0
         _atomic_checkpoint(model, None, {"step": steps, "elapsed_s": total}, ckpt_dir)
-        _write_json_atomic(ckpt_dir / DONE, {"steps": steps, "elapsed_s": total})
+        write_text_atomic(ckpt_dir / DONE, json.dumps({"steps": steps, "elapsed_s": total}))
         for name in (OPTIM, RESUME):  # only needed to resume; a finished stage is reused, not resumed
             (ckpt_dir / name).unlink(missing_ok=True)
     model.eval()

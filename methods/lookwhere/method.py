@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,7 +222,7 @@ class LookWhere(PatchSelectionMethod):
 
     def distill(self, ctx, encoder: LookWhereEncoder) -> LookWhereEncoder:
         """Stage 1 in ``ctx.shared_dir/<tag>``; reused by every k (skipped when already done)."""
-        from lwbench.training.loop import DONE, load_checkpoint
+        from lwbench.training.loop import is_finished, load_checkpoint
 
         from .checkpoint import write_meta
         from .distill import DistillStudent, WhatWhereLoss
@@ -231,8 +230,7 @@ class LookWhere(PatchSelectionMethod):
         stage = ctx.stage(self.opts.distill)
         tag = self.distill_tag(stage)
         ckpt = Path(ctx.shared_dir) / tag
-        done = ckpt / DONE
-        if done.is_file() and json.loads(done.read_text()).get("steps", 0) >= stage.steps:
+        if is_finished(ckpt, stage.steps):
             load_checkpoint(encoder, ckpt)
             ctx.record_stage(tag, ckpt)  # a cached stage counts with the time it took when it ran
             return encoder
