@@ -78,8 +78,8 @@ class Task(abc.ABC):
                                   f"(known: {', '.join(sorted(defaults)) or 'none'})")
             default = defaults[key]
             if isinstance(default, (bool, int, float, str)) and not isinstance(value, (list, tuple, dict)):
-                value = coerce(value, type(default) if not isinstance(default, int) or isinstance(default, bool)
-                               else (int | float), f"task.{key}")
+                hint = (int | float) if type(default) is int else type(default)  # an int default may take a fraction
+                value = coerce(value, hint, f"task.{key}")
             elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)) and default:
                 elem = float if any(isinstance(v, float) for v in default) else type(default[0])
                 value = [coerce(v, elem, f"task.{key}[{i}]") for i, v in enumerate(value)]
@@ -193,8 +193,9 @@ class Task(abc.ABC):
 
 
 def folder_fingerprint(root: Path) -> str:
-    """sha1 over the names, sizes and mtimes of ``root``'s entries and its subfolders' entries (two levels):
-    milliseconds even for ImageNet (1000 class folders), and it changes when a split, class or file list does."""
+    """sha1 over the names, sizes and mtimes of ``root``'s entries and its subfolders' entries (two levels): one
+    ``scandir`` per folder and a stat per entry, no file read; it changes when a split, class or file list does
+    (a folder's mtime moves when an entry is added or removed)."""
     h = hashlib.sha1()
 
     def scan(folder: Path, depth: int) -> None:
