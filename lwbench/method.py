@@ -125,11 +125,6 @@ class Method(abc.ABC):
         opts = opts if opts is not None else cls.Options()
         return [f.name for f in dataclasses.fields(cls.Options) if isinstance(getattr(opts, f.name), Stage)]
 
-    @classmethod
-    def option_defaults(cls) -> dict[str, Any]:
-        """The options' defaults as a plain dict (for listing)."""
-        return to_dict(cls.Options())
-
     def coerce_budget(self, budget: Any) -> float | int | None:
         """The budget as ``budget_type``; NaN, infinities and fractional ``k`` fail here, before any work."""
         if budget is None:
