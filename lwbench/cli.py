@@ -271,12 +271,13 @@ def cmd_cache(args) -> int:
         return 0
     from tabulate import tabulate
 
-    rows = cache.list_entries(root)
-    if not rows:
+    entries = cache.list_entries(root)
+    if not entries:
         print(f"cache {root} is empty")
         return 0
-    keys = list(rows[0])
-    print(tabulate([[r.get(k, "") for k in keys] for r in rows], headers=keys))
+    rows = [[e.id, e.kind, e.status, cache.format_size(e.size_bytes), ", ".join(e.stages), e.summary]
+            for e in entries]
+    print(tabulate(rows, headers=["id", "kind", "status", "size", "stages", "config"]))
     print(f"\n{root}; drop one with: lwbench cache drop ID")
     return 0
 

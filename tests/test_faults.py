@@ -295,6 +295,20 @@ def test_cache_lists_and_drops_entries(tmp_path):
     assert [e.id for e in cache.list_entries()] == ["def456"]
 
 
+def test_cache_commands_list_and_drop(capsys):
+    from lwbench.cli import main
+
+    teacher = _stage("teachers", "abc123", tag=None)
+    (teacher / "config.json").write_text(json.dumps({"backbone": "lw_vit_test_p8", "task": "toy", "seed": 0}))
+    _stage("runs", "def456", "finetune", done=False)
+    assert main(["cache", "ls"]) == 0
+    out = capsys.readouterr().out
+    assert "abc123" in out and "teacher" in out and "task=toy" in out and "def456" in out and "partial" in out
+    assert main(["cache", "drop", "abc123"]) == 0
+    assert f"removed {teacher}" in capsys.readouterr().out and not teacher.exists()
+    assert main(["cache", "drop", "nope"]) == 2
+
+
 def test_cache_drop_refuses_what_is_not_one_entry(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
