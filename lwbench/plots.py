@@ -211,7 +211,23 @@ def _title(d: pd.DataFrame, task: str, source: str, x: str, nseeds: Any = ()) ->
     note = _seed_note(nseeds)
     if note:
         bits.append(note)
-    return head, " · ".join(bits)
+    effort = _effort_note(d)
+    return head, " · ".join(bits) + (f"\n{effort}" if effort else "")
+
+
+def _effort_note(d: pd.DataFrame) -> str:
+    """Says on the figure when its points did not get equal effort: rows from different task-trained
+    backbones, or methods trained on top of the shared one beside methods that were not."""
+    bits = []
+    teachers = _one(d.get("teacher_id", []))
+    if len(teachers) > 1:
+        bits.append(f"{len(teachers)} different teachers")
+    if "method_train_time_s" in d.columns:
+        secs = d.groupby("method")["method_train_time_s"].max()
+        trained, untrained = sorted(secs[secs > 0].index), sorted(secs[~(secs > 0)].index)
+        if trained and untrained:
+            bits.append(f"{', '.join(trained)} trained on top of the teacher, {', '.join(untrained)} not")
+    return f"not equal-effort: {'; '.join(bits)}" if bits else ""
 
 
 _LABEL_SPOTS = ((7, 6, "left", "bottom"), (7, -6, "left", "top"), (-7, 6, "right", "bottom"),

@@ -229,3 +229,14 @@ def test_plot_errors():
         pareto_figure(pd.DataFrame(), "cub")
     with pytest.raises(LwbenchError, match="have a throughput value"), pytest.warns(UserWarning):
         pareto_figure(frame(), "other", x="throughput")
+
+
+def test_unequal_effort_is_said_on_the_figure():
+    base = frame()
+    same = base.assign(teacher_id="t0", method_train_time_s=0.0)
+    assert "not equal-effort" not in pareto_figure(same, "traffic_signs")._suptitle.get_text()
+    trained = same.assign(method_train_time_s=[30.0 if m == "lookwhere" else 0.0 for m in same["method"]])
+    title = pareto_figure(trained, "traffic_signs")._suptitle.get_text()
+    assert "not equal-effort: lookwhere trained on top of the teacher, random, tome not" in title
+    two = same.assign(teacher_id=["t1" if m == "tome" else "t0" for m in same["method"]])
+    assert "not equal-effort: 2 different teachers" in pareto_figure(two, "traffic_signs")._suptitle.get_text()
