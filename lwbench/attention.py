@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-QUERIES = ("patch", "cls")
-
 
 def attention_logits(block: nn.Module, x: torch.Tensor, n_prefix: int, queries: str = "patch") -> torch.Tensor:
     """``(B, N_patches)``: pre-softmax attention logits of ``block`` on its input ``x`` (before ``norm1``),

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from lwbench.attention import QUERIES, LastBlockInput
-from lwbench.errors import ConfigError
+from lwbench.attention import LastBlockInput
+from lwbench.config import TeacherConfig
 from lwbench.training.loop import (
     EpochStream,
     check_weights,
@@ -150,24 +150,20 @@ def object_classes(task) -> int:
     return int(getattr(task, "object_classes", task.num_classes))
 
 
-def train_teacher(model: nn.Module, task, settings: dict, ckpt_dir: Path, device: str, quiet: bool) -> nn.Module:
-    """Train ``model`` (TaskModel around a timm ViT) on ``task`` per ``settings`` (the profile's ``teacher``)."""
-    steps = int(settings.get("steps", 0))
-    bs = int(settings["batch_size"])
-    weight = float(settings.get("dense_weight", 0.0))
-    attn_weight = float(settings.get("attn_weight", 0.0))
-    attn_queries = str(settings.get("attn_queries", "cls"))
-    if attn_queries not in QUERIES:
-        raise ConfigError(f"teacher.attn_queries must be one of {', '.join(QUERIES)}, not '{attn_queries}'")
+def train_teacher(model: nn.Module, task, settings: TeacherConfig, ckpt_dir: Path, device: str,
+                  quiet: bool) -> nn.Module:
+    """Train ``model`` (TaskModel around a timm ViT) on ``task`` per ``settings`` (the run's ``teacher`` section,
+    typed and validated: its defaults and ranges live in :class:`lwbench.config.TeacherConfig` alone)."""
+    s = settings
+    weight, attn_weight = s.dense_weight, s.attn_weight
     n_obj = object_classes(task) if weight > 0 or attn_weight > 0 else 0
-    common = dict(steps=steps, lr=float(settings["lr"]), weight_decay=float(settings.get("weight_decay", 0.05)),
-                  warmup_steps=int(settings.get("warmup_steps", 0)), ckpt_dir=ckpt_dir, device=device,
-                  desc=f"teacher {task.name}", quiet=quiet, grad_clip=settings.get("grad_clip"), lr_key="teacher.lr")
-    workers = int(settings.get("workers", 0))
+    common = dict(steps=s.steps, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, ckpt_dir=ckpt_dir,
+                  device=device, desc=f"teacher {task.name}", quiet=quiet, grad_clip=s.grad_clip, lr_key="teacher.lr")
+    bs, workers = s.batch_size, s.workers
     # EpochStream, not endless(DataLoader): its position is checkpointed, so a killed teacher resumes exactly
     # (ObjectCells' shifts draw on the global RNG, which train_loop checkpoints, when workers == 0).
     if n_obj:
-        trainer = DenseTrainer(model, n_obj + 1, attn_weight, attn_queries)
+        trainer = DenseTrainer(model, n_obj + 1, attn_weight, s.attn_queries)
         patch = int(model.encoder.vit.patch_embed.patch_size[0])
         data = EpochStream(ObjectCells(task, "train", patch), bs, seed=task.seed, num_workers=workers)
         train_loop(trainer, lambda m, x, t: m.loss(x, t, weight), data, **common)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from lwbench.backbones import check_img_size
-from lwbench.config import Stage
+from lwbench.config import ATTN_QUERIES, Stage
 from lwbench.errors import CheckpointError, ConfigError
 from lwbench.method import PatchSelectionMethod
 from lwbench.options import option, to_dict
@@ -99,7 +99,7 @@ class LookWhere(PatchSelectionMethod):
         distill_min_k: int = option(16, "smallest k drawn per distillation step", min=1)
         distill_max_k: int = option(128, "largest k drawn per distillation step", min=1)
         attn_queries: str = option("patch", "query rows averaged for the teacher's attention (where) target",
-                                   choices=("patch", "cls"))
+                                   choices=ATTN_QUERIES)
         weights: str | None = option(None, "official lookwhere_*.pt or an `lwbench pretrain lookwhere` folder: "
                                            "skips distillation; enters the run id by content")
         distill: Stage = option(default_factory=Stage, help="what-where distillation (budget-independent, shared)")

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from lwbench.config import ATTN_QUERIES
 from lwbench.errors import CheckpointError, DataNotFoundError, LwbenchError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
@@ -184,7 +185,7 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--selector-size", default=None, help="selector input px, multiple of the patch (default ~0.3 x)")
     g.add_argument("--distill-min-k", type=int, default=16)
     g.add_argument("--distill-max-k", type=int, default=128)
-    g.add_argument("--attn-queries", choices=("patch", "cls"), default="patch",
+    g.add_argument("--attn-queries", choices=ATTN_QUERIES, default="patch",
                    help="teacher attention rows averaged for the where-target")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=1000)
