@@ -248,7 +248,7 @@ def measure_cost(plan: Plan, model):
 
     ms = plan.cfg.measure
     images = measure_images(plan, max(ms.throughput_batch, ms.flops_images))
-    return measure(model.to("cpu").eval(), images, ms, device=plan.device, threads=plan.threads,
+    return measure(model, images, ms, device=plan.device, threads=plan.threads,
                    what=f"{plan.method.name} {plan.method.budget_str()}")
 
 
