@@ -1,6 +1,7 @@
 """Does the quick teacher's attention point at the objects? Train (or load from cache) the task teacher per
-seed and report its accuracy and the object recall of its where-target (top-k cells of the last-layer
-attention, CLS row and mean of the patch rows), against a random choice of k cells.
+seed and report its accuracy, the object recall of its where-target (top-k cells of the last-layer
+attention, CLS row and mean of the patch rows), and the CLS-attention recall of every block (what EViT, top-k
+and ATS rank tokens by, at blocks 1-3 of the quick 4-block ViT), against a random choice of k cells.
 
     python benchmarks/teacher_attention.py --task traffic_signs --seeds 0 1 2 --set teacher.attn_weight=1
 
@@ -25,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from lwbench.config import resolve_config
-    from lwbench.diagnostics import where_target_recall
+    from lwbench.diagnostics import attention_recall, where_target_recall
     from lwbench.runner import Plan, build_teacher
 
     rows = []
@@ -41,12 +42,14 @@ def main() -> None:
         vit = teacher.encoder.vit
         cls = where_target_recall(vit, plan.task, k, "cls", n=128)
         pat = where_target_recall(vit, plan.task, k, "patch", n=128)
+        per_block = attention_recall(vit, plan.task, k, "cls", n=128)
         rows.append([seed, plan.teacher_id, f"{acc:.1f}", k, f"{cls['where_target_recall']:.2f}",
-                     f"{pat['where_target_recall']:.2f}", f"{cls['where_target_chance']:.2f}", f"{train_s:.0f}",
-                     f"{time.perf_counter() - t0:.0f}"])
+                     f"{pat['where_target_recall']:.2f}", " ".join(f"{r:.2f}" for r in per_block.values()),
+                     f"{cls['where_target_chance']:.2f}", f"{train_s:.0f}", f"{time.perf_counter() - t0:.0f}"])
         print(tabulate(rows[-1:], tablefmt="plain"), flush=True)
     print(f"\n{args.task}, overrides: {' '.join(args.set) or '(none)'}")
-    print(tabulate(rows, headers=["seed", "teacher", "top-1 %", "k", "recall cls", "recall patch", "chance",
+    print(tabulate(rows, headers=["seed", "teacher", "top-1 %", "k", "recall cls", "recall patch",
+                                  "CLS recall per block", "chance",
                                   "train s", "wall s"], tablefmt="github"))
 
 

@@ -124,8 +124,11 @@ class TeacherConfig(TrainConfig):
 
     steps: int = option(0, "optimizer steps (0: use the backbone as loaded, untrained on the task)", min=0)
     dense_weight: float = option(0.0, "per-patch object loss weight (tasks with object boxes)", min=0)
-    attn_weight: float = option(0.0, "last-block attention-on-objects loss weight", min=0)
+    attn_weight: float = option(0.0, "attention-on-objects loss weight", min=0)
     attn_queries: str = option("cls", "query rows of that attention", choices=ATTN_QUERIES)
+    attn_blocks: str = option("last", "blocks the attention loss trains: the last one (LookWhere's where-target), "
+                              "or every block (also the CLS attention EViT/top-k/ATS prune by)",
+                              choices=("last", "all"))
 
 
 @dataclass(frozen=True)

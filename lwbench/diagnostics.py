@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from lwbench.attention import LastBlockInput
+from lwbench.attention import BlockInputs
+from lwbench.errors import ConfigError, DataError
 from lwbench.vit import num_prefix
 
 #: The where-target passes when it closes at least this share of the gap from a random selection's recall to 1.
@@ -97,7 +98,48 @@ def object_recall(model, task, patch: int, device: str = "cpu", split: str = "te
     return {"object_recall": nanmean(torch.cat(rec)), "object_recall_chance": nanmean(torch.cat(chance))}
 
 
+def _split_with_images(task, split: str) -> str:
+    """``split``, or ``"train"`` when the task has no such split (e.g. traffic signs trained on all of Set1
+    hold out no val): the guard then reads training images, which says the same about the teacher."""
+    try:
+        if len(task.dataset(split)) > 0:
+            return split
+    except (ConfigError, DataError):
+        pass
+    return "train"
+
+
 @torch.no_grad()
+def attention_recall(vit, task, k: int, queries: str, blocks: list[int] | None = None, split: str = "val",
+                     n: int = 64, device: str = "cpu") -> dict[int, float]:
+    """``{block: object recall}`` of the top-``k`` patch keys of each block's attention (heads and ``queries``
+    rows averaged; ``blocks`` None = every block) on the first ``n`` images of ``split`` (falls back to train
+    when the task has no ``split``), in the full (unreduced) forward. NaN per block without annotations."""
+    depth = len(vit.blocks)
+    indices = list(range(depth)) if blocks is None else [b % depth for b in blocks]
+    if not has_objects(task):
+        return {i: math.nan for i in indices}
+    split = _split_with_images(task, split)
+    patch = int(vit.patch_embed.patch_size[0])
+    grid = (task.img_size[0] // patch, task.img_size[1] // patch)
+    k = max(1, min(int(k), grid[0] * grid[1]))
+    rec: dict[int, list[torch.Tensor]] = {i: [] for i in indices}
+    was_training = vit.training
+    vit.eval()
+    try:
+        for idx, images in _batches(task, split, n, 32):
+            with BlockInputs(vit, indices) as captured:
+                vit.forward_features(images.to(device))
+            objects = torch.stack([object_mask(task, split, i, grid, patch) for i in idx])
+            for i, logits in captured.logits(num_prefix(vit), queries).items():
+                logits = logits.cpu()
+                chosen = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, logits.topk(k, dim=1).indices, True)
+                rec[i].append(recall(chosen, objects))
+    finally:
+        vit.train(was_training)
+    return {i: nanmean(torch.cat(r)) for i, r in rec.items()}
+
+
 def where_target_recall(vit, task, k: int, queries: str, split: str = "val", n: int = 64,
                         device: str = "cpu") -> dict[str, Any]:
     """Object recall of the top-``k`` cells of the teacher's where-target (last-layer attention, heads and
@@ -105,23 +147,10 @@ def where_target_recall(vit, task, k: int, queries: str, split: str = "val", n: 
     if not has_objects(task):
         return {"where_target_recall": math.nan, "where_target_chance": math.nan}
     patch = int(vit.patch_embed.patch_size[0])
-    grid = (task.img_size[0] // patch, task.img_size[1] // patch)
-    n_cells = grid[0] * grid[1]
-    k = max(1, min(int(k), n_cells))
-    rec = []
-    was_training = vit.training
-    vit.eval()
-    try:
-        for idx, images in _batches(task, split, n, 32):
-            with LastBlockInput(vit) as last:
-                vit.forward_features(images.to(device))
-            logits = last.logits(num_prefix(vit), queries).cpu()
-            chosen = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, logits.topk(k, dim=1).indices, True)
-            objects = torch.stack([object_mask(task, split, i, grid, patch) for i in idx])
-            rec.append(recall(chosen, objects))
-    finally:
-        vit.train(was_training)
-    return {"where_target_recall": nanmean(torch.cat(rec)), "where_target_chance": k / n_cells}
+    n_cells = (task.img_size[0] // patch) * (task.img_size[1] // patch)
+    found = attention_recall(vit, task, k, queries, [-1], split, n, device)
+    chance = max(1, min(int(k), n_cells)) / n_cells
+    return {"where_target_recall": next(iter(found.values())), "where_target_chance": chance}
 
 
 def clearly_above_chance(found: float, chance: float) -> bool:

@@ -213,7 +213,9 @@ class TrafficSigns(Task):
             "n_train": 6000,  # synthetic split sizes
             "n_val": 500,
             "n_test": 1000,
-            "val_frac": 0.1,  # real: share of each class of Set1 held out (its last frames) as "val"
+            # real: share of each class of Set1 held out (its last frames) as "val". 0 (default): train on all of
+            # Set1, as ATS, IPS and DPS do (no val split; nothing in lwbench selects on val)
+            "val_frac": 0.0,
         }
 
     def _validate_opts(self) -> None:
@@ -235,8 +237,8 @@ class TrafficSigns(Task):
             if o[key] < least:
                 raise ConfigError(f"traffic_signs: {key} must be an integer >= {least}, got {o[key]!r}")
         o["val_frac"] = _number(o["val_frac"], float, "val_frac")
-        if not 0 < o["val_frac"] < 1:
-            raise ConfigError(f"traffic_signs: val_frac must be in (0, 1), got {o['val_frac']!r}")
+        if not 0 <= o["val_frac"] < 1:
+            raise ConfigError(f"traffic_signs: val_frac must be in [0, 1), got {o['val_frac']!r}")
 
     # -- layout ------------------------------------------------------------------------------------
     def real_root(self) -> Path | None:

@@ -98,18 +98,18 @@ def test_guard_fires_when_attention_misses_the_objects_and_not_when_it_covers_th
 
     def fake_logits(on_object):
         def logits(self, n_prefix, queries="patch"):
-            b = self.x.shape[0]
+            b = next(iter(self.x.values())).shape[0]
             rows = []
             for i in range(images["n"], images["n"] + b):
                 obj = cell_targets(task.objects("val", i), (4, 6), 8).float() > 0
                 rows.append(obj.float() if on_object else (~obj).float())
             images["n"] += b
-            return torch.stack(rows)
+            return {i: torch.stack(rows) for i in self.indices}
         return logits
 
     for on_object, warned in ((True, False), (False, True)):
         images["n"] = 0
-        monkeypatch.setattr(diagnostics.LastBlockInput, "logits", fake_logits(on_object))
+        monkeypatch.setattr(diagnostics.BlockInputs, "logits", fake_logits(on_object))
         found = where_target_recall(vit, task, k=4, queries="cls", n=10)
         assert found["where_target_chance"] == pytest.approx(4 / 24)
         assert found["where_target_recall"] == (1.0 if on_object else 0.0)
@@ -192,3 +192,45 @@ def test_run_warns_when_the_processed_patches_miss_the_objects():
     assert missed_objects({"object_recall": 0.9, "object_recall_chance": 0.09}) == ""
     assert missed_objects({"object_recall": 1.0, "object_recall_chance": 1.0}) == ""  # full: nothing selected
     assert missed_objects({"object_recall": math.nan, "object_recall_chance": math.nan}) == ""
+
+
+def test_teacher_attention_loss_on_every_block_trains_the_first_block_too():
+    """``attn_blocks="all"`` puts the first block's CLS attention on the object (what EViT / top-k / ATS prune
+    by); ``"last"`` leaves it where it was. ``attention_recall`` reports every block."""
+    from lwbench.attention import BlockInputs
+    from lwbench.backbones import create_backbone
+    from lwbench.diagnostics import attention_recall
+    from lwbench.heads import ClassifierHead, TaskModel
+    from lwbench.methods.full import FullEncoder
+    from lwbench.training.teacher import DenseTrainer
+    from lwbench.vit import num_prefix
+
+    task = _ObjectTask()
+    x = task.dataset("train")[:][0][:6]
+    cells = torch.stack([cell_targets(task.objects("train", i), (4, 6), 8) for i in range(6)])
+    targets = {"label": torch.zeros(6).long(), "cells": cells}
+    gained = {}
+    for blocks in ("last", "all"):
+        torch.manual_seed(0)
+        vit = create_backbone("lw_vit_test_p8", task.img_size)
+        trainer = DenseTrainer(TaskModel(FullEncoder(vit), ClassifierHead(vit.embed_dim, 2, "max")), 2,
+                               attn_weight=1.0, attn_queries="cls", attn_blocks=blocks)
+
+        def first_block_mass():
+            with torch.no_grad(), BlockInputs(vit, [0]) as captured:
+                vit.forward_features(x)
+                p = captured.logits(num_prefix(vit), "cls")[0].softmax(1)
+            return float((p * (cells > 0)).sum(1).mean())
+
+        before = first_block_mass()
+        opt = torch.optim.AdamW(trainer.parameters(), lr=3e-3)
+        for _ in range(25):
+            loss, _ = trainer.loss(x, targets, weight=0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        gained[blocks] = first_block_mass() - before
+        per_block = attention_recall(vit, task, k=4, queries="cls", split="train", n=6)
+        assert sorted(per_block) == list(range(len(vit.blocks)))
+        assert all(0.0 <= r <= 1.0 for r in per_block.values())
+    assert gained["all"] > 0.3 and gained["all"] > gained["last"] + 0.2, gained

@@ -14,14 +14,18 @@ affordable, both configured in the profile and recorded in the teacher's config 
   equally). Only the teacher uses it; it changes no method and no evaluation. With the loss on,
   augmentation is a random shift applied to image and boxes alike;
 * ``teacher.attn_weight > 0`` (same annotations) adds an attention loss: the last block's attention
-  over patch keys (heads averaged, query rows ``teacher.attn_queries``: the CLS row or the mean of the
+  (``teacher.attn_blocks: all``: every block's, the loss averaged over blocks) over patch keys (heads
+  averaged, query rows ``teacher.attn_queries``: the CLS row or the mean of the
   patch rows; :mod:`lwbench.attention`) learns to put its mass on the object cells,
   ``KL(object mask / its sum || softmax(A))``. A teacher trained from scratch on a task has no reason
   to attend to the object (a max-pooled head reads the object's token wherever attention goes): one
   seed's attention covered 8% of the sign cells, another's avoided the signs, and LookWhere, whose
   selector learns *where* from exactly this attention, then looked at road and clutter (chance
   accuracy). The loss makes the quantity LookWhere distils point at the object on every seed. It is
-  the shared backbone's recipe, so every method of the task gets the same teacher.
+  the shared backbone's recipe, so every method of the task gets the same teacher. EViT, top-k and ATS
+  rank tokens by the CLS attention of *earlier* blocks (blocks 1, 2, 3 of the quick 4-block ViT), which a
+  last-block loss leaves untrained; ``attn_blocks: all`` gives them the same signal (measured in
+  ``benchmarks/teacher_attention.py``, which prints every block's CLS-attention recall).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from lwbench.attention import LastBlockInput
+from lwbench.attention import BlockInputs
 from lwbench.config import TeacherConfig
 from lwbench.training.loop import (
     EpochStream,
@@ -107,15 +111,16 @@ class DenseTrainer(nn.Module):
     attention loss (see the module docstring)."""
 
     def __init__(self, model: nn.Module, num_cell_classes: int, attn_weight: float = 0.0,
-                 attn_queries: str = "cls"):
+                 attn_queries: str = "cls", attn_blocks: str = "last"):
         super().__init__()
         self.model = model
         self.cells = nn.Linear(model.encoder.vit.embed_dim, num_cell_classes)
         self.attn_weight, self.attn_queries = float(attn_weight), attn_queries
+        self.attn_blocks = [-1] if attn_blocks == "last" else None  # BlockInputs: None = every block
 
     def loss(self, images: torch.Tensor, targets: dict, weight: float):
         vit = self.model.encoder.vit
-        with LastBlockInput(vit) as last:
+        with BlockInputs(vit, self.attn_blocks if self.attn_weight > 0 else []) as blocks:
             out = self.model.encoder(images)
         task = F.cross_entropy(self.model.head(out), targets["label"])
         cells = targets["cells"]
@@ -130,7 +135,8 @@ class DenseTrainer(nn.Module):
             loss = loss + weight * dense
             stats["dense"] = dense.item()
         if self.attn_weight > 0:
-            attn = attention_object_loss(last.logits(num_prefix(vit), self.attn_queries), cells)
+            per_block = blocks.logits(num_prefix(vit), self.attn_queries).values()
+            attn = torch.stack([attention_object_loss(lg, cells) for lg in per_block]).mean()
             loss = loss + self.attn_weight * attn
             stats["attn"] = attn.item()
         return loss, stats
@@ -163,7 +169,7 @@ def train_teacher(model: nn.Module, task, settings: TeacherConfig, ckpt_dir: Pat
     # EpochStream, not endless(DataLoader): its position is checkpointed, so a killed teacher resumes exactly
     # (ObjectCells' shifts draw on the global RNG, which train_loop checkpoints, when workers == 0).
     if n_obj:
-        trainer = DenseTrainer(model, n_obj + 1, attn_weight, s.attn_queries)
+        trainer = DenseTrainer(model, n_obj + 1, attn_weight, s.attn_queries, s.attn_blocks)
         patch = int(model.encoder.vit.patch_embed.patch_size[0])
         data = EpochStream(ObjectCells(task, "train", patch), bs, seed=task.seed, num_workers=workers)
         train_loop(trainer, lambda m, x, t: m.loss(x, t, weight), data, **common)
