@@ -110,7 +110,7 @@ def _config(args, method: str, task: str, budget: str | None):
     from lwbench.config import resolve_config
 
     return resolve_config(method, task, budget, profile=args.profile, sets=args.set, seed=args.seed,
-                          source=args.source, data_root=args.data_root, device=args.device, backbone=args.backbone,
+                          regime=getattr(args, "regime", None), source=args.source, data_root=args.data_root, device=args.device, backbone=args.backbone,
                           weights=args.weights, img_size=_parse_hw(args.img_size), results=args.results,
                           force=args.force or None, quiet=args.quiet or None)
 
@@ -119,14 +119,44 @@ def cmd_run(args) -> int:
     from lwbench.results import format_results
     from lwbench.runner import run
 
-    cfg = _config(args, args.method, args.task, args.budget)
+    seeds = _parse_seeds(args.seeds) if args.seeds else [args.seed]
+    cfgs = [_config(args, args.method, args.task, args.budget) if s is None else
+            _config(_with(args, seed=s), args.method, args.task, args.budget) for s in seeds]
     if args.dry_run:
-        return _show_config(cfg)
-    row = run(cfg)
+        for cfg in cfgs:
+            _show_config(cfg)
+        return 0
+    rows = [run(cfg) for cfg in cfgs]
     import pandas as pd
 
-    print(format_results(pd.DataFrame([row]), "table"))
+    print(format_results(pd.DataFrame(rows), "table"))
     return 0
+
+
+def _with(args, **changes):
+    import copy
+
+    out = copy.copy(args)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` or ``0-2`` -> ``[0, 1, 2]``; anything else is one ConfigError line."""
+    from lwbench.errors import ConfigError
+
+    try:
+        if "-" in text.strip("-"):
+            lo, hi = (int(v) for v in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds must be a list like 0,1,2 or a range like 0-2 of seeds >= 0, got '{text}'")
+    return seeds
 
 
 def _show_config(cfg) -> int:
@@ -164,7 +194,7 @@ def cmd_config(args) -> int:
 def cmd_sweep(args) -> int:
     from lwbench.sweep import run_sweep
 
-    failures = run_sweep(args.file, args, _config, shard=args.shard)
+    failures = run_sweep(args.file, args, _config, shard=args.shard, phase=args.phase)
     return 1 if failures else 0
 
 
@@ -298,6 +328,10 @@ def _run_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     g.add_argument("--img-size", help="override the profile's image size: S or HxW")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the profile's (auto)")
     g.add_argument("--seed", type=int, help="seed (default 0)")
+    g.add_argument("--regime", choices=["auto", "off_the_shelf", "finetuned"],
+                   help="off_the_shelf (training-free methods on the task-trained backbone) or finetuned (every "
+                        "method fine-tuned with train.* at its budget); default auto: off_the_shelf when the method "
+                        "is training-free")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override: method.<opt>=v, task.<opt>=v, teacher.steps=v, train.lr=v, measure.warmup=v "
                         "(lwbench config keys)")
@@ -323,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train what a method needs, evaluate, measure, store one result row",
                        epilog=EXAMPLES["run"], formatter_class=fmt)
     _run_args(p)
+    p.add_argument("--seeds", metavar="LIST", help="several training seeds, e.g. 0,1,2 or 0-2 (one row each; "
+                   "lwbench results aggregates them)")
     _common(p)
     p.set_defaults(fn=cmd_run)
 
@@ -330,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  lwbench sweep configs/sweeps/quick.yaml", formatter_class=fmt)
     p.add_argument("file", help="sweep YAML (see configs/sweeps/)")
     p.add_argument("--shard", help="i/n: run only every n-th point starting at i (for parallel launchers)")
+    p.add_argument("--phase", choices=["all", "train", "measure"], default="all",
+                   help="all (default): train every point, then evaluate and time them one at a time; train: the "
+                        "first pass only (e.g. in parallel shards); measure: the second (run it alone, serially)")
     _run_args(p, with_method=False)
     _common(p)
     p.set_defaults(fn=cmd_sweep)

@@ -84,6 +84,8 @@ def parse_value(text: str) -> Any:
 
 # -- the run's sections ------------------------------------------------------------------------------------
 ATTN_QUERIES = ("patch", "cls")
+#: How a row's model was obtained from the task-trained backbone (``RunConfig.regime``; ``auto`` resolves per method).
+REGIMES = ("auto", "off_the_shelf", "finetuned")
 POOLS = ("token", "max", "avg", "token+max")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -135,6 +137,8 @@ class TeacherConfig(TrainConfig):
 class EvalConfig:
     batch_size: int = option(64, "evaluation batch size", min=1)
     limit: int | None = option(None, "evaluate only the first N test images (null: all)", min=1)
+    bootstrap: int = option(1000, "bootstrap resamples of the test images for the 95% interval (0: none)", min=0)
+    bootstrap_seed: int = option(0, "seed of the bootstrap resampling", min=0)
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,9 @@ class RunConfig:
     img_size: tuple[int, int] | None = option(None, "HxW of the high-res input (null: the task's default)")
     device: str = option("auto", "cpu | cuda | auto", choices=("auto", "cpu", "cuda"))
     threads: int | None = option(None, "torch intra-op threads (null: all cores)", min=1)
+    regime: str = option("auto", "off_the_shelf: the method on the task-trained backbone, no training (training-free "
+                         "methods); finetuned: every method fine-tuned from it with train.* at its budget; auto: "
+                         "off_the_shelf for training-free methods, else finetuned", choices=REGIMES)
     head: HeadConfig = option(default_factory=HeadConfig)
     teacher: TeacherConfig = option(default_factory=TeacherConfig)
     train: TrainConfig = option(default_factory=TrainConfig)
@@ -199,11 +206,12 @@ class RunConfig:
 
 RUN_SECTIONS = ("head", "teacher", "train", "eval", "measure")
 # RunConfig fields the command line (and lwbench.run's keyword arguments) set directly, not through --set.
-FLAGS = ("seed", "source", "data_root", "backbone", "weights", "pretrained", "img_size", "device", "threads",
+FLAGS = ("seed", "source", "data_root", "backbone", "weights", "pretrained", "img_size", "device", "threads", "regime",
          "results", "force", "quiet")
 _PROFILE_KEYS = ("name", "description", "device", "threads", "defaults", "tasks", "methods")
 # Keys of RunConfig a profile's ``defaults`` / ``tasks.<t>`` blocks may set.
-_LAYER_KEYS = ("backbone", "weights", "pretrained", "img_size", "device", "threads", "seed", "source", "data_root",
+_LAYER_KEYS = ("backbone", "weights", "pretrained", "img_size", "device", "threads", "regime", "seed", "source",
+               "data_root",
                *RUN_SECTIONS, "task_opts")
 
 

@@ -163,8 +163,17 @@ class Method(abc.ABC):
     def fit(self, ctx: FitContext) -> nn.Module:
         """Train what the method needs and return the trained ``TaskModel``. Resumable through ``ctx``.
 
-        The default (training-free methods) wraps the task-trained backbone and reuses its head."""
+        The default (training-free methods) wraps the task-trained backbone and reuses its head; in the
+        ``finetuned`` regime (``ctx.regime``) it then fine-tunes encoder and head with the task loss and the
+        run's ``train`` recipe at this budget, the same steps every other method of the comparison gets."""
+        if ctx.regime == "finetuned":
+            return ctx.finetune(self.task_model(ctx, trainable=True), tag=f"{self.name}-{self.budget_str()}-finetune")
         return self.task_model(ctx)
+
+    def finetune_stage(self) -> Any:
+        """The stage whose steps count as task fine-tuning in the row (``finetune_steps``): the ``finetune``
+        option when the method has one; other stages (LookWhere's distillation) count as pretraining."""
+        return getattr(self.opts, "finetune", None)
 
     def task_model(self, ctx: FitContext, trainable: bool = False) -> TaskModel:
         """This method's encoder on the teacher's backbone, with a trainable copy of the teacher's head.

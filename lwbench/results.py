@@ -46,6 +46,16 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("seed", "int", "seed of initialisation, training and data order"),
     ("metric", "str", "name of the task's headline metric ('top1', 'miou')"),
     ("metric_value", "float", "value of that metric (%, higher is better); never NaN"),
+    ("metric_ci_low", "float", "lower end of the 95% bootstrap interval of metric_value over test images"),
+    ("metric_ci_high", "float", "upper end of that interval"),
+    ("metric_se", "float", "bootstrap standard error of metric_value"),
+    ("bootstrap_resamples", "int", "resamples behind the interval (0: none, interval NaN)"),
+    ("bootstrap_seed", "int", "seed of the resampling"),
+    ("regime", "str", "'off_the_shelf' (no training on top of the teacher) or 'finetuned' (train.* at the budget)"),
+    ("teacher_steps", "int", "training steps of the task-trained backbone (0: used as loaded)"),
+    ("pretrain_steps", "int", "steps of the method's stages before fine-tuning (LookWhere's distillation), else 0"),
+    ("finetune_steps", "int", "task fine-tuning steps on top of the teacher at this budget (0: off the shelf)"),
+    ("finetune_recipe", "str", "steps, lr, batch, warm-up of that fine-tuning ('-': none); equal across a comparison"),
     ("top1", "float", "top-1 accuracy (%), NaN for segmentation"),
     ("top5", "float", "top-5 accuracy (%), NaN when not applicable"),
     ("miou", "float", "mean IoU (%), NaN for classification"),
@@ -83,6 +93,8 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("measure_min_run_time", "float", "seconds each timed measurement lasted at least"),
     ("measure_min_runs", "int", "minimum timed measurements asked for"),
     ("memory_batch", "int", "batch size of the peak-memory forward"),
+    ("other_load", "float", "cores kept busy by other processes while this row was timed (psutil)"),
+    ("machine_busy", "bool", "other_load competed with the timed threads: latency/throughput are suspect"),
     ("teacher_train_time_s", "float", "training time of the task-trained backbone this run starts from (s)"),
     ("method_train_time_s", "float", "training time of this method's own stages (s)"),
     ("train_time_s", "float", "teacher_train_time_s + method_train_time_s"),
@@ -272,6 +284,46 @@ class ResultStore:
         Sorted by task, source, method, gmacs.
         """
         return rows_to_frame(self.rows(task, method, **equals), keep_config=keep_config)
+
+    # -- per-image outcomes (paired comparisons) -----------------------------------------------------------
+    def per_image_path(self, row: Mapping[str, Any]) -> Path:
+        """``<run_id>.per_image.npz`` beside the row: the test images' outcomes in evaluation order."""
+        return self.path_for(row).with_suffix(".per_image.npz")
+
+    def write_per_image(self, row: Mapping[str, Any], arrays: Mapping[str, Any]) -> Path | None:
+        """Store ``{metric: per-image array}`` atomically beside ``row`` (written before the row, so a row
+        never points at a missing file); ``None`` when there is nothing to store."""
+        import numpy as np
+
+        if not arrays:
+            return None
+        path = self.per_image_path(row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{row['run_id']}.", suffix=".npz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, **{k: np.asarray(v) for k, v in arrays.items()})
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return path
+
+    def per_image(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The per-image arrays of ``row`` (``{}`` when none were stored or the file is unreadable)."""
+        import numpy as np
+
+        path = self.per_image_path(row)
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError) as err:
+            if path.exists():
+                warnings.warn(f"lwbench: unreadable per-image file {path} ({err}); rerun the point with --force")
+            return {}
 
     # -- writing ---------------------------------------------------------------------------------------------
     def write(self, row: Mapping[str, Any]) -> Path:

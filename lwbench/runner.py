@@ -42,6 +42,18 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
+def resolve_regime(method_cls, regime: str) -> str:
+    """``auto`` -> ``off_the_shelf`` for training-free methods, ``finetuned`` for the others; a trainable method
+    asked for ``off_the_shelf`` fails in one line (it has nothing to apply without training)."""
+    free = method_cls.training == "none"
+    if regime in (None, "auto"):
+        return "off_the_shelf" if free else "finetuned"
+    if regime == "off_the_shelf" and not free:
+        raise ConfigError(f"method '{method_cls.name}' needs training ({method_cls.training}); regime off_the_shelf is "
+                          f"for training-free methods (full, tome, evit, topk, ats): use --regime finetuned")
+    return regime
+
+
 def check_writable(folder: Path, what: str) -> Path:
     """``folder`` exists (created) and a file can be written in it, or one line saying which and why, before
     any work: a results folder found unwritable after an hour of training loses the hour."""
@@ -75,6 +87,7 @@ class Plan:
         self.spec = spec_of(self.backbone_name, self.task.img_size)
         opts = cfg.method_opts if cfg.method_opts is not None else self.method_cls.resolve_options({}, cfg.train)
         self.method = self.method_cls(self.spec, resolve_budget(self.method_cls, cfg.budget), opts=opts)
+        self.regime = resolve_regime(self.method_cls, cfg.regime)
         self.weights = cfg.weights
         self.weights_sha256 = file_sha256(cfg.weights) if cfg.weights else None
         self.pretrained = cfg.pretrained
@@ -106,9 +119,25 @@ class Plan:
             method_opts=self.method.resolved_options(), task_version=self.task.version, source=self.task.source,
             data_root=d["data_root"] if self.task.source == "real" else None, data=self.task.data_identity(),
             task_opts=self.task.opts, img_size=list(self.task.img_size), device=self.device, threads=self.threads,
-            weights_sha256=self.weights_sha256, teacher_id=self.teacher_id,
+            weights_sha256=self.weights_sha256, teacher_id=self.teacher_id, regime=self.regime,
         )
         return d
+
+    def effort(self) -> dict[str, Any]:
+        """The row's training columns: regime, teacher / pretraining / fine-tuning steps and the recipe, so a
+        reader sees at once whether two rows had the same training on top of the same teacher."""
+        train, method = self.cfg.train, self.method
+        stage = None
+        if self.regime == "finetuned":
+            stage = method.finetune_stage() if method.training != "none" else train
+        stage = stage.resolved(train) if hasattr(stage, "resolved") else stage
+        pre = sum(int(getattr(method.opts, n).resolved(train).steps) for n in method.stage_names(method.opts)
+                  if n != "finetune")
+        steps = int(stage.steps) if stage is not None else 0
+        recipe = (f"steps={steps} lr={stage.lr:g} batch={stage.batch_size} warmup={stage.warmup_steps}"
+                  if steps else "-")
+        return {"regime": self.regime, "teacher_steps": int(self.cfg.teacher.steps), "pretrain_steps": pre,
+                "finetune_steps": steps, "finetune_recipe": recipe}
 
 
 def build_teacher(plan: Plan, lock: bool = True):
@@ -163,6 +192,8 @@ def run(cfg: RunConfig) -> dict:
 
     t2 = time.perf_counter()
     metrics = evaluate(plan, model)
+    per_image = metrics.pop("per_image", None) or {}
+    metrics.update(interval(plan, per_image))
     eval_s = time.perf_counter() - t2
     missed = missed_objects(metrics)
     if missed:
@@ -172,9 +203,26 @@ def run(cfg: RunConfig) -> dict:
     cost = measure_cost(plan, model)
     row = make_row(plan, metrics, cost, teacher_time=teacher_time, stage_times=stage_times, eval_s=eval_s,
                    wall_s=time.perf_counter() - t0)
+    store.write_per_image(row, per_image)
     path = store.write(row)
     log.info("wrote %s", path)
     return row
+
+
+def train_only(cfg: RunConfig) -> bool:
+    """Train (or find cached) everything ``cfg``'s point needs, evaluate and time nothing: a sweep's first pass,
+    so that its timing pass runs one point at a time on a machine no training shares. False when the point's
+    row already exists (nothing to do)."""
+    from lwbench.results import ResultStore
+
+    plan = Plan(cfg)
+    store = ResultStore(Path(cfg.results) if cfg.results else results_dir())
+    if store.has(plan.run_id) and not cfg.force:
+        return False
+    check_writable(cache_dir(), "cache folder ($LWBENCH_CACHE)")
+    torch.set_num_threads(plan.threads)
+    fit_method(plan)
+    return True
 
 
 def evaluate(plan: Plan, model) -> dict:
@@ -191,6 +239,21 @@ def evaluate(plan: Plan, model) -> dict:
         metrics = plan.task.evaluate(model, loader, device=plan.device, progress=bar.update)
     metrics.update(selection_diagnostics(plan, model))
     return metrics
+
+
+def interval(plan: Plan, per_image: dict) -> dict:
+    """The headline metric's 95% bootstrap interval over the test images (``eval.bootstrap`` resamples); NaN
+    when the task gave no per-image outcomes or ``eval.bootstrap`` is 0."""
+    from lwbench.stats import bootstrap_ci
+
+    ev, metric = plan.cfg.eval, plan.task.metric
+    nan = {"metric_ci_low": math.nan, "metric_ci_high": math.nan, "metric_se": math.nan, "bootstrap_resamples": 0,
+           "bootstrap_seed": ev.bootstrap_seed}
+    if not ev.bootstrap or metric not in per_image:
+        return nan
+    ci = bootstrap_ci(per_image[metric], metric, n_resamples=ev.bootstrap, seed=ev.bootstrap_seed)
+    return {"metric_ci_low": ci["ci_low"], "metric_ci_high": ci["ci_high"], "metric_se": ci["se"],
+            "bootstrap_resamples": ev.bootstrap, "bootstrap_seed": ev.bootstrap_seed}
 
 
 def selection_diagnostics(plan: Plan, model) -> dict:
@@ -229,7 +292,7 @@ def fit_method(plan: Plan):
     work = cache_dir() / "runs" / plan.run_id
     ctx = FitContext(task=plan.task, teacher=teacher, defaults=plan.cfg.train, device=plan.device, work_dir=work,
                      shared_dir=tdir / "methods" / plan.method.name, method_opts=plan.method.opts, seed=plan.cfg.seed,
-                     quiet=plan.cfg.quiet)
+                     quiet=plan.cfg.quiet, regime=plan.regime)
     seed_everything(plan.cfg.seed)
     model = plan.method.fit(ctx).to(plan.device).eval()
     return model, teacher_time, dict(ctx.stage_times)
@@ -270,6 +333,9 @@ def make_row(plan: Plan, metrics: dict, cost, teacher_time: float, stage_times: 
         "task": task.name, "source": task.source, "backbone": plan.backbone_name,
         "img_size": f"{task.img_size[0]}x{task.img_size[1]}", "profile": plan.profile_name, "seed": plan.cfg.seed,
         "metric": metric, "metric_value": float(metrics[metric]),
+        **{k: metrics[k] for k in ("metric_ci_low", "metric_ci_high", "metric_se", "bootstrap_resamples",
+                                   "bootstrap_seed")},
+        **plan.effort(),
         "top1": metrics.get("top1", nan), "top5": metrics.get("top5", nan), "miou": metrics.get("miou", nan),
         "pixel_acc": metrics.get("pixel_acc", nan), "n_eval": int(metrics.get("n_eval", 0)),
         "object_recall": metrics.get("object_recall", nan),

@@ -16,6 +16,10 @@ Sweep file::
       lowres: default       # the method's default grid for this backbone/size
       random: [k=8, k=16, k=32]
     set: [teacher.steps=4]  # optional --set overrides for every point (the command line's own --set wins)
+    regimes: [off_the_shelf, finetuned]   # optional (default [auto]); a trainable method runs finetuned only
+
+A sweep trains every point first and then evaluates and times them one at a time (``--phase`` runs one
+pass), so no latency is taken beside a training job of the same sweep.
 
 The file is checked by :func:`validate_sweep` before any point runs: unknown keys, malformed values and
 unregistered task or method names are all reported together in one error.
@@ -34,7 +38,9 @@ from typing import Any
 from lwbench.config import load_yaml
 from lwbench.errors import ConfigError, LwbenchError, UnknownNameError
 
-SWEEP_KEYS = ("profile", "source", "tasks", "seeds", "methods", "set")
+SWEEP_KEYS = ("profile", "source", "tasks", "seeds", "methods", "set", "regimes")
+SWEEP_REGIMES = ("auto", "off_the_shelf", "finetuned")
+PHASES = ("all", "train", "measure")
 SWEEP_SOURCES = ("auto", "real", "synthetic")
 MAX_PROBLEMS = 10  # listed in one error; the rest are counted
 _NO_BUDGET = (None, "none")  # budgets meaning "run once, without a budget knob"
@@ -250,6 +256,7 @@ def validate_sweep(spec: dict, path: str) -> dict:
     seeds = _check_seeds(spec.get("seeds"), problems)
     methods = _check_methods(spec.get("methods"), problems)
     sets = _check_set(spec.get("set"), problems)
+    regimes = _check_regimes(spec.get("regimes"), problems)
     _check_names(tasks, methods, problems)
     if problems:
         if len(problems) == 1:
@@ -260,7 +267,24 @@ def validate_sweep(spec: dict, path: str) -> dict:
         if more:
             lines.append(f"  ... and {more} more")
         raise ConfigError("\n".join(lines))
-    return {"profile": profile, "source": source, "tasks": tasks, "seeds": seeds, "methods": methods, "set": sets}
+    return {"profile": profile, "source": source, "tasks": tasks, "seeds": seeds, "methods": methods, "set": sets,
+            "regimes": regimes}
+
+
+def _check_regimes(value: Any, problems: list[str]) -> list[str]:
+    if value is None:
+        return ["auto"]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        problems.append(f"'regimes' must be a non-empty list out of {', '.join(SWEEP_REGIMES)}, got {_show(value)}")
+        return ["auto"]
+    bad = [v for v in value if v not in SWEEP_REGIMES]
+    for v in bad:
+        close = difflib.get_close_matches(str(v), SWEEP_REGIMES, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        problems.append(f"regimes: unknown regime {_show(v)} (use {', '.join(SWEEP_REGIMES)}){hint}")
+    return [v for v in dict.fromkeys(value) if v in SWEEP_REGIMES] or ["auto"]
 
 
 def sweep_points(spec: dict, base_request) -> list:
@@ -273,21 +297,24 @@ def sweep_points(spec: dict, base_request) -> list:
 
     spec = validate_sweep(spec, "<sweep>")
     tasks, methods = spec["tasks"], spec["methods"]
+    from lwbench.registry import get_method
+
     points = []
     for seed in spec["seeds"]:
         for task in tasks:
             for method, budgets in methods.items():
+                free = get_method(method).training == "none"
+                # a trainable method has no off-the-shelf form: it runs once, fine-tuned, whatever the list says
+                regimes = list(dict.fromkeys(r if free or r == "auto" else "finetuned" for r in spec["regimes"]))
                 req = dataclasses.replace(base_request(method, task, None), seed=int(seed))
-                if budgets in _NO_BUDGET:
-                    points.append(req)
-                    continue
                 if budgets == "default":
                     plan = Plan(dataclasses.replace(req, quiet=True))
                     key = plan.method_cls.budget_key
                     grid = plan.method_cls.budget_grid(plan.spec)
                     budgets = [f"{key}={b:g}" for b in grid]
-                for b in budgets:
-                    points.append(dataclasses.replace(req, budget=str(b)))
+                for regime in regimes:
+                    for b in [None] if budgets in _NO_BUDGET else budgets:
+                        points.append(dataclasses.replace(req, budget=None if b is None else str(b), regime=regime))
     return points
 
 
@@ -303,9 +330,15 @@ def _parse_shard(shard: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def run_sweep(path: str, args, make_request, shard: str | None = None) -> list[tuple[str, str]]:
-    """Run every point; return the failures as (point, one-line reason)."""
-    from lwbench.runner import run
+def run_sweep(path: str, args, make_request, shard: str | None = None, phase: str = "all") -> list[tuple[str, str]]:
+    """Run every point; return the failures as (point, one-line reason).
+
+    ``phase`` ``train`` trains every point's stages (cached), ``measure`` evaluates, times and writes each row
+    (training what is still missing), ``all`` (default) does the first pass over every point, then the second."""
+    from lwbench.runner import run, train_only
+
+    if phase not in PHASES:
+        raise ConfigError(f"--phase must be one of {', '.join(PHASES)}, not '{phase}'")
 
     spec = validate_sweep(load_yaml(path), str(path))  # every problem at once, before any work
     span = _parse_shard(shard)
@@ -324,21 +357,32 @@ def run_sweep(path: str, args, make_request, shard: str | None = None) -> list[t
     if span:
         i, n = span
         points = points[i::n]
-    failures = []
+    failures: dict[str, str] = {}
     t0 = time.perf_counter()
-    for j, req in enumerate(points, 1):
-        name = f"{req.method} {req.budget or '-'} on {req.task} (seed {req.seed})"
-        print(f"lwbench: sweep [{j}/{len(points)}] {name}", file=sys.stderr, flush=True)
-        try:
-            run(req)
-        except LwbenchError as exc:
-            failures.append((name, str(exc)))
-            print(f"lwbench: sweep: FAILED {name}: {exc}", file=sys.stderr)
-        except Exception as exc:  # one broken point must not stop the sweep
-            failures.append((name, f"{type(exc).__name__}: {exc}"))
-            print(f"lwbench: sweep: FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            if getattr(args, "debug", False):
-                traceback.print_exc()
+    passes = [("train", train_only), ("measure", run)] if phase == "all" else \
+        [("train", train_only)] if phase == "train" else [("measure", run)]
+    for label, step in passes:
+        pass_t0 = time.perf_counter()
+        for j, req in enumerate(points, 1):
+            name = f"{req.method} {req.budget or '-'} {req.regime} on {req.task} (seed {req.seed})"
+            if name in failures:  # failed in the training pass: one reason is enough
+                continue
+            eta = ""
+            if j > 1:  # points differ in cost (cached ones are instant): a rough guide
+                left = (time.perf_counter() - pass_t0) / (j - 1) * (len(points) - j + 1)
+                eta = f", eta ~{left / 60:.0f} min"
+            print(f"lwbench: sweep {label} [{j}/{len(points)}{eta}] {name}", file=sys.stderr, flush=True)
+            try:
+                step(req)
+            except LwbenchError as exc:
+                failures[name] = str(exc)
+                print(f"lwbench: sweep: FAILED {name}: {exc}", file=sys.stderr)
+            except Exception as exc:  # one broken point must not stop the sweep
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                print(f"lwbench: sweep: FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                if getattr(args, "debug", False):
+                    traceback.print_exc()
+    failures = list(failures.items())
     mins = (time.perf_counter() - t0) / 60
     ok = len(points) - len(failures)
     print(f"lwbench: sweep done: {ok}/{len(points)} points ok in {mins:.1f} min", file=sys.stderr)

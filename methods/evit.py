@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lwbench.config import Stage
 from lwbench.method import Method, Overhead, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
@@ -129,9 +128,6 @@ class EViT(Method):
     class Options:
         keep_layers: str | list[int] | None = option(None, "0-based blocks that prune, e.g. 3,6,9 (null: depth/4, "
                                                            "depth/2, 3 depth/4)")
-        finetune: Stage = option(default_factory=lambda: Stage(steps=0),
-                                 help="fine-tuning after pruning (default steps=0: training-free, as evaluated "
-                                      "off the shelf)")
 
     def check_budget(self):
         self.layers = parse_layers(self.opts.keep_layers, self.spec.depth, self.name, "keep_layers")
@@ -142,11 +138,6 @@ class EViT(Method):
         check_blocks(vit, self.name)
         return EViTEncoder(vit, self.budget, self.layers, fuse=self.fuse)
 
-    def fit(self, ctx):
-        model = super().fit(ctx)
-        if ctx.stage(self.opts.finetune).steps:
-            ctx.finetune(model, tag=f"{self.name}-{self.budget:g}", stage=self.opts.finetune)
-        return model
 
 
 @register_method("topk")

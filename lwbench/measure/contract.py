@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from lwbench.config import MeasureConfig
+from lwbench.logs import log
 from lwbench.measure.flops import FlopCountError, mean_macs_over, torch_counter_macs
 
 
@@ -60,6 +63,8 @@ class Measurement(FlopCount):
     measure_min_run_time: float = math.nan
     measure_min_runs: int = 0
     memory_batch: int = 1
+    other_load: float = math.nan
+    machine_busy: bool = False
     dtype: str = "float32"
     threads: int = 0
     device: str = "cpu"
@@ -105,6 +110,46 @@ def count(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, what: str 
     )
 
 
+class OtherLoad:
+    """How many cores *other* processes kept busy during a ``with`` block: the system's busy CPU time minus this
+    process's and its finished children's (the timing subprocess), per second of wall time.
+
+    A load average would count this run's own training a minute earlier; this counts only the others."""
+
+    cores: float = math.nan
+
+    def __enter__(self) -> OtherLoad:
+        import psutil
+
+        self._sys, self._own, self._t = _busy(psutil.cpu_times()), _own_cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import psutil
+
+        wall = time.perf_counter() - self._t
+        if wall > 0:
+            other = (_busy(psutil.cpu_times()) - self._sys) - (_own_cpu() - self._own)
+            self.cores = max(0.0, other / wall)
+
+    def busy(self, threads: int) -> bool:
+        """Others competed with the timed threads: more than the idle cores, and at least a quarter of a core."""
+        if math.isnan(self.cores):
+            return False
+        idle = max(0, (os.cpu_count() or 1) - int(threads))
+        return self.cores > max(0.25, idle)
+
+
+def _busy(t) -> float:
+    return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + \
+        getattr(t, "steal", 0.0)
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: str = "cpu", threads: int = 1,
             what: str = "model") -> Measurement:
     """:func:`count`, then memory, latency (batch 1) and throughput (``cfg.throughput_batch``) in a fresh
@@ -114,10 +159,16 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
 
     flops = count(model, images, cfg, what)
     options = MeasureOptions.from_config(cfg, device, int(threads))
-    if cfg.isolate:
-        t = measure_in_subprocess(model, images, options=options)
-    else:
-        t = {**measure_all(model, images, options=options), "isolated": False, "memory_exact": False}
+    with OtherLoad() as load:
+        if cfg.isolate:
+            t = measure_in_subprocess(model, images, options=options)
+        else:
+            t = {**measure_all(model, images, options=options), "isolated": False, "memory_exact": False}
+    busy = load.busy(int(threads))
+    if busy:
+        log.warning("warning: %s: other processes kept %.1f cores busy while it was timed (%d threads on %d cores); "
+                    "its latency and throughput are suspect (row: machine_busy)", what, load.cores, int(threads),
+                    os.cpu_count() or 1)
     return Measurement(
         **dataclasses.asdict(flops),
         latency_ms=float(t["latency_ms"]), latency_iqr_ms=float(t["latency_iqr_ms"]),
@@ -129,7 +180,8 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
         memory_exact=bool(t.get("memory_exact", False)), measure_isolated=bool(t.get("isolated", False)),
         isolation_error=str(t.get("isolation_error", "")),
         measure_warmup=int(cfg.warmup), measure_min_run_time=float(cfg.min_run_time),
-        measure_min_runs=int(cfg.min_runs), memory_batch=int(cfg.memory_batch), dtype=cfg.dtype,
+        measure_min_runs=int(cfg.min_runs), memory_batch=int(cfg.memory_batch), other_load=load.cores,
+        machine_busy=busy, dtype=cfg.dtype,
         threads=int(threads), device=device, attention_backend=attention_backend(device),
     )
 

@@ -36,6 +36,8 @@ class FitContext:
         shared_dir: a folder shared by every budget of this method on this teacher, for stages that do not
             depend on the budget (LookWhere's distillation): a second run at another k reuses them.
         method_opts: the method's options (to name a stage's settings in error messages).
+        regime: ``"off_the_shelf"`` or ``"finetuned"`` (:data:`lwbench.config.REGIMES`): training-free methods
+            fine-tune only in the latter (:meth:`lwbench.method.Method.fit`).
         stage_times: seconds each training stage took, filled by :meth:`train` and :meth:`record_stage`
             (a cached stage counts with the time it took when it ran); the row's ``method_train_time_s``.
     """
@@ -49,6 +51,7 @@ class FitContext:
     method_opts: Any = None
     seed: int = 0
     quiet: bool = False
+    regime: str = "off_the_shelf"
     stage_times: dict[str, float] = field(default_factory=dict)
 
     def train_batches(self, batch_size: int, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
