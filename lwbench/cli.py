@@ -270,6 +270,18 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from lwbench.paths import results_dir
+    from lwbench.report import write_report
+    from lwbench.results import ResultStore
+
+    store = ResultStore(Path(args.results) if args.results else results_dir())
+    command = args.command_line or ""
+    for path in write_report(store, args.task, args.out, command=command):
+        print(path)
+    return 0
+
+
 def cmd_show(args) -> int:
     from lwbench.show import show
 
@@ -405,6 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="results folder")
     _common(p)
     p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("report", help="the reference comparison of a task from the store: rows.csv, table.md "
+                       "(95% intervals, paired differences to full), Pareto PNGs",
+                       epilog="example:\n  lwbench report --task traffic_signs --out benchmarks/reference/traffic_signs",
+                       formatter_class=fmt)
+    p.add_argument("--task", required=True)
+    p.add_argument("--out", required=True, help="folder for the report's files")
+    p.add_argument("--results", help="results folder")
+    p.add_argument("--command-line", help="the command that produced the rows, written into table.md")
+    _common(p)
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("show", help="figure of a method's selection on a few test images (LookWhere: Fig. 3)")
     p.add_argument("--method", required=True)

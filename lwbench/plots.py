@@ -144,6 +144,8 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
     for col in ("backbone", "profile", "img_size"):
         if col in d.columns and d[col].nunique() > 1:
             label = label + " · " + d[col].astype(str)
+    if "regime" in d.columns:  # never mix regimes silently: off-the-shelf rows are their own (dashed) lines
+        label = label.where(d["regime"] != "off_the_shelf", label + " " + OFF_THE_SHELF)
     d["_line"] = label
     d["_budget"] = d["budget"].astype(str) if "budget" in d.columns else "-"
     d["_rep"] = _replicate_keys(d)
@@ -153,12 +155,19 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
     d["_y"] = d["metric_value"].astype(float)
     d["_seed"] = d["seed"] if "seed" in d.columns else np.nan
     d["_seed"] = d["_seed"].where(d["_seed"].notna(), d["_rep"] + [f"\0{i}" for i in range(len(d))])
+    for col in ("metric_ci_low", "metric_ci_high"):
+        d["_" + col] = d[col].astype(float) if col in d.columns else np.nan
     g = d.groupby(["_line", "_budget", "_rep"], sort=False, dropna=False)
     agg = pd.DataFrame({
-        "method": g["method"].first(), "x": g["_x"].mean(), "y": g["_y"].mean(), "ylo": g["_y"].min(),
-        "yhi": g["_y"].max(), "mem": g["_mem"].mean(), "bv": g["_bv"].first(), "n": g.size(),
-        "nseeds": g["_seed"].nunique(),
+        "method": g["method"].first(), "x": g["_x"].mean(), "y": g["_y"].mean(), "ystd": g["_y"].std(ddof=1),
+        "cilo": g["_metric_ci_low"].mean(), "cihi": g["_metric_ci_high"].mean(),
+        "mem": g["_mem"].mean(), "bv": g["_bv"].first(), "n": g.size(), "nseeds": g["_seed"].nunique(),
     }).reset_index().rename(columns={"_line": "line", "_budget": "budget", "_rep": "replicate"})
+    # The error bar of a point: mean ± std over its seeds when it has several, else its bootstrap interval over
+    # the test images (no bar when neither exists).
+    many = agg["nseeds"] > 1
+    agg["ylo"] = np.where(many, agg["y"] - agg["ystd"], agg["cilo"])
+    agg["yhi"] = np.where(many, agg["y"] + agg["ystd"], agg["cihi"])
 
     configs = agg.groupby(["line", "budget"], sort=False).size()
     several = configs[configs > 1]
@@ -174,13 +183,31 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
 
 
 def _seed_note(nseeds: Any) -> str:
-    """Title note on averaging: only when some point really is a mean over several seeds."""
+    """Title note on what the error bars are: the seeds' spread where a point averages several, else the
+    bootstrap interval over test images."""
     counts = sorted({int(n) for n in nseeds})
     if not counts or counts[-1] <= 1:
-        return ""
+        return "bars: 95% bootstrap CI over test images"
     lo, hi = counts[0], counts[-1]
     many = f"{hi} seeds" if lo == hi else f"{lo}-{hi} seeds per point"
-    return f"mean of {many}, bars min-max"
+    return f"mean of {many}, bars ± std over seeds" + (" (1-seed points: 95% CI)" if lo == 1 else "")
+
+
+def tied_with_front(agg: pd.DataFrame, higher: bool) -> np.ndarray:
+    """Points off the frontier whose error bar reaches the frontier at their cost (the best frontier point that
+    costs no more, its lower bar end): not shown to be dominated, so drawn as tied rather than beaten."""
+    front = agg[agg["front"]]
+    tied = np.zeros(len(agg), dtype=bool)
+    for i, r in enumerate(agg.itertuples()):
+        if r.front or not np.isfinite(r.yhi):
+            continue
+        cheaper = front[(front["x"] >= r.x) if higher else (front["x"] <= r.x)]
+        if not len(cheaper):
+            continue
+        best = cheaper.loc[cheaper["y"].idxmax()]
+        low = best["ylo"] if np.isfinite(best["ylo"]) else best["y"]
+        tied[i] = bool(r.yhi >= low)
+    return tied
 
 
 def _title(d: pd.DataFrame, task: str, source: str, x: str, nseeds: Any = ()) -> tuple[str, str]:
@@ -222,13 +249,21 @@ def _effort_note(d: pd.DataFrame) -> str:
     teachers = _one(d.get("teacher_id", []))
     if len(teachers) > 1:
         bits.append(f"{len(teachers)} different teachers")
-    if "method_train_time_s" in d.columns:
+    if "regime" in d.columns and d["regime"].notna().all():
+        from lwbench.results import recipe_note
+
+        note = recipe_note(d.assign(teacher_id=d.get("teacher_id", "")).drop(columns="teacher_id"))
+        if note:
+            bits.append(note.removeprefix("not equal-effort: "))
+    elif "method_train_time_s" in d.columns:
         secs = d.groupby("method")["method_train_time_s"].max()
         trained, untrained = sorted(secs[secs > 0].index), sorted(secs[~(secs > 0)].index)
         if trained and untrained:
             bits.append(f"{', '.join(trained)} trained on top of the teacher, {', '.join(untrained)} not")
     return f"not equal-effort: {'; '.join(bits)}" if bits else ""
 
+
+OFF_THE_SHELF = "(off the shelf)"
 
 _LABEL_SPOTS = ((7, 6, "left", "bottom"), (7, -6, "left", "top"), (-7, 6, "right", "bottom"),
                 (-7, -6, "right", "top"), (0, 11, "center", "bottom"), (0, -11, "center", "top"))
@@ -323,6 +358,7 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
     agg = _aggregate(d, x, task)
     higher = X_HIGHER_BETTER[x]
     agg["front"] = pareto_front(agg[["x", "y"]].to_numpy(), x_higher_better=higher)
+    agg["tied"] = tied_with_front(agg, higher)
     metric = str(d["metric"].iloc[0])
     mem_kinds = [MEM_KINDS.get(k, k) for k in _one(d.get("mem_kind", []))]
     has_mem = bool(np.isfinite(agg["mem"]).any())
@@ -352,10 +388,11 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
         for i, line in enumerate(lines):
             color, marker = palette[i], _MARKERS[i % len(_MARKERS)]
             pts = agg[agg["line"] == line].sort_values(["x", "bv", "y"])
-            ax.plot(pts["x"], pts["y"], color=color, lw=1.8, alpha=0.9, zorder=2)
+            style = "--" if line.endswith(OFF_THE_SHELF) else "-"
+            ax.plot(pts["x"], pts["y"], color=color, lw=1.8, alpha=0.9, zorder=2, ls=style)
             paths.append(pts[["x", "y"]].to_numpy())
-            spread = pts[pts["nseeds"] > 1]
-            if len(spread):  # the seeds' min..max around each mean
+            spread = pts[np.isfinite(pts["ylo"]) & np.isfinite(pts["yhi"])]
+            if len(spread):  # seeds' std, or the bootstrap interval
                 ax.errorbar(spread["x"], spread["y"], yerr=[spread["y"] - spread["ylo"], spread["yhi"] - spread["y"]],
                             fmt="none", ecolor=color, elinewidth=1.3, capsize=3.5, capthick=1.3, alpha=0.85,
                             zorder=2.5)
@@ -375,7 +412,7 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
                     text = text.partition("=")[2]
                 labels.append(ax.annotate(text, (p["x"], p["y"]), xytext=(7, 6), textcoords="offset points",
                                           fontsize=8, color=color, zorder=5, path_effects=halo))
-            handles.append(Line2D([], [], color=color, marker=marker, lw=1.8, markersize=8,
+            handles.append(Line2D([], [], color=color, marker=marker, lw=1.8, markersize=8, ls=style,
                                   markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.8,
                                   label=f"{line} ({key})" if key else line))
         ax.scatter(fr["x"], fr["y"], s=260, facecolors="none", edgecolors="black", linewidths=1.6, zorder=4,
@@ -383,6 +420,12 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
         handles.append(Line2D([], [], color="0.15", lw=7, alpha=0.16, marker="o", markersize=14,
                               markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.6,
                               label="Pareto frontier"))
+        tied = agg[agg["tied"]]
+        if len(tied):
+            ax.scatter(tied["x"], tied["y"], s=260, facecolors="none", edgecolors="black", linewidths=1.2,
+                       linestyles=":", zorder=4, gid="tied_with_frontier")
+            handles.append(Line2D([], [], ls="none", marker="o", markersize=14, markerfacecolor="none",
+                                  markeredgecolor="black", markeredgewidth=1.2, label="tied with the frontier (bars overlap)"))
 
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))

@@ -448,9 +448,11 @@ def sort_frame(df: pd.DataFrame) -> pd.DataFrame:
 _COMPACT: tuple[tuple[str, str, int], ...] = (
     ("method", "method", -1),
     ("budget", "budget", -1),
+    ("regime", "regime", -1),
     ("task", "task", -1),
     ("source", "source", -1),
     ("metric_value", "", 2),
+    ("finetune_steps", "ft steps", 0),
     ("object_recall", "object recall", 2),
     ("gmacs", "GMACs (MACs)", 3),
     ("latency_ms", "latency bs1 (ms)", 2),
@@ -481,11 +483,54 @@ def _cell(value: Any, decimals: int) -> str:
     return f"{x:.{decimals}f}"
 
 
+def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per replicate group (``replicate_id``: rows that differ only in their seed), numeric columns
+    averaged, with ``metric_std`` (sample std over seeds, NaN for one), ``n_seeds`` and ``seeds``; the metric's
+    interval columns become the mean of the seeds' intervals. Rows without a replicate id stay as they are."""
+    import pandas as pd
+
+    if df.empty or "replicate_id" not in df.columns:
+        return df.assign(metric_std=math.nan, n_seeds=1)
+    df = df.copy()
+    own = [f"\0row{i}" for i in range(len(df))]
+    key = df["replicate_id"].where(df["replicate_id"].map(lambda v: isinstance(v, str) and bool(v)), own)
+    out = []
+    for _, g in df.groupby(key, sort=False):
+        first = g.iloc[0].copy()
+        for col in g.columns:
+            if col in FLOAT_FIELDS:
+                first[col] = pd.to_numeric(g[col], errors="coerce").mean()
+        first["metric_std"] = float(g["metric_value"].std(ddof=1)) if len(g) > 1 else math.nan
+        first["n_seeds"] = int(g["seed"].nunique()) if "seed" in g.columns else len(g)
+        first["seeds"] = ",".join(str(int(v)) for v in sorted(g["seed"].dropna().unique())) if "seed" in g else ""
+        out.append(first)
+    return sort_frame(pd.DataFrame(out).reset_index(drop=True))
+
+
+def metric_cell(r: Mapping[str, Any], decimals: int = 1) -> str:
+    """``94.1 [93.2, 95.0]`` (the 95% interval over test images), or ``94.1 ± 0.4 (3 seeds)`` for a mean over
+    seeds, or the bare value when neither is known."""
+    v = r.get("metric_value", math.nan)
+    if v is None or v != v:
+        return "-"
+    n = r.get("n_seeds", 1)
+    n = 1 if n is None or n != n else int(n)
+    if n > 1:
+        return f"{v:.{decimals}f} ± {r.get('metric_std', math.nan):.{decimals}f} ({n} seeds)"
+    lo, hi = r.get("metric_ci_low", math.nan), r.get("metric_ci_high", math.nan)
+    if lo is None or hi is None or lo != lo or hi != hi:
+        return f"{v:.{decimals}f}"
+    return f"{v:.{decimals}f} [{lo:.{decimals}f}, {hi:.{decimals}f}]"
+
+
 def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
     """Render a results frame as ``table`` (terminal), ``md``, ``csv`` (all columns) or ``json`` (records).
 
     Tables have one block per (task, source) with a heading, so synthetic and real numbers are never
-    mixed in one block, the source column is always shown, and synthetic rows say SYNTHETIC.
+    mixed in one block, the source column is always shown, and synthetic rows say SYNTHETIC. The metric
+    carries its 95% interval over test images; rows that differ only in their seed are aggregated into
+    mean ± std over the seeds (:func:`aggregate_seeds`). The regime and the fine-tuning steps are columns,
+    and a block whose fine-tuned rows used different recipes says so under the table.
     """
     if fmt not in FORMATS:
         raise ResultError(f"unknown results format '{fmt}'; use one of {', '.join(FORMATS)}")
@@ -504,6 +549,7 @@ def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
         raise ResultError(f"results frame lacks column(s) {', '.join(need)}")
     if df.empty:
         return "(no results)\n"
+    df = aggregate_seeds(df)
 
     from tabulate import tabulate
 
@@ -519,18 +565,37 @@ def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
         headers, body = [], []
         for col, head, _ in cols:
             if col == "metric_value":
-                head = metric_label(metrics[0]) if len(metrics) == 1 else "metric value"
+                head = (metric_label(metrics[0]) if len(metrics) == 1 else "metric value") + " [95% CI]"
             headers.append(head)
         for _, r in group.iterrows():
-            body.append([source_label(r[c]) if c == "source" else _cell(r[c], d) for c, _, d in cols])
+            body.append([source_label(r[c]) if c == "source" else metric_cell(r, d) if c == "metric_value"
+                         else _cell(r[c], d) for c, _, d in cols])
         align = ["right" if d >= 0 else "left" for _, _, d in cols]
         table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True, colalign=align)
         if "selection_warning" in group.columns:  # the distillation guard fired for these rows: say so under them
             fired = group["selection_warning"].map(lambda v: isinstance(v, str) and v != "")
             for _, r in group[fired].iterrows():
                 table += f"\nwarning: {r['method']} {r['budget']} seed {r.get('seed', '?')}: {r['selection_warning']}"
+        note = recipe_note(group)
+        if note:
+            table += f"\nnote: {note}"
         blocks.append(_heading(task, source, group, fmt) + table)
     return "\n\n".join(blocks) + "\n"
+
+
+def recipe_note(d: pd.DataFrame) -> str:
+    """Says when the fine-tuned rows of a comparison were not fine-tuned alike (``finetune_recipe``) or
+    start from different teachers; ``""`` when they are equal-effort."""
+    bits = []
+    if "finetune_recipe" in d.columns and "regime" in d.columns:
+        ft = d[d["regime"] == "finetuned"]
+        recipes = ft.groupby("finetune_recipe")["method"].apply(lambda m: sorted(set(m)))
+        if len(recipes) > 1:
+            bits.append("fine-tuned with different recipes: " + "; ".join(
+                f"{', '.join(ms)}: {rec}" for rec, ms in recipes.items()))
+    if "teacher_id" in d.columns and d["teacher_id"].nunique() > 1:
+        bits.append(f"{d['teacher_id'].nunique()} different teachers")
+    return "not equal-effort: " + " | ".join(bits) if bits else ""
 
 
 def _heading(task: str, source: str, group: pd.DataFrame, fmt: str) -> str:

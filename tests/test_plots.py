@@ -167,8 +167,9 @@ def test_seeds_are_averaged_and_rows_without_x_are_left_out():
         fig = pareto_figure(df, "traffic_signs", x="latency_ms")
     pts = drawn_points(fig)
     assert len(pts) == 7 and 63.0 in pts[:, 1] and 62.0 not in pts[:, 1]
-    assert "mean of 1-2 seeds per point, bars min-max" in fig._suptitle.get_text()  # the others have one seed
-    assert error_bars(fig) == [(1.9, 62.0, 64.0)]  # latency 1 + 3 * 0.3 ms, accuracies 62..64
+    assert "mean of 1-2 seeds per point, bars ± std over seeds" in fig._suptitle.get_text()  # the others have one seed
+    bar = error_bars(fig)  # latency 1 + 3 * 0.3 ms, accuracies 62 and 64: mean 63 ± std sqrt(2)
+    assert len(bar) == 1 and bar[0] == pytest.approx((1.9, 63 - 2 ** 0.5, 63 + 2 ** 0.5))
 
 
 def test_same_replicate_two_seeds_is_one_point_with_its_spread():
@@ -178,7 +179,8 @@ def test_same_replicate_two_seeds_is_one_point_with_its_spread():
         warnings.simplefilter("error")  # same config: nothing to warn about
         fig = pareto_figure(df, "traffic_signs")
     assert drawn_points(fig).tolist() == [[0.3, 64.0]]
-    assert error_bars(fig) == [(0.3, 62.0, 66.0)]
+    bar = error_bars(fig)  # 62 and 66: mean 64 ± std 2 sqrt(2)
+    assert len(bar) == 1 and bar[0] == pytest.approx((0.3, 64 - 8 ** 0.5, 64 + 8 ** 0.5))
     assert "mean of 2 seeds" in fig._suptitle.get_text()
 
 
@@ -205,7 +207,8 @@ def test_mixed_seed_counts_and_old_rows_are_titled_truthfully():
     assert "mean of 1-3 seeds per point" in fig._suptitle.get_text()
     ys = drawn_points(fig)[:, 1].tolist()
     assert len(ys) == 7 and 64.0 in ys and 79.0 in ys  # (62 + 64 + 66) / 3 and (78 + 80) / 2
-    assert error_bars(fig) == [(0.3, 62.0, 66.0), (0.9, 78.0, 80.0)]
+    bars = error_bars(fig)  # 62, 64, 66: 64 ± 2; 78, 80: 79 ± sqrt(2)
+    assert bars == pytest.approx([(0.3, 62.0, 66.0), (0.9, 79 - 2 ** 0.5, 79 + 2 ** 0.5)])
     # old result files have no replicate_id: seed replicates cannot be told from other configs, so no averaging
     old = df.drop(columns="replicate_id")
     with pytest.warns(UserWarning, match="lookwhere k=16 has 3 different configs.*no replicate_id"):

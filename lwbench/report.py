@@ -1,0 +1,120 @@
+"""``lwbench report --task T --out DIR``: the reference comparison of one task, regenerated from the store.
+
+It writes, from the rows alone (nothing is re-run):
+
+* ``rows.csv``: every row of the task, every column;
+* ``table.md``: where and how the rows were obtained (machine, threads, dtype, kernel, commit, busy rows),
+  the results table with 95% intervals in both regimes, and each method's **paired** difference to ``full``
+  in the same regime, seed and teacher (a paired bootstrap over the same test images, so "within X points"
+  is a statement with a confidence level);
+* ``pareto_gmacs.png`` and ``pareto_latency_ms.png`` (error bars, tied points marked).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from lwbench.errors import ResultError
+from lwbench.paths import write_text_atomic
+from lwbench.results import ResultStore, format_results, rows_to_frame
+
+REFERENCE = "full"
+
+
+def paired_rows(store: ResultStore, rows: list[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
+    """Each row against the ``reference`` row of the same regime, seed, teacher and test set: the paired
+    bootstrap difference of their metric (rows whose per-image outcomes are missing are left out)."""
+    from lwbench.stats import paired_bootstrap
+
+    refs = {(r.get("regime"), r.get("seed"), r.get("teacher_id"), r.get("n_eval")): r
+            for r in rows if r["method"] == reference}
+    out = []
+    for r in rows:
+        if r["method"] == reference:
+            continue
+        ref = refs.get((r.get("regime"), r.get("seed"), r.get("teacher_id"), r.get("n_eval")))
+        if ref is None:
+            continue
+        a, b = store.per_image(r).get(r["metric"]), store.per_image(ref).get(r["metric"])
+        if a is None or b is None or len(a) != len(b):
+            continue
+        n = int(r.get("bootstrap_resamples") or 1000)
+        d = paired_bootstrap(a, b, r["metric"], n_resamples=n, seed=int(r.get("bootstrap_seed") or 0))
+        out.append({"method": r["method"], "budget": r["budget"], "regime": r.get("regime", "-"),
+                    "seed": r.get("seed"), "value": r["metric_value"], "reference": ref["metric_value"],
+                    "diff": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": len(a),
+                    "gmacs_ratio": ref["gmacs"] / r["gmacs"] if r.get("gmacs") else math.nan})
+    return out
+
+
+def provenance(rows: list[dict[str, Any]]) -> str:
+    """One paragraph: where the rows were measured and with what protocol, and which were timed on a busy
+    machine."""
+    def one(key: str) -> str:
+        vals = sorted({str(r.get(key)) for r in rows})
+        return ", ".join(vals)
+
+    busy = [f"{r['method']} {r['budget']} ({r.get('regime', '-')})" for r in rows if r.get("machine_busy")]
+    lines = [
+        f"- machine: {one('device')} {one('device_name')}, {one('cpu_count')} logical CPUs; "
+        f"torch {one('torch_version')}, timm {one('timm_version')}",
+        f"- timing: {one('threads')} thread(s), dtype {one('dtype')}, attention {one('attention_backend')}, "
+        f"batch 1 latency and batch {one('throughput_batch')} throughput, each point alone in a fresh process",
+        f"- lwbench commit(s): {one('git_sha')} (uncommitted changes: {one('git_dirty')})",
+        f"- teacher(s): {one('teacher_id')}, {one('teacher_steps')} steps; fine-tuning recipe(s): "
+        f"{one('finetune_recipe')}",
+        f"- intervals: 95% percentile bootstrap over the {one('n_eval')} test images "
+        f"({one('bootstrap_resamples')} resamples, seed {one('bootstrap_seed')})",
+        f"- timed while other processes were busy: {', '.join(busy) if busy else 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def paired_table(pairs: list[dict[str, Any]], metric: str) -> str:
+    from tabulate import tabulate
+
+    body = [[p["method"], p["budget"], p["regime"], p["seed"], f"{p['value']:.1f}", f"{p['reference']:.1f}",
+             f"{p['diff']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]", f"{p['gmacs_ratio']:.1f}x"]
+            for p in sorted(pairs, key=lambda p: (p["regime"], p["method"], p["budget"]))]
+    return tabulate(body, headers=["method", "budget", "regime", "seed", metric, f"{REFERENCE} {metric}",
+                                   f"difference to {REFERENCE} [95% CI, paired]", f"fewer GMACs than {REFERENCE}"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def write_report(store: ResultStore, task: str, out: str | Path, command: str = "") -> list[Path]:
+    """Write the report files of ``task`` into ``out``; returns their paths."""
+    from lwbench.plots import pareto_plot
+
+    rows = store.rows(task=task)
+    if not rows:
+        raise ResultError(f"no results for task '{task}' in {store.root}; run lwbench sweep first")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = rows_to_frame(rows)
+    written = []
+    csv = out / "rows.csv"
+    write_text_atomic(csv, df.to_csv(index=False))
+    written.append(csv)
+    metric = rows[0]["metric"]
+    pairs = paired_rows(store, rows)
+    text = [f"# {task}: the reference comparison", ""]
+    if command:
+        text += ["Regenerate:", "", "```bash", command, "```", ""]
+    text += [provenance(rows), "", "## Results (95% interval over test images)", "",
+             "`regime`: `off_the_shelf` = the method on the task-trained backbone with no training; `finetuned` = "
+             "fine-tuned from it with the same recipe at its budget (`ft steps`).", "",
+             format_results(df, "md").strip(), "",
+             f"## Paired difference to `{REFERENCE}` (same regime, seed, teacher and test images)", "",
+             paired_table(pairs, metric) if pairs else "(no pairs: no full row or no per-image outcomes)", ""]
+    md = out / "table.md"
+    write_text_atomic(md, "\n".join(text))
+    written.append(md)
+    for x in ("gmacs", "latency_ms"):
+        if df[x].notna().any():
+            written.append(pareto_plot(df, task, x=x, out=out / f"pareto_{x}.png"))
+    return written
+
+
+__all__ = ["write_report", "paired_rows", "paired_table", "provenance"]
