@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lwbench.errors import ResultError
+from lwbench.results import ResultError
 from lwbench.paths import write_text_atomic
 from lwbench.results import ResultStore, format_results, rows_to_frame
 

@@ -174,21 +174,28 @@ class Task(abc.ABC):
     @torch.inference_mode()
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, device: str = "cpu",
                  progress=None) -> dict[str, float]:
-        """Top-1 (and top-5 when there are more than 5 classes) over the whole loader."""
+        """Top-1 (and top-5 when there are more than 5 classes) over the whole loader, and ``per_image``:
+        ``{metric: (N,) uint8}`` hits in loader order, for bootstrap intervals and paired comparisons
+        (:mod:`lwbench.stats`)."""
+        import numpy as np
+
         model.eval()
-        correct1 = correct5 = total = 0
+        hits1, hits5 = [], []
         for images, targets in loader:
             logits = model(images.to(device))
             targets = targets.to(device)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += (top[:, 0] == targets).sum().item()
-            correct5 += (top == targets[:, None]).any(1).sum().item()
-            total += targets.numel()
+            hits1.append((top[:, 0] == targets).cpu())
+            hits5.append((top == targets[:, None]).any(1).cpu())
             if progress is not None:
                 progress(images.shape[0])
-        out = {"top1": 100.0 * correct1 / max(total, 1), "n_eval": total}
+        h1 = torch.cat(hits1).numpy().astype(np.uint8) if hits1 else np.zeros(0, np.uint8)
+        h5 = torch.cat(hits5).numpy().astype(np.uint8) if hits5 else np.zeros(0, np.uint8)
+        total = len(h1)
+        out = {"top1": 100.0 * float(h1.sum()) / max(total, 1), "n_eval": total, "per_image": {"top1": h1}}
         if self.num_classes > 5:
-            out["top5"] = 100.0 * correct5 / max(total, 1)
+            out["top5"] = 100.0 * float(h5.sum()) / max(total, 1)
+            out["per_image"]["top5"] = h5
         return out
 
 

@@ -223,3 +223,33 @@ def test_busy_rule_compares_other_load_with_the_idle_cores(monkeypatch):
     assert load.busy(4) and not load.busy(2)  # 2 of 4 cores idle: another job on one of them does not compete
     load.cores = math.nan
     assert not load.busy(4)
+
+
+def test_run_seeds_expands_into_one_point_per_seed(capsys):
+    assert main(["run", "--method", "full", "--task", "traffic_signs", "--seeds", "0-2", "--source", "synthetic",
+                 "--dry-run", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    replicates = {line.split("replicate id ")[1].split()[0] for line in out.splitlines() if "replicate id" in line}
+    assert out.count("# run id") == 3 and len(replicates) == 1
+    assert main(["run", "--method", "full", "--task", "traffic_signs", "--seeds", "0,x", "--dry-run"]) == 2
+    assert "--seeds must be a list like 0,1,2" in capsys.readouterr().err
+
+
+def test_report_writes_rows_table_with_paired_differences_and_plots(tmp_path):
+    for method, budget in (("full", []), ("tome", ["--budget", "r=2"])):
+        assert main(["run", "--method", method, "--task", "traffic_signs", *budget, "--source", "synthetic",
+                     *TINY]) == 0
+    out = tmp_path / "report"
+    assert main(["report", "--task", "traffic_signs", "--out", str(out), "--command-line", "lwbench sweep x"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["pareto_gmacs.png", "pareto_latency_ms.png", "rows.csv",
+                                                     "table.md"]
+    text = (out / "table.md").read_text()
+    assert "lwbench sweep x" in text and "[95% CI]" in text and "difference to full [95% CI, paired]" in text
+    pair = [line for line in text.splitlines() if line.startswith("| tome")][-1]
+    assert "off_the_shelf" in pair and "[" in pair and pair.rstrip(" |").endswith("x")
+    assert len(pd.read_csv(out / "rows.csv")) == 2
+    from lwbench.results import ResultError
+    from lwbench.report import write_report
+
+    with pytest.raises(ResultError, match="no results for task 'billiards'"):
+        write_report(ResultStore(os.environ["LWBENCH_RESULTS"]), "billiards", out)

@@ -166,7 +166,7 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
             t = {**measure_all(model, images, options=options), "isolated": False, "memory_exact": False}
     busy = load.busy(int(threads))
     if busy:
-        log.warning("warning: %s: other processes kept %.1f cores busy while it was timed (%d threads on %d cores); "
+        log.warning("%s: other processes kept %.1f cores busy while it was timed (%d threads on %d cores); "
                     "its latency and throughput are suspect (row: machine_busy)", what, load.cores, int(threads),
                     os.cpu_count() or 1)
     return Measurement(
