@@ -120,13 +120,18 @@ def create_backbone(
     kwargs = dict(num_classes=0, img_size=hw)
     if pretrained and weights is None:
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
+            # Load at the checkpoint's own size, then resample the position embedding ourselves: timm's loader
+            # resamples with antialiasing, the official LookWhere and DINOv2 code without (resample_pos_embed).
+            native = timm.create_model(name, pretrained=True, num_classes=0)
         except Exception as exc:  # offline, no cache: never train from scratch under a pretrained name
             raise CheckpointError(
                 f"pretrained weights for {name} are not available ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); pass --weights PATH (a local "
                 f"state dict), put them in the timm/Hugging Face cache (HF_HOME), or use --profile quick, which "
                 f"trains its own teacher") from None
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        load_backbone_weights(model, native.state_dict())
+        return model
     model = timm.create_model(name, pretrained=False, **kwargs)
     if weights is not None:
         load_backbone_weights(model, weights)
@@ -188,9 +193,44 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def resample_pos_embed(posemb: torch.Tensor, new_hw: tuple[int, int], old_hw: tuple[int, int],
+                       num_prefix_tokens: int) -> torch.Tensor:
+    """``(1, P + H*W, D)`` position embedding on an ``old_hw`` grid -> on ``new_hw``: bicubic, align_corners False,
+    **without** antialiasing, as the official LookWhere code and DINOv2's ``interpolate_pos_encoding`` do (timm's
+    loader antialiases: at 224 px the extractor's patch outputs then differed from the official ones by up to
+    0.15). The ``P`` prefix rows (CLS) are kept as they are."""
+    import torch.nn.functional as F
+
+    if tuple(new_hw) == tuple(old_hw):
+        return posemb
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    d = grid.shape[-1]
+    grid = grid.reshape(1, old_hw[0], old_hw[1], d).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_hw), mode="bicubic", align_corners=False, antialias=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], d).to(posemb.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def _resample_to(model: VisionTransformer, sd: dict) -> dict:
+    """``sd`` with its ``pos_embed`` resampled to ``model``'s grid (a square checkpoint grid, the published
+    ones all are); timm's filter then finds nothing left to resample."""
+    pe = sd.get("pos_embed")
+    own = getattr(model, "pos_embed", None)
+    if pe is None or own is None or pe.shape == own.shape or pe.ndim != 3:
+        return sd
+    new_hw = tuple(int(g) for g in model.patch_embed.grid_size)
+    prefix = own.shape[1] - new_hw[0] * new_hw[1]
+    old_cells = pe.shape[1] - prefix
+    side = int(round(old_cells ** 0.5))
+    if prefix < 0 or side * side != old_cells:
+        return sd  # not a square grid with the same prefix: leave it to timm's filter
+    return {**sd, "pos_embed": resample_pos_embed(pe, new_hw, (side, side), prefix)}
+
+
 def load_backbone_weights(model: VisionTransformer, weights, strict: bool = True) -> None:
-    """Load a timm-format ViT state dict (file or dict), resampling position embeddings."""
+    """Load a timm-format ViT state dict (file or dict), resampling position embeddings (:func:`resample_pos_embed`)."""
     sd = read_state_dict(weights) if not isinstance(weights, dict) else weights
+    sd = _resample_to(model, dict(sd))
     sd = {k: v for k, v in checkpoint_filter_fn(dict(sd), model).items() if not k.startswith("head.")}
     own = model.state_dict()
     missing = sorted(k for k in own if k not in sd and not k.startswith("head."))

@@ -17,7 +17,7 @@ at the last stage). Optimisation as ``main_dynamic_vit.py``: predictors alone fi
 rate is 0 for 5 of 30 epochs), then predictors at the base rate and backbone + head at 0.01x; position
 embedding and prefix tokens stay frozen.
 
-Inference: at each stage the top ``ceil(rho^s * N)`` patch tokens by keep log-probability are gathered
+Inference: at each stage the top ``floor(rho^s * N)`` patch tokens by keep log-probability are gathered
 (sorted by position), so later blocks really run on fewer tokens.
 """
 
@@ -66,8 +66,10 @@ class KeepPredictor(Overhead):
 
 
 def keep_counts(num_patches: int, keep_rate: float, stages: int) -> list[int]:
-    """Patch tokens kept after each stage: ``ceil(rho^s * N)``, at least 1."""
-    return [max(1, math.ceil(num_patches * keep_rate ** (s + 1) - 1e-9)) for s in range(stages)]
+    """Patch tokens kept after each stage: ``floor(rho^s * N)``, at least 1, as the official code's
+    ``int(N * rho ** s)`` (196 at rho 0.7: 137, 96, 67; ``ceil`` kept one more per stage and moved logits by up
+    to 0.018). The 1e-9 keeps an exact product (0.5 * 196) from flooring below itself in floating point."""
+    return [max(1, math.floor(num_patches * keep_rate ** (s + 1) + 1e-9)) for s in range(stages)]
 
 
 def default_prune_locs(depth: int) -> list[int]:
@@ -207,6 +209,7 @@ def parse_locs(value: Any) -> list[int] | None:
 @register_method("dynamicvit")
 class DynamicViT(Method):
     description = "learned MLP predictors prune patch tokens at 3 stages (keep rho, rho^2, rho^3); Gumbel training"
+    version = 2  # 2: floor(N rho^s) tokens kept per stage, as the official code (1 kept ceil)
     kind = "reduction"
     budget_key = "keep_rate"
     budget_type = float

@@ -40,7 +40,8 @@ def test_prune_locations_and_keep_counts():
     assert default_prune_locs(12) == [3, 6, 9]  # the official pruning_loc for DeiT-S / ViT-B
     assert default_prune_locs(24) == [6, 12, 18]
     assert default_prune_locs(2) == [1]
-    assert keep_counts(196, 0.7, 3) == [138, 97, 68]  # ceil(196 * 0.7^s)
+    assert keep_counts(196, 0.7, 3) == [137, 96, 67]  # floor(196 * 0.7^s), the official int(N * rho^s)
+    assert keep_counts(196, 0.5, 2) == [98, 49]  # exact products do not floor below themselves
     assert keep_counts(24, 1.0, 3) == [24, 24, 24]
     assert keep_counts(10, 0.01, 2) == [1, 1]
 
@@ -72,8 +73,8 @@ def test_dinov2_twelve_blocks_prunes_before_blocks_3_6_9():
         blk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1] - 5))
     with torch.no_grad():
         out = enc(torch.randn(1, 3, 70, 98))
-    assert seen == [35] * 3 + [25] * 3 + [18] * 3 + [13] * 3  # ceil(35 * 0.7^s)
-    assert out.patches.shape == (1, 13, 384) and out.prefix.shape == (1, 5, 384)
+    assert seen == [35] * 3 + [24] * 3 + [17] * 3 + [12] * 3  # floor(35 * 0.7^s)
+    assert out.patches.shape == (1, 12, 384) and out.prefix.shape == (1, 5, 384)
 
 
 def test_build_does_not_touch_the_backbone():
@@ -88,7 +89,7 @@ def test_build_does_not_touch_the_backbone():
 def test_inference_gathers_tokens_stage_by_stage():
     vit, spec = make("lw_vit_test_p14", (56, 84))  # 3 blocks, 4x6 = 24 patches; stages before blocks 1 and 2
     m = DynamicViT(spec, 0.7)
-    assert m.prune_locs() == [1, 2] and m.keep_counts() == [17, 12]
+    assert m.prune_locs() == [1, 2] and m.keep_counts() == [16, 11]
     enc = m.build(vit).eval()
     seen = []
     for blk in enc.vit.blocks:
@@ -96,10 +97,10 @@ def test_inference_gathers_tokens_stage_by_stage():
     x = torch.randn(3, 3, 56, 84)
     with torch.no_grad():
         out = enc(x)
-    assert seen == [5 + 24, 5 + 17, 5 + 12]  # CLS + 4 registers are never pruned
-    assert out.prefix.shape == (3, 5, 48) and out.patches.shape == (3, 12, 48)
+    assert seen == [5 + 24, 5 + 16, 5 + 11]  # CLS + 4 registers are never pruned
+    assert out.prefix.shape == (3, 5, 48) and out.patches.shape == (3, 11, 48)
     pos = out.positions
-    assert pos.shape == (3, 12) and bool((pos[:, 1:] > pos[:, :-1]).all()) and int(pos.max()) < 24
+    assert pos.shape == (3, 11) and bool((pos[:, 1:] > pos[:, :-1]).all()) and int(pos.max()) < 24
     dense = densify(out)
     assert dense.shape == (3, 24, 48)
     torch.testing.assert_close(dense.gather(1, pos.unsqueeze(-1).expand(-1, -1, 48)), out.patches)

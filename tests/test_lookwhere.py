@@ -124,8 +124,13 @@ def test_map_tiling_exact_and_resized():
     sel2.head = _FixedHead(9)
     m2 = sel2.where_map(torch.zeros(2, 12, 32), (7, 10))
     tiles = torch.stack([_FixedHead(9)(torch.zeros(1, 12, 1))[0]]).reshape(1, 3, 4, 3, 3).permute(0, 1, 3, 2, 4)
-    ref = F.interpolate(tiles.reshape(1, 1, 9, 12), size=(7, 10), mode="bilinear", align_corners=False).flatten(1)
-    assert m2.shape == (2, 70) and torch.allclose(m2[0], ref[0])
+    # the tiles are downsized: antialiased by default (the JAX pretraining), plainly as the PyTorch release
+    for antialias in (True, False):
+        sel2.antialias = antialias
+        m2 = sel2.where_map(torch.zeros(2, 12, 32), (7, 10))
+        ref = F.interpolate(tiles.reshape(1, 1, 9, 12), size=(7, 10), mode="bilinear", align_corners=False,
+                            antialias=antialias).flatten(1)
+        assert m2.shape == (2, 70) and torch.allclose(m2[0], ref[0])
 
 
 def test_extractor_is_exact_plain_backbone():
@@ -152,12 +157,16 @@ def test_selector_runs_teacher_blocks_at_low_res():
     vit = _vit()
     sel = Selector(vit, 1, (16, 32), (8, 12))
     x = torch.randn(2, 3, 64, 96)
-    low = F.interpolate(x, size=(16, 32), mode="bilinear", align_corners=False)
+    low = F.interpolate(x, size=(16, 32), mode="bilinear", align_corners=False, antialias=True)  # the default
     ref = copy.deepcopy(vit)
     ref.blocks = ref.blocks[:1]
     ref.set_input_size(img_size=(16, 32))
     prefix, where = sel(x, (8, 12))
     assert torch.equal(prefix, ref.forward_features(low)[:, :5])
+    sel.antialias = False  # the released PyTorch inference: a plain bilinear resize, another input
+    plain = F.interpolate(x, size=(16, 32), mode="bilinear", align_corners=False)
+    assert torch.equal(sel(x, (8, 12))[0], ref.forward_features(plain)[:, :5])
+    assert (plain - low).abs().max() > 0.1  # noise is high-frequency: antialiasing changes it
     assert len(vit.blocks) == 2  # the teacher was not modified
 
 

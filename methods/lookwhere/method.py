@@ -98,8 +98,12 @@ class LookWhere(PatchSelectionMethod):
                   "paper's 11-patch grid (the checkpoint's own size with weights)")
         distill_min_k: int = option(16, "smallest k drawn per distillation step", min=1)
         distill_max_k: int = option(128, "largest k drawn per distillation step", min=1)
-        attn_queries: str = option("patch", "query rows averaged for the teacher's attention (where) target",
-                                   choices=ATTN_QUERIES)
+        attn_queries: str = option("auto", "query rows averaged for the teacher's attention (where) target; auto: "
+                                   "the patch rows (the paper) on a teacher with registers, the CLS row without "
+                                   "(there the patch-query map lights up background and artifact tokens)",
+                                   choices=("auto", *ATTN_QUERIES))
+        selector_antialias: bool = option(True, "antialias the selector's downsizing of the image and of its map, "
+                                                "as the JAX pretraining; false: the released PyTorch inference")
         weights: str | None = option(None, "official lookwhere_*.pt or an `lwbench pretrain lookwhere` folder: "
                                            "skips distillation; enters the run id by content")
         distill: Stage = option(default_factory=Stage, help="what-where distillation (budget-independent, shared)")
@@ -159,16 +163,26 @@ class LookWhere(PatchSelectionMethod):
 
         opts = to_dict(self.opts)
         h, w = self.selector_size()
-        opts.update(selector_size=f"{h}x{w}", selector_depth=self.selector_depth())
+        opts.update(selector_size=f"{h}x{w}", selector_depth=self.selector_depth(), attn_queries=self.queries())
         if self.opts.weights is not None:
             opts["weights"] = f"sha256:{file_sha256(self.opts.weights)}"
         return opts
 
+    def queries(self) -> str:
+        """The where-target's query rows: ``attn_queries``, with ``auto`` resolved per teacher (the paper's patch
+        rows with registers, the CLS row without; real DINOv2-S/14 without registers: the patch-query map is on
+        background and artifact tokens, the CLS map on the object)."""
+        q = self.opts.attn_queries
+        if q != "auto":
+            return q
+        return "patch" if self.spec.num_prefix > 1 else "cls"
+
     # -- models ---------------------------------------------------------------------------------------
     def build(self, vit) -> LookWhereEncoder:
         """Untrained LookWhere on ``vit`` (random where-head): for FLOP counting and as the distillation start."""
-        return build_encoder(vit, int(self.budget), self.selector_depth(), self.selector_size(),
-                             self.spec.img_size)
+        enc = build_encoder(vit, int(self.budget), self.selector_depth(), self.selector_size(), self.spec.img_size)
+        enc.selector.antialias = self.opts.selector_antialias
+        return enc
 
     def distill_tag(self, stage: Stage | None = None) -> str:
         """The shared distillation folder's name: everything the distilled weights depend on, the stage's
@@ -177,13 +191,15 @@ class LookWhere(PatchSelectionMethod):
 
         (h, w), o = self.selector_size(), self.opts
         key = config_hash(to_dict(stage if stage is not None else o.distill))[:8]
-        return f"distill-d{self.selector_depth()}-s{h}x{w}-k{o.distill_min_k}-{o.distill_max_k}-{o.attn_queries}-{key}"
+        aa = "-aa" if o.selector_antialias else ""  # folders without it predate the option: not antialiased
+        return (f"distill-d{self.selector_depth()}-s{h}x{w}-k{o.distill_min_k}-{o.distill_max_k}-{self.queries()}"
+                f"{aa}-{key}")
 
     def meta(self, encoder: LookWhereEncoder) -> dict[str, Any]:
         return {"teacher": self.spec.name, "img_size": list(self.spec.img_size),
                 "selector_depth": encoder.selector.depth, "selector_size": list(encoder.selector.low_size),
                 "r": list(encoder.selector.r), "distill_min_k": self.opts.distill_min_k,
-                "distill_max_k": self.opts.distill_max_k, "attn_queries": self.opts.attn_queries}
+                "distill_max_k": self.opts.distill_max_k, "attn_queries": self.queries()}
 
     def fit(self, ctx) -> torch.nn.Module:
         from lwbench.heads import TaskModel
@@ -194,7 +210,12 @@ class LookWhere(PatchSelectionMethod):
 
             encoder = load_weights(self.opts.weights, teacher, self.spec.img_size, int(self.budget),
                                    selector_size=self.explicit_selector_size())
+            encoder.selector.antialias = self.opts.selector_antialias  # false: the release's own inference
         else:
+            if self.opts.attn_queries == "auto" and self.queries() == "cls":
+                log.info("notice: lookwhere: the teacher has no register tokens; its where-target is the CLS "
+                         "attention row (attn_queries auto -> cls), not the paper's patch rows, which light up "
+                         "background and artifact tokens without registers")
             self.check_where_target(ctx)
             with torch.random.fork_rng():
                 torch.manual_seed(ctx.seed)  # the where-head init is the only random part
@@ -213,7 +234,7 @@ class LookWhere(PatchSelectionMethod):
         miss the objects: say so now, and record it in the row (``selection_warning``)."""
         from lwbench.diagnostics import selection_warning, where_target_recall
 
-        found = where_target_recall(ctx.teacher.encoder.vit, ctx.task, int(self.budget), self.opts.attn_queries,
+        found = where_target_recall(ctx.teacher.encoder.vit, ctx.task, int(self.budget), self.queries(),
                                     device=ctx.device)
         warning = selection_warning(found["where_target_recall"], found["where_target_chance"])
         self.diagnostics.update(found, selection_warning=warning)
@@ -238,7 +259,7 @@ class LookWhere(PatchSelectionMethod):
         encoder.set_trainable(selector=True, extractor=True)
         o = self.opts
         loss = WhatWhereLoss(teacher, DistillStudent(encoder), o.distill_min_k, o.distill_max_k,
-                             queries=o.attn_queries, seed=ctx.seed)
+                             queries=self.queries(), seed=ctx.seed)
         dctx = dataclasses.replace(ctx, work_dir=Path(ctx.shared_dir))
         write_meta(ckpt, self.meta(encoder))  # makes the folder loadable with --set method.weights=<folder>
         dctx.train(encoder, loss, tag, stage=stage)
