@@ -3,11 +3,12 @@
 Labels: the PNGs hold 0 = "other" (not evaluated) and 1..150 for the classes; targets are 0..149 with
 255 = ignore, mmseg's ``reduce_zero_label`` convention.
 
-Protocol, and how it differs from the usual one: mmseg evaluates ADE20K with the shorter side at 512
-and slide (or whole) inference at the label's original resolution. lwbench compares token methods at
-one fixed grid, so evaluation is a *whole* resize of image (bilinear) and label map (nearest) to the
-profile's ``img_size`` (``paper``: 518x518 = 37x37 patches of 14, LookWhere's high-res size). Numbers are
-therefore comparable across lwbench methods, not with mmseg leaderboards. Training: random scale
+Protocol: the model sees a *whole* resize of the image (bilinear) to the profile's ``img_size`` (``paper``:
+518x518 = 37x37 patches of 14, LookWhere's high-res size), and mIoU is computed at the annotation's
+**original** resolution (the standard mmseg protocol): each image's logits are upsampled bilinearly to its
+label map's own size (``label_resolution: original``, the default). ``label_resolution: resized`` compares
+with the label map resized (nearest) to ``img_size`` instead, a cheaper variant whose numbers differ; the
+option is in the run id and the evaluation returns which one was used. Training: random scale
 (0.5-2.0 of the target size on the shorter side), pad, random crop to ``img_size`` and horizontal flip,
 applied jointly to image and labels (mmseg's pipeline without cat_max_ratio and photometric jitter).
 
@@ -160,6 +161,17 @@ class SegmentationDataset(Dataset):
         return img, lab
 
 
+def _label_paths(loader: DataLoader) -> list[Path]:
+    """The label file of each item of ``loader`` in its (unshuffled) order, through a ``Subset`` (``eval.limit``)."""
+    ds = loader.dataset
+    indices = list(getattr(ds, "indices", range(len(ds))))
+    base = getattr(ds, "dataset", ds)
+    if not hasattr(base, "pairs"):
+        raise ConfigError("ade20k: original-resolution evaluation needs a SegmentationDataset loader; "
+                          "use task.label_resolution=resized")
+    return [base.pairs[i][1] for i in indices]
+
+
 @register_task("ade20k")
 class ADE20K(Task):
     description = "ADE20K scene parsing, 150 classes (ADEChallengeData2016); mIoU"
@@ -174,7 +186,7 @@ class ADE20K(Task):
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
-        return {"decoder": "linear", "min_scale": 0.5, "max_scale": 2.0}
+        return {"decoder": "linear", "min_scale": 0.5, "max_scale": 2.0, "label_resolution": "original"}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -186,6 +198,9 @@ class ADE20K(Task):
                 raise LwbenchError(f"ade20k decoder '{decoder}' needs mmsegmentation: install lwbench[seg] "
                                    "(pip install 'lwbench[seg]'), or use decoder=linear")
             raise ConfigError(f"ade20k decoder '{decoder}' (mmseg) is not wired into lwbench yet; use decoder=linear")
+        if self.opts["label_resolution"] not in ("original", "resized"):
+            raise ConfigError(f"ade20k label_resolution must be original or resized, not "
+                              f"'{self.opts['label_resolution']}'")
         lo, hi = float(self.opts["min_scale"]), float(self.opts["max_scale"])
         if not 0 < lo <= hi:
             raise ConfigError(f"ade20k needs 0 < min_scale <= max_scale, got {lo} and {hi}")
@@ -229,24 +244,44 @@ class ADE20K(Task):
     @torch.inference_mode()
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, device: str = "cpu",
                  progress=None) -> dict[str, float]:
-        """Whole-split confusion matrix -> mIoU / aAcc / mAcc (percent). ``model`` returns (B, C, h, w) logits."""
+        """Whole-split confusion matrix -> mIoU / aAcc / mAcc (percent), at the label maps' original resolution
+        (``label_resolution: original``) or at the loader's resized labels; ``per_image["miou"]``: ``(N, 2, C)``
+        per-image intersection and union pixel counts (their sums give the whole-split mIoU; lwbench.stats
+        resamples them). ``model`` returns (B, C, h, w) logits."""
         model.eval()
         n = self.num_classes
         conf = torch.zeros(n, n, dtype=torch.long, device=device)
+        original = self.opts["label_resolution"] == "original"
+        labels = _label_paths(loader) if original else None
+        per_image = []
         seen = 0
         for images, targets in loader:
             logits = model(images.to(device))
-            targets = targets.to(device)
             if logits.ndim != 4 or logits.shape[1] != n:
                 raise ConfigError(f"segmentation model must return (B, {n}, H, W) logits, got {tuple(logits.shape)}")
-            if logits.shape[-2:] != targets.shape[-2:]:
-                logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-            update_confusion(conf, logits.argmax(1), targets, n)
+            for j in range(images.shape[0]):
+                if original:
+                    path = labels[seen + j]
+                    with Image.open(path) as im:
+                        size = im.size
+                    target = _to_target(_read_label(path, size)).to(device)
+                else:
+                    target = targets[j].to(device)
+                lg = logits[j: j + 1]
+                if lg.shape[-2:] != target.shape[-2:]:
+                    lg = F.interpolate(lg, size=target.shape[-2:], mode="bilinear", align_corners=False)
+                one = torch.zeros(n, n, dtype=torch.long, device=device)
+                update_confusion(one, lg.argmax(1)[0], target, n)
+                conf += one
+                inter = one.diag()
+                per_image.append(torch.stack([inter, one.sum(0) + one.sum(1) - inter]).cpu())
             seen += images.shape[0]
             if progress is not None:
                 progress(images.shape[0])
         if int(conf.sum()) == 0:
             raise DataError("no labelled pixels in the evaluated split (every label is 0 = other); "
                             "check the annotations")
-        return {**segmentation_metrics(conf.cpu()), "n_eval": seen}
+        stats = torch.stack(per_image).numpy().astype(np.int64) if per_image else np.zeros((0, 2, n), np.int64)
+        return {**segmentation_metrics(conf.cpu()), "n_eval": seen, "per_image": {"miou": stats},
+                "label_resolution": self.opts["label_resolution"]}
 

@@ -10,10 +10,10 @@ and central for evaluation). ``resize``/``crop`` fix the *field of view*; the ou
 ``img_size``: at ``img_size == crop`` this is exactly resize 600x600 / crop 448, at other sizes the
 image is resized to ``img * resize / crop`` so the crop covers the same fraction of the bird.
 
-CUB has no validation split: ``val`` is a deterministic, class-stratified slice of the official train
-split (every ``val_every``-th training image of each class, ~10%), ``train`` is the rest, and ``test``
-is the official test split. ``val_every=0`` trains on the whole official train split (then ``val``
-is unavailable), as papers reporting test accuracy do.
+CUB has no validation split. By default (``val_every=0``) ``train`` is the whole official train split
+(5,994 images) and ``test`` the official test split, as the papers reporting test accuracy do; ``val`` is
+then unavailable. ``val_every=K`` holds out a deterministic, class-stratified slice as ``val`` (every K-th
+training image of each class; 10: ~10%) and trains on the rest.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class CUB(Task):
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
-        return {"resize": 600, "crop": 448, "val_every": 10}
+        return {"resize": 600, "crop": 448, "val_every": 0}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -134,7 +134,7 @@ class CUB(Task):
         check_split(self, split)
         if split == "val" and int(self.opts["val_every"]) == 0:
             raise ConfigError("cub with val_every=0 trains on the whole train split and has no val; "
-                              "evaluate on test, or set val_every (default 10)")
+                              "evaluate on test, or set val_every (e.g. 10: every 10th training image of each class)")
         return ImageListDataset(list(self._splits[split]), self.transform(train))
 
 

@@ -52,8 +52,8 @@ def test_equal_numbers_hash_alike():
 def test_stage_defaults_resolve_before_hashing():
     """A stage left unset hashes as the numbers it inherits: setting them explicitly is the same run."""
     cfg = resolve_config("random", "traffic_signs", "k=8", source="synthetic")
-    assert cfg.method_opts.finetune.steps == cfg.train.steps == 300
-    assert run_id("random", budget="k=8", sets=["method.finetune.steps=300"]) == run_id("random", budget="k=8")
+    assert cfg.method_opts.finetune.steps == cfg.train.steps == 100
+    assert run_id("random", budget="k=8", sets=["method.finetune.steps=100"]) == run_id("random", budget="k=8")
     assert run_id("random", budget="k=8", sets=["train.steps=5"]) != run_id("random", budget="k=8")
 
 

@@ -100,3 +100,42 @@ def test_where_target_is_the_cls_row_on_teachers_without_registers():
     assert plain.queries() == "cls" and reg.queries() == "patch"  # auto: the paper's default only with registers
     assert plain.resolved_options()["attn_queries"] == "cls"  # in the run id and the row
     assert lw(BackboneSpec(**spec, num_prefix=1), 32, attn_queries="patch").queries() == "patch"  # asked for
+
+
+# -- ADE20K at the annotation's resolution ------------------------------------------------------------------------
+def test_ade20k_miou_is_computed_at_the_original_label_resolution(tmp_path):
+    """A 64x64 label of class 1 with a one-pixel column of class 2 (an odd column: nearest resizing to 32x32 drops
+    it). A model that predicts class 1 everywhere gets, at the original resolution, IoU 63/64 and 0: mIoU 49.2; on
+    the resized label the column is gone and it would get 100."""
+    import numpy as np
+    from PIL import Image
+
+    from lwbench.stats import statistic
+    from tasks.ade20k import ADE20K
+
+    root = tmp_path / "ADEChallengeData2016"
+    for sub in ("training", "validation"):
+        (root / "images" / sub).mkdir(parents=True)
+        (root / "annotations" / sub).mkdir(parents=True)
+        lab = np.full((64, 64), 2, np.uint8)  # raw id 2 -> class 1
+        lab[:, 33] = 3  # raw id 3 -> class 2
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "images" / sub / "ADE_1.jpg")
+        Image.fromarray(lab, "L").save(root / "annotations" / sub / "ADE_1.png")
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 150, x.shape[-2] // 4, x.shape[-1] // 4)
+            out[:, 1] = 1.0
+            return out
+
+    found = {}
+    for res in ("original", "resized"):
+        ade = ADE20K(data_root=tmp_path, img_size=32, label_resolution=res)
+        found[res] = ade.evaluate(Constant(), ade.loader("test", batch_size=1))
+    assert found["original"]["miou"] == pytest.approx(100 * (63 / 64 + 0) / 2)
+    assert found["resized"]["miou"] == pytest.approx(100.0)
+    assert found["original"]["label_resolution"] == "original"
+    per_image = found["original"]["per_image"]["miou"]
+    assert per_image.shape == (1, 2, 150) and statistic("miou")(per_image) == pytest.approx(found["original"]["miou"])
+    with pytest.raises(Exception, match="label_resolution must be original or resized"):
+        ADE20K(data_root=tmp_path, img_size=32, label_resolution="half")

@@ -154,6 +154,9 @@ def test_traffic_real_loader(tmp_path):
     assert obj["box"] == pytest.approx((834.27 / 4, 478.65 / 4, 862.51 / 4, 507.91 / 4))
     assert len(task.objects("train", 2)) == 2  # a4 lists its OCCLUDED 50 and VISIBLE 80
     assert tmod.TrafficSigns(source="real", data_root=root).img_size == (960, 1280)  # native by default
+    # by default all of Set1 trains, as ATS, IPS and DPS do: no val split is held back
+    whole = tmod.TrafficSigns(source="real", data_root=root)
+    assert len(whole.real_frames()["train"]) == 6 and whole.real_frames()["val"] == []
 
 
 def test_traffic_auto_source(tmp_path, capsys):

@@ -119,7 +119,7 @@ def cub_root(tmp_path_factory):
 
 def test_cub_splits_and_labels(cub_root):
     for root in (cub_root, cub_root.parent):
-        task = CUB(data_root=root, img_size=64)
+        task = CUB(data_root=root, img_size=64, val_every=10)
         assert task.real_root() == cub_root
     assert task.num_classes == 3 and CUB.num_classes == 200
     assert task.class_names == ("001.Bird_1", "002.Bird_2", "003.Bird_3")
@@ -131,8 +131,8 @@ def test_cub_splits_and_labels(cub_root):
     assert not {p for p, _ in train.samples} & {p for p, _ in val.samples}
     for p, t in train.samples + test.samples:  # label comes from image_class_labels.txt, dir agrees here
         assert p.parent.name == task.class_names[t]
-    full = CUB(data_root=cub_root, val_every=0)
-    assert len(full.dataset("train")) == 12
+    full = CUB(data_root=cub_root)  # the default trains on the whole official train split
+    assert full.opts["val_every"] == 0 and len(full.dataset("train")) == 12
     with pytest.raises(ConfigError):
         full.dataset("val")
 
