@@ -118,17 +118,19 @@ def test_budget_and_option_errors():
     assert EViT(spec, 0.5, keep_layers="0,1").layers == [0, 1]
 
 
-@pytest.mark.parametrize("finetune", [False, True])
-def test_finetune_option_calls_the_context(finetune):
+@pytest.mark.parametrize("regime", ["off_the_shelf", "finetuned"])
+def test_finetuned_regime_finetunes_everything_off_the_shelf_nothing(regime):
+    """Fine-tuning is the run's regime, not an EViT option: finetuned trains encoder and head with train.*."""
     vit = create_backbone("lw_vit_test_p8", (40, 56))
     spec = BackboneSpec.of(vit, "lw_vit_test_p8", (40, 56))
     calls = []
     ctx = SimpleNamespace(
-        teacher=SimpleNamespace(encoder=SimpleNamespace(vit=vit), head=torch.nn.Linear(32, 3)),
-        finetune=lambda model, tag, stage: calls.append((tag, stage.steps)) or model, stage=lambda s: s,
+        teacher=SimpleNamespace(encoder=SimpleNamespace(vit=vit), head=torch.nn.Linear(32, 3)), regime=regime,
+        finetune=lambda model, tag, **kw: calls.append((tag, all(p.requires_grad for p in model.parameters())))
+        or model,
     )
-    model = EViT(spec, 0.5, finetune={"steps": 5 if finetune else 0}).fit(ctx)
-    assert calls == ([("evit-0.5", 5)] if finetune else [])
+    model = EViT(spec, 0.5).fit(ctx)
+    assert calls == ([("evit-keep_rate=0.5-finetune", True)] if regime == "finetuned" else [])
     assert model.encoder.pruners["1"].fuse
 
 
