@@ -173,7 +173,7 @@ class Task(abc.ABC):
 
     @torch.inference_mode()
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, device: str = "cpu",
-                 progress=None) -> dict[str, float]:
+                 progress=None) -> dict[str, Any]:
         """Top-1 (and top-5 when there are more than 5 classes) over the whole loader, and ``per_image``:
         ``{metric: (N,) uint8}`` hits in loader order, for bootstrap intervals and paired comparisons
         (:mod:`lwbench.stats`)."""

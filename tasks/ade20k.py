@@ -243,7 +243,7 @@ class ADE20K(Task):
 
     @torch.inference_mode()
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, device: str = "cpu",
-                 progress=None) -> dict[str, float]:
+                 progress=None) -> dict[str, Any]:
         """Whole-split confusion matrix -> mIoU / aAcc / mAcc (percent), at the label maps' original resolution
         (``label_resolution: original``) or at the loader's resized labels; ``per_image["miou"]``: ``(N, 2, C)``
         per-image intersection and union pixel counts (their sums give the whole-split mIoU; lwbench.stats

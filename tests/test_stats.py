@@ -60,3 +60,39 @@ def test_miou_statistic_equals_the_confusion_matrix_miou():
     assert 0 <= ci["ci_low"] <= ci["value"] <= ci["ci_high"] <= 100
     with pytest.raises(ValueError, match="no bootstrap statistic for metric 'auc'"):
         bootstrap_ci(x, "auc")
+
+
+def test_a_resample_skips_classes_it_never_sees():
+    """Class 1 lives only in image 0: a resample of image 1 alone scores class 0 only (as the whole-set mIoU of
+    those images would), and the top-1 statistic is a plain mean."""
+    x = np.array([[[1, 3], [2, 4]],
+                  [[3, 0], [4, 0]]])
+    assert statistic("miou")(x[[1, 1]]) == pytest.approx(75.0)
+    assert statistic("miou")(x) == pytest.approx(100 * (4 / 6 + 3 / 4) / 2)
+    assert statistic("top1")(np.array([1, 0, 1, 1])) == 75.0 and statistic("top5")(np.ones(3)) == 100.0
+
+
+def test_batching_does_not_change_the_draws(monkeypatch):
+    """Memory is bounded by drawing resamples in batches; the batch size leaves every number as it was."""
+    import lwbench.stats as st
+
+    x = (np.random.default_rng(0).random(1000) < 0.8).astype(np.uint8)
+    whole = bootstrap_ci(x, "top1", 300, seed=4)
+    monkeypatch.setattr(st, "MAX_CELLS", 7 * 1000)  # 7 resamples per batch
+    assert bootstrap_ci(x, "top1", 300, seed=4) == whole
+
+
+def test_paired_p_value_and_same_images_for_both_rows():
+    rng = np.random.default_rng(1)
+    a = (rng.random(800) < 0.7).astype(np.uint8)
+    same = paired_bootstrap(a, a, "top1", 200, seed=0)
+    assert same["p_two_sided"] == 1.0 and same["share_not_above"] == 1.0 and same["n"] == 800
+    b = 1 - a  # a's resampled mean minus b's is 2 * mean(a) - 100 on every resample: the same images
+    d = paired_bootstrap(a, b, "top1", 200, seed=0)
+    ua = bootstrap_ci(a, "top1", 200, seed=0)
+    assert d["ci_low"] == pytest.approx(2 * ua["ci_low"] - 100)
+    assert d["ci_high"] == pytest.approx(2 * ua["ci_high"] - 100)
+    assert d["p_two_sided"] == 0.0 and d["share_not_above"] == 0.0
+    seg = np.random.default_rng(0).integers(1, 50, (30, 2, 4))
+    with pytest.raises(ValueError, match="same test images: 30 vs 29"):
+        paired_bootstrap(seg, seg[:-1], "miou")

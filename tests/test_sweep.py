@@ -50,6 +50,7 @@ def runs(monkeypatch):
     """Record the requests `lwbench.runner.run` gets instead of running them."""
     calls = []
     monkeypatch.setattr("lwbench.runner.run", lambda req: calls.append(req) or {})
+    monkeypatch.setattr("lwbench.runner.train_only", lambda req: True)  # the first pass: nothing to record
     return calls
 
 
@@ -115,7 +116,7 @@ def test_validate_normalises_and_is_idempotent():
     spec = validate_sweep({"tasks": "traffic_signs", "seeds": 3, "methods": {"full": "default", "random": "k=4"},
                            "set": "teacher.steps=4"}, "s.yaml")
     assert spec == {"profile": None, "source": None, "tasks": ["traffic_signs"], "seeds": [3],
-                    "methods": {"full": None, "random": ["k=4"]}, "set": ["teacher.steps=4"]}
+                    "methods": {"full": None, "random": ["k=4"]}, "set": ["teacher.steps=4"], "regimes": ["auto"]}
     assert validate_sweep(spec, "s.yaml") == spec
 
 
@@ -140,6 +141,7 @@ class _Req:
     budget: str | None
     seed: int
     sets: tuple[str, ...]
+    regime: str = "auto"
 
 
 def test_file_set_applies_to_every_point_and_the_command_line_wins(tmp_path, runs):

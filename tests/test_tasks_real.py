@@ -332,3 +332,64 @@ def test_evaluate_end_to_end(tmp_path, cub_root, ade_root):
 
     out = ade.evaluate(Oracle(), ade.loader("val", batch_size=2))
     assert out["miou"] == pytest.approx(100.0) and out["pixel_acc"] == pytest.approx(100.0)
+
+
+# -- per-image outcomes (lwbench.stats intervals) -------------------------------------------------
+class _ConstantClass(torch.nn.Module):
+    """Logits that always pick class ``c``: (B, n) for classification, (B, n, h/4, w/4) for segmentation."""
+
+    def __init__(self, n: int, c: int, dense: bool = False):
+        super().__init__()
+        self.n, self.c, self.dense = n, c, dense
+
+    def forward(self, x):
+        shape = (x.shape[0], self.n, x.shape[-2] // 4, x.shape[-1] // 4) if self.dense else (x.shape[0], self.n)
+        out = torch.zeros(shape)
+        out[:, self.c] = 1.0
+        return out
+
+
+def test_classification_per_image_hits_are_in_loader_order(tmp_path):
+    from lwbench.stats import statistic
+
+    inet = ImageNet(data_root=make_imagenet(tmp_path / "in6", classes=6, per_class=1, val_per_class=2), img_size=32)
+    targets = [inet.dataset("val")[i][1] for i in range(12)]
+    found = [inet.evaluate(_ConstantClass(6, 2), inet.loader("val", batch_size=b)) for b in (5, 12)]
+    for out in found:
+        hits = out["per_image"]["top1"]
+        assert hits.dtype == np.uint8 and hits.shape == (12,)
+        assert hits.tolist() == [int(t == 2) for t in targets]  # image i of the split is entry i
+        assert statistic("top1")(hits) == pytest.approx(out["top1"])
+        assert out["per_image"]["top5"].shape == (12,) and statistic("top5")(out["per_image"]["top5"]) == out["top5"]
+    assert set(found[0]) == {"top1", "top5", "n_eval", "per_image"}
+
+
+def test_ade20k_per_image_sums_give_the_whole_split_metric(tmp_path):
+    """Four validation images of different sizes, batched: each image's intersection and union are counted on
+    its own original label map, and their sums give the whole-split mIoU and pixel accuracy."""
+    from lwbench.stats import statistic
+
+    root = make_ade20k(tmp_path / "ADEChallengeData2016", train=1, val=4)
+    ade = ADE20K(data_root=root, img_size=32)
+    assert ade.opts["label_resolution"] == "original" and ade.config()["task_label_resolution"] == "original"
+    model = _ConstantClass(150, 1, dense=True)  # raw id 2
+    out = ade.evaluate(model, ade.loader("test", batch_size=3))
+    assert out["label_resolution"] == "original" and out["n_eval"] == 4
+    stats = out["per_image"]["miou"]
+    assert stats.shape == (4, 2, 150)
+    assert statistic("miou")(stats) == pytest.approx(out["miou"])
+    # one image at a time gives the same rows: batching does not reorder or mix the label maps
+    assert np.array_equal(ade.evaluate(model, ade.loader("test", batch_size=1))["per_image"]["miou"], stats)
+    raw = [np.array(Image.open(lab)) for _, lab in ade.pairs("test")]
+    for row, lab in zip(stats, raw, strict=True):  # at the original size: class 1 hits = its pixels
+        assert row[0].sum() == row[0, 1] == int((lab == 2).sum())
+        assert row[1, 1] == int((lab > 0).sum())  # union of class 1 = every labelled pixel (all predicted 1)
+    assert out["pixel_acc"] == pytest.approx(100 * sum(int((r == 2).sum()) for r in raw)
+                                             / sum(int((r > 0).sum()) for r in raw))
+    resized = ADE20K(data_root=root, img_size=32, label_resolution="resized")
+    assert resized.opts != ade.opts  # a different run id
+    small = resized.evaluate(model, resized.loader("test", batch_size=3))
+    ignored = sum(int((resized.dataset("test")[i][1] == 255).sum()) for i in range(4))
+    assert small["label_resolution"] == "resized"
+    assert small["per_image"]["miou"][:, 1, 1].sum() == 4 * 32 * 32 - ignored  # labelled pixels at 32x32
+    assert statistic("miou")(small["per_image"]["miou"]) == pytest.approx(small["miou"])
