@@ -60,7 +60,7 @@ def test_real_dinov2_at_224_uses_the_reference_resample():
 
 # -- DynamicViT -------------------------------------------------------------------------------------------------
 def test_dynamicvit_keeps_floor_of_n_rho_s_tokens():
-    from methods.dynamicvit import keep_counts
+    from lwbench.methods.dynamicvit import keep_counts
 
     assert keep_counts(196, 0.7, 3) == [137, 96, 67]  # the official int(196 * 0.7 ** s)
     assert keep_counts(196, 0.5, 3) == [98, 49, 24]
@@ -111,7 +111,7 @@ def test_ade20k_miou_is_computed_at_the_original_label_resolution(tmp_path):
     from PIL import Image
 
     from lwbench.stats import statistic
-    from tasks.ade20k import ADE20K
+    from lwbench.tasks.ade20k import ADE20K
 
     root = tmp_path / "ADEChallengeData2016"
     for sub in ("training", "validation"):
