@@ -110,7 +110,9 @@ def _config(args, method: str, task: str, budget: str | None):
     from lwbench.config import resolve_config
 
     return resolve_config(method, task, budget, profile=args.profile, sets=args.set, seed=args.seed,
-                          regime=getattr(args, "regime", None), source=args.source, data_root=args.data_root, device=args.device, backbone=args.backbone,
+                          regime=getattr(args, "regime", None), autocast=getattr(args, "autocast", None),
+                          retrain_teacher=getattr(args, "retrain_teacher", False) or None, source=args.source,
+                          data_root=args.data_root, device=args.device, backbone=args.backbone,
                           weights=args.weights, img_size=_parse_hw(args.img_size), results=args.results,
                           force=args.force or None, quiet=args.quiet or None)
 
@@ -344,6 +346,12 @@ def _run_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                    help="off_the_shelf (training-free methods on the task-trained backbone) or finetuned (every "
                         "method fine-tuned with train.* at its budget); default auto: off_the_shelf when the method "
                         "is training-free")
+    g.add_argument("--autocast", choices=["none", "bfloat16"],
+                   help="mixed precision of training, evaluation and timing (default none: float32); recorded in "
+                        "the row's autocast column and in its run id")
+    g.add_argument("--retrain-teacher", action="store_true",
+                   help="train the task backbone afresh instead of using the copy lwbench ships for this exact "
+                        "config (see lwbench/shipped/README.md)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override: method.<opt>=v, task.<opt>=v, teacher.steps=v, train.lr=v, measure.warmup=v "
                         "(lwbench config keys)")

@@ -88,6 +88,8 @@ ATTN_QUERIES = ("patch", "cls")
 REGIMES = ("auto", "off_the_shelf", "finetuned")
 POOLS = ("token", "max", "avg", "token+max")
 DTYPES = ("float32", "bfloat16", "float16")
+# float16 autocast is not offered: training under it needs a gradient scaler, and bfloat16 is the CPU's fast path.
+AUTOCAST = ("none", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,9 @@ class TeacherConfig(TrainConfig):
     attn_blocks: str = option("last", "blocks the attention loss trains: the last one (LookWhere's where-target), "
                               "or every block (also the CLS attention EViT/top-k/ATS prune by)",
                               choices=("last", "all"))
+    autocast: str = option("none", "mixed precision of the teacher's training steps (the run's autocast does not "
+                           "apply: a shipped or cached float32 teacher serves bfloat16 runs too). Part of the "
+                           "teacher id only when not none", choices=AUTOCAST)
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,10 @@ class RunConfig:
     regime: str = option("auto", "off_the_shelf: the method on the task-trained backbone, no training (training-free "
                          "methods); finetuned: every method fine-tuned from it with train.* at its budget; auto: "
                          "off_the_shelf for training-free methods, else finetuned", choices=REGIMES)
+    autocast: str = option("none", "mixed precision of the method's training steps, the evaluation and every timed "
+                           "call: none (float32) or bfloat16 (torch.autocast; fast on CPUs with AVX512-BF16 and on "
+                           "recent GPUs); the teacher's is teacher.autocast. Part of the run id only when not none",
+                           choices=AUTOCAST)
     head: HeadConfig = option(default_factory=HeadConfig)
     teacher: TeacherConfig = option(default_factory=TeacherConfig)
     train: TrainConfig = option(default_factory=TrainConfig)
@@ -194,6 +203,7 @@ class RunConfig:
     results: str | None = option(None, "results folder")
     force: bool = option(False, "rerun even when the run id has a row")
     quiet: bool = option(False, "no progress or notices")
+    retrain_teacher: bool = option(False, "train the teacher even when lwbench ships it for this teacher id")
 
     def replace(self, **changes: Any) -> RunConfig:
         import dataclasses
@@ -207,10 +217,11 @@ class RunConfig:
 RUN_SECTIONS = ("head", "teacher", "train", "eval", "measure")
 # RunConfig fields the command line (and lwbench.run's keyword arguments) set directly, not through --set.
 FLAGS = ("seed", "source", "data_root", "backbone", "weights", "pretrained", "img_size", "device", "threads", "regime",
-         "results", "force", "quiet")
+         "autocast", "retrain_teacher", "results", "force", "quiet")
 _PROFILE_KEYS = ("name", "description", "device", "threads", "defaults", "tasks", "methods")
 # Keys of RunConfig a profile's ``defaults`` / ``tasks.<t>`` blocks may set.
-_LAYER_KEYS = ("backbone", "weights", "pretrained", "img_size", "device", "threads", "regime", "seed", "source",
+_LAYER_KEYS = ("backbone", "weights", "pretrained", "img_size", "device", "threads", "regime", "autocast", "seed",
+               "source",
                "data_root",
                *RUN_SECTIONS, "task_opts")
 

@@ -95,6 +95,8 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("memory_batch", "int", "batch size of the peak-memory forward"),
     ("other_load", "float", "cores kept busy by other processes while this row was timed (psutil)"),
     ("machine_busy", "bool", "other_load competed with the timed threads: latency/throughput are suspect"),
+    ("teacher_source", "str", "where the teacher came from: 'trained' (by lwbench on this machine), 'shipped' "
+                              "(the copy lwbench ships for this teacher id) or 'none' (teacher.steps=0)"),
     ("teacher_train_time_s", "float", "training time of the task-trained backbone this run starts from (s)"),
     ("method_train_time_s", "float", "training time of this method's own stages (s)"),
     ("train_time_s", "float", "teacher_train_time_s + method_train_time_s"),
@@ -105,6 +107,7 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("threads", "int", "torch intra-op threads"),
     ("cpu_count", "int", "logical CPUs of the machine"),
     ("dtype", "str", "inference dtype of the timed model ('float32', 'bfloat16', ...)"),
+    ("autocast", "str", "mixed precision of the run's training, evaluation and timing: 'none' or 'bfloat16'"),
     ("attention_backend", "str", "fused-attention kernel available (SDPA flash/mem-efficient/math)"),
     ("torch_version", "str", "torch.__version__"),
     ("timm_version", "str", "timm.__version__"),
@@ -130,7 +133,7 @@ SOURCES = ("real", "synthetic")
 
 # Top-level config keys that steer a run but cannot change its result; they stay out of the hash. Everything
 # else is in it by default. ``weights`` is the weights *path*: its content enters as ``weights_sha256``.
-HASH_EXCLUDE = frozenset({"results", "force", "quiet", "weights", "debug", "verbose", "dry_run", "results_dir",
+HASH_EXCLUDE = frozenset({"results", "force", "quiet", "retrain_teacher", "weights", "debug", "verbose", "dry_run", "results_dir",
                           "progress"})
 HASH_LEN = 12
 

@@ -69,6 +69,15 @@ def check_writable(folder: Path, what: str) -> Path:
     return folder
 
 
+# Settings added after rows and teachers existed, with the value that reproduces those: left out of the ids while
+# they hold it, so every earlier run id and teacher id (and the teachers lwbench ships) stay valid.
+_NEUTRAL = {"autocast": "none"}
+
+
+def _neutral(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not (k in _NEUTRAL and v == _NEUTRAL[k])}
+
+
 class Plan:
     """A validated run: the task, the method and the backbone's shape resolved, nothing built or trained."""
 
@@ -107,7 +116,7 @@ class Plan:
             "backbone": self.backbone_name, "weights_sha256": self.weights_sha256, "pretrained": self.pretrained,
             "task": task.name, "task_version": task.version, "source": task.source,
             "img_size": list(task.img_size), "task_opts": task.opts, "data": task.data_identity(),
-            "head": to_dict(cfg.head), "teacher": to_dict(cfg.teacher), "seed": cfg.seed,
+            "head": to_dict(cfg.head), "teacher": _neutral(to_dict(cfg.teacher)), "seed": cfg.seed,
         }
 
     def identity(self) -> dict[str, Any]:
@@ -121,6 +130,8 @@ class Plan:
             task_opts=self.task.opts, img_size=list(self.task.img_size), device=self.device, threads=self.threads,
             weights_sha256=self.weights_sha256, teacher_id=self.teacher_id, regime=self.regime,
         )
+        d = _neutral(d)
+        d["teacher"] = _neutral(d["teacher"])
         return d
 
     def effort(self) -> dict[str, Any]:
@@ -145,6 +156,7 @@ def build_teacher(plan: Plan, lock: bool = True):
     ``(model, seconds it took to train, its folder)``."""
     from lwbench.backbones import create_backbone
     from lwbench.heads import TaskModel
+    from lwbench.shipping import forget_shipped, install, is_shipped_copy
     from lwbench.training.teacher import is_done, load_teacher, train_teacher, training_time
     from lwbench.vit import FullEncoder
 
@@ -152,6 +164,11 @@ def build_teacher(plan: Plan, lock: bool = True):
     tdir = cache_dir() / "teachers" / plan.teacher_id
     steps = cfg.teacher.steps
     cached = steps > 0 and is_done(tdir)
+    if cached and cfg.retrain_teacher and is_shipped_copy(tdir):
+        forget_shipped(tdir)
+        cached = False
+    if not cached and steps > 0 and not cfg.retrain_teacher:
+        cached = install(plan.teacher_id, tdir)
     seed_everything(cfg.seed)  # before the backbone's weights are drawn: one config, one teacher
     vit = create_backbone(plan.backbone_name, task.img_size, weights=plan.weights,
                           pretrained=plan.pretrained and not cached)
@@ -166,7 +183,7 @@ def build_teacher(plan: Plan, lock: bool = True):
              task.name, task.source, steps, tdir)
     tdir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(tdir / "config.json", json.dumps(_jsonable(plan.teacher_config), indent=1))
-    train_teacher(model, task, cfg.teacher, tdir, plan.device, cfg.quiet)
+    train_teacher(model, task, cfg.teacher, tdir, plan.device, cfg.quiet, autocast=cfg.teacher.autocast)
     return model.eval(), training_time(tdir), tdir
 
 
@@ -230,13 +247,15 @@ def evaluate(plan: Plan, model) -> dict:
     from tqdm.auto import tqdm
 
     from lwbench.logs import is_quiet
+    from lwbench.precision import wrap
 
     ev = plan.cfg.eval
     loader = plan.task.loader("test", ev.batch_size, limit=ev.limit)
     n = len(loader.dataset)
     log.info("evaluating on %d test images", n)
     with tqdm(total=n, desc="eval", unit="img", disable=is_quiet() or None, leave=False) as bar:
-        metrics = plan.task.evaluate(model, loader, device=plan.device, progress=bar.update)
+        metrics = plan.task.evaluate(wrap(model, plan.cfg.autocast, plan.device), loader, device=plan.device,
+                                     progress=bar.update)
     metrics.update(selection_diagnostics(plan, model))
     return metrics
 
@@ -292,7 +311,7 @@ def fit_method(plan: Plan):
     work = cache_dir() / "runs" / plan.run_id
     ctx = FitContext(task=plan.task, teacher=teacher, defaults=plan.cfg.train, device=plan.device, work_dir=work,
                      shared_dir=tdir / "methods" / plan.method.name, method_opts=plan.method.opts, seed=plan.cfg.seed,
-                     quiet=plan.cfg.quiet, regime=plan.regime)
+                     quiet=plan.cfg.quiet, regime=plan.regime, autocast=plan.cfg.autocast)
     seed_everything(plan.cfg.seed)
     model = plan.method.fit(ctx).to(plan.device).eval()
     return model, teacher_time, dict(ctx.stage_times)
@@ -312,7 +331,17 @@ def measure_cost(plan: Plan, model):
     ms = plan.cfg.measure
     images = measure_images(plan, max(ms.throughput_batch, ms.flops_images))
     return measure(model, images, ms, device=plan.device, threads=plan.threads,
-                   what=f"{plan.method.name} {plan.method.budget_str()}")
+                   what=f"{plan.method.name} {plan.method.budget_str()}", autocast=plan.cfg.autocast)
+
+
+def _teacher_source(plan: Plan) -> str:
+    """``shipped`` (lwbench's copy, :mod:`lwbench.shipping`), ``trained`` (here, now or earlier) or ``none``
+    (``teacher.steps=0``: the backbone as loaded)."""
+    from lwbench.shipping import teacher_source
+
+    if plan.cfg.teacher.steps <= 0:
+        return "none"
+    return teacher_source(cache_dir() / "teachers" / plan.teacher_id)
 
 
 def make_row(plan: Plan, metrics: dict, cost, teacher_time: float, stage_times: dict[str, float], eval_s: float,
@@ -344,6 +373,7 @@ def make_row(plan: Plan, metrics: dict, cost, teacher_time: float, stage_times: 
         "where_target_chance": metrics.get("where_target_chance", nan),
         "selection_warning": metrics.get("selection_warning", ""),
         **cost.row(),
+        "teacher_source": _teacher_source(plan),
         "teacher_train_time_s": teacher_time, "method_train_time_s": method_s,
         "train_time_s": teacher_time + method_s, "eval_time_s": eval_s, "wall_time_s": wall_s,
         **environment(device=plan.device, threads=plan.threads, dtype=plan.cfg.measure.dtype),

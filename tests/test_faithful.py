@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lwbench.backbones import create_backbone, load_backbone_weights, resample_pos_embed
+from lwbench.backbones import create_backbone, resample_pos_embed
 from lwbench.tokens import TokenOutput, densify
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real" / "vit_small_patch14_dinov2.imgfocus.safetensors"

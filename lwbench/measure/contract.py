@@ -66,6 +66,7 @@ class Measurement(FlopCount):
     other_load: float = math.nan
     machine_busy: bool = False
     dtype: str = "float32"
+    autocast: str = "none"
     threads: int = 0
     device: str = "cpu"
     attention_backend: str = ""
@@ -151,14 +152,17 @@ def _own_cpu() -> float:
 
 
 def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: str = "cpu", threads: int = 1,
-            what: str = "model") -> Measurement:
+            what: str = "model", autocast: str = "none") -> Measurement:
     """:func:`count`, then memory, latency (batch 1) and throughput (``cfg.throughput_batch``) in a fresh
-    process (``cfg.isolate``; in this one otherwise, flagged in the result)."""
+    process (``cfg.isolate``; in this one otherwise, flagged in the result). ``autocast`` (the run's mixed
+    precision) applies to the timed calls; MACs are counted on the float32 graph (the same multiply-adds)."""
     from lwbench.measure.env import attention_backend
+    from lwbench.precision import wrap
     from lwbench.measure.worker import MeasureOptions, measure_all, measure_in_subprocess
 
     flops = count(model, images, cfg, what)
     options = MeasureOptions.from_config(cfg, device, int(threads))
+    model = wrap(model, autocast, device)
     with OtherLoad() as load:
         if cfg.isolate:
             t = measure_in_subprocess(model, images, options=options)
@@ -181,7 +185,7 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
         isolation_error=str(t.get("isolation_error", "")),
         measure_warmup=int(cfg.warmup), measure_min_run_time=float(cfg.min_run_time),
         measure_min_runs=int(cfg.min_runs), memory_batch=int(cfg.memory_batch), other_load=load.cores,
-        machine_busy=busy, dtype=cfg.dtype,
+        machine_busy=busy, dtype=cfg.dtype, autocast=autocast,
         threads=int(threads), device=device, attention_backend=attention_backend(device),
     )
 

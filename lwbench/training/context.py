@@ -38,6 +38,7 @@ class FitContext:
         method_opts: the method's options (to name a stage's settings in error messages).
         regime: ``"off_the_shelf"`` or ``"finetuned"`` (:data:`lwbench.config.REGIMES`): training-free methods
             fine-tune only in the latter (:meth:`lwbench.method.Method.fit`).
+        autocast: the run's mixed precision (:mod:`lwbench.precision`), applied to every training step.
         stage_times: seconds each training stage took, filled by :meth:`train` and :meth:`record_stage`
             (a cached stage counts with the time it took when it ran); the row's ``method_train_time_s``.
     """
@@ -52,6 +53,7 @@ class FitContext:
     seed: int = 0
     quiet: bool = False
     regime: str = "off_the_shelf"
+    autocast: str = "none"
     stage_times: dict[str, float] = field(default_factory=dict)
 
     def train_batches(self, batch_size: int, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -103,7 +105,7 @@ class FitContext:
             weight_decay=float(s.weight_decay),
             warmup_steps=int(s.warmup_steps),
             params=params, ckpt_dir=ckpt, device=self.device, desc=tag, quiet=self.quiet,
-            grad_clip=s.grad_clip, lr_key=f"{self.stage_key(s)}.lr",
+            grad_clip=s.grad_clip, lr_key=f"{self.stage_key(s)}.lr", autocast=self.autocast,
         )
         self.stage_times[tag] = training_time(ckpt)
         return model

@@ -377,12 +377,14 @@ def train_loop(
     grad_clip: float | None = None,
     ckpt_every_s: float = 60.0,
     lr_key: str | None = None,
+    autocast: str = "none",
 ) -> nn.Module:
     """Train ``model`` in place for ``steps`` optimizer steps; see the module docstring for guarantees.
 
     ``batches`` yields ``(images, targets)``; with ``state_dict``/``load_state_dict`` (:class:`EpochStream`)
     its position is checkpointed, and so is ``loss_fn``'s if it has them (LookWhere's k draws).
-    ``lr_key`` is the setting that holds ``lr`` (e.g. ``teacher.lr``), named by the NaN error."""
+    ``lr_key`` is the setting that holds ``lr`` (e.g. ``teacher.lr``), named by the NaN error. ``autocast``
+    (:mod:`lwbench.precision`) wraps each forward and loss; the backward and the optimizer step stay float32."""
     model.to(device)
     groups = param_groups(list(params if params is not None else model.parameters()), weight_decay)
     params = [p for g in groups for p in g["params"]]
@@ -400,7 +402,7 @@ def train_loop(
                 raise damaged(ckpt_dir / STATE, f"missing although {DONE} says the stage is finished")
             return model.to(device).eval()
         return _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckpt_dir, device, desc,
-                      quiet, grad_clip, ckpt_every_s, lr_key)
+                      quiet, grad_clip, ckpt_every_s, lr_key, autocast)
 
 
 def is_finished(ckpt_dir: Path, steps: int) -> bool:
@@ -410,8 +412,10 @@ def is_finished(ckpt_dir: Path, steps: int) -> bool:
 
 
 def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckpt_dir, device, desc, quiet,
-           grad_clip, ckpt_every_s, lr_key) -> nn.Module:
+           grad_clip, ckpt_every_s, lr_key, autocast="none") -> nn.Module:
     from tqdm.auto import tqdm
+
+    from lwbench.precision import autocast as autocast_ctx
 
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     start, elapsed = 0, 0.0
@@ -439,7 +443,9 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_mult", 1.0)
         images, targets = next(batches)
-        loss, logs = loss_fn(model, to_device(images, device), to_device(targets, device))
+        with autocast_ctx(device, autocast):
+            loss, logs = loss_fn(model, to_device(images, device), to_device(targets, device))
+        loss = loss.float()
         if not torch.isfinite(loss):
             bar.close()
             raise TrainingError(_nan_message(desc, loss.item(), step, ckpt_dir, lr_key))

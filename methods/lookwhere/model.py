@@ -97,8 +97,9 @@ class Selector(Overhead):
         return tiles.flatten(1)
 
     def forward(self, x: torch.Tensor, high_grid: tuple[int, int] | None = None):
+        down = x.shape[-2] > self.low_size[0] or x.shape[-1] > self.low_size[1]
         low = F.interpolate(x, size=self.low_size, mode="bilinear", align_corners=False,
-                            antialias=self.antialias and (x.shape[-2] > self.low_size[0] or x.shape[-1] > self.low_size[1]))
+                            antialias=self.antialias and down)
         feats = self.vit.forward_features(low)
         p = num_prefix(self.vit)
         return feats[:, :p], self.where_map(feats[:, p:], high_grid or self.high_grid)

@@ -1,0 +1,163 @@
+"""The fast path of a first run: bfloat16 autocast (one setting for training, evaluation and timing, part of the
+ids only when used) and the teachers lwbench ships (used only for their exact teacher id, checked by sha256,
+replaced by ``--retrain-teacher``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lwbench import shipping
+from lwbench.cli import main
+from lwbench.config import resolve_config
+from lwbench.precision import Autocast, wrap
+from lwbench.runner import Plan
+from lwbench.training.loop import train_loop
+
+TINY = ["--img-size", "64x96", "--set", "teacher.steps=4", "--set", "teacher.batch_size=8",
+        "--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "eval.limit=16",
+        "--set", "measure.min_run_time=0.05", "--set", "measure.throughput_batch=4",
+        "--set", "measure.warmup=1", "--set", "measure.flops_images=2", "--set", "measure.isolate=false",
+        "--set", "task.n_train=64", "--set", "task.n_test=16", "--set", "task.n_val=8", "--quiet"]
+
+
+def _rows(results: Path, method: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in (results / "traffic_signs" / method).glob("*.json")]
+
+
+# -- autocast --------------------------------------------------------------------------------------------------
+def test_autocast_none_is_the_model_itself_and_bfloat16_runs_in_bfloat16():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    assert wrap(lin, "none") is lin  # float32 runs are the code path without the option, bit for bit
+    seen = {}
+    lin.register_forward_hook(lambda m, i, o: seen.update(dtype=o.dtype))  # returns None: output unchanged
+    x = torch.randn(3, 8)
+    out = wrap(lin, "bfloat16")(x)
+    assert isinstance(wrap(lin, "bfloat16"), Autocast)
+    assert seen["dtype"] == torch.bfloat16 and out.dtype == torch.float32  # computed in bf16, handed back in fp32
+    assert torch.allclose(out, lin(x), atol=0.05) and not torch.equal(out, lin(x))
+    assert wrap(lin, "bfloat16").weight is lin.weight  # attributes fall through to the model
+
+
+def test_training_under_autocast_keeps_float32_weights_and_learns():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    w = torch.randn(2, 4)
+    xs = torch.randn(64, 4)
+    ys = xs @ w.T
+    batches = iter([(xs, ys)] * 60)
+    before = ((model(xs) - ys) ** 2).mean().item()
+
+    def loss(m, x, y):
+        out = m(x)
+        assert out.dtype == torch.bfloat16  # the forward ran under autocast
+        return ((out.float() - y) ** 2).mean(), {}
+
+    train_loop(model, loss, batches, steps=60, lr=0.05, weight_decay=0.0, quiet=True, autocast="bfloat16")
+    assert model.weight.dtype == torch.float32
+    assert ((model(xs) - ys) ** 2).mean().item() < 0.2 * before
+
+
+def test_autocast_enters_the_ids_only_when_used():
+    cfg = resolve_config("lookwhere", "traffic_signs", None, profile="quick", sets=[])
+    plain, bf16 = Plan(cfg), Plan(cfg.replace(autocast="bfloat16"))
+    assert "autocast" not in plain.config and "autocast" not in plain.teacher_config["teacher"]  # old ids stay valid
+    assert bf16.config["autocast"] == "bfloat16" and bf16.run_id != plain.run_id
+    assert bf16.teacher_id == plain.teacher_id  # a bfloat16 run starts from the same (shipped) float32 teacher
+    bf16_teacher = Plan(resolve_config("lookwhere", "traffic_signs", None, profile="quick",
+                                       sets=["teacher.autocast=bfloat16"]))
+    assert bf16_teacher.teacher_config["teacher"]["autocast"] == "bfloat16"
+    assert bf16_teacher.teacher_id != plain.teacher_id
+    assert Plan(cfg.replace(retrain_teacher=True)).run_id == plain.run_id  # how the teacher was obtained: not config
+
+
+def test_bfloat16_run_records_its_autocast(tmp_path):
+    results = Path(os.environ["LWBENCH_RESULTS"])
+    assert main(["run", "--method", "full", "--task", "traffic_signs", "--autocast", "bfloat16", *TINY]) == 0
+    assert main(["run", "--method", "full", "--task", "traffic_signs", *TINY]) == 0
+    rows = {r["autocast"]: r for r in _rows(results, "full")}
+    assert set(rows) == {"bfloat16", "none"}
+    assert rows["bfloat16"]["teacher_id"] == rows["none"]["teacher_id"]
+    assert rows["bfloat16"]["run_id"] != rows["none"]["run_id"]
+    assert rows["bfloat16"]["gmacs"] == pytest.approx(rows["none"]["gmacs"])  # the same multiply-adds
+    assert 0 <= rows["bfloat16"]["top1"] <= 100
+
+
+# -- shipped teachers ------------------------------------------------------------------------------------------
+def _fake_shipped(tmp_path, monkeypatch, teacher_id: str) -> Path:
+    """Train a tiny teacher for ``teacher_id``'s config and ship it into a temporary SHIPPED_DIR."""
+    monkeypatch.setattr(shipping, "SHIPPED_DIR", tmp_path / "shipped")
+    assert main(["run", "--method", "full", "--task", "traffic_signs", *TINY]) == 0
+    tdir = Path(os.environ["LWBENCH_CACHE"]) / "teachers" / teacher_id
+    return shipping.ship(tdir, "lwbench run ...", "test", "test")
+
+
+def _tiny_plan() -> Plan:
+    from lwbench.cli import _config, build_parser
+
+    args = build_parser().parse_args(["run", "--method", "full", "--task", "traffic_signs", *TINY])
+    return Plan(_config(args, "full", "traffic_signs", None))
+
+
+def test_a_shipped_teacher_is_installed_checked_and_retrained_on_request(tmp_path, monkeypatch):
+    plan = _tiny_plan()
+    shipped = _fake_shipped(tmp_path, monkeypatch, plan.teacher_id)
+    trained = json.loads((shipped / "shipped.json").read_text())["weights_sha256"]
+    monkeypatch.setenv("LWBENCH_CACHE", str(tmp_path / "fresh-cache"))
+    results = Path(os.environ["LWBENCH_RESULTS"])
+    tdir = tmp_path / "fresh-cache" / "teachers" / plan.teacher_id
+
+    assert main(["run", "--method", "random", "--task", "traffic_signs", "--budget", "k=6", *TINY]) == 0
+    assert shipping.sha256(tdir / "model.safetensors") == trained
+    assert _rows(results, "random")[0]["teacher_source"] == "shipped"
+    (tdir / "methods" / "keep.txt").parent.mkdir(parents=True, exist_ok=True)
+    (tdir / "methods" / "keep.txt").write_text("a stage built on the shipped weights")
+
+    assert main(["run", "--method", "random", "--task", "traffic_signs", "--budget", "k=6", "--force",
+                 "--retrain-teacher", *TINY]) == 0
+    assert not (tdir / "shipped.json").exists() and not (tdir / "methods" / "keep.txt").exists()
+    assert [r["teacher_source"] for r in _rows(results, "random")] == ["trained"]
+
+
+def test_a_damaged_shipped_teacher_is_refused_and_trained_instead(tmp_path, monkeypatch, capsys):
+    plan = _tiny_plan()
+    shipped = _fake_shipped(tmp_path, monkeypatch, plan.teacher_id)
+    blob = bytearray((shipped / "model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (shipped / "model.safetensors").write_bytes(bytes(blob))
+    monkeypatch.setenv("LWBENCH_CACHE", str(tmp_path / "fresh-cache"))
+    assert not shipping.install(plan.teacher_id, tmp_path / "fresh-cache" / "t")
+    assert "do not match the sha256" in capsys.readouterr().err
+    assert main(["run", "--method", "full", "--task", "traffic_signs", "--force", *TINY]) == 0
+    assert _rows(Path(os.environ["LWBENCH_RESULTS"]), "full")[0]["teacher_source"] == "trained"
+
+
+def test_the_quick_profile_ships_its_current_teachers():
+    """A config change that moves the quick teacher's id must ship the new teacher (benchmarks/shipped_teachers.py
+    --write), or every newcomer silently trains for 25 minutes again."""
+    for task in ("traffic_signs",):
+        plan = Plan(resolve_config("lookwhere", task, None, profile="quick", sets=[]))
+        folder = shipping.shipped_folder(plan.teacher_id)
+        assert folder is not None, f"no shipped teacher for {task} (id {plan.teacher_id})"
+        meta = json.loads((folder / "shipped.json").read_text())
+        assert meta["teacher_id"] == plan.teacher_id
+        assert shipping.sha256(folder / "model.safetensors") == meta["weights_sha256"]
+        assert json.loads((folder / "config.json").read_text())["teacher"] == plan.teacher_config["teacher"]
+
+
+def test_the_shipped_traffic_signs_teacher_is_the_accurate_one():
+    """Real forward passes of the shipped weights on the first 128 synthetic test images (the full test set
+    gave 95.6%, benchmarks/reference)."""
+    from lwbench.runner import build_teacher, evaluate
+
+    cfg = resolve_config("full", "traffic_signs", None, profile="quick", sets=["eval.limit=128", "eval.bootstrap=0"])
+    plan = Plan(cfg)
+    model, _, tdir = build_teacher(plan)
+    assert shipping.is_shipped_copy(tdir)
+    assert evaluate(plan, model)["top1"] >= 90.0
