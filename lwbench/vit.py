@@ -61,6 +61,19 @@ def patchify(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)
 
 
+def gather_patches(vit: VisionTransformer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The raw pixels of the patches ``idx`` ``(B, K)`` only: ``patchify(vit, x)`` gathered at ``idx``, bit for bit,
+    without unfolding the whole image first (a view plus an index copies K patches; at batch 1 on 240x320 it
+    took 0.13 ms where unfold + gather took 1.26 ms, a fifth of LookWhere's whole forward)."""
+    p = patch_size(vit)
+    b, c, h, w = x.shape
+    gh, gw = h // p, w // p
+    cells = x[:, :, : gh * p, : gw * p].reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p)
+    rows, cols = torch.div(idx, gw, rounding_mode="floor"), idx % gw
+    picked = cells[torch.arange(b, device=x.device).unsqueeze(1), rows, cols]  # (B, K, C, p, p)
+    return picked.reshape(b, idx.shape[1], c * p * p)
+
+
 def embed_patches(vit: VisionTransformer, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
     """Patch embedding (+ position embedding) of all patches, or only of ``idx`` ``(B, K)``.
 
@@ -79,8 +92,7 @@ def embed_patches(vit: VisionTransformer, x: torch.Tensor, idx: torch.Tensor | N
         tok = tok + pos
     else:
         proj = vit.patch_embed.proj
-        pix = patchify(vit, x)
-        pix = torch.gather(pix, 1, idx.unsqueeze(-1).expand(-1, -1, pix.shape[-1]))
+        pix = gather_patches(vit, x, idx)
         tok = F.linear(pix, proj.weight.flatten(1), proj.bias)
         tok = vit.patch_embed.norm(tok)
         tok = tok + pos.expand(x.shape[0], -1, -1).gather(1, idx.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))

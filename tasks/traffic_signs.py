@@ -29,7 +29,7 @@ from lwbench.errors import ConfigError, DataError, DataNotFoundError
 from lwbench.registry import register_task
 from lwbench.task import Task, normalize
 from lwbench.tasks import _imageio
-from lwbench.tasks._synth import traffic_scene
+from lwbench.tasks._synth import scene_cache, traffic_scene
 
 CLASS_NAMES = ("EMPTY", "50", "70", "80")
 SPEED_LIMITS = ("50_SIGN", "70_SIGN", "80_SIGN")  # STS names of the three classes after EMPTY
@@ -169,16 +169,33 @@ class _RealFrames(Dataset):
 
 
 class _SyntheticScenes(Dataset):
-    def __init__(self, cfg: traffic_scene.SceneConfig, seed: int, split: str, n: int, train: bool):
-        self.cfg, self.seed, self.split, self.n, self.train = cfg, seed, split, n, train
+    """The split's scenes, drawn once into the scene cache (``tasks/_synth/scene_cache.py``) on first use."""
+
+    def __init__(self, cfg: traffic_scene.SceneConfig, seed: int, split: str, n: int, train: bool,
+                 version: int = 0):
+        self.cfg, self.seed, self.split, self.n, self.train, self.version = cfg, seed, split, n, train, version
+        self._pixels = None
 
     def __len__(self) -> int:
         return self.n
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pixels": None}  # a DataLoader worker maps the file itself, never a copy
+
+    def pixels(self):
+        if self._pixels is None:
+            cfg, seed, split = self.cfg, self.seed, self.split
+            key = {"generator": "traffic_scene", "task_version": self.version, "cfg": repr(cfg), "seed": seed,
+                   "split": split, "n": self.n}
+            self._pixels = scene_cache.scenes(key, self.n, tuple(cfg.size),
+                                              lambda i: traffic_scene.render(cfg, seed, split, i),
+                                              what=f"traffic_signs {split} scenes")
+        return self._pixels
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        x = _imageio.to_tensor(traffic_scene.render(self.cfg, self.seed, self.split, i))
+        x = _imageio.to_tensor(self.pixels()[i])
         if self.train:
             x = _imageio.light_augment(x)
         return normalize(x), traffic_scene.label_of(i)
@@ -313,7 +330,8 @@ class TrafficSigns(Task):
             if not frames:
                 raise DataError(f"traffic_signs: split '{split}' of {self.real_root()} has no frames after filtering")
             return _RealFrames(frames, self.img_size, train)
-        return _SyntheticScenes(self._scene_config(), self.seed, split, self.opts[f"n_{split}"], train)
+        return _SyntheticScenes(self._scene_config(), self.seed, split, self.opts[f"n_{split}"], train,
+                                version=self.version)
 
     def objects(self, split: str, index: int) -> list[dict]:
         """Speed-limit signs of item ``index`` as ``{"box": (x0, y0, x1, y1), "label": class}``, in pixels

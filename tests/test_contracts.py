@@ -369,3 +369,28 @@ def test_plugin_loads_from_its_file(methods):
 
 def test_plugin_origin_names_its_file(methods):
     assert methods.origin(PLUGIN).startswith(str(PLUGIN_PATH))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_method_runs_under_bfloat16_autocast(methods, tiny, name):
+    """``--autocast bfloat16`` is one flag for every method: each forward runs under it (train and eval mode, so
+    the training paths of DynamicViT and ATS too), gives finite logits, and stays near the float32 ones."""
+    from lwbench.precision import autocast
+
+    vit, spec = tiny
+    cls = methods.get(name)
+    budget = _reducing_budget(cls, spec)
+    torch.manual_seed(0)
+    enc = cls(spec, None if budget is None else float(budget.split("=")[1])).build(vit)
+    head = _heads(spec.embed_dim)["cls_token"]
+    x = torch.randn(2, 3, *TINY_SIZE)
+    for mode in (True, False):
+        enc.train(mode)
+        with torch.no_grad():
+            torch.manual_seed(1)
+            ref = _logits(head, enc(x), x.shape[-2:])
+            torch.manual_seed(1)
+            with autocast("cpu", "bfloat16"):
+                got = _logits(head, enc(x), x.shape[-2:]).float()
+        assert torch.isfinite(got).all(), name
+        assert (got - ref).abs().max().item() < 0.25 * (1 + ref.abs().max().item()), (name, mode)

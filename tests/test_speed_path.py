@@ -161,3 +161,49 @@ def test_the_shipped_traffic_signs_teacher_is_the_accurate_one():
     model, _, tdir = build_teacher(plan)
     assert shipping.is_shipped_copy(tdir)
     assert evaluate(plan, model)["top1"] >= 90.0
+
+
+# -- the scene cache -------------------------------------------------------------------------------------------
+def test_cached_scenes_are_the_drawn_scenes_bit_for_bit(tmp_path):
+    import pickle
+
+    from lwbench.task import normalize
+    from lwbench.tasks import _imageio
+    from lwbench.tasks._synth import traffic_scene
+    from lwbench.tasks.traffic_signs import TrafficSigns
+
+    task = TrafficSigns(source="synthetic", img_size=(64, 96), seed=3, n_train=12, n_val=4, n_test=6)
+    ds = task.dataset("test")
+    first = [ds[i][0] for i in range(6)]
+    files = list((Path(os.environ["LWBENCH_CACHE"]) / "scenes").glob("*.npy"))
+    assert len(files) == 1
+    again = task.dataset("test")  # a new dataset object: read from the file, nothing drawn
+    for i in range(6):
+        drawn = _imageio.to_tensor(traffic_scene.render(task._scene_config(), 3, "test", i))
+        assert torch.equal(first[i], again[i][0])
+        assert torch.equal(first[i], normalize(drawn))  # what the dataset gave before the cache existed
+    assert pickle.loads(pickle.dumps(again))._pixels is None  # workers map the file, never get a copy
+    files[0].write_bytes(b"damaged")
+    assert torch.equal(task.dataset("test")[2][0], first[2])  # a damaged file is drawn again
+    assert TrafficSigns(source="synthetic", img_size=(64, 96), seed=4, n_test=6).dataset("test")[0][0].shape == \
+        first[0].shape
+    assert len(list(files[0].parent.glob("*.npy"))) == 2  # another seed: another file
+
+
+def test_lookwhere_at_the_quick_geometry_runs_under_bfloat16():
+    """The quick selector downsizes its map (16x24 tiles -> 15x20 cells, antialiased), which has no bfloat16
+    kernel: the where-map stays float32, and the selection is the float32 one up to near-ties."""
+    from lwbench.backbones import create_backbone
+    from lwbench.precision import autocast
+
+    plan = Plan(resolve_config("lookwhere", "traffic_signs", None, profile="quick", sets=[]))
+    torch.manual_seed(0)
+    enc = plan.method.build(create_backbone(plan.backbone_name, plan.task.img_size)).eval()
+    x = torch.randn(2, 3, *plan.task.img_size)
+    with torch.no_grad():
+        ref = enc(x)
+        with autocast("cpu", "bfloat16"):
+            got = enc(x)
+    assert got.aux["where_map"].dtype == torch.float32
+    same = (got.aux["selected"].unsqueeze(-1) == ref.aux["selected"].unsqueeze(-2)).any(-1).float().mean()
+    assert same > 0.8

@@ -40,8 +40,10 @@ from lwbench.vit import (
     all_positions,
     assemble,
     embed_patches,
+    gather_patches,
     grid_of,
     num_prefix,
+    patchify,
     prefix_tokens,
     run_selected,
     run_tokens,
@@ -199,3 +201,16 @@ def test_side_attention_sees_what_timm_attention_sees(seam):
         cls_out = F.scaled_dot_product_attention(q, k, v)[:, :, 0]
         torch.testing.assert_close(torch.einsum("bht,bhtd->bhd", row, v), cls_out, rtol=1e-5, atol=1e-5)
         h = blk(h)
+
+
+def test_gathering_patches_is_unfolding_then_gathering(seam):
+    """The fast pixel gather LookWhere's extractor uses is ``patchify`` + gather, bit for bit (also on an image
+    whose size is not a multiple of the patch, where both drop the remainder)."""
+    vit, x = seam
+    p = int(vit.patch_embed.patch_size[0])
+    for img in (x, torch.nn.functional.pad(x, (0, p // 2, 0, p - 1))):
+        pix = patchify(vit, img)
+        g = torch.Generator().manual_seed(1)
+        idx = torch.stack([torch.randperm(pix.shape[1], generator=g)[:5] for _ in range(img.shape[0])])
+        ref = torch.gather(pix, 1, idx.unsqueeze(-1).expand(-1, -1, pix.shape[-1]))
+        assert torch.equal(gather_patches(vit, img, idx), ref)

@@ -89,7 +89,9 @@ class Selector(Overhead):
     def where_map(self, patch_tokens: torch.Tensor, high_grid: tuple[int, int]) -> torch.Tensor:
         b = patch_tokens.shape[0]
         (h, w), (rh, rw) = self.low_grid, self.r
-        logits = self.head(patch_tokens)  # (B, h*w, rh*rw), each row an rh x rw block, row-major
+        # (B, h*w, rh*rw), each row an rh x rw block, row-major; float32 also under bfloat16 autocast, where the
+        # antialiased resize has no kernel and the top-k would break ties on rounded scores
+        logits = self.head(patch_tokens).float()
         tiles = logits.reshape(b, h, w, rh, rw).permute(0, 1, 3, 2, 4).reshape(b, 1, h * rh, w * rw)
         if (h * rh, w * rw) != tuple(high_grid):
             tiles = F.interpolate(tiles, size=tuple(high_grid), mode="bilinear", align_corners=False,
