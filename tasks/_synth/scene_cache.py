@@ -59,6 +59,7 @@ def scenes(key: dict[str, Any], n: int, shape: tuple[int, int], render: Callable
             return arr
         if path.is_file():
             log.warning("%s: %s is damaged or stale; drawing it again", what, path)
+        log.info("%s: drawing %d images once into the scene cache (%s)", what, n, path)
         out = np.empty((n, *shape, 3), dtype=np.uint8)
         for i in tqdm(range(n), desc=f"drawing {what}", unit="img", disable=is_quiet() or None, leave=False):
             out[i] = np.asarray(render(i), dtype=np.uint8)
