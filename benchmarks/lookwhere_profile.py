@@ -68,7 +68,8 @@ def main(argv=None) -> int:
 
     # The stages of LookWhereEncoder.forward (methods/lookwhere/model.py), each on its real input.
     def resize():
-        return F.interpolate(x, size=sel.low_size, mode="bilinear", align_corners=False, antialias=sel.antialias and down)
+        return F.interpolate(x, size=sel.low_size, mode="bilinear", align_corners=False,
+                             antialias=sel.antialias and down)
 
     with torch.inference_mode(), autocast("cpu", args.autocast):
         low = resize()

@@ -351,7 +351,7 @@ def _run_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
                         "the row's autocast column and in its run id")
     g.add_argument("--retrain-teacher", action="store_true",
                    help="train the task backbone afresh instead of using the copy lwbench ships for this exact "
-                        "config (see lwbench/shipped/README.md)")
+                        "config (see lwbench/shipped_teachers/README.md)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override: method.<opt>=v, task.<opt>=v, teacher.steps=v, train.lr=v, measure.warmup=v "
                         "(lwbench config keys)")

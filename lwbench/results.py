@@ -133,8 +133,8 @@ SOURCES = ("real", "synthetic")
 
 # Top-level config keys that steer a run but cannot change its result; they stay out of the hash. Everything
 # else is in it by default. ``weights`` is the weights *path*: its content enters as ``weights_sha256``.
-HASH_EXCLUDE = frozenset({"results", "force", "quiet", "retrain_teacher", "weights", "debug", "verbose", "dry_run", "results_dir",
-                          "progress"})
+HASH_EXCLUDE = frozenset({"results", "force", "quiet", "retrain_teacher", "weights", "debug", "verbose", "dry_run",
+                          "results_dir", "progress"})
 HASH_LEN = 12
 
 # Metrics stored in percent, and how table headers and plot axes name them.

@@ -183,7 +183,7 @@ def build_teacher(plan: Plan, lock: bool = True):
              task.name, task.source, steps, tdir)
     tdir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(tdir / "config.json", json.dumps(_jsonable(plan.teacher_config), indent=1))
-    train_teacher(model, task, cfg.teacher, tdir, plan.device, cfg.quiet, autocast=cfg.teacher.autocast)
+    train_teacher(model, task, cfg.teacher, tdir, plan.device, cfg.quiet)
     return model.eval(), training_time(tdir), tdir
 
 

@@ -12,7 +12,6 @@ trains afresh as before. ``--retrain-teacher`` trains afresh even then; rows say
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,19 +19,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lwbench.backbones import file_sha256 as sha256  # the hash weights enter run ids by: one definition
+
 log = logging.getLogger("lwbench")
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped_teachers"
 MARKER = "shipped.json"
 FILES = ("model.safetensors", "state.json", "config.json", "done.json")  # done.json last: it marks completion
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def shipped_folder(teacher_id: str) -> Path | None:

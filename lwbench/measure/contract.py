@@ -157,8 +157,8 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
     process (``cfg.isolate``; in this one otherwise, flagged in the result). ``autocast`` (the run's mixed
     precision) applies to the timed calls; MACs are counted on the float32 graph (the same multiply-adds)."""
     from lwbench.measure.env import attention_backend
-    from lwbench.precision import wrap
     from lwbench.measure.worker import MeasureOptions, measure_all, measure_in_subprocess
+    from lwbench.precision import wrap
 
     flops = count(model, images, cfg, what)
     options = MeasureOptions.from_config(cfg, device, int(threads))

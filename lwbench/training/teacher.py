@@ -157,7 +157,7 @@ def object_classes(task) -> int:
 
 
 def train_teacher(model: nn.Module, task, settings: TeacherConfig, ckpt_dir: Path, device: str,
-                  quiet: bool, autocast: str | None = None) -> nn.Module:
+                  quiet: bool) -> nn.Module:
     """Train ``model`` (TaskModel around a timm ViT) on ``task`` per ``settings`` (the run's ``teacher`` section,
     typed and validated: its defaults and ranges live in :class:`lwbench.config.TeacherConfig` alone)."""
     s = settings
@@ -165,7 +165,7 @@ def train_teacher(model: nn.Module, task, settings: TeacherConfig, ckpt_dir: Pat
     n_obj = object_classes(task) if weight > 0 or attn_weight > 0 else 0
     common = dict(steps=s.steps, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, ckpt_dir=ckpt_dir,
                   device=device, desc=f"teacher {task.name}", quiet=quiet, grad_clip=s.grad_clip, lr_key="teacher.lr",
-                  autocast=autocast or getattr(s, "autocast", "none"))
+                  autocast=s.autocast)
     bs, workers = s.batch_size, s.workers
     # EpochStream, not endless(DataLoader): its position is checkpointed, so a killed teacher resumes exactly
     # (ObjectCells' shifts draw on the global RNG, which train_loop checkpoints, when workers == 0).

@@ -250,7 +250,7 @@ class LookWhere(PatchSelectionMethod):
 
         stage = ctx.stage(self.opts.distill)
         tag = self.distill_tag(stage)
-        if getattr(ctx, "autocast", "none") != "none":
+        if ctx.autocast != "none":
             tag += f"-{ctx.autocast}"  # shared by every k: a float32 and a bfloat16 distillation never mix
         ckpt = Path(ctx.shared_dir) / tag
         if is_finished(ckpt, stage.steps):
