@@ -196,6 +196,13 @@ def cmd_config(args) -> int:
 def cmd_sweep(args) -> int:
     from lwbench.sweep import run_sweep
 
+    if args.status:
+        from lwbench.sweep import sweep_status
+        from lwbench.sweep_status import format_status
+
+        statuses = sweep_status(args.file, args, _config, shard=args.shard)
+        print(format_status(statuses))
+        return 0 if all(s.state == "done" for s in statuses) else 1
     failures = run_sweep(args.file, args, _config, shard=args.shard, phase=args.phase)
     return 1 if failures else 0
 
@@ -389,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=["all", "train", "measure"], default="all",
                    help="all (default): train every point, then evaluate and time them one at a time; train: the "
                         "first pass only (e.g. in parallel shards); measure: the second (run it alone, serially)")
+    p.add_argument("--status", action="store_true",
+                   help="run nothing: list every point as done / running / failed (its error line) / pending; "
+                        "exit 0 only when all are done")
     _run_args(p, with_method=False)
     _common(p)
     p.set_defaults(fn=cmd_sweep)

@@ -33,10 +33,13 @@ import difflib
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from lwbench.config import load_yaml
 from lwbench.errors import ConfigError, LwbenchError, UnknownNameError
+from lwbench.paths import results_dir
+from lwbench.sweep_status import attempt
 
 SWEEP_KEYS = ("profile", "source", "tasks", "seeds", "methods", "set", "regimes")
 SWEEP_REGIMES = ("auto", "off_the_shelf", "finetuned")
@@ -330,16 +333,19 @@ def _parse_shard(shard: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def run_sweep(path: str, args, make_request, shard: str | None = None, phase: str = "all") -> list[tuple[str, str]]:
-    """Run every point; return the failures as (point, one-line reason).
+def _results_of(req) -> Path:
+    return Path(req.results) if req.results else results_dir()
 
-    ``phase`` ``train`` trains every point's stages (cached), ``measure`` evaluates, times and writes each row
-    (training what is still missing), ``all`` (default) does the first pass over every point, then the second."""
-    from lwbench.runner import run, train_only
 
-    if phase not in PHASES:
-        raise ConfigError(f"--phase must be one of {', '.join(PHASES)}, not '{phase}'")
+def _run_id(req) -> str:
+    from lwbench.runner import Plan
 
+    return Plan(dataclasses.replace(req, quiet=True)).run_id
+
+
+def _sweep_requests(path: str, args, make_request, shard: str | None = None):
+    """The sweep file's points as run requests (the file's profile, source and ``set`` applied; the command
+    line's own settings win), only this shard's when ``shard`` is given."""
     spec = validate_sweep(load_yaml(path), str(path))  # every problem at once, before any work
     span = _parse_shard(shard)
     args = copy.copy(args)  # the file's settings apply to this sweep only
@@ -357,6 +363,44 @@ def run_sweep(path: str, args, make_request, shard: str | None = None, phase: st
     if span:
         i, n = span
         points = points[i::n]
+    return args, points
+
+
+def point_name(req) -> str:
+    return f"{req.method} {req.budget or '-'} {req.regime} on {req.task} (seed {req.seed})"
+
+
+def sweep_status(path: str, args, make_request, shard: str | None = None):
+    """Every point's :class:`~lwbench.sweep_status.PointStatus`, in the sweep's order; reads, never runs."""
+    from lwbench.results import ResultStore
+    from lwbench.sweep_status import PointStatus, point_status
+
+    _, points = _sweep_requests(path, args, make_request, shard)
+    stores: dict = {}
+    out = []
+    for req in points:
+        root = _results_of(req)
+        store = stores.setdefault(root, ResultStore(root))
+        try:
+            run_id = _run_id(req)
+        except LwbenchError as exc:  # the point cannot even be planned: a sweep run fails it the same way
+            out.append(PointStatus(point_name(req), "-", "failed", str(exc).splitlines()[0]))
+            continue
+        out.append(point_status(store, point_name(req), run_id))
+    return out
+
+
+def run_sweep(path: str, args, make_request, shard: str | None = None, phase: str = "all") -> list[tuple[str, str]]:
+    """Run every point; return the failures as (point, one-line reason).
+
+    ``phase`` ``train`` trains every point's stages (cached), ``measure`` evaluates, times and writes each row
+    (training what is still missing), ``all`` (default) does the first pass over every point, then the second."""
+    from lwbench.runner import run, train_only
+
+    if phase not in PHASES:
+        raise ConfigError(f"--phase must be one of {', '.join(PHASES)}, not '{phase}'")
+
+    args, points = _sweep_requests(path, args, make_request, shard)
     failures: dict[str, str] = {}
     t0 = time.perf_counter()
     passes = [("train", train_only), ("measure", run)] if phase == "all" else \
@@ -364,7 +408,7 @@ def run_sweep(path: str, args, make_request, shard: str | None = None, phase: st
     for label, step in passes:
         pass_t0 = time.perf_counter()
         for j, req in enumerate(points, 1):
-            name = f"{req.method} {req.budget or '-'} {req.regime} on {req.task} (seed {req.seed})"
+            name = point_name(req)
             if name in failures:  # failed in the training pass: one reason is enough
                 continue
             eta = ""
@@ -373,7 +417,8 @@ def run_sweep(path: str, args, make_request, shard: str | None = None, phase: st
                 eta = f", eta ~{left / 60:.0f} min"
             print(f"lwbench: sweep {label} [{j}/{len(points)}{eta}] {name}", file=sys.stderr, flush=True)
             try:
-                step(req)
+                with attempt(_results_of(req), _run_id(req), name, label):
+                    step(req)
             except LwbenchError as exc:
                 failures[name] = str(exc)
                 print(f"lwbench: sweep: FAILED {name}: {exc}", file=sys.stderr)

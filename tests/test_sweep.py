@@ -42,6 +42,82 @@ def test_shard_splits_points(tmp_path, capsys):
     assert "--shard must be i/n" in capsys.readouterr().err
 
 
+def _status(sweep, capsys) -> tuple[int, dict[str, list[str]]]:
+    """``lwbench sweep --status``: its exit code and, per point name, [state, run id, detail]."""
+    capsys.readouterr()
+    rc = main(["sweep", str(sweep), "--status", *TINY])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {}
+    for line in lines[2:]:
+        if not line.strip():
+            break
+        state, rest = line.split(None, 1)
+        point, _, tail = rest.partition(")")
+        run_id, _, detail = tail.strip().partition(" ")
+        rows[point + ")"] = [state, run_id, detail.strip()]
+    return rc, rows
+
+
+def test_status_tells_done_running_failed_pending_and_a_killed_point(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  full: null\n"
+                     "  random: [k=3, k=100000, k=6]\n")
+    k3, k6, bad = (f"random k={k} auto on traffic_signs (seed 0)" for k in (3, 6, 100000))
+    rc, before = _status(sweep, capsys)
+    assert rc == 1 and len(before) == 4
+    assert before[k3][0] == before[k6][0] == "pending"
+    assert before[bad][0] == "failed" and "valid: k=1..24" in before[bad][2]  # cannot even be planned
+
+    assert main(["sweep", str(sweep), *TINY]) == 1
+    rc, after = _status(sweep, capsys)
+    assert rc == 1 and [after[k][0] for k in (k3, k6, bad)] == ["done", "done", "failed"]
+
+    # k=6 again, in a process that is killed mid-point: running while it lives, failed (died) after kill -9
+    results = Path(os.environ["LWBENCH_RESULTS"])
+    run_id = after[k6][1]
+    for f in results.glob(f"*/*/{run_id}*"):
+        f.unlink()
+    assert _status(sweep, capsys)[1][k6][0] == "pending"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from lwbench.sweep_status import attempt\n"
+        f"with attempt({str(results)!r}, {run_id!r}, 'random k=6', 'measure'):\n"
+        "    print('in', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "in"
+        rc, during = _status(sweep, capsys)
+        assert during[k6][0] == "running" and f"pid {child.pid}" in during[k6][2]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    time.sleep(0.1)
+    rc, killed = _status(sweep, capsys)
+    assert killed[k6][0] == "failed" and "killed, out of memory or out of time" in killed[k6][2]
+    assert not any(results.glob(f"*/*/{run_id}*"))  # no half row
+
+    assert main(["sweep", str(sweep), *TINY]) == 1  # the re-run picks up only what is missing
+    rc, end = _status(sweep, capsys)
+    assert [end[k][0] for k in (k3, k6, bad)] == ["done", "done", "failed"] and rc == 1
+
+
+def test_a_failing_point_records_its_error_line(tmp_path):
+    from lwbench.results import ResultStore
+    from lwbench.sweep_status import attempt, point_status
+
+    with pytest.raises(RuntimeError), attempt(tmp_path, "abc123", "p", "train"):
+        raise RuntimeError("out of patience\nsecond line")
+    st = point_status(ResultStore(tmp_path), "p", "abc123")
+    assert (st.state, st.detail) == ("failed", "out of patience")
+    with attempt(tmp_path, "abc123", "p", "train"):
+        pass  # a success clears the record: the row (or the cached stages) speaks now
+    assert point_status(ResultStore(tmp_path), "p", "abc123").state == "pending"
+    assert ResultStore(tmp_path).rows() == []  # the state files are never read as rows
+
+
 # -- validation: every problem of a sweep file in one error, before any point runs -------------------------------
 
 
@@ -51,6 +127,7 @@ def runs(monkeypatch):
     calls = []
     monkeypatch.setattr("lwbench.runner.run", lambda req: calls.append(req) or {})
     monkeypatch.setattr("lwbench.runner.train_only", lambda req: True)  # the first pass: nothing to record
+    monkeypatch.setattr("lwbench.sweep._run_id", lambda req: f"fake{id(req)}")  # no Plan to build
     return calls
 
 
@@ -142,6 +219,7 @@ class _Req:
     seed: int
     sets: tuple[str, ...]
     regime: str = "auto"
+    results: str | None = None
 
 
 def test_file_set_applies_to_every_point_and_the_command_line_wins(tmp_path, runs):

@@ -1,0 +1,106 @@
+"""Where each point of a sweep stands: done, running, failed or pending (``lwbench sweep FILE --status``).
+
+A point is **done** when its row is in the results store; nothing else counts, so a point is never reported done
+from a half-written state (rows are written atomically). While a sweep works on a point it holds a lock on
+``<results>/.sweep/<run_id>/.lock`` and keeps ``.attempt.json`` beside it: who (host, pid), since when, in which
+pass, and where its log is. The attempt ends in one of two ways:
+
+- the point fails with an error: the attempt says ``failed`` with the error's first line;
+- the process dies (``kill -9``, the out-of-memory killer, a job's time limit): nobody updates the file, but the
+  kernel drops the lock with the process, so a free lock on an attempt still marked ``running`` means it died.
+
+A re-run of the sweep retries failed and died points and skips done ones, as every lwbench run does. Nothing here
+depends on the launcher: the same files serve a sweep in one shell, several shards, or a job array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lwbench.locks import is_held, stage_lock
+from lwbench.paths import write_text_atomic
+
+STATE_DIR = ".sweep"
+ATTEMPT = ".attempt.json"
+STATES = ("done", "running", "failed", "pending")
+
+
+def point_dir(results: Path, run_id: str) -> Path:
+    return Path(results) / STATE_DIR / run_id
+
+
+def _write(folder: Path, record: dict) -> None:
+    write_text_atomic(folder / ATTEMPT, json.dumps(record, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def attempt(results: Path, run_id: str, point: str, phase: str) -> Iterator[None]:
+    """Hold the point's lock and record the attempt while the ``with`` block works on it. An exception is
+    recorded as ``failed`` (its first line) and raised on; success removes the record (the row speaks now, or,
+    after a training pass, the cached stages)."""
+    folder = point_dir(results, run_id)
+    with stage_lock(folder, f"sweep point {point}"):
+        record = {"state": "running", "point": point, "run_id": run_id, "phase": phase, "host": socket.gethostname(),
+                  "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "log": os.environ.get("LWBENCH_JOB_LOG", "")}
+        _write(folder, record)
+        try:
+            yield
+        except BaseException as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            why = first if isinstance(exc, Exception) and str(exc).strip() else f"{type(exc).__name__}: {first}"
+            _write(folder, {**record, "state": "failed", "error": why, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            raise
+        (folder / ATTEMPT).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class PointStatus:
+    point: str
+    run_id: str
+    state: str  # one of STATES
+    detail: str = ""  # the error line of a failed point, the host/pid of a running one
+    log: str = ""
+
+
+def point_status(store, point: str, run_id: str) -> PointStatus:
+    """The state of one point from the store and its attempt record (see the module docstring)."""
+    if store.has(run_id):
+        return PointStatus(point, run_id, "done")
+    folder = point_dir(store.root, run_id)
+    try:
+        record = json.loads((folder / ATTEMPT).read_text())
+    except (OSError, ValueError):
+        record = None
+    if is_held(folder):
+        who = f"{record.get('host', '?')} pid {record.get('pid', '?')}, {record.get('phase', '?')} pass since " \
+              f"{record.get('started', '?')}" if record else "locked by another process"
+        return PointStatus(point, run_id, "running", who, (record or {}).get("log", ""))
+    if record is None:
+        return PointStatus(point, run_id, "pending")
+    if record.get("state") == "failed":
+        return PointStatus(point, run_id, "failed", str(record.get("error", "")), record.get("log", ""))
+    return PointStatus(point, run_id, "failed",
+                       f"the process ({record.get('host', '?')} pid {record.get('pid', '?')}, {record.get('phase')} "
+                       f"pass) ended without a row or an error: killed, out of memory or out of time",
+                       record.get("log", ""))
+
+
+def format_status(statuses: list[PointStatus]) -> str:
+    from tabulate import tabulate
+
+    counts = {s: sum(p.state == s for p in statuses) for s in STATES}
+    body = [[p.state, p.point, p.run_id, p.detail + (f" (log: {p.log})" if p.log else "")] for p in statuses]
+    table = tabulate(body, headers=["state", "point", "run id", "detail"], tablefmt="simple")
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATES)
+    return f"{table}\n\n{len(statuses)} points: {summary}"
+
+
+__all__ = ["attempt", "point_status", "format_status", "PointStatus", "STATES", "point_dir"]
