@@ -3,6 +3,7 @@ stages cached, and optionally a whole sweep, each timed as the user sees it (wal
 
     python benchmarks/first_run.py --out first_run.json                 # first run + second budget
     python benchmarks/first_run.py --sweep configs/sweeps/quick.yaml    # ... then the sweep on the same cache
+    python benchmarks/first_run.py --sweep configs/sweeps/quick.yaml --sweep configs/sweeps/billiards_quick.yaml
     python benchmarks/first_run.py --cache DIR                          # reuse a cache (not a first run then)
 
 Every step is an ordinary ``lwbench`` process with a fresh ``LWBENCH_CACHE`` and results folder (temporary unless
@@ -67,7 +68,8 @@ def main(argv=None) -> None:
     ap.add_argument("--method", default="lookwhere")
     ap.add_argument("--task", default="traffic_signs")
     ap.add_argument("--second-budget", default="k=75", help="the budget of the second, cached-stages run")
-    ap.add_argument("--sweep", help="also time this sweep file on the same cache")
+    ap.add_argument("--sweep", action="append", default=[],
+                    help="also time this sweep file on the same cache (repeatable: one after the other)")
     ap.add_argument("--cache", help="cache folder (default: a fresh temporary one)")
     ap.add_argument("--results", help="results folder (default: a fresh temporary one)")
     ap.add_argument("--threads", type=int, help="LWBENCH threads (--set threads=N); default all cores")
@@ -95,8 +97,13 @@ def main(argv=None) -> None:
         step.update(threads=row.get("threads"), budget=row.get("budget"), metric=row.get("metric_value"),
                     gmacs=row.get("gmacs"), dtype=row.get("dtype"), teacher_source=row.get("teacher_source", "trained"))
         steps.append(step)
-    if args.sweep:
-        steps.append(timed("sweep " + Path(args.sweep).name, [*base, "sweep", args.sweep, *sets], env, log))
+    for sweep in args.sweep:
+        steps.append(timed("sweep " + Path(sweep).name, [*base, "sweep", sweep, *sets], env, log))
+    if len(args.sweep) > 1:
+        sweeps = [s for s in steps if s["step"].startswith("sweep ")]
+        steps.append({"step": "all sweeps", "wall_s": round(sum(s["wall_s"] for s in sweeps), 1),
+                      "other_load_cores": round(sum(s["wall_s"] * s["other_load_cores"] for s in sweeps)
+                                                / max(1e-9, sum(s["wall_s"] for s in sweeps)), 2)})
 
     report = {"commit": git, "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "steps": steps, "log": str(log)}

@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--autocast", default="none", choices=["none", "bfloat16"])
     ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timed stage")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time both whole forwards under torch.compile (inductor; compiling takes about a "
+                         "minute on 2 cores)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,10 +96,20 @@ def main(argv=None) -> int:
         parts = sum(t for _, t in rows)
         whole = median_ms(lambda: lw(x), args.min_run_time)
         full_ms = median_ms(lambda: full(x), args.min_run_time)
+        compiled = {}
+        if args.compile:  # one compiled call first: the compile itself is not timed
+            for name, model in (("lookwhere", lw), ("full", full)):
+                c = torch.compile(model)
+                c(x)
+                compiled[name] = median_ms(lambda c=c: c(x), args.min_run_time)
     table = [[n, f"{t:.3f}", f"{100 * t / whole:.0f}%"] for n, t in rows]
     table += [["(sum of stages)", f"{parts:.3f}", f"{100 * parts / whole:.0f}%"],
               ["lookwhere forward", f"{whole:.3f}", "100%"], ["full forward", f"{full_ms:.3f}", ""],
               ["full / lookwhere", f"{full_ms / whole:.2f}x", ""]]
+    if compiled:
+        table += [["lookwhere forward, torch.compile", f"{compiled['lookwhere']:.3f}", ""],
+                  ["full forward, torch.compile", f"{compiled['full']:.3f}", ""],
+                  ["full / lookwhere, torch.compile", f"{compiled['full'] / compiled['lookwhere']:.2f}x", ""]]
     print(f"# lookwhere k={k} on {args.task} {plan.task.img_size[0]}x{plan.task.img_size[1]}, selector "
           f"{sel.low_size[0]}x{sel.low_size[1]} depth {sel.depth}, batch 1, {args.threads} threads, autocast "
           f"{args.autocast}, torch {torch.__version__}")
@@ -104,7 +117,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"k": k, "threads": args.threads, "autocast": args.autocast, "stages": dict(rows),
-                       "lookwhere_ms": whole, "full_ms": full_ms}, f, indent=1)
+                       "lookwhere_ms": whole, "full_ms": full_ms,
+                       "compiled_ms": compiled}, f, indent=1)
     return 0
 
 
