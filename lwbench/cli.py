@@ -203,7 +203,7 @@ def cmd_sweep(args) -> int:
         statuses = sweep_status(args.file, args, _config, shard=args.shard)
         print(format_status(statuses))
         return 0 if all(s.state == "done" for s in statuses) else 1
-    failures = run_sweep(args.file, args, _config, shard=args.shard, phase=args.phase)
+    failures = run_sweep(args.file, args, _config, shard=args.shard, phase=args.phase, launcher=args.launcher)
     return 1 if failures else 0
 
 
@@ -396,6 +396,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=["all", "train", "measure"], default="all",
                    help="all (default): train every point, then evaluate and time them one at a time; train: the "
                         "first pass only (e.g. in parallel shards); measure: the second (run it alone, serially)")
+    g = p.add_argument_group("launching (--launcher submitit: one job per missing point; the sweep file's "
+                             "launch: section sets the same keys)")
+    g.add_argument("--launcher", default="local", help="local (default: this process, point after point) | "
+                   "submitit (SLURM where sbatch exists, else submitit's local executor)")
+    g.add_argument("--slurm-partition", help="SLURM partition of the jobs")
+    g.add_argument("--gpus-per-job", type=int, help="GPUs per job (default 0)")
+    g.add_argument("--cpus-per-job", type=int, help="CPU cores per job")
+    g.add_argument("--timeout-min", type=int, help="time limit of each job in minutes (default 240)")
+    g.add_argument("--slurm-array-parallelism", type=int,
+                   help="jobs running at once (default 8; SLURM's array limit, a window on the local executor)")
+    g.add_argument("--slurm-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. constraint=a100 or account=myproj (repeatable)")
     p.add_argument("--status", action="store_true",
                    help="run nothing: list every point as done / running / failed (its error line) / pending; "
                         "exit 0 only when all are done")

@@ -38,10 +38,11 @@ from typing import Any
 
 from lwbench.config import load_yaml
 from lwbench.errors import ConfigError, LwbenchError, UnknownNameError
+from lwbench.launch import LAUNCHERS, check_launch_section
 from lwbench.paths import results_dir
 from lwbench.sweep_status import attempt
 
-SWEEP_KEYS = ("profile", "source", "tasks", "seeds", "methods", "set", "regimes")
+SWEEP_KEYS = ("profile", "source", "tasks", "seeds", "methods", "set", "regimes", "launch")
 SWEEP_REGIMES = ("auto", "off_the_shelf", "finetuned")
 PHASES = ("all", "train", "measure")
 SWEEP_SOURCES = ("auto", "real", "synthetic")
@@ -260,6 +261,7 @@ def validate_sweep(spec: dict, path: str) -> dict:
     methods = _check_methods(spec.get("methods"), problems)
     sets = _check_set(spec.get("set"), problems)
     regimes = _check_regimes(spec.get("regimes"), problems)
+    launch = check_launch_section(spec.get("launch"), problems)
     _check_names(tasks, methods, problems)
     if problems:
         if len(problems) == 1:
@@ -271,7 +273,7 @@ def validate_sweep(spec: dict, path: str) -> dict:
             lines.append(f"  ... and {more} more")
         raise ConfigError("\n".join(lines))
     return {"profile": profile, "source": source, "tasks": tasks, "seeds": seeds, "methods": methods, "set": sets,
-            "regimes": regimes}
+            "regimes": regimes, "launch": launch}
 
 
 def _check_regimes(value: Any, problems: list[str]) -> list[str]:
@@ -363,7 +365,7 @@ def _sweep_requests(path: str, args, make_request, shard: str | None = None):
     if span:
         i, n = span
         points = points[i::n]
-    return args, points
+    return args, points, spec
 
 
 def point_name(req) -> str:
@@ -375,7 +377,7 @@ def sweep_status(path: str, args, make_request, shard: str | None = None):
     from lwbench.results import ResultStore
     from lwbench.sweep_status import PointStatus, point_status
 
-    _, points = _sweep_requests(path, args, make_request, shard)
+    _, points, _ = _sweep_requests(path, args, make_request, shard)
     stores: dict = {}
     out = []
     for req in points:
@@ -390,17 +392,34 @@ def sweep_status(path: str, args, make_request, shard: str | None = None):
     return out
 
 
-def run_sweep(path: str, args, make_request, shard: str | None = None, phase: str = "all") -> list[tuple[str, str]]:
+def run_sweep(path: str, args, make_request, shard: str | None = None, phase: str = "all",
+              launcher: str = "local") -> list[tuple[str, str]]:
     """Run every point; return the failures as (point, one-line reason).
 
     ``phase`` ``train`` trains every point's stages (cached), ``measure`` evaluates, times and writes each row
-    (training what is still missing), ``all`` (default) does the first pass over every point, then the second."""
+    (training what is still missing), ``all`` (default) does the first pass over every point, then the second.
+    ``launcher`` ``submitit`` runs each missing point as one job instead (:mod:`lwbench.launch`)."""
     from lwbench.runner import run, train_only
 
     if phase not in PHASES:
         raise ConfigError(f"--phase must be one of {', '.join(PHASES)}, not '{phase}'")
+    if launcher not in LAUNCHERS:
+        close = difflib.get_close_matches(str(launcher), LAUNCHERS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, not '{launcher}'{hint}")
 
-    args, points = _sweep_requests(path, args, make_request, shard)
+    args, points, spec = _sweep_requests(path, args, make_request, shard)
+    if launcher == "submitit":
+        from lwbench.launch import options_from, submit_sweep
+
+        if phase != "all":
+            raise ConfigError("--phase is for local sweeps; with --launcher submitit every job trains and measures "
+                              "its own point")
+        t0 = time.perf_counter()
+        failures = submit_sweep(points, options_from(spec["launch"], args),
+                                plugins=tuple(getattr(args, "plugin", None) or ()))
+        _summary(len(points), failures, t0)
+        return failures
     failures: dict[str, str] = {}
     t0 = time.perf_counter()
     passes = [("train", train_only), ("measure", run)] if phase == "all" else \
@@ -428,9 +447,12 @@ def run_sweep(path: str, args, make_request, shard: str | None = None, phase: st
                 if getattr(args, "debug", False):
                     traceback.print_exc()
     failures = list(failures.items())
+    _summary(len(points), failures, t0)
+    return failures
+
+
+def _summary(n: int, failures: list[tuple[str, str]], t0: float) -> None:
     mins = (time.perf_counter() - t0) / 60
-    ok = len(points) - len(failures)
-    print(f"lwbench: sweep done: {ok}/{len(points)} points ok in {mins:.1f} min", file=sys.stderr)
+    print(f"lwbench: sweep done: {n - len(failures)}/{n} points ok in {mins:.1f} min", file=sys.stderr)
     for name, why in failures:
         print(f"  failed: {name}: {why}", file=sys.stderr)
-    return failures

@@ -1,0 +1,89 @@
+"""``lwbench sweep --launcher submitit``: every missing point one job (submitit's local executor here, the code
+path SLURM takes too), a limit on jobs at once, a killed job reported and recovered, bad launch options refused."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_cli import TINY
+from test_sweep import _status
+
+from lwbench.cli import main
+
+pytest.importorskip("submitit")
+
+
+def _rows(results: Path) -> list[Path]:
+    return [p for p in results.glob("*/*/*.json") if not p.name.startswith(".")]
+
+
+def test_submitit_sweep_runs_every_point_as_a_job_two_at_a_time(tmp_path, capsys):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  random: [k=3, k=4, k=6]\n")
+    results = Path(os.environ["LWBENCH_RESULTS"])
+    assert main(["sweep", str(sweep), "--launcher", "submitit", "--slurm-array-parallelism", "2", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "submitting 3 job(s)" in err and err.count("lwbench: sweep: done random") == 3
+    # the window: the third job is submitted only after one of the first two has ended
+    lines = [ln for ln in err.splitlines() if "submitted random" in ln or "done random" in ln]
+    assert [("submitted" in ln) for ln in lines[:3]] == [True, True, False]
+    assert len(_rows(results)) == 3
+    assert len(list((results / ".sweep" / "jobs").glob("*/*_log.out"))) == 3  # one log per job
+    rc, status = _status(sweep, capsys)
+    assert rc == 0 and {s[0] for s in status.values()} == {"done"}
+    # re-submitted: nothing is missing, no job
+    assert main(["sweep", str(sweep), "--launcher", "submitit", *TINY]) == 0
+    assert "3 done already, 0 refused, submitting 0 job(s)" in capsys.readouterr().err
+
+
+def test_a_killed_job_is_reported_and_the_resubmitted_sweep_recovers(tmp_path, capsys, monkeypatch):
+    plugin = tmp_path / "killed_once.py"
+    plugin.write_text(textwrap.dedent('''
+        import os, signal
+        from pathlib import Path
+        from lwbench.registry import register_method
+        from lwbench.methods.random import RandomPatches
+
+        @register_method("killed_once")
+        class KilledOnce(RandomPatches):
+            """random, but its first build ever is killed (kill -9), as by the OOM killer or a job's time limit."""
+            def build(self, vit):
+                flag = Path(os.environ["KILL_FLAG"])
+                if not flag.exists():
+                    flag.write_text("killed")
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return super().build(vit)
+    '''))
+    monkeypatch.setenv("KILL_FLAG", str(tmp_path / "flag"))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  killed_once: [k=3]\n  random: [k=3]\n")
+    argv = ["sweep", str(sweep), "--launcher", "submitit", "--plugin", str(plugin), *TINY]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "FAILED killed_once k=3" in err and "(log: " in err and "done random k=3" in err
+    capsys.readouterr()
+    assert main(["sweep", str(sweep), "--status", "--plugin", str(plugin), *TINY]) == 1
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("failed") and "killed_once" in ln)
+    assert "killed, out of memory or out of time" in line and "log: " in line and "_log.out" in line
+    assert main(argv) == 0  # re-submitted: only the missing point runs, and now it lives
+    assert "1 done already, 0 refused, submitting 1 job(s)" in capsys.readouterr().err
+    assert main(["sweep", str(sweep), "--status", "--plugin", str(plugin), *TINY]) == 0
+
+
+def test_bad_launch_options_are_refused_before_any_job(tmp_path, capsys):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  random: [k=3]\n")
+    assert main(["sweep", str(sweep), "--launcher", "slurmm", *TINY]) == 2
+    assert "--launcher must be one of local, submitit" in capsys.readouterr().err
+    assert main(["sweep", str(sweep), "--launcher", "submitit", "--slurm-opt", "nodashes", *TINY]) == 2
+    assert "--slurm-opt must be key=value" in capsys.readouterr().err
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  random: [k=3]\n"
+                     "launch: {gpus: 1, timeout_min: 0}\n")
+    assert main(["sweep", str(sweep), "--launcher", "submitit", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "launch: unknown key 'gpus'" in err and "timeout_min must be a whole number >= 1" in err
+    assert not _rows(Path(os.environ["LWBENCH_RESULTS"]))
