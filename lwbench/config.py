@@ -88,6 +88,9 @@ ATTN_QUERIES = ("patch", "cls")
 REGIMES = ("auto", "off_the_shelf", "finetuned")
 POOLS = ("token", "max", "avg", "token+max")
 DTYPES = ("float32", "bfloat16", "float16")
+# torch.compile modes of the timed model ("none": eager). Compiled and eager timings are different numbers: the
+# mode is a row column, in the run id when not "none", and plots split lines by it.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 # float16 autocast is not offered: training under it needs a gradient scaler, and bfloat16 is the CPU's fast path.
 AUTOCAST = ("none", "bfloat16")
 
@@ -156,6 +159,9 @@ class MeasureConfig:
     min_runs: int = option(10, "timed measurements of latency (throughput: min(min_runs, 5))", min=1)
     memory_batch: int = option(1, "batch size of the peak-memory forward", min=1)
     dtype: str = option("float32", "inference dtype of the timed model", choices=DTYPES)
+    compile: str = option("none", "torch.compile mode of the timed model: none (eager), default, reduce-overhead "
+                          "or max-autotune; accuracy and MACs stay eager. Part of the run id only when not none",
+                          choices=COMPILE_MODES)
     isolate: bool = option(True, "time in a fresh subprocess (peak memory of this model alone)")
     flops_images: int = option(4, "test images the GMACs are averaged over (batch 1 each)", min=1)
     counter: str = option("fvcore", "MAC counter reported", choices=("fvcore", "torch"))

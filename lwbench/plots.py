@@ -129,6 +129,9 @@ def _replicate_keys(d: pd.DataFrame) -> pd.Series:
     return rid.where(ok, own).astype(str)
 
 
+TIMING_MODE = ("compile", "autocast", "device", "threads")
+
+
 def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
     """One point per replicate group: rows that differ only in their seed (same ``replicate_id``) are averaged.
 
@@ -141,9 +144,12 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
 
     d = d.copy()
     label = d["method"].astype(str)
-    for col in ("backbone", "profile", "img_size"):
-        if col in d.columns and d[col].nunique() > 1:
-            label = label + " · " + d[col].astype(str)
+    # Timings taken compiled and eager, in another precision or on another device are different measurements:
+    # on a timing axis they are never averaged or joined into one line, each is its own line, named.
+    timing = TIMING_MODE if x in ("latency_ms", "throughput") else ()
+    for col in ("backbone", "profile", "img_size", *timing):
+        if col in d.columns and d[col].astype(str).nunique() > 1:
+            label = label + " · " + (f"{col} " if col in timing else "") + d[col].astype(str)
     if "regime" in d.columns:  # never mix regimes silently: off-the-shelf rows are their own (dashed) lines
         label = label.where(d["regime"] != "off_the_shelf", label + " " + OFF_THE_SHELF)
     d["_line"] = label

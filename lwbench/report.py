@@ -60,7 +60,8 @@ def provenance(rows: list[dict[str, Any]]) -> str:
     lines = [
         f"- machine: {one('device')} {one('device_name')}, {one('cpu_count')} logical CPUs; "
         f"torch {one('torch_version')}, timm {one('timm_version')}",
-        f"- timing: {one('threads')} thread(s), dtype {one('dtype')}, attention {one('attention_backend')}, "
+        f"- timing: {one('threads')} thread(s), dtype {one('dtype')}, autocast {one('autocast')}, "
+        f"torch.compile {one('compile')}, attention {one('attention_backend')}, "
         f"batch 1 latency and batch {one('throughput_batch')} throughput, each point alone in a fresh process",
         f"- lwbench commit(s): {one('git_sha')} (uncommitted changes: {one('git_dirty')})",
         f"- teacher(s): {one('teacher_id')}, {one('teacher_steps')} steps; fine-tuning recipe(s): "

@@ -108,6 +108,9 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("cpu_count", "int", "logical CPUs of the machine"),
     ("dtype", "str", "inference dtype of the timed model ('float32', 'bfloat16', ...)"),
     ("autocast", "str", "mixed precision of the run's training, evaluation and timing: 'none' or 'bfloat16'"),
+    ("compile", "str", "torch.compile mode of the timed calls: 'none' (eager), 'default', 'reduce-overhead' or "
+                       "'max-autotune'; accuracy and MACs are always eager"),
+    ("compile_time_s", "float", "seconds torch.compile took before timing (NaN when eager)"),
     ("attention_backend", "str", "fused-attention kernel available (SDPA flash/mem-efficient/math)"),
     ("torch_version", "str", "torch.__version__"),
     ("timm_version", "str", "timm.__version__"),

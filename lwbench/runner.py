@@ -71,7 +71,7 @@ def check_writable(folder: Path, what: str) -> Path:
 
 # Settings added after rows and teachers existed, with the value that reproduces those: left out of the ids while
 # they hold it, so every earlier run id and teacher id (and the teachers lwbench ships) stay valid.
-_NEUTRAL = {"autocast": "none"}
+_NEUTRAL = {"autocast": "none", "compile": "none"}
 
 
 def _neutral(d: dict) -> dict:
@@ -132,6 +132,7 @@ class Plan:
         )
         d = _neutral(d)
         d["teacher"] = _neutral(d["teacher"])
+        d["measure"] = _neutral(d["measure"])
         return d
 
     def effort(self) -> dict[str, Any]:

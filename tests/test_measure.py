@@ -151,3 +151,36 @@ def test_git_info_is_none_outside_a_checkout(monkeypatch, tmp_path):
         assert git_info() == {"git_sha": None, "git_dirty": None}
     finally:
         git_info.cache_clear()
+
+
+def test_compiled_timing_is_its_own_measurement(monkeypatch):
+    """measure.compile: the timed model is torch.compile'd after the (eager) memory pass and compiled for both
+    timed shapes before any timed call; its compile time is reported apart, and eager runs never touch it."""
+    calls = []
+    real = torch.compile
+
+    def spy(model, mode=None, **kw):
+        calls.append(mode)
+        return real(model, mode=mode, backend="eager", **kw)  # dynamo's graph capture without a C++ build
+
+    monkeypatch.setattr(torch, "compile", spy)
+    model = create_backbone("lw_vit_test_p8", 32)
+    eager = measure_all(model, _images(2, 32), "cpu", threads=1, throughput_batch=2, **FAST)
+    assert calls == [] and "compile_time_s" not in eager
+    r = measure_all(model, _images(2, 32), "cpu", threads=1, throughput_batch=2, compile="max-autotune", **FAST)
+    assert calls == ["max-autotune"] and r["compile_time_s"] > 0 and r["latency_ms"] > 0 and r["throughput"] > 0
+    measure_all(model, _images(2, 32), "cpu", threads=1, throughput_batch=2, compile="default", **FAST)
+    assert calls[-1] is None  # torch.compile's own default mode
+
+
+def test_compile_mode_enters_the_run_id_only_when_set():
+    from lwbench.config import resolve_config
+    from lwbench.runner import Plan
+
+    def rid(*sets):
+        return Plan(resolve_config("full", "traffic_signs", None, profile="quick", sets=list(sets))).run_id
+
+    assert rid() == rid("measure.compile=none")  # every row before the option existed keeps its id
+    assert rid("measure.compile=default") != rid() != rid("measure.compile=max-autotune")
+    with pytest.raises(Exception, match="compile"):
+        rid("measure.compile=fast")

@@ -243,3 +243,16 @@ def test_unequal_effort_is_said_on_the_figure():
     assert "not equal-effort: lookwhere trained on top of the teacher, random, tome not" in title
     two = same.assign(teacher_id=["t1" if m == "tome" else "t0" for m in same["method"]])
     assert "not equal-effort: 2 different teachers" in pareto_figure(two, "traffic_signs")._suptitle.get_text()
+
+
+def test_compiled_and_eager_timings_are_separate_lines_on_a_timing_axis():
+    from lwbench.plots import _aggregate
+
+    base = {"method": "full", "budget": "-", "metric": "top1", "metric_value": 90.0, "gmacs": 1.0, "seed": 0,
+            "autocast": "none", "device": "cpu", "threads": 2}
+    df = pd.DataFrame([{**base, "compile": "none", "latency_ms": 10.0, "replicate_id": "a"},
+                       {**base, "compile": "max-autotune", "latency_ms": 6.0, "replicate_id": "b"}])
+    lines = set(_aggregate(df, "latency_ms")["line"])
+    assert lines == {"full · compile none", "full · compile max-autotune"}
+    with pytest.warns(UserWarning, match="2 different configs"):  # one line, two points, named in a notice
+        assert set(_aggregate(df, "gmacs")["line"]) == {"full"}  # MACs do not depend on how calls were timed

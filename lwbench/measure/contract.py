@@ -67,6 +67,8 @@ class Measurement(FlopCount):
     machine_busy: bool = False
     dtype: str = "float32"
     autocast: str = "none"
+    compile: str = "none"
+    compile_time_s: float = math.nan
     threads: int = 0
     device: str = "cpu"
     attention_backend: str = ""
@@ -185,7 +187,8 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
         isolation_error=str(t.get("isolation_error", "")),
         measure_warmup=int(cfg.warmup), measure_min_run_time=float(cfg.min_run_time),
         measure_min_runs=int(cfg.min_runs), memory_batch=int(cfg.memory_batch), other_load=load.cores,
-        machine_busy=busy, dtype=cfg.dtype, autocast=autocast,
+        machine_busy=busy, dtype=cfg.dtype, autocast=autocast, compile=cfg.compile,
+        compile_time_s=float(t.get("compile_time_s", math.nan)),
         threads=int(threads), device=device, attention_backend=attention_backend(device),
     )
 

@@ -72,6 +72,7 @@ class MeasureOptions:
         min_runs: latency measurements (throughput takes ``min(min_runs, 5)``).
         dtype: one of float32, float16, bfloat16.
         memory_batch: batch size of the memory pass.
+        compile: torch.compile mode of the timed calls ("none": eager); see :func:`measure_all`.
     """
 
     device: str = "cpu"
@@ -83,6 +84,7 @@ class MeasureOptions:
     min_runs: int = _PROTOCOL.min_runs
     dtype: str = _PROTOCOL.dtype
     memory_batch: int = _PROTOCOL.memory_batch
+    compile: str = _PROTOCOL.compile
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -135,12 +137,33 @@ def measure_all(model: nn.Module, images: torch.Tensor, device: str | torch.devi
     model = model.eval().to(device=dev, dtype=_dtype(o.dtype))
     out: dict[str, Any] = {"device": dev.type, "threads": o.threads, "dtype": o.dtype}
     out.update(measure_memory(model, images, dev, batch_size=o.memory_batch))
+    if o.compile != "none":  # after the memory pass: compiling's own allocations are not the model's
+        model, out["compile_time_s"] = _compiled(model, images, dev, o)
     kw = dict(threads=o.threads, warmup=o.warmup, min_run_time=o.min_run_time)
     out.update(measure_latency(model, images, dev, min_runs=o.min_runs, **kw))
     # A big batch on CPU takes seconds per call: a median of 5 calls is enough there.
     out.update(measure_throughput(model, images, dev, batch_size=o.throughput_batch, min_runs=min(o.min_runs, 5),
                                   **kw))
     return out
+
+
+def _compiled(model: nn.Module, images: torch.Tensor, dev: torch.device, o: MeasureOptions):
+    """``torch.compile(model, mode=o.compile)``, compiled for both timed shapes (batch 1 and the throughput batch)
+    by one untimed call each, so that no timed call (nor the warm-up that sizes the timing) pays for compiling.
+    Returns the model and the seconds compiling took."""
+    import torch
+
+    from lwbench.measure.latency import _fill_batch
+
+    compiled = torch.compile(model, mode=None if o.compile == "default" else o.compile)
+    t0 = time.perf_counter()
+    x = images.to(dev, _dtype(o.dtype))
+    with torch.inference_mode():
+        compiled(x[:1])
+        compiled(_fill_batch(x, o.throughput_batch))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return compiled, time.perf_counter() - t0
 
 
 def _child_env(threads: int) -> dict[str, str]:
