@@ -128,10 +128,11 @@ def cmd_run(args) -> int:
         for cfg in cfgs:
             _show_config(cfg)
         return 0
-    rows = [run(cfg) for cfg in cfgs]
+    rows = [r for r in (run(cfg) for cfg in cfgs) if r]  # under torchrun only rank 0 has rows
     import pandas as pd
 
-    print(format_results(pd.DataFrame(rows), "table"))
+    if rows:
+        print(format_results(pd.DataFrame(rows), "table"))
     return 0
 
 

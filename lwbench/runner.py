@@ -10,6 +10,7 @@ config, the weights and the data by content, minus :data:`lwbench.results.HASH_E
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -191,8 +192,11 @@ def build_teacher(plan: Plan, lock: bool = True):
 def run(cfg: RunConfig) -> dict:
     """Run one point and return its row (the existing row if the run id is done and not ``cfg.force``)."""
     from lwbench.results import ResultStore
+    from lwbench.training.distributed import init_from_env, is_main
 
     plan = Plan(cfg)
+    if init_from_env(plan.device) > 1 and not is_main():  # under torchrun: train with rank 0, then stop
+        plan = Plan(dataclasses.replace(cfg, quiet=True))
     store = ResultStore(Path(cfg.results) if cfg.results else results_dir())
     if store.has(plan.run_id) and not cfg.force:
         log.info("%s %s on %s: already done (run %s); use --force to rerun", plan.method.name,
@@ -207,6 +211,8 @@ def run(cfg: RunConfig) -> dict:
 
     t0 = time.perf_counter()
     model, teacher_time, stage_times = fit_method(plan)
+    if not is_main():  # rank 0 alone evaluates, times and writes the row
+        return {}
 
     t2 = time.perf_counter()
     metrics = evaluate(plan, model)
@@ -232,8 +238,10 @@ def train_only(cfg: RunConfig) -> bool:
     so that its timing pass runs one point at a time on a machine no training shares. False when the point's
     row already exists (nothing to do)."""
     from lwbench.results import ResultStore
+    from lwbench.training.distributed import init_from_env
 
     plan = Plan(cfg)
+    init_from_env(plan.device)
     store = ResultStore(Path(cfg.results) if cfg.results else results_dir())
     if store.has(plan.run_id) and not cfg.force:
         return False

@@ -41,6 +41,7 @@ from torch import nn
 from lwbench.errors import CheckpointError, TrainingError
 from lwbench.locks import stage_lock
 from lwbench.paths import temp_beside, write_text_atomic
+from lwbench.training.distributed import agree, any_rank, average_gradients, barrier, shard
 
 DONE = "done.json"
 STATE = "state.json"
@@ -397,7 +398,8 @@ def train_loop(
         # Rank 0 alone: other DDP ranks wait for it in the gradient all-reduce, not on the lock.
         lock = stage_lock(ckpt_dir, desc, quiet=quiet) if is_main_process() else contextlib.nullcontext()
     with lock:
-        if ckpt_dir is not None and is_finished(ckpt_dir, steps):  # e.g. by the process this one waited for
+        # Under torchrun rank 0 decides, under its lock, for every rank (lwbench/training/distributed.py).
+        if agree(ckpt_dir is not None and is_finished(ckpt_dir, steps)):  # e.g. by the process this one waited for
             if load_checkpoint(model, ckpt_dir) is None:
                 raise damaged(ckpt_dir / STATE, f"missing although {DONE} says the stage is finished")
             return model.to(device).eval()
@@ -432,6 +434,7 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
                 if not quiet:
                     log.info("resuming %s from step %d/%d (%s)", desc, start, steps, ckpt_dir)
     writer = is_main_process()
+    world = _world_size()
     model.train()
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=quiet or not sys.stderr.isatty(),
                dynamic_ncols=True, file=sys.stderr)
@@ -443,14 +446,17 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_mult", 1.0)
         images, targets = next(batches)
+        if world > 1:  # this rank's share of the global batch
+            images, targets = shard(images, f"{desc}: batch"), shard(targets, f"{desc}: batch")
         with autocast_ctx(device, autocast):
             loss, logs = loss_fn(model, to_device(images, device), to_device(targets, device))
         loss = loss.float()
-        if not torch.isfinite(loss):
+        if any_rank(not bool(torch.isfinite(loss))):  # under torchrun every rank stops, not only the NaN one
             bar.close()
             raise TrainingError(_nan_message(desc, loss.item(), step, ckpt_dir, lr_key))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)  # no-op in one process
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, float(grad_clip))
         opt.step()
@@ -474,6 +480,7 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
         write_text_atomic(ckpt_dir / DONE, json.dumps({"steps": steps, "elapsed_s": total}))
         for name in (OPTIM, RESUME):  # only needed to resume; a finished stage is reused, not resumed
             (ckpt_dir / name).unlink(missing_ok=True)
+    barrier()  # no rank reads the stage before rank 0 has written it
     model.eval()
     return model
 

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 
 from lwbench.attention import BlockInputs
 from lwbench.config import TeacherConfig
+from lwbench.training.distributed import mean_over_ranks
 from lwbench.training.loop import (
     EpochStream,
     check_weights,
@@ -99,11 +100,11 @@ def attention_object_loss(logits: torch.Tensor, cells: torch.Tensor) -> torch.Te
     (``cells > 0``) as a uniform distribution; 0 (with a graph) when no image has one."""
     obj = (cells > 0).to(logits.dtype)
     has = obj.sum(1) > 0
-    if not bool(has.any()):
-        return logits.sum() * 0
     m = obj[has] / obj[has].sum(1, keepdim=True)
     logp = F.log_softmax(logits[has].float(), dim=1)
-    return (m * (torch.log(m.clamp_min(1e-12)) - logp)).sum(1).mean()
+    per_image = (m * (torch.log(m.clamp_min(1e-12)) - logp)).sum(1)
+    mean, n = mean_over_ranks(per_image)  # over every rank's images under torchrun
+    return mean if n else logits.sum() * 0
 
 
 class DenseTrainer(nn.Module):
@@ -129,9 +130,12 @@ class DenseTrainer(nn.Module):
         if weight > 0:
             per_cell = F.cross_entropy(self.cells(out.patches).flatten(0, 1), cells.flatten(), reduction="none")
             obj = cells.flatten() > 0
-            dense = per_cell[~obj].mean() if bool((~obj).any()) else per_cell.sum() * 0
-            if bool(obj.any()):  # objects and background weigh the same, however small the objects are
-                dense = 0.5 * dense + 0.5 * per_cell[obj].mean()
+            # Means over the whole global batch under torchrun (mean_over_ranks); in one process plain means.
+            background, n_bg = mean_over_ranks(per_cell[~obj])
+            objects, n_obj = mean_over_ranks(per_cell[obj])
+            dense = background if n_bg else per_cell.sum() * 0
+            if n_obj:  # objects and background weigh the same, however small the objects are
+                dense = 0.5 * dense + 0.5 * objects
             loss = loss + weight * dense
             stats["dense"] = dense.item()
         if self.attn_weight > 0:
