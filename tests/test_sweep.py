@@ -230,3 +230,17 @@ def test_file_set_applies_to_every_point_and_the_command_line_wins(tmp_path, run
     assert [(r.task, r.sets) for r in runs] == [(t, ("teacher.steps=9", "eval.limit=4", "teacher.steps=2"))
                                               for t in ("traffic_signs", "billiards")]
     assert args.set == ["teacher.steps=2"]  # the caller's namespace is left alone
+
+
+def test_every_shipped_sweep_file_is_valid():
+    """configs/sweeps/*.yaml: each one passes the checks a user's run would hit first (names, budgets, launch)."""
+    from lwbench.config import load_yaml
+
+    files = sorted((Path(__file__).parents[1] / "configs" / "sweeps").glob("*.yaml"))
+    assert {f.name for f in files} >= {"quick.yaml", "paper.yaml"}
+    for f in files:
+        spec = validate_sweep(load_yaml(f), str(f))
+        assert spec["methods"] and spec["tasks"], f.name
+    paper = validate_sweep(load_yaml(files[[f.name for f in files].index("paper.yaml")]), "paper.yaml")
+    assert len(paper["methods"]) == 11 and len(paper["tasks"]) == 5 and paper["seeds"] == [0, 1, 2]
+    assert paper["launch"]["gpus_per_job"] == 1
