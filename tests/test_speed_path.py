@@ -141,8 +141,8 @@ def test_a_damaged_shipped_teacher_is_refused_and_trained_instead(tmp_path, monk
 def test_the_quick_profile_ships_its_current_teachers():
     """A config change that moves the quick teacher's id must ship the new teacher (benchmarks/shipped_teachers.py
     --write), or every newcomer silently trains for 25 minutes again."""
-    for task in ("traffic_signs",):
-        plan = Plan(resolve_config("lookwhere", task, None, profile="quick", sets=[]))
+    for task in ("traffic_signs", "billiards"):  # the two synthetic tasks of the quick sweep
+        plan = Plan(resolve_config("full", task, None, profile="quick", sets=[]))
         folder = shipping.shipped_folder(plan.teacher_id)
         assert folder is not None, f"no shipped teacher for {task} (id {plan.teacher_id})"
         meta = json.loads((folder / "shipped.json").read_text())
