@@ -193,7 +193,8 @@ def test_validate_normalises_and_is_idempotent():
     spec = validate_sweep({"tasks": "traffic_signs", "seeds": 3, "methods": {"full": "default", "random": "k=4"},
                            "set": "teacher.steps=4"}, "s.yaml")
     assert spec == {"profile": None, "source": None, "tasks": ["traffic_signs"], "seeds": [3],
-                    "methods": {"full": None, "random": ["k=4"]}, "set": ["teacher.steps=4"], "regimes": ["auto"]}
+                    "methods": {"full": None, "random": ["k=4"]}, "set": ["teacher.steps=4"], "regimes": ["auto"],
+                    "launch": {}}
     assert validate_sweep(spec, "s.yaml") == spec
 
 
