@@ -51,7 +51,7 @@ def run(task: str, method: str, budget: str | None, sets: list[str], results: Pa
 
 
 def newest(store, task: str, method: str, **equals):
-    rows = [r for r in store.rows(task=task, method=method, **equals)]
+    rows = store.rows(task=task, method=method, **equals)
     return max(rows, key=lambda r: r["created_at"]) if rows else None
 
 

@@ -104,13 +104,12 @@ def options_from(section: dict[str, Any], args) -> LaunchOptions:
     return base
 
 
-def run_point(req, plugins: tuple[str, ...] = ()) -> str:
+def run_point(req, plugins: tuple[str, ...] = ()) -> None:
     """One job: the point's training and measurement, as ``lwbench run`` does, under its attempt record.
-    Returns the run id. Runs in the job's own process (submitit pickles this function and ``req``)."""
+    Runs in the job's own process (submitit pickles this function and ``req``)."""
     from lwbench.registry import METHODS
-    from lwbench.runner import Plan, run
-    from lwbench.sweep import _results_of, point_name
-    from lwbench.sweep_status import attempt
+    from lwbench.runner import run
+    from lwbench.sweep import attempted
 
     for spec in plugins:  # a plugin's methods must be registered in the job's process too
         METHODS.load_module(spec)
@@ -120,10 +119,7 @@ def run_point(req, plugins: tuple[str, ...] = ()) -> str:
         os.environ.setdefault("LWBENCH_JOB_LOG", str(submitit.JobEnvironment().paths.stdout))
     except Exception:  # not inside a submitit job (tests call this directly): no log path to record
         pass
-    run_id = Plan(dataclasses.replace(req, quiet=True)).run_id
-    with attempt(_results_of(req), run_id, point_name(req), "job"):
-        run(req)
-    return run_id
+    attempted(req, "job", run)
 
 
 def _executor(folder: Path, options: LaunchOptions):

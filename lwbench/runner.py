@@ -194,9 +194,9 @@ def run(cfg: RunConfig) -> dict:
     from lwbench.results import ResultStore
     from lwbench.training.distributed import init_from_env, is_main
 
+    if init_from_env(resolve_device(cfg.device)) > 1 and not is_main():  # torchrun: train with rank 0, then stop
+        cfg = dataclasses.replace(cfg, quiet=True)
     plan = Plan(cfg)
-    if init_from_env(plan.device) > 1 and not is_main():  # under torchrun: train with rank 0, then stop
-        plan = Plan(dataclasses.replace(cfg, quiet=True))
     store = ResultStore(Path(cfg.results) if cfg.results else results_dir())
     if store.has(plan.run_id) and not cfg.force:
         log.info("%s %s on %s: already done (run %s); use --force to rerun", plan.method.name,

@@ -372,6 +372,13 @@ def point_name(req) -> str:
     return f"{req.method} {req.budget or '-'} {req.regime} on {req.task} (seed {req.seed})"
 
 
+def attempted(req, phase: str, step) -> None:
+    """``step(req)`` under the point's attempt record, so ``--status`` sees it running, failed or dead
+    (:mod:`lwbench.sweep_status`); the one way a local sweep and a submitit job both run a point."""
+    with attempt(_results_of(req), _run_id(req), point_name(req), phase):
+        step(req)
+
+
 def sweep_status(path: str, args, make_request, shard: str | None = None):
     """Every point's :class:`~lwbench.sweep_status.PointStatus`, in the sweep's order; reads, never runs."""
     from lwbench.results import ResultStore
@@ -436,8 +443,7 @@ def run_sweep(path: str, args, make_request, shard: str | None = None, phase: st
                 eta = f", eta ~{left / 60:.0f} min"
             print(f"lwbench: sweep {label} [{j}/{len(points)}{eta}] {name}", file=sys.stderr, flush=True)
             try:
-                with attempt(_results_of(req), _run_id(req), name, label):
-                    step(req)
+                attempted(req, label, step)
             except LwbenchError as exc:
                 failures[name] = str(exc)
                 print(f"lwbench: sweep: FAILED {name}: {exc}", file=sys.stderr)

@@ -54,13 +54,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _collective_int(value: int) -> torch.Tensor:
+    """A one-element int64 tensor on the device the process group's backend communicates from."""
+    return torch.tensor([int(value)], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+
+
 def agree(flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank (e.g. "this stage is already finished", decided under rank 0's lock)."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = _collective_int(flag)
     dist.broadcast(t, src=0)
     return bool(t.item())
 
@@ -88,9 +91,7 @@ def any_rank(flag: bool) -> bool:
     would wait in the next all-reduce forever)."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = _collective_int(flag)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -107,10 +108,9 @@ def mean_over_ranks(values: torch.Tensor) -> tuple[torch.Tensor, int]:
     world = world_size()
     if world == 1:  # exactly the one-process arithmetic (the shipped teachers are reproduced bit for bit)
         return (values.mean() if n else values.sum() * 0), n
-    if world > 1:
-        t = torch.tensor([n], dtype=torch.int64, device=values.device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t)
-        n = int(t.item())
+    t = _collective_int(n)
+    dist.all_reduce(t)
+    n = int(t.item())
     if n == 0:
         return values.sum() * 0, 0
     return values.sum() * (world / n), n

@@ -41,7 +41,7 @@ from torch import nn
 from lwbench.errors import CheckpointError, TrainingError
 from lwbench.locks import stage_lock
 from lwbench.paths import temp_beside, write_text_atomic
-from lwbench.training.distributed import agree, any_rank, average_gradients, barrier, shard
+from lwbench.training.distributed import agree, any_rank, average_gradients, barrier, is_main, shard, world_size
 
 DONE = "done.json"
 STATE = "state.json"
@@ -286,15 +286,7 @@ def _torch_load(file: Path, device: str = "cpu"):
 
 def is_main_process() -> bool:
     """False on DDP ranks other than 0: only rank 0 writes checkpoints (all ranks read them to resume)."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return is_main()
 
 
 def _atomic_checkpoint(model: nn.Module, opt: torch.optim.Optimizer | None, state: dict, ckpt_dir: Path,
@@ -352,7 +344,7 @@ def _restore(ckpt_dir: Path, start: int, loss_fn: Callable, batches: Iterator) -
         batches.load_state_dict(saved["batches"])
     elif callable(getattr(batches, "skip_to", None)):
         batches.skip_to(start)
-    if _world_size() > 1:
+    if world_size() > 1:
         return  # rank 0's RNG and loss state (k draws) are not the other ranks'
     torch.set_rng_state(saved["torch_rng"])
     cuda = saved.get("cuda_rng")
@@ -379,13 +371,17 @@ def train_loop(
     ckpt_every_s: float = 60.0,
     lr_key: str | None = None,
     autocast: str = "none",
+    data_parallel: bool = True,
 ) -> nn.Module:
     """Train ``model`` in place for ``steps`` optimizer steps; see the module docstring for guarantees.
 
     ``batches`` yields ``(images, targets)``; with ``state_dict``/``load_state_dict`` (:class:`EpochStream`)
     its position is checkpointed, and so is ``loss_fn``'s if it has them (LookWhere's k draws).
     ``lr_key`` is the setting that holds ``lr`` (e.g. ``teacher.lr``), named by the NaN error. ``autocast``
-    (:mod:`lwbench.precision`) wraps each forward and loss; the backward and the optimizer step stay float32."""
+    (:mod:`lwbench.precision`) wraps each forward and loss; the backward and the optimizer step stay float32.
+    Under torchrun, ``data_parallel`` (default) means ``batches`` yields the global batch: each rank trains on its
+    share and the gradients are averaged here (:mod:`lwbench.training.distributed`). ``False`` is for a caller
+    that already feeds every rank its own batches to a DDP-wrapped model, as ``lwbench pretrain lookwhere`` does."""
     model.to(device)
     groups = param_groups(list(params if params is not None else model.parameters()), weight_decay)
     params = [p for g in groups for p in g["params"]]
@@ -404,7 +400,7 @@ def train_loop(
                 raise damaged(ckpt_dir / STATE, f"missing although {DONE} says the stage is finished")
             return model.to(device).eval()
         return _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckpt_dir, device, desc,
-                      quiet, grad_clip, ckpt_every_s, lr_key, autocast)
+                      quiet, grad_clip, ckpt_every_s, lr_key, autocast, data_parallel)
 
 
 def is_finished(ckpt_dir: Path, steps: int) -> bool:
@@ -414,7 +410,7 @@ def is_finished(ckpt_dir: Path, steps: int) -> bool:
 
 
 def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckpt_dir, device, desc, quiet,
-           grad_clip, ckpt_every_s, lr_key, autocast="none") -> nn.Module:
+           grad_clip, ckpt_every_s, lr_key, autocast="none", data_parallel=True) -> nn.Module:
     from tqdm.auto import tqdm
 
     from lwbench.precision import autocast as autocast_ctx
@@ -434,7 +430,7 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
                 if not quiet:
                     log.info("resuming %s from step %d/%d (%s)", desc, start, steps, ckpt_dir)
     writer = is_main_process()
-    world = _world_size()
+    shares = data_parallel and world_size() > 1  # this rank trains on its share of each global batch
     model.train()
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=quiet or not sys.stderr.isatty(),
                dynamic_ncols=True, file=sys.stderr)
@@ -446,7 +442,7 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_mult", 1.0)
         images, targets = next(batches)
-        if world > 1:  # this rank's share of the global batch
+        if shares:
             images, targets = shard(images, f"{desc}: batch"), shard(targets, f"{desc}: batch")
         with autocast_ctx(device, autocast):
             loss, logs = loss_fn(model, to_device(images, device), to_device(targets, device))
@@ -456,7 +452,8 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
             raise TrainingError(_nan_message(desc, loss.item(), step, ckpt_dir, lr_key))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(params)  # no-op in one process
+        if shares:
+            average_gradients(params)
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, float(grad_clip))
         opt.step()

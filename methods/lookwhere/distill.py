@@ -14,7 +14,6 @@ restricted to patches, computed on the side of the teacher's ordinary fused forw
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -98,10 +97,5 @@ class WhatWhereLoss:
         l_patch = F.mse_loss(s_dense, t_patches)
         l_map = where_kl(t_attn, where_map)
         loss = l_cls + l_patch + self.kl_weight * l_map
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # A NaN on one rank must stop every rank, or the others would hang in the gradient all-reduce.
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-            dist.all_reduce(bad)
-            if bad.item() > 0:
-                loss = loss * float("nan")
+        # A NaN on one rank stops every rank: train_loop checks the loss on all of them (training/distributed.py).
         return loss, {"cls": l_cls.item(), "patch": l_patch.item(), "kl": l_map.item(), "k": k}

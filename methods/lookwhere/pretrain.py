@@ -161,7 +161,8 @@ def pretrain(teacher_name: str, data: str, out_dir: str | Path | None = None, st
                              "lr": lr, "steps": steps, "teacher_weights": str(teacher_weights)})
         train_loop(encoder, loss, _batches(ds, batch_size, world, rank, seed, workers), steps=steps, lr=lr,
                    weight_decay=weight_decay, warmup_steps=warmup_steps, ckpt_dir=out, device=device,
-                   desc="lookwhere-distill", quiet=quiet or rank > 0, grad_clip=grad_clip)
+                   desc="lookwhere-distill", quiet=quiet or rank > 0, grad_clip=grad_clip,
+                   data_parallel=False)  # per-rank batches (DistributedSampler), gradients synchronised by DDP
         if world > 1:
             dist.barrier()  # rank 0 has written the final checkpoint when every rank returns
         return out
