@@ -229,8 +229,11 @@ def _resample_to(model: VisionTransformer, sd: dict) -> dict:
 
 def load_backbone_weights(model: VisionTransformer, weights, strict: bool = True) -> None:
     """Load a timm-format ViT state dict (file or dict), resampling position embeddings (:func:`resample_pos_embed`)."""
+    from lwbench.checkpoints import to_timm_layout
+
     sd = read_state_dict(weights) if not isinstance(weights, dict) else weights
-    sd = _resample_to(model, dict(sd))
+    sd = to_timm_layout(dict(sd), model)  # HF Dinov2Model / ViTModel, original DINOv2 -> timm keys; variant check
+    sd = _resample_to(model, sd)
     sd = {k: v for k, v in checkpoint_filter_fn(dict(sd), model).items() if not k.startswith("head.")}
     own = model.state_dict()
     missing = sorted(k for k in own if k not in sd and not k.startswith("head."))
