@@ -161,6 +161,7 @@ TASKS: Registry = Registry(
         "imagenet": "lwbench.tasks.imagenet:ImageNet",
         "cub": "lwbench.tasks.cub:CUB",
         "ade20k": "lwbench.tasks.ade20k:ADE20K",
+        "image_folder": "lwbench.tasks.image_folder:ImageFolderTask",
     },
 )
 

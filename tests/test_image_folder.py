@@ -1,0 +1,88 @@
+"""The ``image_folder`` task: a user's images in the ImageFolder layout, any size, every method."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import make_imagenet
+from PIL import Image
+
+from lwbench.cli import main
+from lwbench.errors import DataError, DataNotFoundError
+from lwbench.registry import get_task
+
+TINY = ["--backbone", "lw_vit_test_p8", "--set", "teacher.steps=2", "--set", "teacher.batch_size=4",
+        "--set", "train.steps=1", "--set", "train.batch_size=4", "--set", "measure.min_run_time=0.05",
+        "--set", "measure.throughput_batch=2", "--set", "measure.warmup=1", "--set", "measure.flops_images=1",
+        "--set", "measure.isolate=false", "--set", "methods.lookwhere.distill.steps=1",
+        "--set", "methods.lookwhere.distill.batch_size=4", "--set", "methods.lookwhere.finetune.steps=1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three classes of flowers-style names (not ImageNet wnids), with a test/ split beside val/."""
+    root = make_imagenet(tmp_path_factory.mktemp("imgs") / "mine", classes=3, per_class=4, val_per_class=2)
+    for split in ("train", "val"):
+        for i, wnid in enumerate(sorted(os.listdir(root / split))):
+            os.rename(root / split / wnid, root / split / ["daisy", "rose", "tulip"][i])
+    return root
+
+
+def test_reads_the_layout_at_any_size(folder):
+    task = get_task("image_folder")(source="real", data_root=folder, img_size=(48, 80))
+    assert task.classes == ("daisy", "rose", "tulip") and task.num_classes == 3
+    x, y = task.dataset("train", train=True)[0]
+    assert x.shape == (3, 48, 80) and y == 0
+    assert len(task.dataset("test")) == len(task.dataset("val")) == 6  # no test/: test is val
+    sq = get_task("image_folder")(source="real", data_root=folder, img_size=(48, 80), resize="squash")
+    xs, _ = sq.dataset("val")[0]
+    assert xs.shape == (3, 48, 80)
+    img = Image.open(sq.dataset("val").samples[0][0]).convert("RGB").resize((80, 48), Image.BICUBIC)
+    want = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    assert torch.allclose(xs, (want - mean) / std, atol=0.05)  # squashed, not cropped
+
+
+def test_test_split_when_present(folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "with_test"
+    shutil.copytree(folder, root)
+    shutil.copytree(root / "val" / "rose", root / "test" / "rose")
+    task = get_task("image_folder")(source="real", data_root=root)
+    assert len(task.dataset("test")) == 2 and {t for _, t in task.dataset("test").samples} == {1}
+
+
+def test_bad_layouts_are_one_line(tmp_path):
+    with pytest.raises(DataNotFoundError, match="train/ and val/"):
+        get_task("image_folder")(source="real", data_root=tmp_path)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError, match="at least 2"):
+        get_task("image_folder")(source="real", data_root=tmp_path)
+    (tmp_path / "train" / "b").mkdir()
+    (tmp_path / "val" / "c").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "c" / "x.png")
+    task = get_task("image_folder")(source="real", data_root=tmp_path)
+    with pytest.raises(DataError, match="class that train/ does not have"):
+        task.dataset("val")
+
+
+@pytest.mark.parametrize("method,budget", [("full", None), ("tome", "r=1"), ("lookwhere", "k=6")])
+def test_run_end_to_end_non_square(folder, method, budget, capsys):
+    argv = ["run", "--method", method, "--task", "image_folder", "--data-root", str(folder), "--img-size", "32x48",
+            *TINY]
+    if method == "lookwhere":
+        argv += ["--set", "method.selector_size=16"]
+    if budget:
+        argv += ["--budget", budget]
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = [json.loads(p.read_text()) for p in Path(os.environ["LWBENCH_RESULTS"]).rglob("*.json")]
+    row = next(r for r in rows if r["task"] == "image_folder" and r["method"] == method)
+    assert row["source"] == "real" and row["img_size"] == "32x48" and row["n_eval"] == 6
+    assert 0.0 <= row["metric_value"] <= 100.0 and row["gmacs"] > 0
