@@ -1,7 +1,11 @@
 """ViT backbones from timm, at any image size, with weights from a file, timm's hub, or none.
 
-lwbench never copies a timm forward body: methods get a plain ``timm`` VisionTransformer and
-wrap it. The quick profile's CPU-sized backbones are registered here as ordinary timm models
+lwbench never copies a timm forward body: methods get a plain ``timm`` VisionTransformer (or RoPE
+``Eva``) and wrap it. Which timm models are supported is decided by the class of the model built on
+the meta device (:func:`lwbench.vit.family_of`), not by its name: every ``VisionTransformer``
+(``deit_*``, ``vit_*`` AugReg / MAE / CLIP / SigLIP / DINOv2) and ``Eva`` (``vit_*_dinov3``, ``eva02_*``).
+
+The quick profile's CPU-sized backbones are registered here as ordinary timm models
 (``lw_vit_*``), shaped like DINOv2 with registers (CLS + 4 registers, LayerScale, position
 embeddings for patches only), so every method exercises the same prefix/LayerScale paths on
 the small models as on ``vit_*_patch14_reg4_dinov2``.
@@ -10,6 +14,7 @@ the small models as on ``vit_*_patch14_reg4_dinov2``.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import sys
 from pathlib import Path
@@ -58,16 +63,38 @@ for _n in _LW_CONFIGS:
         setattr(sys.modules[__name__], _n, register_model(_make_lw(_n)))
 
 
+# timm name patterns of the supported families, for listings and "did you mean" hints; support itself is
+# decided per model by its class (check_backbone_name), so a listed name may still be refused.
+_LISTED = ("vit_*", "deit_*", "deit3_*", "eva02_*")
+
+
 def known_backbones() -> list[str]:
-    """Plain ViTs timm can build that lwbench supports (class token, absolute position embedding)."""
-    return sorted(set(timm.list_models("vit_*")) | set(_LW_CONFIGS))
+    """timm names of the families lwbench supports (VisionTransformer, RoPE Eva) and lwbench's own."""
+    return sorted(set(timm.list_models(list(_LISTED))) | set(_LW_CONFIGS))
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_facts(name: str) -> tuple[str | None, int, str | None]:
+    """``(family or None, patch size, why it is refused or None)`` of ``name`` at its default size, built on the
+    meta device (no weights allocated)."""
+    from lwbench.vit import family_of, family_problem
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+    except Exception as exc:  # a model timm cannot build on the meta device is no backbone of ours either
+        return None, 0, f"a model timm cannot build without weights ({type(exc).__name__})"
+    why = family_problem(model)
+    pe = getattr(model, "patch_embed", None)
+    patch = int(pe.patch_size[0]) if pe is not None and hasattr(pe, "patch_size") else 0
+    return (None if why else family_of(model)), patch, why
 
 
 def patch_size_of(name: str) -> int:
     if name in _LW_CONFIGS:
         return _LW_CONFIGS[name]["patch_size"]
-    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=224 if "dinov2" not in name else 518)
-    return int(model.patch_embed.patch_size[0])
+    check_backbone_name(name)
+    return _meta_facts(name)[1]
 
 
 def _as_hw(img_size) -> tuple[int, int]:
@@ -77,16 +104,24 @@ def _as_hw(img_size) -> tuple[int, int]:
 
 
 def check_backbone_name(name: str) -> None:
-    if name in _LW_CONFIGS or timm.is_model(name):
-        if not name.startswith(("vit_", "lw_vit_")):
-            raise UnknownNameError(f"backbone '{name}' is not a plain ViT; lwbench supports vit_* models from timm")
+    if name in _LW_CONFIGS:
+        return
+    if timm.is_model(name):
+        why = _meta_facts(name)[2]
+        if why:
+            from lwbench.vit import FAMILIES
+
+            raise UnknownNameError(
+                f"backbone '{name}' is {why}; lwbench supports timm VisionTransformer and RoPE Eva models, families "
+                f"{', '.join(FAMILIES)} (e.g. deit_small_patch16_224, vit_base_patch16_siglip_224, "
+                f"vit_small_patch16_dinov3, eva02_tiny_patch14_224)")
         return
     known = known_backbones()
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownNameError(
-        f"unknown backbone '{name}'.{hint} Known: timm's vit_* models (see `timm.list_models('vit_*')`) "
-        f"and {', '.join(_LW_CONFIGS)}"
+        f"unknown backbone '{name}'.{hint} Known: timm's VisionTransformer and Eva models (deit_*, vit_*, "
+        f"vit_*_dinov3, eva02_*; see `timm.list_models`) and {', '.join(_LW_CONFIGS)}"
     )
 
 

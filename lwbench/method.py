@@ -41,6 +41,8 @@ class BackboneSpec:
     embed_dim: int
     num_heads: int
     num_prefix: int
+    # "vit" | "vit-noclass" | "eva" | "eva-noclass" (lwbench.vit.FAMILIES), from the model's class, not its name
+    family: str = "vit"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -52,6 +54,8 @@ class BackboneSpec:
 
     @classmethod
     def of(cls, vit: VisionTransformer, name: str, img_size) -> BackboneSpec:
+        from lwbench.vit import family_of
+
         h, w = as_hw(img_size)
         return cls(
             name=name,
@@ -61,6 +65,7 @@ class BackboneSpec:
             embed_dim=int(vit.embed_dim),
             num_heads=int(vit.blocks[0].attn.num_heads),
             num_prefix=int(vit.num_prefix_tokens),
+            family=family_of(vit),
         )
 
 
@@ -86,9 +91,14 @@ class Method(abc.ABC):
     # The method's options: a frozen dataclass of lwbench.options.option fields (default, help, range). Fields
     # typed lwbench.config.Stage are training stages; their unset values inherit the run's ``train`` section.
     Options: ClassVar[type] = NoOptions
+    # Backbone families (lwbench.vit.FAMILIES) the algorithm works on; others are refused when the method is
+    # constructed, in one line naming these. ``families_note`` says why (e.g. "it ranks tokens by CLS attention").
+    families: ClassVar[tuple[str, ...]] = ("vit", "vit-noclass", "eva", "eva-noclass")
+    families_note: ClassVar[str] = ""
 
     def __init__(self, spec: BackboneSpec, budget: float | None = None, opts: Any = None, **kw: Any) -> None:
         self.spec = spec
+        self.check_family()
         if budget is not None and self.budget_key is None:
             raise BudgetError(f"method '{self.name}' has no budget knob; drop the budget ({budget!r})")
         if budget is None and self.budget_key is not None:
@@ -104,6 +114,18 @@ class Method(abc.ABC):
         # its warning); the runner copies them into the result row.
         self.diagnostics: dict[str, Any] = {}
         self.check_budget()
+
+    def check_family(self) -> None:
+        """Refuse a backbone family the algorithm cannot run on, in one line naming the supported ones."""
+        fam = getattr(self.spec, "family", "vit")
+        if fam in self.families:
+            return
+        from lwbench.vit import FAMILIES
+
+        what = FAMILIES.get(fam, "unknown family")
+        why = f" ({self.families_note})" if self.families_note else ""
+        raise ConfigError(f"{self.name}: backbone {self.spec.name} is family '{fam}' ({what}); {self.name} supports "
+                          f"families {', '.join(self.families)}{why}")
 
     # -- options --------------------------------------------------------------------------------------
     @classmethod

@@ -6,6 +6,12 @@ embeddings, and packaging the result as a :class:`TokenOutput`. Reduction method
 order (attention, then the method's step, then the MLP) lives in ``methods/_reduction.py``.
 Both are tested against timm (``tests/test_vit_seam.py``). :class:`FullEncoder` (timm's own
 forward, split into prefix and patches) is here because the core needs it: the teacher is one.
+
+Two timm classes go through it, told apart by class, never by name (:func:`family_of`): every
+``VisionTransformer`` (DeiT, AugReg, MAE, CLIP, SigLIP without a class token, DINOv2 with or without
+registers) and the RoPE ``Eva`` (DINOv3, EVA-02). What the Eva does differently (a rotary position
+embedding handed to every block, indexed at the kept cells for a subset of tokens) lives in
+:mod:`lwbench.eva`; the functions here dispatch to it, so methods call one seam for both.
 """
 
 from __future__ import annotations
@@ -16,7 +22,43 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from lwbench import eva
 from lwbench.tokens import TokenOutput
+
+# family -> what it covers; ``BackboneSpec.family`` is one of these, methods list the ones they support.
+FAMILIES: dict[str, str] = {
+    "vit": "timm VisionTransformer with a class token: DeiT, AugReg vit_*, MAE, CLIP, DINOv2 (+registers)",
+    "vit-noclass": "timm VisionTransformer without a class token: SigLIP (global_pool='map')",
+    "eva": "timm Eva with RoPE and a class token: DINOv3 vit_*_dinov3, EVA-02 eva02_*",
+    "eva-noclass": "timm Eva without a class token",
+}
+
+
+def family_problem(model: nn.Module) -> str | None:
+    """Why ``model`` is not a backbone lwbench supports (one clause), or None."""
+    from timm.layers import PatchEmbed
+
+    if type(model) is not VisionTransformer and not (eva.is_eva(model) and type(model) is eva.Eva):
+        return f"a timm {type(model).__name__}"
+    pe = getattr(model, "patch_embed", None)
+    if type(pe) is not PatchEmbed or not isinstance(getattr(pe, "proj", None), nn.Conv2d):
+        return f"a {type(model).__name__} with a {type(pe).__name__} patch embedding (not timm's PatchEmbed)"
+    if eva.is_eva(model):
+        why = eva.unsupported_variant(model)
+        if why:
+            return f"an Eva whose {why.removeprefix('it has ')} lwbench does not support"
+    return None
+
+
+def family_of(model: nn.Module) -> str:
+    """``"vit"``, ``"vit-noclass"``, ``"eva"`` or ``"eva-noclass"`` (see :data:`FAMILIES`), by class."""
+    why = family_problem(model)
+    if why:
+        from lwbench.errors import UnknownNameError
+
+        raise UnknownNameError(f"backbone is {why}; lwbench supports families {', '.join(FAMILIES)}")
+    base = "eva" if eva.is_eva(model) else "vit"
+    return base if model.cls_token is not None else f"{base}-noclass"
 
 
 def patch_size(vit: VisionTransformer) -> int:
@@ -32,9 +74,12 @@ def num_prefix(vit: VisionTransformer) -> int:
     return int(vit.num_prefix_tokens)
 
 
-def patch_pos_embed(vit: VisionTransformer, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Position embeddings resampled to ``grid``: (prefix part or None, ``(1, H*W, D)`` patch part)."""
+def patch_pos_embed(vit: VisionTransformer, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Position embeddings resampled to ``grid``: (prefix part or None, ``(1, H*W, D)`` patch part, or None when
+    the model has no absolute position embedding)."""
     pe = vit.pos_embed
+    if pe is None:  # RoPE only (DINOv3)
+        return None, None
     n_pre = 0 if vit.no_embed_class else vit.num_prefix_tokens
     pre, pat = pe[:, :n_pre], pe[:, n_pre:]
     if tuple(vit.patch_embed.grid_size) != tuple(grid):
@@ -43,14 +88,16 @@ def patch_pos_embed(vit: VisionTransformer, grid: tuple[int, int]) -> tuple[torc
 
 
 def prefix_tokens(vit: VisionTransformer, batch: int) -> torch.Tensor:
-    """CLS + registers, ``(B, P, D)``, with their position embedding if the model has one."""
+    """CLS + registers, ``(B, P, D)``, with their position embedding if the model has one (``P`` may be 0: SigLIP)."""
     parts = []
     if vit.cls_token is not None:
         parts.append(vit.cls_token.expand(batch, -1, -1))
     if vit.reg_token is not None:
         parts.append(vit.reg_token.expand(batch, -1, -1))
+    if not parts:
+        return vit.patch_embed.proj.weight.new_zeros(batch, 0, vit.embed_dim)
     pre = torch.cat(parts, dim=1)
-    if not vit.no_embed_class:
+    if not vit.no_embed_class and vit.pos_embed is not None:
         pre = pre + vit.pos_embed[:, : vit.num_prefix_tokens]
     return pre
 
@@ -89,12 +136,15 @@ def embed_patches(vit: VisionTransformer, x: torch.Tensor, idx: torch.Tensor | N
     if idx is None:
         tok = vit.patch_embed(x)  # (B, H, W, D) or (B, N, D) depending on timm flags
         tok = tok.reshape(x.shape[0], -1, tok.shape[-1])
-        tok = tok + pos
+        if pos is not None:
+            tok = tok + pos
     else:
         proj = vit.patch_embed.proj
         pix = gather_patches(vit, x, idx)
         tok = F.linear(pix, proj.weight.flatten(1), proj.bias)
         tok = vit.patch_embed.norm(tok)
+        if pos is None:
+            return tok
         tok = tok + pos.expand(x.shape[0], -1, -1).gather(1, idx.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
     return tok
 
@@ -107,8 +157,30 @@ def assemble(vit: VisionTransformer, patch_tokens: torch.Tensor, prefix: torch.T
         prefix = prefix_tokens(vit, patch_tokens.shape[0])
     x = torch.cat([prefix, patch_tokens], dim=1)
     x = vit.pos_drop(x)
-    x = vit.patch_drop(x)
+    if vit.patch_drop is not None:  # an Eva without patch dropout has None (with it: refused, family_problem)
+        x = vit.patch_drop(x)
     return vit.norm_pre(x)
+
+
+def rope_of(vit: nn.Module, grid, positions: torch.Tensor | None = None) -> torch.Tensor | None:
+    """RoPE for patch tokens at ``positions`` ``(B, K)`` (None: all cells in grid order); None without RoPE."""
+    return eva.rope_of(vit, tuple(grid), positions)
+
+
+def run_blocks(vit: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    """All blocks, as ``forward_features`` calls them: ``vit.blocks(x)`` for a VisionTransformer; for an Eva
+    each block with ``rope`` (:func:`rope_of`)."""
+    if eva.is_eva(vit):
+        return eva.run_blocks(vit, x, rope)
+    return vit.blocks(x)
+
+
+def call_block(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One block as timm calls it, with ``rope`` when the model has one (an Eva's blocks take it)."""
+    if rope is None:
+        return blk(x, attn_mask=attn_mask)
+    return blk(x, rope=rope, attn_mask=attn_mask)
 
 
 def to_output(vit: VisionTransformer, x: torch.Tensor, positions: torch.Tensor, grid, **kw) -> TokenOutput:
@@ -122,8 +194,10 @@ def run_tokens(vit: VisionTransformer, patch_tokens: torch.Tensor, positions: to
                prefix: torch.Tensor | None = None, **kw) -> TokenOutput:
     """The whole backbone (blocks, final norm) on a chosen set of embedded patch tokens ``(B, K, D)``.
 
-    ``positions`` ``(B, K)`` are their grid cells; ``prefix`` and ``kw`` as for :func:`assemble` / :func:`to_output`."""
-    return to_output(vit, vit.blocks(assemble(vit, patch_tokens, prefix=prefix)), positions, grid, **kw)
+    ``positions`` ``(B, K)`` are their grid cells (an Eva's RoPE is indexed there); ``prefix`` and ``kw`` as for
+    :func:`assemble` / :func:`to_output`."""
+    x = run_blocks(vit, assemble(vit, patch_tokens, prefix=prefix), rope_of(vit, grid, positions))
+    return to_output(vit, x, positions, grid, **kw)
 
 
 def run_selected(vit: VisionTransformer, x: torch.Tensor, idx: torch.Tensor, prefix: torch.Tensor | None = None,

@@ -7,6 +7,10 @@ has no hook there, so a reducing block is re-sequenced with the block's own subm
 not reduce are called as they are. Attention stays timm's (fused ``scaled_dot_product_attention``);
 what a method reads from it (keys, values, the CLS attention row) is recomputed on the side from the
 ``qkv`` projection output, which is captured with a forward hook rather than recomputed.
+
+A RoPE ``Eva`` (DINOv3, EVA-02) is split the same way by :mod:`lwbench.eva` (``gamma_1``/``gamma_2``
+LayerScale, the block's ``rope`` argument); :func:`attention_step` hands methods q and k as that
+attention used them, RoPE applied, so a CLS attention row is the one the fused kernel computed.
 """
 
 from __future__ import annotations
@@ -18,14 +22,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from lwbench import eva
 from lwbench.errors import ConfigError
-from lwbench.vit import all_positions, assemble, embed_patches, grid_of, num_prefix
+from lwbench.vit import all_positions, assemble, call_block, embed_patches, grid_of, num_prefix, rope_of
+
+__all__ = ["call_block", "rope_of"]  # re-exported for the methods: one import for the per-block seam
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
 
 def check_blocks(vit: nn.Module, method: str) -> None:
-    """Refuse backbones whose blocks cannot be re-sequenced (not timm's pre-norm ``Block`` with ``attn.qkv``)."""
+    """Refuse backbones whose blocks cannot be re-sequenced (not timm's pre-norm ``Block`` with ``attn.qkv``, nor
+    timm's ``EvaBlock`` with ``EvaAttention``)."""
+    if eva.is_eva(vit):
+        for i, blk in enumerate(vit.blocks):
+            why = eva.block_problem(blk)
+            if why:
+                raise ConfigError(f"{method}: block {i} of the Eva backbone is {why}; use vit_*_dinov3 or eva02_*")
+        return
     for i, blk in enumerate(vit.blocks):
         missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
         if missing or not isinstance(getattr(blk.attn, "qkv", None), nn.Linear):
@@ -78,8 +92,25 @@ def attention_residual(
 
 
 def mlp_residual(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Second half of a timm block (with LayerScale)."""
+    """Second half of a timm block (with LayerScale); an ``EvaBlock``'s through :func:`lwbench.eva.mlp_half`."""
+    if not hasattr(blk, "ls2"):
+        return eva.mlp_half(blk, x)
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def attention_step(blk: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   rope: torch.Tensor | None = None, need_v: bool = True, rotated: bool = True):
+    """First half of a block and the q, k, v ``(B, H, T, hd)`` its attention used: ``(x, q, k, v)``.
+
+    For a VisionTransformer this is :func:`attention_residual` + :func:`split_qkv`. For an Eva, q and k are
+    read after the attention's q/k norms and rotated with ``rope`` as ``EvaAttention`` does (``rotated=False``:
+    before the rotation, the tokens' content only); v only with ``need_v`` (else None)."""
+    if eva.is_eva_block(blk):
+        out, q, k, v = eva.attention_step(blk, x, rope, attn_mask, need_v=need_v, rotated=rotated)
+        return out, q, k, v
+    out, qkv = attention_residual(blk, x, attn_mask)
+    q, k, v = split_qkv(blk.attn, qkv)
+    return out, q, k, v
 
 
 def split_qkv(attn: nn.Module, qkv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,6 +22,10 @@ Choices made here (documented, tested):
   (fused attention kept), never sampled, zeroed in the output, and ``TokenOutput.mask`` marks it. An
   image's result does not depend on its batch-mates.
 * Survivors are ordered by grid index (official: by score); attention is permutation-equivariant.
+* RoPE backbones (``Eva``): the CLS row uses q and k rotated as the block's attention rotates them;
+  survivors keep their cells' RoPE. EVA-02's attention projects q/k/v with ``F.linear`` on the fused
+  weight (a bias path no hook sees), so there v is recomputed from the attention's input (``T d^2`` MACs
+  per sampling block, counted); DINOv3's v is read from the ``qkv`` projection as for a ViT.
 * The selecting block computes attention for all its queries and then keeps the survivors' rows,
   whereas the paper computes only the sampled rows of ``A V``; the difference is that block's
   ``A V`` and output projection for the dropped rows.
@@ -41,14 +45,15 @@ from lwbench.vit import num_prefix, to_output
 
 from ._reduction import (
     as_attn_mask,
-    attention_residual,
+    attention_step,
+    call_block,
     check_blocks,
     cls_attention,
     gather_tokens,
     key_bias_from_mask,
     mlp_residual,
     parse_layers,
-    split_qkv,
+    rope_of,
     start_tokens,
     tokens_per_layer,
 )
@@ -147,15 +152,16 @@ class ATSEncoder(nn.Module):
         valid = torch.ones_like(positions, dtype=torch.bool)
         key_bias = None  # no padding yet: plain attention, bit for bit
         counts = []
+        rope = rope_of(vit, grid)  # RoPE backbones: the grid's table until tokens are sampled, then at their cells
         for i, blk in enumerate(vit.blocks):
             if str(i) in self.samplers:
-                h, qkv = attention_residual(blk, h, as_attn_mask(key_bias))
-                q, k, v = split_qkv(blk.attn, qkv)
+                h, q, k, v = attention_step(blk, h, as_attn_mask(key_bias), rope)
                 pat, positions, valid = self.samplers[str(i)](h[:, p:], q, k, v, positions, valid, key_bias)
                 h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
                 key_bias = None if bool(valid.all()) else key_bias_from_mask(valid, p, h.dtype)
+                rope = rope_of(vit, grid, positions)  # padding (-1): identity rotation, and masked as a key
             else:
-                h = blk(h, attn_mask=as_attn_mask(key_bias))
+                h = call_block(blk, h, rope, as_attn_mask(key_bias))
             counts.append(valid.sum(dim=1))
         out = to_output(
             vit, h, positions, grid, mask=valid, aux={"tokens_per_layer": tokens_per_layer(counts, bsz, x.device)}
@@ -174,6 +180,8 @@ class ATS(Method):
     training = "none"
     dense_output = True
     variable_length = True
+    families = ("vit", "eva")
+    families_note = "its significance score is the CLS token's attention"
 
     @dataclass(frozen=True)
     class Options:

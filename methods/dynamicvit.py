@@ -37,7 +37,7 @@ from lwbench.method import Method, Overhead, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
-from lwbench.vit import all_positions, assemble, embed_patches, grid_of, num_prefix, to_output
+from lwbench.vit import all_positions, assemble, call_block, embed_patches, grid_of, num_prefix, rope_of, to_output
 
 # Weight of a dropped key inside the training attention mask (see the module docstring).
 MASK_EPS = 1e-6
@@ -112,6 +112,7 @@ class DynamicViTEncoder(nn.Module):
         positions = all_positions(b, grid, tok.device)
         counts = keep_counts(n, self.keep_rate, len(self.prune_locs))
         stage = 0
+        rope = rope_of(self.vit, grid)  # RoPE backbones: the grid's table, then at the kept tokens' cells
         for i, blk in enumerate(self.vit.blocks):
             if stage < len(self.prune_locs) and i == self.prune_locs[stage]:
                 patches = tok[:, p:]
@@ -122,8 +123,9 @@ class DynamicViTEncoder(nn.Module):
                     patches = torch.gather(patches, 1, idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
                     positions = torch.gather(positions, 1, idx)
                     tok = torch.cat([tok[:, :p], patches], dim=1)
+                    rope = rope_of(self.vit, grid, positions)
                 stage += 1
-            tok = blk(tok)
+            tok = call_block(blk, tok, rope)
         return to_output(self.vit, tok, positions, grid)
 
     def _forward_train(self, tok: torch.Tensor, grid) -> TokenOutput:
@@ -134,6 +136,7 @@ class DynamicViTEncoder(nn.Module):
         decisions: list[torch.Tensor] = []
         bias = None
         stage = 0
+        rope = rope_of(self.vit, grid)  # every token stays (masked, not removed): the grid's own RoPE
         for i, blk in enumerate(self.vit.blocks):
             if stage < len(self.prune_locs) and i == self.prune_locs[stage]:
                 logp = self.predictors[stage](tok[:, p:], prev)
@@ -142,7 +145,7 @@ class DynamicViTEncoder(nn.Module):
                 prev = hard
                 bias = attention_bias(torch.cat([prefix_keep, hard.squeeze(-1)], dim=1)).to(tok.dtype)
                 stage += 1
-            tok = blk(tok, attn_mask=bias)
+            tok = call_block(blk, tok, rope, bias)
         keep = prev.squeeze(-1)
         return to_output(self.vit, tok, all_positions(b, grid, tok.device), grid, mask=keep.detach() > 0.5,
                          aux={"decisions": decisions, "keep": keep.detach(), "ratios": self.ratios})

@@ -14,8 +14,11 @@ Generalised: pruning blocks scale with depth (``round(depth * {1/4, 1/2, 3/4})``
 ``keep_layers``); CLS and registers are never pruned; the CLS row is computed on the side from the
 block's q and k (one row, never the full matrix), so timm's fused attention is untouched. Kept
 tokens are re-ordered by grid index (attention is permutation-equivariant, so this only changes
-rounding). Training-free by default; ``finetune=true`` fine-tunes the pruned model with the task loss,
-as the EViT paper does.
+rounding). RoPE backbones (``Eva``: DINOv3, EVA-02): the CLS row uses q and k rotated as the block's
+attention rotates them (the CLS query is a prefix token, never rotated; patch keys carry their cell's RoPE);
+kept tokens keep their cells' RoPE, the fused token has no cell and gets the identity rotation, like a
+prefix token (:mod:`lwbench.eva`). Training-free by default; ``finetune=true`` fine-tunes the pruned model
+with the task loss, as the EViT paper does.
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
 
 from ._reduction import (
-    attention_residual,
+    attention_step,
+    call_block,
     check_blocks,
     cls_attention,
     gather_tokens,
     mlp_residual,
     parse_layers,
-    split_qkv,
+    rope_of,
     start_tokens,
     tokens_per_layer,
 )
@@ -98,15 +102,16 @@ class EViTEncoder(nn.Module):
         h, positions, grid, p = start_tokens(vit, x)
         bsz = x.shape[0]
         counts, cls_rows = [], {}
+        rope = rope_of(vit, grid)  # RoPE backbones: the grid's table until tokens are pruned, then at their cells
         for i, blk in enumerate(vit.blocks):
             n = h.shape[1] - p
             if str(i) in self.pruners and num_kept(self.keep_rate, n) < n:
-                h, qkv = attention_residual(blk, h)
-                q, k, _ = split_qkv(blk.attn, qkv)
+                h, q, k, _ = attention_step(blk, h, None, rope, need_v=False)
                 pat, positions, cls_rows[i] = self.pruners[str(i)](h[:, p:], q, k, positions)
                 h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
+                rope = rope_of(vit, grid, positions)
             else:
-                h = blk(h)
+                h = call_block(blk, h, rope)
             counts.append(h.shape[1] - p)
         aux = {"tokens_per_layer": tokens_per_layer(counts, bsz, x.device), "cls_attention": cls_rows}
         return to_output(vit, h, positions, grid, aux=aux)
@@ -123,6 +128,8 @@ class EViT(Method):
     dense_output = True
     variable_length = False
     fuse = True
+    families = ("vit", "eva")
+    families_note = "it ranks patch tokens by the CLS token's attention"
 
     @dataclass(frozen=True)
     class Options:

@@ -34,7 +34,7 @@ from lwbench.method import Overhead, PatchSelectionMethod, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
-from lwbench.vit import all_positions, assemble, embed_patches, grid_of, to_output
+from lwbench.vit import all_positions, assemble, embed_patches, grid_of, rope_of, run_blocks, to_output
 
 
 class CrossAttentionScorer(nn.Module):
@@ -135,7 +135,7 @@ class IPSEncoder(nn.Module):
         emb = embed_patches(self.vit, x, idx)  # gradient pass on the M kept patches only
         tok = assemble(self.vit, emb)
         tok = torch.cat([tok[:, :1] + self.selector.summary(emb), tok[:, 1:]], dim=1)
-        tok = self.vit.blocks(tok)
+        tok = run_blocks(self.vit, tok, rope_of(self.vit, grid, idx))
         return to_output(self.vit, tok, idx, grid)
 
 
@@ -143,6 +143,8 @@ class IPSEncoder(nn.Module):
 class IPS(PatchSelectionMethod):
     description = "no-grad iterative top-M patch memory scored by a cross-attention aggregator; grad pass on M"
     training = "finetune"
+    families = ("vit", "eva")
+    families_note = "its aggregator's summary enters the backbone through the class token"
 
     @dataclass(frozen=True)
     class Options:

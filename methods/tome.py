@@ -19,6 +19,12 @@ registers are kept out of both sets, so they are never merged nor merged into (t
 protects CLS only). A/B parity still follows the sequence index (patch ``j`` is in A when
 ``num_prefix + j`` is even), so for a CLS-only ViT the matching is exactly the official one.
 
+RoPE backbones (``Eva``: DINOv3, EVA-02): the bipartite metric is the block's keys *before* the rotary
+embedding (after its k-norm), i.e. what the tokens contain, not where they are (rotated keys of equal
+content at different cells differ by their rotation, which would stand in for similarity). A merged
+token keeps its destination's (B token's) cell, as ``positions`` tracks it, and with it that cell's
+RoPE in every later block (see :mod:`lwbench.eva`).
+
 Per-layer ``r`` is capped at ``floor(tokens / 2)`` (bipartite matching cannot merge more than the
 smaller set), so every layer keeps at least half its patch tokens and never fewer than one.
 """
@@ -36,11 +42,12 @@ from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
 
 from ._reduction import (
-    attention_residual,
+    attention_step,
+    call_block,
     check_blocks,
     gather_tokens,
     mlp_residual,
-    split_qkv,
+    rope_of,
     start_tokens,
     tokens_per_layer,
 )
@@ -127,20 +134,21 @@ class ToMeEncoder(nn.Module):
         bsz = x.shape[0]
         assignment = positions.clone()
         size = None  # all ones until the first merge: no bias, so r=0 is the plain model bit for bit
+        rope = rope_of(vit, grid)  # RoPE backbones: the grid's table until tokens merge, then at their cells
         counts = []
         for blk, matcher, r in zip(vit.blocks, self.matchers, self.schedule, strict=True):
             r = min(r, (h.shape[1] - p) // 2)
             bias = size_bias(size, p) if (self.prop_attn and size is not None) else None
             if r <= 0:
-                h = blk(h, attn_mask=bias)
+                h = call_block(blk, h, rope, bias)
             else:
-                h, qkv = attention_residual(blk, h, bias)
-                _, k, _ = split_qkv(blk.attn, qkv)
+                h, _, k, _ = attention_step(blk, h, bias, rope, need_v=False, rotated=False)
                 metric = k.mean(dim=1)[:, p:]  # keys averaged over heads, patch tokens only
                 if size is None:
                     size = h.new_ones(bsz, h.shape[1] - p, 1)
                 pat, size, positions, assignment = matcher(h[:, p:], metric, size, positions, assignment, r)
                 h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
+                rope = rope_of(vit, grid, positions)
             counts.append(h.shape[1] - p)
         m = h.shape[1] - p
         sizes = torch.zeros(bsz, m, dtype=torch.long, device=x.device)

@@ -16,6 +16,12 @@ LayerScale is far from zero:
 * ``reg1_qknorm_dynamic_p16``: CLS + 1 register inside the position embedding, LayerScale, qk-norm, and
   ``dynamic_img_size`` run at a size it was not built for, so the position embedding is resampled (timm
   resamples it in ``_pos_embed``; lwbench in ``patch_pos_embed``).
+* ``siglip_noclass_p16``: no prefix token at all (SigLIP, ``global_pool='map'``).
+* ``clip_normpre_p16``: CLIP's image tower (``norm_pre`` before the blocks).
+
+The RoPE ``Eva`` half of the seam (``lwbench/eva.py``) is tested at the end on DINOv3 (RoPE only, CLS + 4
+registers, LayerScale, ``dynamic_img_size``) and EVA-02 (absolute + RoPE, CLS, SwiGLU, q/v bias through
+``F.linear``), against timm's own ``Eva.forward_features`` and ``EvaBlock.forward``.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ CONFIGS = {
         (48, 48),
         (32, 64),
     ),
+    "siglip_noclass_p16": ("vit_base_patch16_siglip_224", dict(depth=2, embed_dim=32, num_heads=2), (32, 48), (32, 48)),
+    "clip_normpre_p16": ("vit_base_patch16_clip_224", dict(depth=2, embed_dim=32, num_heads=2), (32, 48), (32, 48)),
 }
 
 
@@ -95,8 +103,9 @@ def test_tokens_entering_the_blocks_are_timms(seam):
     ref = _block_inputs(vit, x)
     p = num_prefix(vit)
     assert torch.equal(assemble(vit, embed_patches(vit, x)), ref)
-    assert torch.equal(prefix_tokens(vit, x.shape[0]), ref[:, :p])
-    assert torch.equal(embed_patches(vit, x), ref[:, p:])
+    # norm_pre (CLIP) is per token: the blocks see it applied to prefix and patches alike
+    assert torch.equal(vit.norm_pre(prefix_tokens(vit, x.shape[0])), ref[:, :p])
+    assert torch.equal(vit.norm_pre(embed_patches(vit, x)), ref[:, p:])
     assert torch.equal(embed(vit, x), ref)  # what every reduction method starts from
     tokens, positions, grid, n_pre = start_tokens(vit, x)
     assert torch.equal(tokens, ref) and n_pre == p and grid == grid_of(vit, x)
@@ -214,3 +223,148 @@ def test_gathering_patches_is_unfolding_then_gathering(seam):
         idx = torch.stack([torch.randperm(pix.shape[1], generator=g)[:5] for _ in range(img.shape[0])])
         ref = torch.gather(pix, 1, idx.unsqueeze(-1).expand(-1, -1, pix.shape[-1]))
         assert torch.equal(gather_patches(vit, img, idx), ref)
+
+
+# -- the Eva (RoPE) half of the seam ----------------------------------------------------------------------
+from lwbench import eva  # noqa: E402
+from lwbench.methods._reduction import attention_step  # noqa: E402
+from lwbench.vit import family_of, rope_of, run_blocks  # noqa: E402
+
+EVA_CONFIGS = {
+    "dinov3_s16": ("vit_small_patch16_dinov3", dict(depth=2, embed_dim=64, num_heads=2), (32, 48)),
+    "eva02_t14": ("eva02_tiny_patch14_224", dict(depth=2, embed_dim=64, num_heads=2), (28, 42)),
+}
+
+
+@pytest.fixture(scope="module", params=list(EVA_CONFIGS), ids=list(EVA_CONFIGS))
+def eva_seam(request):
+    model, overrides, size = EVA_CONFIGS[request.param]
+    torch.manual_seed(0)
+    vit = timm.create_model(model, pretrained=False, num_classes=0, img_size=size, **overrides).eval()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.normal_(0.0, 0.3)
+    assert family_of(vit) == "eva"
+    return vit, torch.randn(2, 3, *size)
+
+
+def _eva_block_inputs(vit, x):
+    """``(tokens, rope)`` timm's ``Eva.forward_features`` hands its first block."""
+    seen = []
+    handle = vit.blocks[0].register_forward_pre_hook(lambda m, args, kw: seen.append((args[0], kw["rope"])),
+                                                     with_kwargs=True)
+    try:
+        vit.forward_features(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@torch.no_grad()
+def test_eva_tokens_and_rope_entering_the_blocks_are_timms(eva_seam):
+    vit, x = eva_seam
+    ref, ref_rope = _eva_block_inputs(vit, x)
+    assert torch.equal(embed(vit, x), ref)
+    assert torch.equal(rope_of(vit, grid_of(vit, x)), ref_rope)
+    assert rope_of(timm.create_model("vit_base_patch16_224", num_classes=0, depth=1, embed_dim=32, num_heads=2),
+                   (14, 14)) is None  # a VisionTransformer has no RoPE
+
+
+@torch.no_grad()
+def test_eva_backbone_on_all_patches_is_forward_features(eva_seam):
+    vit, x = eva_seam
+    ref = vit.forward_features(x)
+    grid = grid_of(vit, x)
+    pos = all_positions(x.shape[0], grid, x.device)
+    for out in (run_selected(vit, x, pos), run_tokens(vit, embed_patches(vit, x), pos, grid),
+                to_output(vit, run_blocks(vit, embed(vit, x), rope_of(vit, grid)), pos, grid)):
+        assert torch.equal(torch.cat([out.prefix, out.patches], 1), ref)
+
+
+@torch.no_grad()
+def test_eva_rope_follows_each_token_to_its_cell(eva_seam):
+    """Every patch, in a different order per image: each token's RoPE is its own cell's (indexed per sample), so
+    the output is forward_features permuted (attention sums in another order: fp32 rounding)."""
+    vit, x = eva_seam
+    ref = vit.forward_features(x)
+    p = num_prefix(vit)
+    n = ref.shape[1] - p
+    perm = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in range(x.shape[0])])
+    out = run_selected(vit, x, perm)
+    torch.testing.assert_close(out.prefix, ref[:, :p], rtol=1e-5, atol=1e-5)
+    want = torch.gather(ref[:, p:], 1, perm.unsqueeze(-1).expand(-1, -1, ref.shape[-1]))
+    torch.testing.assert_close(out.patches, want, rtol=1e-5, atol=1e-5)
+    table = rope_of(vit, grid_of(vit, x))
+    assert torch.equal(rope_of(vit, grid_of(vit, x), perm)[1, 0], table[perm[1]])
+
+
+def test_eva_cell_less_tokens_get_the_identity_rotation(eva_seam):
+    vit, x = eva_seam
+    grid = grid_of(vit, x)
+    rope = rope_of(vit, grid, torch.tensor([[grid[0] * grid[1] - 1, -1]]))  # last cell: a non-zero angle
+    sin, cos = rope[0, 0, 1].chunk(2)
+    assert torch.equal(sin, torch.zeros_like(sin)) and torch.equal(cos, torch.ones_like(cos))
+    t = torch.randn(1, 2, 2 + num_prefix(vit), rope.shape[-1] // 2)
+    attn = vit.blocks[0].attn
+    rotated = eva.rotate(attn, t, rope, t)
+    assert torch.equal(rotated[:, :, -1], t[:, :, -1]) and not torch.equal(rotated[:, :, -2], t[:, :, -2])
+
+
+def test_eva_blocks_pass_the_reduction_check(eva_seam):
+    check_blocks(eva_seam[0], "seam")
+
+
+@torch.no_grad()
+def test_eva_resequenced_block_is_block_forward(eva_seam):
+    """Attention half then MLP half is ``EvaBlock.forward(x, rope=...)`` bit for bit, with the grid's table and
+    with a per-sample (gathered) RoPE; chained through the backbone it is ``forward_features``."""
+    vit, x = eva_seam
+    grid = grid_of(vit, x)
+    h = embed(vit, x)
+    table = rope_of(vit, grid)
+    gathered = rope_of(vit, grid, all_positions(x.shape[0], grid, x.device))
+    chained = h
+    for i, blk in enumerate(vit.blocks):
+        ref = blk(h, rope=table)
+        for rope in (table, gathered):
+            mid, q, k, v = attention_step(blk, h, None, rope)
+            assert torch.equal(mlp_residual(blk, mid), ref), f"block {i}"
+        chained = mlp_residual(blk, attention_step(blk, chained, None, table)[0])
+        h = ref
+    out = to_output(vit, chained, all_positions(x.shape[0], grid, x.device), grid)
+    assert torch.equal(torch.cat([out.prefix, out.patches], 1), vit.forward_features(x))
+
+
+@torch.no_grad()
+def test_eva_side_attention_sees_what_timm_attention_sees(eva_seam):
+    """q, k (RoPE applied) and v from ``attention_step`` are the ones ``EvaAttention`` used: fused attention on
+    them, then its norm and projection, is the module's output exactly; the side CLS row is the explicit one."""
+    vit, x = eva_seam
+    grid = grid_of(vit, x)
+    rope = rope_of(vit, grid)
+    h = embed(vit, x)
+    for blk in vit.blocks:
+        attn = blk.attn
+        _, q, k, v = attention_step(blk, h, None, rope)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)
+        torch.testing.assert_close(attn.proj(attn.norm(y)), attn(blk.norm1(h), rope=rope), rtol=0, atol=1e-6)
+        row = cls_attention(q, k, attn.scale)
+        explicit = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
+        torch.testing.assert_close(row, explicit, rtol=1e-5, atol=1e-6)
+        h = blk(h, rope=rope)
+
+
+@torch.no_grad()
+def test_eva_where_target_logits_use_the_rope(eva_seam):
+    """LookWhere's teacher target on an Eva (``eva.attention_logits``): head- and query-mean of the logits of the
+    rotated q and k the attention used, patch keys only."""
+    vit, x = eva_seam
+    rope = rope_of(vit, grid_of(vit, x))
+    h = embed(vit, x)
+    blk, p = vit.blocks[-1], num_prefix(vit)
+    h = vit.blocks[0](h, rope=rope)
+    _, q, k, _ = attention_step(blk, h, None, rope)
+    for queries, rows in (("patch", q[:, :, p:]), ("cls", q[:, :, :1])):
+        want = ((rows * blk.attn.scale) @ k[:, :, p:].transpose(-2, -1)).mean(dim=2).mean(dim=1)
+        got = eva.attention_logits(blk, h, p, rope, queries)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -427,16 +427,21 @@ def closed_form_for(vit: nn.Module, img_size, num_classes: int = 0, num_patches:
     h, w = as_hw(img_size)
     p = int(vit.patch_embed.patch_size[0])
     m = (h // p) * (w // p) if num_patches is None else int(num_patches)
+    d = int(vit.embed_dim)
+    # MLP MACs per token from its linear layers: 2 d h for timm's Mlp, 3 d h for a SwiGLU (EVA-02)
+    mlp = sum(lin.in_features * lin.out_features for lin in vit.blocks[0].mlp.modules() if isinstance(lin, nn.Linear))
+    hidden, rest = divmod(mlp, 2 * d)
+    n = m + int(vit.num_prefix_tokens)
     return closed_form_vit_macs(
         depth=len(vit.blocks),
-        dim=int(vit.embed_dim),
-        mlp_hidden=int(vit.blocks[0].mlp.fc1.out_features),
-        num_tokens=m + int(vit.num_prefix_tokens),
+        dim=d,
+        mlp_hidden=hidden,
+        num_tokens=n,
         num_patches=m,
         patch=p,
         in_chans=int(vit.patch_embed.proj.in_channels),
         num_classes=num_classes,
-    )
+    ) + len(vit.blocks) * n * rest
 
 
 # -- torch.utils.flop_counter ------------------------------------------------------------------------

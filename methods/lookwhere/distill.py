@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from lwbench import eva
 from lwbench.attention import LastBlockInput, attention_logits  # noqa: F401  (re-exported)
 from lwbench.tokens import densify
-from lwbench.vit import num_prefix
+from lwbench.vit import grid_of, num_prefix, rope_of
 
 from .model import LookWhereEncoder
 
@@ -33,7 +34,11 @@ def teacher_targets(vit: VisionTransformer, x: torch.Tensor, queries: str = "pat
     with LastBlockInput(vit) as last:
         feats = vit.forward_features(x)
     p = num_prefix(vit)
-    return feats[:, 0], feats[:, p:], last.logits(p, queries)
+    if eva.is_eva(vit):  # RoPE on q and k, as the block's attention (lwbench.eva)
+        logits = eva.attention_logits(last.block, last.x, p, rope_of(vit, grid_of(vit, x)), queries)
+    else:
+        logits = last.logits(p, queries)
+    return feats[:, 0], feats[:, p:], logits
 
 
 def where_kl(teacher_logits: torch.Tensor, where_map: torch.Tensor) -> torch.Tensor:

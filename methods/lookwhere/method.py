@@ -88,6 +88,8 @@ class LookWhere(PatchSelectionMethod):
     grid_fractions = (1 / 16, PAPER_K_FRACTION, 1 / 4)
     training = "pretrain+finetune"
     dense_output = True
+    families = ("vit", "eva")
+    families_note = "the selector hands the extractor its class token and distillation matches the teacher's"
 
     @dataclass(frozen=True)
     class Options:
