@@ -71,8 +71,43 @@ class LinearSegHead(nn.Module):
         return logits
 
 
-def make_head(kind: str, dim: int, num_classes: int, pool: str = "token") -> nn.Module:
-    return ClassifierHead(dim, num_classes, pool) if kind == "classification" else LinearSegHead(dim, num_classes)
+DECODERS = ("linear", "uper")  # segmentation decoders (``head.decoder``); uper: mmseg's UPerHead, lwbench[seg]
+
+
+def check_decoder(kind: str, decoder: str, task: str = "this task") -> None:
+    """One line, before any work: :class:`ConfigError` for a decoder that is unknown or does not fit the task's
+    kind, :class:`lwbench.mmseg_compat.MmsegUnavailableError` for ``uper`` without a supported mmseg install."""
+    from lwbench.errors import ConfigError
+
+    if decoder not in DECODERS:
+        raise ConfigError(f"decoder '{decoder}' is unknown; known: {', '.join(DECODERS)}")
+    if kind != "segmentation" and decoder != "linear":
+        raise ConfigError(f"decoder '{decoder}' is a segmentation decoder but {task} is a {kind} task; "
+                          "drop head.decoder (classification heads are chosen with head.pool)")
+    if decoder == "uper":
+        from lwbench import mmseg_compat
+
+        mmseg_compat.check_versions()
+
+
+def make_seg_head(dim: int, num_classes: int, decoder: str = "linear") -> nn.Module:
+    """The segmentation decoder ``decoder`` on ``dim``-wide tokens: ``linear`` (:class:`LinearSegHead`, built in) or
+    ``uper`` (mmseg's UPerHead on a simple feature pyramid, :class:`lwbench.mmseg_compat.UperSegHead`; needs
+    ``pip install 'lwbench[seg]'``, checked in one line)."""
+    check_decoder("segmentation", decoder)
+    if decoder == "linear":
+        return LinearSegHead(dim, num_classes)
+    from lwbench.mmseg_compat import UperSegHead
+
+    return UperSegHead(dim, num_classes)
+
+
+def make_head(kind: str, dim: int, num_classes: int, pool: str = "token", decoder: str = "linear",
+              task: str = "this task") -> nn.Module:
+    """The head of a task of ``kind``: a classifier pooled by ``pool``, or the segmentation ``decoder``."""
+    check_decoder(kind, decoder, task)
+    return ClassifierHead(dim, num_classes, pool) if kind == "classification" else make_seg_head(dim, num_classes,
+                                                                                                  decoder)
 
 
 class TaskModel(nn.Module):

@@ -12,6 +12,10 @@ option is in the run id and the evaluation returns which one was used. Training:
 (0.5-2.0 of the target size on the shorter side), pad, random crop to ``img_size`` and horizontal flip,
 applied jointly to image and labels (mmseg's pipeline without cat_max_ratio and photometric jitter).
 
+Decoder: ``linear`` (built in: BN + 1x1 conv per patch, upsampled) or ``uper`` (mmseg 1.2.2's UPerHead on a
+ViTDet-style simple feature pyramid of the last layer's densified tokens, :mod:`lwbench.mmseg_compat`; needs
+``pip install 'lwbench[seg]'``), chosen with ``head.decoder`` (or this task's older ``decoder`` option).
+
 The metric is mmseg's ``IoUMetric``: intersection and union per class accumulated over the whole split
 (not averaged per image), mIoU over the classes whose union is non-empty, plus pixel accuracy (aAcc)
 and mean class accuracy (mAcc). ``test`` reads the validation split: the challenge test labels are
@@ -20,7 +24,6 @@ not public.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from lwbench.errors import ConfigError, DataError, DataNotFoundError, LwbenchError
+from lwbench import mmseg_compat
+from lwbench.errors import ConfigError, DataError, DataNotFoundError
+from lwbench.heads import DECODERS
 from lwbench.registry import register_task
 from lwbench.task import Task, normalize
 from lwbench.tasks._imageio import read_image
@@ -42,11 +47,12 @@ from lwbench.tasks.imagenet import check_split
 IGNORE = 255
 NUM_CLASSES = 150
 SPLIT_DIRS = {"train": "training", "val": "validation", "test": "validation"}
-MMSEG_DECODERS = ("fcn", "uper")  # heads that would come from mmsegmentation (lwbench[seg])
+MMSEG_DECODERS = ("uper",)  # decoders from mmsegmentation (lwbench[seg]); see lwbench/mmseg_compat.py
 
 
 def mmseg_available() -> bool:
-    return importlib.util.find_spec("mmseg") is not None
+    """A supported mmseg / mmcv / mmengine combination is installed (nothing imported)."""
+    return mmseg_compat.available()
 
 
 # -- metric: pure functions ---------------------------------------------------------------------------
@@ -191,13 +197,10 @@ class ADE20K(Task):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         decoder = str(self.opts["decoder"])
-        if decoder != "linear":
-            if decoder not in MMSEG_DECODERS:
-                raise ConfigError(f"ade20k decoder '{decoder}' is unknown; known: linear, {', '.join(MMSEG_DECODERS)}")
-            if not mmseg_available():
-                raise LwbenchError(f"ade20k decoder '{decoder}' needs mmsegmentation: install lwbench[seg] "
-                                   "(pip install 'lwbench[seg]'), or use decoder=linear")
-            raise ConfigError(f"ade20k decoder '{decoder}' (mmseg) is not wired into lwbench yet; use decoder=linear")
+        if decoder not in DECODERS:
+            raise ConfigError(f"ade20k decoder '{decoder}' is unknown; known: {', '.join(DECODERS)}")
+        if decoder in MMSEG_DECODERS:
+            mmseg_compat.check_versions()  # one line naming the supported versions, before any work
         if self.opts["label_resolution"] not in ("original", "resized"):
             raise ConfigError(f"ade20k label_resolution must be original or resized, not "
                               f"'{self.opts['label_resolution']}'")
@@ -213,11 +216,23 @@ class ADE20K(Task):
             raise DataNotFoundError(f"ADE20K not found under {root}: expected {self.expected_layout}; "
                                     f"pass --data-root DIR holding them (or DIR/ADEChallengeData2016/)")
 
-    def make_head(self, dim: int, pool: str = "token") -> torch.nn.Module:
-        """The decoder this task was configured with (only ``linear`` is built in); ``pool`` is for classifiers."""
-        from lwbench.heads import LinearSegHead
+    def decoder(self, head_decoder: str | None = None) -> str:
+        """The decoder to build: ``head.decoder`` (the run's head section) when it is not the default ``linear``,
+        else this task's ``decoder`` option (its older alias); both non-default and different is an error."""
+        task_decoder = str(self.opts["decoder"])
+        if head_decoder is None or head_decoder == "linear":
+            return task_decoder
+        if task_decoder != "linear" and task_decoder != head_decoder:
+            raise ConfigError(f"head.decoder={head_decoder} and task.decoder={task_decoder} disagree; set one "
+                              "(head.decoder is the current name)")
+        return head_decoder
 
-        return LinearSegHead(dim, self.num_classes)
+    def make_head(self, dim: int, pool: str = "token", decoder: str | None = None) -> torch.nn.Module:
+        """The segmentation decoder (:meth:`decoder`): ``linear`` (built in) or ``uper`` (mmseg's UPerHead on a
+        simple feature pyramid, lwbench[seg]); ``pool`` is for classifiers and unused here."""
+        from lwbench.heads import make_seg_head
+
+        return make_seg_head(dim, self.num_classes, self.decoder(decoder))
 
     def pairs(self, split: str) -> list[tuple[Path, Path]]:
         check_split(self, split)

@@ -64,6 +64,7 @@ ZERO_WORK_OPS: frozenset[str] = frozenset({
     "aten::contiguous", "aten::pad", "aten::reflection_pad2d", "aten::replication_pad2d", "aten::diagonal",
     "aten::tril", "aten::triu", "aten::eye", "aten::new_tensor", "aten::tensor", "aten::scalar_tensor",
     "aten::lerp_", "aten::isnan", "aten::isinf", "aten::isfinite", "aten::nan_to_num",
+    "aten::feature_dropout",  # nn.Dropout2d (mmseg's decode heads): the identity in eval mode
 })
 
 # Elementwise / normalisation / reduction ops: real but O(numel) work, uncounted by convention, listed.
@@ -253,6 +254,7 @@ _DISPATCH_ZERO_WORK = frozenset({
 _DISPATCH_ELEMENTWISE = frozenset({
     "aten::native_layer_norm", "aten::native_batch_norm", "aten::_native_batch_norm_legit_no_training",
     "aten::native_group_norm", "aten::_log_softmax", "aten::_softmax", "aten::_fused_rms_norm",
+    "aten::_adaptive_avg_pool2d", "aten::max_pool2d_with_indices",  # pooling (UPerHead's PPM, the pyramid's max-pool)
 })
 
 
