@@ -129,7 +129,12 @@ class Stage:
 class TeacherConfig(TrainConfig):
     """The task-trained backbone every method starts from (``lwbench/training/teacher.py``)."""
 
-    steps: int = option(0, "optimizer steps (0: use the backbone as loaded, untrained on the task)", min=0)
+    steps: int = option(0, "optimizer steps of the whole backbone + head (0: the backbone stays as loaded; the head "
+                        "then trains alone for probe_steps, a linear probe)", min=0)
+    probe_steps: int = option(0, "head-only steps on the frozen backbone before those (pretrained weights: a random "
+                              "head's first gradients would otherwise reach the features; with steps=0 the teacher "
+                              "is this linear probe)", min=0)
+    probe_lr: float = option(1e-3, "peak learning rate of the head-only steps", min=0, min_exclusive=True)
     dense_weight: float = option(0.0, "per-patch object loss weight (tasks with object boxes)", min=0)
     attn_weight: float = option(0.0, "attention-on-objects loss weight", min=0)
     attn_queries: str = option("cls", "query rows of that attention", choices=ATTN_QUERIES)
@@ -172,6 +177,9 @@ class MeasureConfig:
 @dataclass(frozen=True)
 class HeadConfig:
     pool: str = option("token", "classifier pooling: CLS token, max/avg over patches, or both", choices=POOLS)
+    decoder: str = option("linear", "segmentation decoder: linear (BN + 1x1 conv per patch, built in) or uper "
+                          "(mmseg's UPerHead on a simple feature pyramid; needs pip install 'lwbench[seg]'). Part of "
+                          "the run id only when not linear", choices=("linear", "uper"))
 
 
 @dataclass(frozen=True)
@@ -224,7 +232,10 @@ RUN_SECTIONS = ("head", "teacher", "train", "eval", "measure")
 # RunConfig fields the command line (and lwbench.run's keyword arguments) set directly, not through --set.
 FLAGS = ("seed", "source", "data_root", "backbone", "weights", "pretrained", "img_size", "device", "threads", "regime",
          "autocast", "retrain_teacher", "results", "force", "quiet")
-_PROFILE_KEYS = ("name", "description", "device", "threads", "defaults", "tasks", "methods")
+_PROFILE_KEYS = ("name", "description", "device", "threads", "defaults", "tasks", "methods", "pretrained_recipe")
+# ``pretrained_recipe``: a layer applied over ``defaults`` and ``tasks.<task>`` when the backbone starts from real
+# weights (``weights`` or ``pretrained``), so a pretrained backbone never gets a from-scratch learning rate. It holds
+# run sections (teacher, train, ...) and may hold ``methods.<method>`` option overrides.
 # Keys of RunConfig a profile's ``defaults`` / ``tasks.<t>`` blocks may set.
 _LAYER_KEYS = ("backbone", "weights", "pretrained", "img_size", "device", "threads", "regime", "autocast", "seed",
                "source",
@@ -306,6 +317,18 @@ def _set_run(run: dict, key: str, value: Any, valid: list[str]) -> None:
     set_nested(run, key, value)
 
 
+def starts_from_weights(*layers: dict) -> bool:
+    """Whether the backbone starts from real weights: ``weights`` or ``pretrained`` as the last layer that sets
+    them says (profile < flags < ``--set``)."""
+    weights, pretrained = None, False
+    for layer in layers:
+        if layer.get("weights") is not None:
+            weights = layer["weights"]
+        if layer.get("pretrained") is not None:
+            pretrained = layer["pretrained"]
+    return bool(weights) or pretrained in (True, "true", "True", 1)
+
+
 def resolve_config(method: str, task: str, budget: str | None = None, profile: str = "quick",
                    sets: list[str] | None = None, **flags: Any) -> RunConfig:
     """The :class:`RunConfig` of one point: profile YAML < ``flags`` < ``sets``.
@@ -329,19 +352,22 @@ def resolve_config(method: str, task: str, budget: str | None = None, profile: s
     raw = _merge_layer(raw, prof.get("defaults"), f"profile {profile}: defaults")
     raw = _merge_layer(raw, (prof.get("tasks") or {}).get(task), f"profile {profile}: tasks.{task}")
     mopts = copy.deepcopy((prof.get("methods") or {}).get(method) or {})
-    topts = dict(raw.pop("task_opts", None) or {})
-
     flag_mopts = flags.pop("method_opts", None) or {}
     flag_topts = flags.pop("task_opts", None) or {}
     unknown = [k for k in flags if k not in FLAGS]
     if unknown:
         raise ConfigError(f"unknown option '{unknown[0]}'{close_key(unknown[0], list(FLAGS))}")
+    run_sets, set_mopts, set_topts = split_sets(sets, method, task)
+    if starts_from_weights(raw, flags, run_sets):
+        recipe = dict(prof.get("pretrained_recipe") or {})
+        mopts = deep_merge(mopts, (recipe.pop("methods", None) or {}).get(method) or {})
+        raw = _merge_layer(raw, recipe, f"profile {profile}: pretrained_recipe")
+    topts = dict(raw.pop("task_opts", None) or {})
     for k, v in flags.items():
         if v is not None:
             raw[k] = v
     mopts = deep_merge(mopts, flag_mopts)
     topts = {**topts, **flag_topts}
-    run_sets, set_mopts, set_topts = split_sets(sets, method, task)
     topts = {**topts, **set_topts, **(run_sets.pop("task_opts", None) or {})}
     raw = deep_merge(raw, run_sets)
     mopts = deep_merge(mopts, set_mopts)

@@ -53,6 +53,10 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("bootstrap_seed", "int", "seed of the resampling"),
     ("regime", "str", "'off_the_shelf' (no training on top of the teacher) or 'finetuned' (train.* at the budget)"),
     ("teacher_steps", "int", "training steps of the task-trained backbone (0: used as loaded)"),
+    ("teacher_probe_steps", "int", "head-only steps on the frozen backbone before those (teacher_steps 0: the "
+                                   "teacher is a linear probe)"),
+    ("init", "str", "where the backbone's weights came from before the teacher: 'scratch' (random), "
+                    "'weights:<sha256[:12]>' (a file) or 'timm:<name>' (timm's published weights)"),
     ("pretrain_steps", "int", "steps of the method's stages before fine-tuning (LookWhere's distillation), else 0"),
     ("finetune_steps", "int", "task fine-tuning steps on top of the teacher at this budget (0: off the shelf)"),
     ("finetune_recipe", "str", "steps, lr, batch, warm-up of that fine-tuning ('-': none); equal across a comparison"),

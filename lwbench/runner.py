@@ -72,7 +72,7 @@ def check_writable(folder: Path, what: str) -> Path:
 
 # Settings added after rows and teachers existed, with the value that reproduces those: left out of the ids while
 # they hold it, so every earlier run id and teacher id (and the teachers lwbench ships) stay valid.
-_NEUTRAL = {"autocast": "none", "compile": "none"}
+_NEUTRAL = {"autocast": "none", "compile": "none", "probe_steps": 0, "probe_lr": 1e-3, "decoder": "linear"}
 
 
 def _neutral(d: dict) -> dict:
@@ -84,6 +84,7 @@ class Plan:
 
     def __init__(self, cfg: RunConfig):
         from lwbench.backbones import check_img_size, file_sha256, patch_size_of, spec_of
+        from lwbench.heads import check_decoder
 
         self.cfg = cfg
         self.method_cls = get_method(cfg.method)
@@ -92,6 +93,7 @@ class Plan:
         self.threads = int(cfg.threads or os.cpu_count() or 1)
         self.task = self.task_cls(source=cfg.source, data_root=cfg.data_root, img_size=cfg.img_size, seed=cfg.seed,
                                   **cfg.task_opts)
+        check_decoder(self.task.kind, cfg.head.decoder, self.task.name)
         self.backbone_name = cfg.backbone
         check_img_size(self.task.img_size, patch_size_of(self.backbone_name))
         self.spec = spec_of(self.backbone_name, self.task.img_size)
@@ -117,7 +119,7 @@ class Plan:
             "backbone": self.backbone_name, "weights_sha256": self.weights_sha256, "pretrained": self.pretrained,
             "task": task.name, "task_version": task.version, "source": task.source,
             "img_size": list(task.img_size), "task_opts": task.opts, "data": task.data_identity(),
-            "head": to_dict(cfg.head), "teacher": _neutral(to_dict(cfg.teacher)), "seed": cfg.seed,
+            "head": _neutral(to_dict(cfg.head)), "teacher": _neutral(to_dict(cfg.teacher)), "seed": cfg.seed,
         }
 
     def identity(self) -> dict[str, Any]:
@@ -133,6 +135,7 @@ class Plan:
         )
         d = _neutral(d)
         d["teacher"] = _neutral(d["teacher"])
+        d["head"] = _neutral(d["head"])
         d["measure"] = _neutral(d["measure"])
         return d
 
@@ -149,7 +152,10 @@ class Plan:
         steps = int(stage.steps) if stage is not None else 0
         recipe = (f"steps={steps} lr={stage.lr:g} batch={stage.batch_size} warmup={stage.warmup_steps}"
                   if steps else "-")
-        return {"regime": self.regime, "teacher_steps": int(self.cfg.teacher.steps), "pretrain_steps": pre,
+        init = (f"weights:{self.weights_sha256[:12]}" if self.weights_sha256 else
+                f"timm:{self.backbone_name}" if self.pretrained else "scratch")
+        return {"regime": self.regime, "teacher_steps": int(self.cfg.teacher.steps),
+                "teacher_probe_steps": int(self.cfg.teacher.probe_steps), "init": init, "pretrain_steps": pre,
                 "finetune_steps": steps, "finetune_recipe": recipe}
 
 
@@ -159,12 +165,12 @@ def build_teacher(plan: Plan, lock: bool = True):
     from lwbench.backbones import create_backbone
     from lwbench.heads import TaskModel
     from lwbench.shipping import forget_shipped, install, is_shipped_copy
-    from lwbench.training.teacher import is_done, load_teacher, train_teacher, training_time
+    from lwbench.training.teacher import is_done, load_teacher, train_teacher
     from lwbench.vit import FullEncoder
 
     task, cfg = plan.task, plan.cfg
     tdir = cache_dir() / "teachers" / plan.teacher_id
-    steps = cfg.teacher.steps
+    steps = cfg.teacher.steps + cfg.teacher.probe_steps  # either trains: a fine-tuned teacher or a linear probe
     cached = steps > 0 and is_done(tdir)
     if cached and cfg.retrain_teacher and is_shipped_copy(tdir):
         forget_shipped(tdir)
@@ -174,19 +180,32 @@ def build_teacher(plan: Plan, lock: bool = True):
     seed_everything(cfg.seed)  # before the backbone's weights are drawn: one config, one teacher
     vit = create_backbone(plan.backbone_name, task.img_size, weights=plan.weights,
                           pretrained=plan.pretrained and not cached)
-    model = TaskModel(FullEncoder(vit), task.make_head(vit.embed_dim, cfg.head.pool))
+    model = TaskModel(FullEncoder(vit), task.make_head(vit.embed_dim, cfg.head.pool, decoder=cfg.head.decoder))
     if steps <= 0:
+        log.warning("warning: teacher.steps=0 and teacher.probe_steps=0: the task head is untrained, so accuracy "
+                    "will be at chance; set teacher.probe_steps=N to train a linear probe on the frozen backbone")
         return model.eval(), 0.0, tdir
+    if cfg.teacher.steps == 0 and not cfg.quiet:
+        log.info("notice: teacher.steps=0: the backbone stays frozen as loaded and only the task head is trained "
+                 "(a linear probe, %d steps at lr %g)", cfg.teacher.probe_steps, cfg.teacher.probe_lr)
     if cached:
         load_teacher(model, tdir)
         log.info("teacher %s loaded from cache (%s)", plan.teacher_id, tdir)
-        return model.eval(), training_time(tdir), tdir
+        return model.eval(), _teacher_seconds(tdir), tdir
     log.info("training the task backbone ('teacher') %s on %s (%s) for %d steps; cached in %s", plan.backbone_name,
              task.name, task.source, steps, tdir)
     tdir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(tdir / "config.json", json.dumps(_jsonable(plan.teacher_config), indent=1))
     train_teacher(model, task, cfg.teacher, tdir, plan.device, cfg.quiet)
-    return model.eval(), training_time(tdir), tdir
+    return model.eval(), _teacher_seconds(tdir), tdir
+
+
+def _teacher_seconds(tdir: Path) -> float:
+    """Training time of a teacher folder, its linear probe (``probe/``, when it preceded fine-tuning) included."""
+    from lwbench.training.teacher import is_done, training_time
+
+    probe = tdir / "probe"
+    return training_time(tdir) + (training_time(probe) if is_done(probe) else 0.0)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -348,7 +367,7 @@ def _teacher_source(plan: Plan) -> str:
     (``teacher.steps=0``: the backbone as loaded)."""
     from lwbench.shipping import teacher_source
 
-    if plan.cfg.teacher.steps <= 0:
+    if plan.cfg.teacher.steps + plan.cfg.teacher.probe_steps <= 0:
         return "none"
     return teacher_source(cache_dir() / "teachers" / plan.teacher_id)
 

@@ -99,10 +99,15 @@ class Task(abc.ABC):
     def check_layout(self, root: Path) -> None:
         """Raise :class:`DataNotFoundError` (naming the expected layout) unless the real data is at ``root``."""
 
-    def make_head(self, dim: int, pool: str = "token") -> torch.nn.Module:
+    def make_head(self, dim: int, pool: str = "token", decoder: str = "linear") -> torch.nn.Module:
         """The task head every method of this task shares: a linear classifier on pooled tokens (``pool``:
-        ``head.pool``); segmentation tasks return their decoder."""
-        from lwbench.heads import ClassifierHead
+        ``head.pool``); segmentation tasks return their decoder (``head.decoder``)."""
+        from lwbench.errors import ConfigError
+        from lwbench.heads import ClassifierHead, check_decoder
+
+        check_decoder(self.kind, decoder, self.name)
+        if decoder != "linear":
+            raise ConfigError(f"task {self.name} builds no head.decoder={decoder}; use head.decoder=linear")
 
         return ClassifierHead(dim, self.num_classes, pool)
 

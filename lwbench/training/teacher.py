@@ -165,6 +165,11 @@ def train_teacher(model: nn.Module, task, settings: TeacherConfig, ckpt_dir: Pat
     """Train ``model`` (TaskModel around a timm ViT) on ``task`` per ``settings`` (the run's ``teacher`` section,
     typed and validated: its defaults and ranges live in :class:`lwbench.config.TeacherConfig` alone)."""
     s = settings
+    if s.probe_steps > 0:
+        # The probe first: in its own folder when the backbone trains after it, else it is the teacher.
+        train_probe(model, task, s, ckpt_dir / "probe" if s.steps > 0 else ckpt_dir, device, quiet)
+        if s.steps <= 0:
+            return model
     weight, attn_weight = s.dense_weight, s.attn_weight
     n_obj = object_classes(task) if weight > 0 or attn_weight > 0 else 0
     common = dict(steps=s.steps, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, ckpt_dir=ckpt_dir,
@@ -184,6 +189,27 @@ def train_teacher(model: nn.Module, task, settings: TeacherConfig, ckpt_dir: Pat
     return model
 
 
+def train_probe(model: nn.Module, task, s: TeacherConfig, ckpt_dir: Path, device: str, quiet: bool) -> nn.Module:
+    """``s.probe_steps`` steps of the task head alone on the frozen backbone (at ``s.probe_lr``, warm-up a tenth).
+
+    Before a pretrained backbone is fine-tuned, this gives the head a sensible start (LP-FT, Kumar et al. 2022): a
+    random head's first gradients are what pull pretrained features away. With ``teacher.steps=0`` it is the
+    whole teacher: a linear probe."""
+    frozen = [p for p in model.encoder.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        data = EpochStream(task.dataset("train", train=True), s.batch_size, seed=task.seed, num_workers=s.workers)
+        train_loop(model, task_loss, data, steps=s.probe_steps, lr=s.probe_lr, weight_decay=s.weight_decay,
+                   warmup_steps=max(1, s.probe_steps // 10), params=list(model.head.parameters()), ckpt_dir=ckpt_dir,
+                   device=device, desc=f"linear probe {task.name}", quiet=quiet, grad_clip=s.grad_clip,
+                   lr_key="teacher.probe_lr", autocast=s.autocast)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return model
+
+
 def load_teacher(model: nn.Module, ckpt_dir: Path) -> nn.Module:
     """Load a finished teacher checkpoint, written with or without the dense trainer around it."""
     from safetensors import safe_open
@@ -199,5 +225,6 @@ def load_teacher(model: nn.Module, ckpt_dir: Path) -> nn.Module:
     return model
 
 
-__all__ = ["cell_targets", "ObjectCells", "DenseTrainer", "attention_object_loss", "train_teacher", "load_teacher",
+__all__ = ["cell_targets", "ObjectCells", "DenseTrainer", "attention_object_loss", "train_teacher", "train_probe",
+           "load_teacher",
            "is_done", "training_time"]
