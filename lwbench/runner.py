@@ -97,6 +97,12 @@ class Plan:
         self.backbone_name = cfg.backbone
         check_img_size(self.task.img_size, patch_size_of(self.backbone_name))
         self.spec = spec_of(self.backbone_name, self.task.img_size)
+        if self.task.kind == "classification" and cfg.head.pool in ("token", "token+max") and \
+                str(getattr(self.spec, "family", "vit")).endswith("noclass"):
+            from lwbench.errors import ConfigError
+
+            raise ConfigError(f"backbone {self.backbone_name} has no class token, so head.pool={cfg.head.pool} has "
+                              "nothing to read; use --set head.pool=avg (or max)")
         opts = cfg.method_opts if cfg.method_opts is not None else self.method_cls.resolve_options({}, cfg.train)
         self.method = self.method_cls(self.spec, resolve_budget(self.method_cls, cfg.budget), opts=opts)
         self.regime = resolve_regime(self.method_cls, cfg.regime)

@@ -53,6 +53,15 @@ def save_figure(fig, out: str | Path, rect=None) -> Path:
     return out
 
 
+def untrained_selector(plan, where) -> str:
+    """A warning when the drawn selection map comes from a selector nothing trained (no pretraining stage ran and
+    no selector weights were loaded): its map is then noise, whatever the figure seems to show."""
+    if where is None or plan.effort()["pretrain_steps"] > 0 or getattr(plan.method.opts, "weights", None):
+        return ""
+    return (f"the {plan.method.name} selector drawn here is untrained (its pretraining has 0 steps and no "
+            "method.weights were given): the selection map is noise.")
+
+
 def show(req, out: Path, n: int = 4) -> Path:
     from lwbench.task import denormalize
 
@@ -96,8 +105,12 @@ def show(req, out: Path, n: int = 4) -> Path:
         clear_ticks(axes[r])
     fig.suptitle(f"{plan.method.name} {plan.method.budget_str()} on {plan.task.name} "
                  f"({plan.task.source.upper()} source)", fontsize=11)
-    warning = plan.method.diagnostics.get("selection_warning")
-    if warning:  # the distillation guard fired: say so where the reader looks
+    warning = " ".join(w for w in (untrained_selector(plan, where), plan.method.diagnostics.get("selection_warning"))
+                       if w)
+    if warning:  # the distillation guard fired, or nothing trained the selector: say so where the reader looks
+        import logging
+
+        logging.getLogger("lwbench").warning("warning: %s", warning)
         import textwrap
 
         text = textwrap.fill("WARNING: " + warning, 100)

@@ -173,3 +173,22 @@ def test_guard_warning_reaches_row_table_and_figure(monkeypatch, tmp_path, capsy
                                                      real_save(fig, out, rect))[1])
     assert main(["show", *lw, "--out", str(tmp_path / "s.png"), "--n", "1"]) == 0
     assert any(t.startswith("WARNING: the teacher's attention does not cover") for t in texts)
+
+
+def test_show_warns_when_the_selector_is_untrained(monkeypatch, tmp_path, capsys):
+    from lwbench import show
+
+    texts = []
+    real_save = show.save_figure
+    monkeypatch.setattr(show, "save_figure",
+                        lambda fig, out, rect=None: (texts.extend(t.get_text() for t in fig.texts),
+                                                     real_save(fig, out, rect))[1])
+    lw = ["--method", "lookwhere", "--task", "traffic_signs", "--budget", "k=6", *TINY,
+          "--set", "method.distill.steps=0", "--set", "method.finetune.steps=1"]
+    assert main(["show", *lw, "--out", str(tmp_path / "s.png"), "--n", "1"]) == 0
+    assert "selector drawn here is untrained" in capsys.readouterr().err
+    assert any("WARNING: the lookwhere selector drawn here is untrained" in t for t in texts)
+    texts.clear()
+    trained = [a if a != "method.distill.steps=0" else "method.distill.steps=2" for a in lw]
+    assert main(["show", *trained, "--out", str(tmp_path / "t.png"), "--n", "1"]) == 0
+    assert not any("untrained" in t for t in texts)

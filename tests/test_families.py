@@ -160,3 +160,15 @@ def test_unsupported_timm_models_are_refused_in_one_line(name):
         check_backbone_name(name)
     msg = str(err.value)
     assert "\n" not in msg and "supports" in msg and "vit, vit-noclass, eva, eva-noclass" in msg
+
+
+def test_classifier_pool_token_on_a_backbone_without_class_token_is_one_line():
+    from lwbench.config import resolve_config
+    from lwbench.errors import ConfigError
+    from lwbench.runner import Plan
+
+    with pytest.raises(ConfigError, match=r"no class token, so head.pool=token .* head.pool=avg"):
+        Plan(resolve_config("full", "traffic_signs", backbone="vit_base_patch16_siglip_224", source="synthetic",
+                            sets=["head.pool=token"]))
+    Plan(resolve_config("full", "traffic_signs", backbone="vit_base_patch16_siglip_224", source="synthetic",
+                        sets=["head.pool=avg"]))
