@@ -179,11 +179,13 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--teacher-weights", default=None, help="teacher state dict (.safetensors/.pth); default: timm's")
     g.add_argument("--data", required=True, help="a task name (its training images; labels unused) or an image folder")
     g.add_argument("--data-root", default=None, help="where the task's real data lives (tasks only)")
-    g.add_argument("--img-size", type=int, default=None,
-                   help="high-res size in px (default: the task's, 224 for folders)")
+    g.add_argument("--img-size", default=None,
+                   help="high-res size: S or HxW, e.g. 518 or 504x672 (default: the task's, 224 for folders)")
     g = parser.add_argument_group("student")
     g.add_argument("--selector-depth", type=int, default=None, help="selector blocks (default 3)")
-    g.add_argument("--selector-size", default=None, help="selector input px, multiple of the patch (default ~0.3 x)")
+    g.add_argument("--selector-size", default=None,
+                   help="selector input: px (154), HxW (112x154), a fraction of the high-res size (0.3), or auto "
+                        "(default: the paper's 11 patches on the short side, the long side in proportion)")
     g.add_argument("--distill-min-k", type=int, default=16)
     g.add_argument("--distill-max-k", type=int, default=128)
     g.add_argument("--attn-queries", choices=ATTN_QUERIES, default="patch",
