@@ -99,7 +99,7 @@ def cmd_list(args) -> int:
             except Exception as exc:
                 rows.append([name, f"(failed to load: {exc})", "", "", "", ""])
                 continue
-            rows.append([name, c.kind, c.num_classes, c.metric, ",".join(c.sources),
+            rows.append([name, c.kind, c.num_classes or "from data", c.metric, ",".join(c.sources),
                          "x".join(map(str, c.default_img_size)), c.description])
         print(tabulate(rows, headers=["task", "kind", "classes", "metric", "sources", "default size", "description"]))
     return 0
