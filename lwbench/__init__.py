@@ -68,7 +68,7 @@ def create_model(method: str, backbone: str, img_size, budget: str | None = None
     linear classifier: an ``nn.Module`` mapping images to logits (``.encoder`` returns a ``TokenOutput``).
     Untrained: use it to count FLOPs, time, or wrap your own training; ``lwbench.run`` trains and evaluates."""
     from lwbench.backbones import create_backbone
-    from lwbench.heads import ClassifierHead, TaskModel
+    from lwbench.heads import ClassifierHead, TaskModel, default_pool
     from lwbench.method import BackboneSpec, resolve_budget
     from lwbench.sizes import as_hw
 
@@ -77,7 +77,7 @@ def create_model(method: str, backbone: str, img_size, budget: str | None = None
     value = resolve_budget(cls, budget)
     vit = create_backbone(backbone, hw, weights=weights).eval()
     m = cls(BackboneSpec.of(vit, backbone, hw), value, **opts)
-    return TaskModel(m.build(vit), ClassifierHead(vit.embed_dim, num_classes)).eval()
+    return TaskModel(m.build(vit), ClassifierHead(vit.embed_dim, num_classes, default_pool(vit))).eval()
 
 
 __all__ = ["__version__", "run", "configure", "list_methods", "list_tasks", "create_model", "METHODS", "TASKS",

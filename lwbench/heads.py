@@ -13,6 +13,12 @@ from torch import nn
 from lwbench.tokens import TokenOutput, densify
 
 
+def default_pool(vit: nn.Module) -> str:
+    """The classifier pooling of a model counted or timed outside a run: CLS when the backbone has one (timm's
+    ``global_pool='token'``), else the mean of the patch tokens (SigLIP-style towers have no class token)."""
+    return "token" if getattr(vit, "cls_token", None) is not None else "avg"
+
+
 class ClassifierHead(nn.Module):
     """Linear classifier on pooled tokens, the same head for every method of a task.
 

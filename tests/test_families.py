@@ -172,3 +172,13 @@ def test_classifier_pool_token_on_a_backbone_without_class_token_is_one_line():
                             sets=["head.pool=token"]))
     Plan(resolve_config("full", "traffic_signs", backbone="vit_base_patch16_siglip_224", source="synthetic",
                         sets=["head.pool=avg"]))
+
+
+def test_flops_and_create_model_pool_patches_on_a_backbone_without_class_token():
+    import lwbench
+    from lwbench.measure.flops import flops_report
+
+    rep = flops_report("tome", "vit_base_patch16_siglip_224", (32, 32), budget="r=1")
+    assert rep["gmacs"] > 0 and not rep["unsupported_ops"]
+    model = lwbench.create_model("full", "vit_base_patch16_siglip_224", 32, num_classes=3)
+    assert model.head.pool == "avg" and model(torch.randn(1, 3, 32, 32)).shape == (1, 3)

@@ -485,7 +485,7 @@ def random_model(method: str, backbone: str, img_size, budget: str | None = None
                  opts: dict[str, Any] | None = None, seed: int = 0):
     """``(TaskModel, Method, vit, (H, W))``: ``method`` at ``budget`` around a randomly initialised backbone."""
     from lwbench.backbones import create_backbone
-    from lwbench.heads import ClassifierHead, TaskModel
+    from lwbench.heads import ClassifierHead, TaskModel, default_pool
     from lwbench.method import BackboneSpec, resolve_budget
     from lwbench.registry import get_method
 
@@ -496,7 +496,7 @@ def random_model(method: str, backbone: str, img_size, budget: str | None = None
     vit = create_backbone(backbone, hw).eval()
     spec = BackboneSpec.of(vit, backbone, hw)
     m = cls(spec, value, **(opts or {})) if isinstance(opts, dict) or opts is None else cls(spec, value, opts=opts)
-    return TaskModel(m.build(vit), ClassifierHead(spec.embed_dim, num_classes)).eval(), m, vit, hw
+    return TaskModel(m.build(vit), ClassifierHead(spec.embed_dim, num_classes, default_pool(vit))).eval(), m, vit, hw
 
 
 def flops_report(
