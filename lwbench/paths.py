@@ -22,12 +22,15 @@ def cache_dir() -> Path:
     return path
 
 
-def temp_beside(folder: Path, name: str) -> Path:
+def temp_beside(folder: Path, name: str, suffix: str = ".tmp") -> Path:
     """A fresh hidden file ``.<name>.XXXX.tmp`` in ``folder`` (created): two writers of one folder never share
-    a temporary name; readable by others like an ordinary file (mkstemp's 0600 would hide a shared cache)."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    a temporary name; its mode is an ordinary new file's (``0666`` less the umask, as ``open`` gives), not
+    mkstemp's 0600, which would hide results, plots and a shared cache from colleagues."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=suffix)
     os.close(fd)
-    os.chmod(tmp, 0o644)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lwbench.errors import ConfigError, LwbenchError
+from lwbench.paths import temp_beside
 from lwbench.results import SOURCES, metric_label
 
 if TYPE_CHECKING:
@@ -330,8 +330,7 @@ def pareto_plot(df: pd.DataFrame, task: str, x: str = "gmacs", out: str | os.Pat
     out = Path(out) if out is not None else Path(f"pareto_{task}_{x}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fmt = out.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=f".{fmt}.tmp")
-    os.close(fd)
+    tmp = temp_beside(out.parent, out.stem, suffix=f".{fmt}.tmp")
     try:
         fig.savefig(tmp, dpi=dpi, format=fmt)
         os.replace(tmp, out)

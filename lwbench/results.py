@@ -16,13 +16,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lwbench.errors import LwbenchError
+from lwbench.paths import temp_beside
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -309,9 +309,9 @@ class ResultStore:
             return None
         path = self.per_image_path(row)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{row['run_id']}.", suffix=".npz.tmp")
+        tmp = temp_beside(path.parent, str(row["run_id"]), suffix=".npz.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 np.savez_compressed(f, **{k: np.asarray(v) for k, v in arrays.items()})
             os.replace(tmp, path)
         except BaseException:
@@ -344,9 +344,9 @@ class ResultStore:
         path = self.path_for(row)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(_jsonable(row), indent=1, sort_keys=False, allow_nan=False, ensure_ascii=False) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        tmp = temp_beside(path.parent, path.stem)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())

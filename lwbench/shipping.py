@@ -16,10 +16,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from lwbench.backbones import file_sha256 as sha256  # the hash weights enter run ids by: one definition
+from lwbench.paths import temp_beside
 
 log = logging.getLogger("lwbench")
 
@@ -53,8 +53,7 @@ def install(teacher_id: str, tdir: Path) -> bool:
     tdir = Path(tdir)
     tdir.mkdir(parents=True, exist_ok=True)
     for name in (MARKER, *FILES):
-        fd, tmp = tempfile.mkstemp(dir=tdir, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = temp_beside(tdir, name)
         shutil.copyfile(src / name, tmp)
         os.replace(tmp, tdir / name)
     log.info("teacher %s: using the copy lwbench ships (trained by `%s` in %.0f s on %s; %s); "

@@ -310,3 +310,25 @@ def test_table_shows_object_recall_and_the_guard_warning(tmp_path):
     assert "object recall" in text and "0.91" in text and "0.05" in text
     warnings_ = [ln for ln in text.splitlines() if ln.startswith("warning:")]
     assert warnings_ == ["warning: lookwhere k=32 seed 1: the teacher's attention does not cover the objects"]
+
+
+def test_rows_per_image_files_and_plots_are_readable_by_colleagues(tmp_path):
+    """Atomic writes go through a temporary file; it must end with an ordinary file's mode (0666 less the umask),
+    not mkstemp's 0600."""
+    import os
+    import stat
+
+    from lwbench.plots import pareto_plot
+    from lwbench.results import ResultStore
+
+    umask = os.umask(0o022)
+    try:
+        store = ResultStore(tmp_path / "res")
+        rows = [make_row(k=k, acc=50.0 + k / 8) for k in (16, 32)]
+        paths = [store.write(r) for r in rows]
+        npz = store.write_per_image(rows[0], {"top1": np.ones(4, np.uint8)})
+        png = pareto_plot(store.frame(), "traffic_signs", out=tmp_path / "p.png")
+    finally:
+        os.umask(umask)
+    for p in [*paths, npz, png]:
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o644, p
