@@ -10,6 +10,12 @@ The forward keeps timm's fused ``scaled_dot_product_attention``; the last block'
 with a forward pre-hook and the logits are recomputed from that block's own ``norm1``/``qkv``/``q_norm``/
 ``k_norm``. A logit is linear in the query, so the mean over query rows is taken on the queries first
 (``mean_i q_i . k_j = (mean_i q_i) . k_j``): O(N d), never an N x N matrix.
+
+On a RoPE ``Eva`` (DINOv3, EVA-02) the logits are the ones its ``EvaAttention`` feeds the softmax: q and k
+with the q/v biases, after ``q_norm``/``k_norm``, rotated by the block's RoPE (:func:`lwbench.eva.attention_logits`).
+The captures record the RoPE each block was *called* with (timm's ``forward_features`` passes its grid
+table as ``rope=``; lwbench's seam passes the table indexed at the kept cells), so the logits are the
+model's own for every token subset. A ``VisionTransformer``'s blocks take no RoPE; their path is unchanged.
 """
 
 from __future__ import annotations
@@ -17,11 +23,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lwbench import eva
 
-def attention_logits(block: nn.Module, x: torch.Tensor, n_prefix: int, queries: str = "patch") -> torch.Tensor:
+
+def attention_logits(block: nn.Module, x: torch.Tensor, n_prefix: int, queries: str = "patch",
+                     rope: torch.Tensor | None = None) -> torch.Tensor:
     """``(B, N_patches)``: pre-softmax attention logits of ``block`` on its input ``x`` (before ``norm1``),
     averaged over heads and over the query rows (``"patch"``: all patch rows; ``"cls"``: the CLS row),
-    for patch keys only."""
+    for patch keys only. ``rope``: what an Eva block was called with (``lwbench.vit.rope_of``); a
+    ``VisionTransformer`` block has none."""
+    if eva.is_eva_block(block):
+        return eva.attention_logits(block, x, n_prefix, rope, queries)
     attn = block.attn
     h = block.norm1(x)
     b, n, _ = h.shape
@@ -33,6 +45,16 @@ def attention_logits(block: nn.Module, x: torch.Tensor, n_prefix: int, queries: 
     return logits.mean(dim=1)
 
 
+def _rope_arg(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The RoPE an Eva block was called with (``EvaBlock.forward(x, rope=None, attn_mask=None)``); None for
+    any other block."""
+    if not eva.is_eva_block(block):
+        return None
+    if "rope" in kwargs:
+        return kwargs["rope"]
+    return args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+
+
 class BlockInputs:
     """Context manager capturing the inputs of ``vit.blocks[i]`` for ``i`` in ``blocks`` (``None``: every
     block) during the forwards run inside it; ``logits()`` gives each captured block's attention logits."""
@@ -42,10 +64,15 @@ class BlockInputs:
         self.indices = list(range(depth)) if blocks is None else [b % depth for b in blocks]
         self.blocks = [vit.blocks[i] for i in self.indices]
         self.x: dict[int, torch.Tensor] = {}
+        self.rope: dict[int, torch.Tensor | None] = {}
+
+    def _capture(self, i: int, blk: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.x[i], self.rope[i] = args[0], _rope_arg(blk, args, kwargs)
 
     def __enter__(self) -> BlockInputs:
-        self._hooks = [blk.register_forward_pre_hook(lambda _m, args, i=i: self.x.__setitem__(i, args[0]))
-                       for i, blk in zip(self.indices, self.blocks)]
+        self._hooks = [blk.register_forward_pre_hook(lambda m, args, kw, i=i: self._capture(i, m, args, kw),
+                                                     with_kwargs=True)
+                       for i, blk in zip(self.indices, self.blocks, strict=True)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -57,7 +84,8 @@ class BlockInputs:
         missing = [i for i in self.indices if i not in self.x]
         if missing:
             raise RuntimeError(f"BlockInputs: block(s) {missing} saw no forward inside the context")
-        return {i: attention_logits(blk, self.x[i], n_prefix, queries) for i, blk in zip(self.indices, self.blocks)}
+        return {i: attention_logits(blk, self.x[i], n_prefix, queries, self.rope.get(i))
+                for i, blk in zip(self.indices, self.blocks, strict=True)}
 
 
 class LastBlockInput:
@@ -66,9 +94,14 @@ class LastBlockInput:
     def __init__(self, vit: nn.Module):
         self.block = vit.blocks[-1]
         self.x: torch.Tensor | None = None
+        self.rope: torch.Tensor | None = None
+
+    def _capture(self, args: tuple, kwargs: dict) -> None:
+        self.x, self.rope = args[0], _rope_arg(self.block, args, kwargs)
 
     def __enter__(self) -> LastBlockInput:
-        self._hook = self.block.register_forward_pre_hook(lambda _m, args: setattr(self, "x", args[0]))
+        self._hook = self.block.register_forward_pre_hook(lambda _m, args, kw: self._capture(args, kw),
+                                                          with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -77,4 +110,4 @@ class LastBlockInput:
     def logits(self, n_prefix: int, queries: str = "patch") -> torch.Tensor:
         if self.x is None:
             raise RuntimeError("LastBlockInput: no forward ran inside the context")
-        return attention_logits(self.block, self.x, n_prefix, queries)
+        return attention_logits(self.block, self.x, n_prefix, queries, self.rope)

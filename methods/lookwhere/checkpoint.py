@@ -39,10 +39,26 @@ def _few(items, n: int = 6) -> str:
 
 
 # -- architecture ----------------------------------------------------------------------------------
+# The hidden width of block 0's MLP, by timm's layouts: ``Mlp`` (fc1 (h, d), fc2 (d, h)), ``SwiGLU`` (EVA-02's
+# scale_mlp form: fc1_g and fc1_x (h, d), fc2 (d, h)) and ``GluMlp``/``SwiGLUPacked`` (gate and value packed
+# in fc1 (2h, d), fc2 (d, h)). fc2's input width is h in all three; without fc2, fc1_g's rows, then fc1's.
+_MLP_KEYS = ("blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc1_g.weight", "blocks.0.mlp.fc1.weight")
+
+
+def _mlp_width(sd: dict[str, torch.Tensor]) -> int | None:
+    for key in _MLP_KEYS:
+        if key in sd:
+            w = sd[key]
+            return int(w.shape[1] if key.endswith("fc2.weight") else w.shape[0])
+    return None
+
+
 def describe_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Architecture facts readable from a timm ViT state dict."""
-    need = ["patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"]
-    missing = [k for k in need if k not in sd]
+    """Architecture facts readable from a timm ViT or Eva state dict (plain, SwiGLU or packed GLU MLPs)."""
+    missing = [k for k in ["patch_embed.proj.weight"] if k not in sd]
+    mlp = _mlp_width(sd)
+    if mlp is None:
+        missing.append(" or ".join(_MLP_KEYS))
     if missing:
         raise CheckpointError(f"not a timm ViT state dict: missing {_few(missing)}")
     w = sd["patch_embed.proj.weight"]
@@ -51,7 +67,7 @@ def describe_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, int]:
         "dim": int(w.shape[0]),
         "patch": int(w.shape[-1]),
         "depth": max(blocks) + 1,
-        "mlp": int(sd["blocks.0.mlp.fc1.weight"].shape[0]),
+        "mlp": mlp,
         "registers": int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0,
     }
 
@@ -130,12 +146,16 @@ def encoder_from_official(src: str | Path | dict, teacher: VisionTransformer, im
     if head_missing:
         raise CheckpointError(f"{name}: missing {_few(head_missing)}")
     n_pre = 0 if teacher.no_embed_class else teacher.num_prefix_tokens
-    if "pos_embed" not in sel_sd:
-        raise CheckpointError(f"{name}: missing selector.backbone.pos_embed")
-    g_low = _square(sel_sd["pos_embed"].shape[1] - n_pre, "selector.backbone.pos_embed", name)
     r = _square(head_sd["w2.weight"].shape[0], "selector.head.w2", name)
-    if selector_size is None:
-        selector_size = g_low * arch["patch"]
+    if "pos_embed" in sel_sd:
+        g_low = _square(sel_sd["pos_embed"].shape[1] - n_pre, "selector.backbone.pos_embed", name)
+        if selector_size is None:
+            selector_size = g_low * arch["patch"]
+    elif getattr(teacher, "pos_embed", None) is not None:
+        raise CheckpointError(f"{name}: missing selector.backbone.pos_embed")
+    elif selector_size is None:  # RoPE only (DINOv3): nothing in the file records the selector's resolution
+        raise CheckpointError(f"{name}: the selector has no position embedding (RoPE-only backbone), so the file "
+                              "does not record its resolution; set lookwhere's selector_size")
     enc = build_encoder(teacher, k, arch["depth"], selector_size, img_size, r=r)
     for part, module, weights in (("selector.backbone", enc.selector.vit, sel_sd),
                                   ("extractor", enc.extractor.vit, ext_sd)):
