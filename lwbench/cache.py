@@ -174,6 +174,35 @@ def drop(path_or_id: str | Path, root: Path | None = None) -> Path:
     return target
 
 
+def describe(folder: Path) -> str:
+    """A cache folder in words: what it is, each stage with its steps, time and state, and its config."""
+    folder = Path(folder)
+    kind = KINDS.get(folder.parent.name)
+    entry = _entry(folder, kind or "run") if kind else None
+    base = entry.path if entry else folder
+    lines = [f"{kind or 'stage'} {folder.name}  ({base})"]
+    if entry:
+        lines.append(f"status {entry.status}, {format_size(entry.size_bytes)}; {entry.summary}")
+    _, _, stages, _ = _scan(folder)
+    for stage in sorted(stages):
+        done = stage / "done.json"
+        info: dict[str, Any] = {}
+        try:
+            info = json.loads((done if done.is_file() else stage / "state.json").read_text())
+        except (OSError, ValueError):
+            pass
+        state = "done" if done.is_file() else "partial"
+        steps = info.get("steps", info.get("step", "?"))
+        secs = info.get("elapsed_s", info.get("elapsed"))
+        took = f", {float(secs):.0f} s" if isinstance(secs, (int, float)) else ""
+        lines.append(f"  stage {str(stage.relative_to(folder)) or '.'}: {state}, {steps} steps{took}")
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        lines.append("config.json:")
+        lines += ["  " + line for line in cfg.read_text().splitlines()]
+    return "\n".join(lines)
+
+
 def format_size(n: int) -> str:
     """``1.5 MB``-style size for listings."""
     size = float(n)
@@ -184,4 +213,4 @@ def format_size(n: int) -> str:
     return f"{size:.1f} GB"
 
 
-__all__ = ["CacheEntry", "list_entries", "resolve", "drop", "format_size"]
+__all__ = ["CacheEntry", "list_entries", "resolve", "drop", "describe", "format_size"]

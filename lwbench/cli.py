@@ -315,11 +315,15 @@ def cmd_cache(args) -> int:
     from lwbench.paths import cache_dir
 
     root = cache_dir()
-    if args.what == "drop":
-        if not args.entry:
-            raise ConfigError("lwbench cache drop needs an entry: a teacher or run id, or its folder")
+    if args.what in ("drop", "rm", "show") and not args.entry:
+        raise ConfigError(f"lwbench cache {args.what} needs an entry: a teacher or run id, or a folder inside it")
+    if args.what in ("drop", "rm"):
         for entry in args.entry:
             print(f"removed {cache.drop(entry, root)}")
+        return 0
+    if args.what == "show":
+        for entry in args.entry:
+            print(cache.describe(cache.resolve(entry, root)))
         return 0
     from tabulate import tabulate
 
@@ -330,7 +334,7 @@ def cmd_cache(args) -> int:
     rows = [[e.id, e.kind, e.status, cache.format_size(e.size_bytes), ", ".join(e.stages), e.summary]
             for e in entries]
     print(tabulate(rows, headers=["id", "kind", "status", "size", "stages", "config"]))
-    print(f"\n{root}; drop one with: lwbench cache drop ID")
+    print(f"\n{root}; inspect one with: lwbench cache show ID; remove one (or one stage) with: lwbench cache rm ID")
     return 0
 
 
@@ -481,9 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_config)
 
-    p = sub.add_parser("cache", help="list cached teachers and runs, or drop one (a damaged or unwanted entry)")
-    p.add_argument("what", choices=["ls", "drop"])
-    p.add_argument("entry", nargs="*", help="teacher or run id, or its folder (drop)")
+    p = sub.add_parser("cache", help="list cached teachers and runs, show one, or remove one or one of its stages",
+                       epilog="examples:\n  lwbench cache list\n  lwbench cache show 39204dc44bea\n"
+                              "  lwbench cache rm runs/7202daef17ba/finetune   # the next run retrains that stage only",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["list", "ls", "show", "rm", "drop"], help="list (ls), show, rm (drop)")
+    p.add_argument("entry", nargs="*", help="teacher or run id (a unique prefix will do), or a folder inside the "
+                                            "cache such as runs/<id>/<stage>")
     _common(p)
     p.set_defaults(fn=cmd_cache)
 

@@ -192,3 +192,33 @@ def test_show_warns_when_the_selector_is_untrained(monkeypatch, tmp_path, capsys
     trained = [a if a != "method.distill.steps=0" else "method.distill.steps=2" for a in lw]
     assert main(["show", *trained, "--out", str(tmp_path / "t.png"), "--n", "1"]) == 0
     assert not any("untrained" in t for t in texts)
+
+
+def test_cache_list_show_rm_one_stage_and_the_run_redoes_only_it(tmp_path, capfd):
+    """After a run: `cache list` names its stages, `cache show` their steps; removing the fine-tuning stage makes
+    the next --force run retrain exactly that stage and reuse the teacher."""
+    from lwbench.paths import cache_dir
+
+    argv = ["run", "--method", "random", "--task", "traffic_signs", "--budget", "k=6", *TINY, "--set",
+            "method.finetune.steps=2"]
+    argv.remove("--quiet")
+    assert main(argv) == 0
+    capfd.readouterr()
+    assert main(["cache", "list"]) == 0
+    out = capfd.readouterr().out
+    run_dir = next((cache_dir() / "runs").iterdir())
+    assert run_dir.name in out and "teacher" in out
+    stages = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
+    assert stages == ["random-6"], stages  # one fine-tuning stage at the budget, not two
+    stage = run_dir / stages[0]
+    assert main(["cache", "show", run_dir.name]) == 0
+    assert f"stage {stage.name}: done, 2 steps" in capfd.readouterr().out
+    assert main(["cache", "rm", str(stage)]) == 0
+    assert not stage.exists()
+    assert main([*argv, "--force"]) == 0
+    err = capfd.readouterr().err
+    assert "loaded from cache" in err  # the teacher is not retrained ...
+    assert "reused from the cache" not in err  # ... the removed stage is
+    assert (stage / "done.json").is_file()
+    assert main([*argv, "--force"]) == 0
+    assert f"reused from the cache (2 steps, {stage}" in capfd.readouterr().err

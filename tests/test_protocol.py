@@ -50,8 +50,8 @@ def test_every_method_gets_the_same_finetuning_recipe_and_the_row_says_so():
     assert efforts["lookwhere"]["pretrain_steps"] == 400 and efforts["tome"]["pretrain_steps"] == 0
     assert all(e["teacher_steps"] == 1000 for e in efforts.values())
     off = _plan("tome", **train).effort()
-    assert off == {"regime": "off_the_shelf", "teacher_steps": 1000, "pretrain_steps": 0, "finetune_steps": 0,
-                   "finetune_recipe": "-"}
+    assert off == {"regime": "off_the_shelf", "init": "scratch", "teacher_steps": 1000, "teacher_probe_steps": 0,
+                   "pretrain_steps": 0, "finetune_steps": 0, "finetune_recipe": "-"}
     # a method's own override is honoured and visible, so the comparison can say it is not equal-effort
     own = _plan("random", "finetuned", **train, **{"method.finetune.steps": 5}).effort()
     assert own["finetune_recipe"].startswith("steps=5 ")

@@ -398,6 +398,9 @@ def train_loop(
         if agree(ckpt_dir is not None and is_finished(ckpt_dir, steps)):  # e.g. by the process this one waited for
             if load_checkpoint(model, ckpt_dir) is None:
                 raise damaged(ckpt_dir / STATE, f"missing although {DONE} says the stage is finished")
+            if not quiet and is_main_process():
+                log.info("%s: reused from the cache (%d steps, %s; `lwbench cache rm %s` retrains it)", desc, steps,
+                         ckpt_dir, ckpt_dir)
             return model.to(device).eval()
         return _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckpt_dir, device, desc,
                       quiet, grad_clip, ckpt_every_s, lr_key, autocast, data_parallel)
