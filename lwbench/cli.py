@@ -255,7 +255,8 @@ def cmd_results(args) -> int:
     from lwbench.results import ResultStore, format_results
 
     store = ResultStore(Path(args.results) if args.results else results_dir())
-    df = store.frame(task=args.task, method=args.method)
+    # tables name the settings that tell otherwise identical rows apart, so they need the whole config
+    df = store.frame(task=args.task, method=args.method, keep_config=args.format in ("table", "md"))
     if df.empty:
         print("no results yet" + (f" for task {args.task}" if args.task else "") +
               "; run e.g. `lwbench run --method full --task traffic_signs`", file=sys.stderr)

@@ -465,12 +465,14 @@ _COMPACT: tuple[tuple[str, str, int], ...] = (
     ("finetune_steps", "ft steps", 0),
     ("object_recall", "object recall", 2),
     ("gmacs", "GMACs (MACs)", 3),
-    ("latency_ms", "latency bs1 (ms)", 2),
+    ("latency_ms", "latency bs1 (ms) [IQR]", 2),
     ("throughput", "throughput (img/s)", 1),
     ("peak_mem_mb", "peak mem (MB)", 1),
     ("tokens_mean", "tokens", 1),
-    ("train_time_s", "train (s)", 1),
+    ("method_train_time_s", "method train (s)", 1),
 )
+# Settings that say nothing about how a row was obtained: left out of the "differs" column.
+_NOT_SETTINGS = ("results", "force", "quiet", "teacher_id")
 FORMATS = ("table", "csv", "md", "json")
 
 
@@ -577,8 +579,14 @@ def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
             if col == "metric_value":
                 head = (metric_label(metrics[0]) if len(metrics) == 1 else "metric value") + " [95% CI]"
             headers.append(head)
-        for _, r in group.iterrows():
-            body.append([source_label(r[c]) if c == "source" else metric_cell(r, d) if c == "metric_value"
+        group = _by_cost(group)
+        differs = differing_settings(group)
+        if differs:  # rows that would look identical: say what tells them apart
+            cols = [*cols, ("run_id", "run id", -1), ("\0differs", "differs", -1)]
+            headers += ["run id", "differs"]
+        for i, (_, r) in enumerate(group.iterrows()):
+            body.append([differs.get(i, "") if c == "\0differs" else source_label(r[c]) if c == "source"
+                         else metric_cell(r, d) if c == "metric_value" else _latency_cell(r) if c == "latency_ms"
                          else _cell(r[c], d) for c, _, d in cols])
         align = ["right" if d >= 0 else "left" for _, _, d in cols]
         table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True, colalign=align)
@@ -589,8 +597,89 @@ def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
         note = recipe_note(group)
         if note:
             table += f"\nnote: {note}"
+        teachers = teacher_note(group)
+        if teachers:
+            table += f"\n{teachers}"
         blocks.append(_heading(task, source, group, fmt) + table)
     return "\n\n".join(blocks) + "\n"
+
+
+def _by_cost(group: pd.DataFrame) -> pd.DataFrame:
+    """A block's rows cheapest first (GMACs, then the metric, best first), the way a Pareto plot reads."""
+    keys = [c for c in ("gmacs", "metric_value", "method", "budget_value") if c in group.columns]
+    asc = [k != "metric_value" for k in keys]
+    return group.sort_values(keys, ascending=asc, kind="stable", na_position="last").reset_index(drop=True)
+
+
+def _latency_cell(r: Mapping[str, Any]) -> str:
+    """``9.28 [0.41]``: the median and its interquartile range, so a reader sees the spread of the timing."""
+    v, iqr = r.get("latency_ms", math.nan), r.get("latency_iqr_ms", math.nan)
+    if v is None or v != v:
+        return "-"
+    try:
+        iqr = float(iqr)
+    except (TypeError, ValueError):
+        iqr = math.nan
+    return f"{v:.2f}" if iqr != iqr else f"{v:.2f} [{iqr:.2f}]"
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, str):
+        try:
+            d = json.loads(d)
+        except ValueError:
+            return {}
+    if not isinstance(d, Mapping):
+        return {prefix.rstrip("."): d} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def differing_settings(group: pd.DataFrame) -> dict[int, str]:
+    """For rows (positions in ``group``) that share method, budget, regime and seeds and so would look the same
+    in a table, the settings in which each differs from the others of its kind, e.g. ``train.lr=0.0005``; the
+    whole config is compared when the frame holds it, else the row's recipe and teacher columns."""
+    ident = [c for c in ("method", "budget", "regime", "seeds", "seed") if c in group.columns]
+    if not ident or len(group) < 2:
+        return {}
+    keys = ["|".join(str(v) for v in row) for row in group[ident].itertuples(index=False)]
+    out: dict[int, str] = {}
+    for _, idx in group.groupby(keys, sort=False).indices.items():
+        if len(idx) < 2:
+            continue
+        if "config" in group.columns:
+            flats = [_flat(group["config"].iloc[i]) for i in idx]
+        else:
+            cols = [c for c in ("finetune_recipe", "teacher_id", "teacher_steps", "pretrain_steps", "autocast",
+                                "init", "backbone", "img_size") if c in group.columns]
+            flats = [{c: group[c].iloc[i] for c in cols} for i in idx]
+        names = sorted({k for f in flats for k in f if not k.startswith(_NOT_SETTINGS)})
+        varying = [k for k in names if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
+        for i, f in zip(idx, flats, strict=True):
+            shown = ", ".join(f"{k}={f.get(k)}" for k in varying[:4]) + (" ..." if len(varying) > 4 else "")
+            out[int(i)] = shown or "(same settings: a rerun)"
+    return out
+
+
+def teacher_note(d: pd.DataFrame) -> str:
+    """The teacher's training time, said once under the table instead of added to every row's train time."""
+    if "teacher_id" not in d.columns or "teacher_train_time_s" not in d.columns:
+        return ""
+    bits = []
+    for tid, g in d.groupby("teacher_id", sort=False):
+        secs = pd_numeric(g["teacher_train_time_s"]).max()
+        src = ", ".join(sorted({str(v) for v in g.get("teacher_source", []) if isinstance(v, str) and v}))
+        if isinstance(tid, str) and tid and secs == secs:
+            bits.append(f"{tid} ({secs:.0f} s of training{', ' + src if src else ''})")
+    return ("teacher (shared by these rows, not in 'method train'): " + "; ".join(bits)) if bits else ""
+
+
+def pd_numeric(s):
+    import pandas as pd
+
+    return pd.to_numeric(s, errors="coerce")
 
 
 def recipe_note(d: pd.DataFrame) -> str:

@@ -399,6 +399,106 @@ def sweep_status(path: str, args, make_request, shard: str | None = None):
     return out
 
 
+def _preflight(points: list, plan_of=None) -> dict:
+    """Every point planned before any work (budget ranges, backbone and task shapes, refusals): a point that
+    cannot be planned would fail the same way after hours of other points' training, so every such problem is
+    reported now, together, and nothing runs. Returns each point's run id (or, with ``plan_of``, what it
+    returns)."""
+    plans, problems = {}, []
+    for req in points:
+        try:
+            plans[point_name(req)] = (plan_of or _run_id)(req)
+        except LwbenchError as exc:
+            problems.append(f"{point_name(req)}: {str(exc).splitlines()[0]}")
+    if problems:
+        shown = problems[:MAX_PROBLEMS]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise ConfigError(f"{len(problems)} of the sweep's {len(points)} points cannot run (nothing was run):\n" +
+                          "\n".join(f"  - {p}" for p in shown) + more)
+    return plans
+
+
+def _teacher_state(plan, seen: set) -> str:
+    """``cached``, ``shipped`` (installed on first use), ``train N steps`` (the first point that needs it) or
+    ``(trained above)`` for the next points of the same teacher."""
+    from lwbench.paths import cache_dir
+    from lwbench.shipping import shipped_folder
+    from lwbench.training.teacher import is_done
+
+    cfg = plan.cfg
+    steps = int(cfg.teacher.steps) + int(cfg.teacher.probe_steps)
+    if steps <= 0:
+        return "none (untrained head)"
+    if not cfg.retrain_teacher and is_done(cache_dir() / "teachers" / plan.teacher_id):
+        return "cached"
+    if not cfg.retrain_teacher and shipped_folder(plan.teacher_id) is not None:
+        return "shipped"
+    if plan.teacher_id in seen:
+        return "(trained above)"
+    seen.add(plan.teacher_id)
+    return f"train {steps} steps"
+
+
+def _stage_state(plan, effort: dict) -> str:
+    """The point's own training stages in the cache: ``-`` (none to train), ``cached`` (every stage folder
+    finished), ``partial`` (one resumes), ``to train``."""
+    from lwbench.paths import cache_dir
+
+    if not effort["pretrain_steps"] and not effort["finetune_steps"]:
+        return "-"
+    folder = cache_dir() / "runs" / plan.run_id
+    stages = [d for d in folder.rglob("*") if d.is_dir() and ((d / "done.json").is_file() or
+                                                            (d / "state.json").is_file())] if folder.is_dir() else []
+    if not stages:
+        return "to train"
+    return "cached" if all((d / "done.json").is_file() for d in stages) else "partial (resumes)"
+
+
+def dry_run_table(points: list, plans: dict) -> str:
+    """What ``lwbench sweep FILE`` would do, point by point: nothing is built or trained."""
+    from tabulate import tabulate
+
+    from lwbench.results import ResultStore
+
+    rows, seen, stores = [], set(), {}
+    for j, req in enumerate(points, 1):
+        plan = plans[point_name(req)]
+        root = _results_of(req)
+        store = stores.setdefault(root, ResultStore(root))
+        done = store.has(plan.run_id)
+        e = plan.effort()
+        rows.append([j, req.method, plan.method.budget_str() or "-", e["regime"], req.task, req.seed, plan.run_id,
+                     "done (skipped)" if done else "to run", "-" if done else _teacher_state(plan, seen),
+                     "-" if done else e["pretrain_steps"] or "-", "-" if done else e["finetune_steps"] or "-",
+                     "-" if done else _stage_state(plan, e)])
+    todo = sum(r[7] == "to run" for r in rows)
+    table = tabulate(rows, headers=["#", "method", "budget", "regime", "task", "seed", "run id", "row", "teacher",
+                                    "pretrain steps", "finetune steps", "stages"])
+    return f"{table}\n\n{len(points)} points, {todo} to run, {len(points) - todo} done; nothing was run (--dry-run)"
+
+
+def _sweep_table(points: list, run_ids: dict) -> str:
+    """The rows this sweep produced, cheapest first, and where they are."""
+    import pandas as pd
+
+    from lwbench.results import ResultStore, format_results
+
+    frames, roots = [], []
+    for root in dict.fromkeys(_results_of(r) for r in points):
+        ids = {run_ids[point_name(r)] for r in points if _results_of(r) == root}
+        df = ResultStore(root).frame(keep_config=True)
+        if not df.empty and "run_id" in df:
+            frames.append(df[df["run_id"].isin(ids)])
+        roots.append(root)
+    df = pd.concat(frames) if frames else pd.DataFrame()
+    where = "; ".join(f"rows in {r}" for r in roots)
+    tasks = sorted({r.task for r in points})
+    hint = "; ".join(f"lwbench plot pareto --task {t}; lwbench report --task {t} --out DIR" for t in tasks)
+    if df.empty:
+        return f"no rows written; {where}"
+    return f"{format_results(df, 'table').rstrip()}\n\n{where}\nnext: {hint}"
+
+
 def run_sweep(path: str, args, make_request, shard: str | None = None, phase: str = "all",
               launcher: str = "local") -> list[tuple[str, str]]:
     """Run every point; return the failures as (point, one-line reason).
@@ -416,6 +516,12 @@ def run_sweep(path: str, args, make_request, shard: str | None = None, phase: st
         raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, not '{launcher}'{hint}")
 
     args, points, spec = _sweep_requests(path, args, make_request, shard)
+    if getattr(args, "dry_run", False):
+        from lwbench.runner import Plan
+
+        print(dry_run_table(points, _preflight(points, lambda r: Plan(dataclasses.replace(r, quiet=True)))))
+        return []
+    run_ids = _preflight(points)
     if launcher == "submitit":
         from lwbench.launch import options_from, submit_sweep
 
@@ -453,6 +559,8 @@ def run_sweep(path: str, args, make_request, shard: str | None = None, phase: st
                 if getattr(args, "debug", False):
                     traceback.print_exc()
     failures = list(failures.items())
+    if phase != "train":
+        print(_sweep_table(points, run_ids))
     _summary(len(points), failures, t0)
     return failures
 

@@ -282,6 +282,33 @@ def test_table_shows_varying_identity_columns_and_metric_names(tmp_path):
     assert "seed" not in text.split("task traffic_signs")[0]  # ade20k block: one seed, no seed column
 
 
+def test_table_sorts_by_cost_names_what_tells_twin_rows_apart_and_says_the_teacher_once(tmp_path):
+    """Two rows that differ only in the fine-tuning lr get a run id and a `differs` cell; rows run cheapest
+    first; latency carries its IQR; the teacher's training time is said once, not added to each row."""
+    store = ResultStore(tmp_path)
+    cheap = make_row(k=8, gmacs=0.5, latency_iqr_ms=0.25, teacher_id="t1", teacher_train_time_s=900.0,
+                     method_train_time_s=12.0)
+    store.write(cheap)
+    for lr in (5e-4, 1e-3):
+        row = make_row(k=28, gmacs=1.0, teacher_id="t1", teacher_train_time_s=900.0, method_train_time_s=30.0)
+        row["config"] = {**row["config"], "finetune": {"steps": 10, "lr": lr}}
+        row["run_id"] = row["config_hash"] = config_hash(row["config"])
+        store.write(row)
+    store.write(make_row("full", None, 80.0, 3.0, teacher_id="t1", teacher_train_time_s=900.0,
+                         method_train_time_s=0.0))
+    text = format_results(store.frame(keep_config=True), "table")
+    body = [ln for ln in text.splitlines() if ln.startswith(("lookwhere", "full"))]
+    assert [ln.split()[1] for ln in body] == ["k=8", "k=28", "k=28", "-"]  # by GMACs, not by name
+    assert "finetune.lr=0.0005" in body[1] + body[2] and "finetune.lr=0.001" in body[1] + body[2]
+    assert "differs" in text and "finetune.lr" not in body[0]
+    assert "2.50 [0.25]" in body[0]
+    assert "method train (s)" in text and " 900.0" not in text
+    assert "teacher (shared by these rows, not in 'method train'): t1 (900 s of training" in text
+    # without the config (a plain frame) the twins are still told apart by their columns, never silently equal
+    plain = format_results(store.frame(), "table")
+    assert "differs" in plain
+
+
 def test_json_format_and_unknown_format(filled):
     data = json.loads(format_results(filled.frame(), "json"))
     assert len(data) == 5 and data[0]["task"] == "billiards" and data[1]["top5"] is None

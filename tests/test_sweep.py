@@ -16,20 +16,63 @@ from lwbench.errors import ConfigError
 from lwbench.sweep import MAX_PROBLEMS, run_sweep, validate_sweep
 
 
-def test_sweep_runs_grid_reports_failure_and_resumes(tmp_path, capsys):
+def test_sweep_refuses_a_point_that_cannot_run_before_any_work(tmp_path, capsys):
+    """A budget out of range is found when the file is read (every point is planned first), not hours later."""
     sweep = tmp_path / "s.yaml"
     sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  full: null\n"
-                     "  random: [k=3, k=100000, k=6]\n  tome: default\n")
-    assert main(["sweep", str(sweep), *TINY]) == 1  # one point failed
+                     "  random: [k=3, k=100000, k=6]\n")
+    assert main(["sweep", str(sweep), *TINY]) == 2
     err = capsys.readouterr().err
-    assert "FAILED random k=100000" in err and "valid: k=1..24" in err
+    assert "1 of the sweep's 4 points cannot run (nothing was run)" in err and "valid: k=1..24" in err
+    assert not list(Path(os.environ["LWBENCH_RESULTS"]).rglob("*.json"))
+
+
+def test_sweep_runs_grid_reports_failure_and_resumes(tmp_path, capsys, monkeypatch):
+    from lwbench.methods.random import RandomPatches
+
+    fit = RandomPatches.fit
+
+    def broken_at_k3(self, ctx):
+        if int(self.budget) == 3:
+            raise RuntimeError("boom at k=3")
+        return fit(self, ctx)
+
+    monkeypatch.setattr(RandomPatches, "fit", broken_at_k3)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  full: null\n"
+                     "  random: [k=3, k=4, k=6]\n  tome: default\n")
+    assert main(["sweep", str(sweep), *TINY]) == 1  # one point failed
+    captured = capsys.readouterr()
+    assert "FAILED random k=3" in captured.err and "boom at k=3" in captured.err
     rows = sorted(p.parent.name for p in Path(os.environ["LWBENCH_RESULTS"]).rglob("*.json"))
     n_tome = rows.count("tome")
     assert rows.count("full") == 1 and rows.count("random") == 2 and n_tome >= 3  # tome: its default grid
+    # the sweep ends with its rows, cheapest first, and where they are
+    table = captured.out
+    assert "random" in table and "tome" in table and f"rows in {os.environ['LWBENCH_RESULTS']}" in table
+    assert table.index("k=4") < table.index("k=6")  # by cost
+    assert "lwbench plot pareto --task traffic_signs" in table
     # rerun: everything done is skipped, the bad point fails again, nothing is rewritten
     assert main(["sweep", str(sweep), *TINY]) == 1
     assert "already done" not in capsys.readouterr().out
     assert len(list(Path(os.environ["LWBENCH_RESULTS"]).rglob("*.json"))) == len(rows)
+
+
+def test_dry_run_lists_every_point_and_what_it_will_train(tmp_path, capsys):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nregimes: [off_the_shelf, finetuned]\n"
+                     "methods:\n  full: null\n  tome: [r=2]\n  random: [k=3]\n")
+    assert main(["sweep", str(sweep), "--dry-run", *TINY]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line[:3].strip().isdigit()]
+    assert len(lines) == 5  # full x2 regimes, tome x2, random (trainable: finetuned only)
+    assert "train 4 steps" in lines[0] and "(trained above)" in lines[1]  # the teacher, once
+    random_line = next(line for line in lines if "random" in line)
+    assert "finetuned" in random_line and random_line.split()[-2:] == ["2", "to"] or "to train" in random_line
+    assert "5 points, 5 to run, 0 done; nothing was run" in out
+    assert not list(Path(os.environ["LWBENCH_RESULTS"]).rglob("*.json"))
+    assert not (Path(os.environ["LWBENCH_CACHE"]) / "teachers").exists() or \
+        not any((Path(os.environ["LWBENCH_CACHE"]) / "teachers").iterdir())
 
 
 def test_shard_splits_points(tmp_path, capsys):
@@ -73,9 +116,11 @@ def test_status_tells_done_running_failed_pending_and_a_killed_point(tmp_path, c
     assert before[k3][0] == before[k6][0] == "pending"
     assert before[bad][0] == "failed" and "valid: k=1..24" in before[bad][2]  # cannot even be planned
 
-    assert main(["sweep", str(sweep), *TINY]) == 1
+    assert main(["sweep", str(sweep), *TINY]) == 2  # refused as a whole, nothing run
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  full: null\n  random: [k=3, k=6]\n")
+    assert main(["sweep", str(sweep), *TINY]) == 0
     rc, after = _status(sweep, capsys)
-    assert rc == 1 and [after[k][0] for k in (k3, k6, bad)] == ["done", "done", "failed"]
+    assert rc == 0 and [after[k][0] for k in (k3, k6)] == ["done", "done"]
 
     # k=6 again, in a process that is killed mid-point: running while it lives, failed (died) after kill -9
     results = Path(os.environ["LWBENCH_RESULTS"])
@@ -99,9 +144,9 @@ def test_status_tells_done_running_failed_pending_and_a_killed_point(tmp_path, c
     assert killed[k6][0] == "failed" and "killed, out of memory or out of time" in killed[k6][2]
     assert not any(results.glob(f"*/*/{run_id}*"))  # no half row
 
-    assert main(["sweep", str(sweep), *TINY]) == 1  # the re-run picks up only what is missing
+    assert main(["sweep", str(sweep), *TINY]) == 0  # the re-run picks up only what is missing
     rc, end = _status(sweep, capsys)
-    assert [end[k][0] for k in (k3, k6, bad)] == ["done", "done", "failed"] and rc == 1
+    assert [end[k][0] for k in (k3, k6)] == ["done", "done"] and rc == 0
 
 
 def test_a_failing_point_records_its_error_line(tmp_path):

@@ -81,3 +81,29 @@ def test_warmup_then_cosine():
     assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
     assert lr_at(99, 100, 1.0, 10) < 0.05
+
+
+def test_a_stage_says_what_it_trains_and_how_long_it_will_take(capfd):
+    """Before the bulk of a stage: its steps and lr, then a time estimate measured on the first steps (the first
+    one, which carries set-up, left out)."""
+    import torch
+    from torch import nn
+
+    from lwbench.training.loop import ESTIMATE_AFTER, train_loop
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            x = torch.randn(8, 4, generator=g)
+            yield x, (x.sum(1) > 0).long()
+
+    def loss(model, x, y):
+        return nn.functional.cross_entropy(model(x), y), {}
+
+    train_loop(nn.Linear(4, 2), loss, batches(), steps=10, lr=1e-2, desc="stage e", quiet=False)
+    text = capfd.readouterr().err
+    assert "stage e: training 10 steps (lr 0.01, 0 warm-up)" in text
+    assert f"s/step over steps 2-{ESTIMATE_AFTER + 1}, so about" in text
+    assert f"for the remaining {10 - ESTIMATE_AFTER - 1} steps" in text
+    train_loop(nn.Linear(4, 2), loss, batches(), steps=10, lr=1e-2, desc="stage q", quiet=True)
+    assert "stage q" not in capfd.readouterr().err

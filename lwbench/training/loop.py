@@ -48,6 +48,7 @@ STATE = "state.json"
 WEIGHTS = "model.safetensors"
 OPTIM = "optim.pt"
 RESUME = "resume.pt"
+ESTIMATE_AFTER = 3  # steps timed after the first (setup, first allocations) before the stage says how long it takes
 
 log = logging.getLogger("lwbench")
 
@@ -441,6 +442,11 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
     last_ckpt = t0
     logged_at = t0
     running = None
+    if not quiet and is_main_process():
+        log.info("%s: training %d steps%s (lr %g, %d warm-up); an estimate follows after %d steps", desc,
+                 steps - start, f" (resumed at {start}/{steps})" if start else "", lr, warmup_steps,
+                 ESTIMATE_AFTER + 1)
+    warm_t = None  # the clock after the first step (which carries one-off setup), for the estimate
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_mult", 1.0)
@@ -464,6 +470,12 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}", **{k: f"{v:.3g}" for k, v in logs.items()})
         now = time.perf_counter()
+        if step == start:
+            warm_t = now
+        elif step == start + ESTIMATE_AFTER and not quiet and is_main_process():
+            per_step = (now - warm_t) / ESTIMATE_AFTER
+            log.info("%s: %.2f s/step over steps %d-%d, so about %s for the remaining %d steps", desc, per_step,
+                     start + 2, step + 1, _duration(per_step * (steps - step - 1)), steps - step - 1)
         if bar.disable and not quiet and now - logged_at > 30:  # no TTY: a plain progress line every 30 s
             done = step + 1 - start
             eta = (now - t0) / done * (steps - step - 1)
@@ -483,6 +495,15 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
     barrier()  # no rank reads the stage before rank 0 has written it
     model.eval()
     return model
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``1.6 h``: an estimate's precision, not a stopwatch's."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _nan_message(desc: str, value: float, step: int, ckpt_dir: Path | None, lr_key: str | None) -> str:
