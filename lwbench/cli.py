@@ -54,6 +54,23 @@ def _parse_hw(text: str | None):
 
 
 # ---------------------------------------------------------------------------------------------- commands
+def _grid_spec(args):
+    """The backbone shape the budgets are listed for: the one ``lwbench run --task TASK`` (quick profile,
+    traffic signs by default) would build, and its description."""
+    from lwbench.backbones import spec_of
+    from lwbench.registry import get_task
+    from lwbench.task import as_hw
+
+    task = args.task or "traffic_signs"
+    cfg = _config(_with(args, budget=None, weights=None, data_root=None, source="auto", seed=None,
+                        results=None, force=False, quiet=True, device=None), "full", task, None)
+    # the task's shape without its data (a real-only task needs none to list budgets)
+    spec = spec_of(cfg.backbone, as_hw(cfg.img_size or get_task(task).default_img_size))
+    h, w = spec.img_size
+    return spec, (f"profile {args.profile}, task {task}: {spec.name} at {h}x{w} "
+                  f"({h // spec.patch}x{w // spec.patch} = {(h // spec.patch) * (w // spec.patch)} patches)")
+
+
 def cmd_list(args) -> int:
     from tabulate import tabulate
 
@@ -74,23 +91,23 @@ def cmd_list(args) -> int:
                   "(lwbench config keys)")
         return 0
     if args.what == "methods":
-        from lwbench.method import BackboneSpec
-
-        # Grids scale with the backbone and image size; show them for the paper's configuration.
-        paper = BackboneSpec("vit_base_patch14_reg4_dinov2", (518, 518), patch=14, depth=12, embed_dim=768,
-                             num_heads=12, num_prefix=5)
+        spec, where = _grid_spec(args)
         rows = []
         for name in METHODS.names():
             try:
                 c = METHODS.get(name)
-                grid = ", ".join(f"{b:g}" for b in c.budget_grid(paper)) if c.budget_key else "-"
+                grid = ", ".join(f"{b:g}" for b in c.budget_grid(spec)) if c.budget_key else "-"
+                default = c.default_budget(spec) if c.budget_key else None
+                default = f"{c.budget_key}={default:g}" if default is not None else "-"
             except Exception as exc:  # broken plugin: one line, keep listing
-                rows.append([name, f"(failed to load: {exc})", "", "", "", "", "", ""])
+                rows.append([name, f"(failed to load: {exc})", "", "", "", "", "", "", ""])
                 continue
-            rows.append([name, c.kind, c.training, c.budget_key or "-", grid, "yes" if c.dense_output else "no",
-                         "yes" if c.variable_length else "no", c.description])
-        print(tabulate(rows, headers=["method", "kind", "training", "budget", "default grid (ViT-B/14 @518)",
-                                      "dense", "var-len", "description"]))
+            rows.append([name, c.kind, c.training, c.budget_key or "-", default, grid,
+                         "yes" if c.dense_output else "no", "yes" if c.variable_length else "no", c.description])
+        print(tabulate(rows, headers=["method", "kind", "training", "budget", "run's default", "sweep grid "
+                                      "(method: default)", "dense", "var-len", "description"]))
+        print(f"\nbudgets for {where}; other settings: --profile, --task, --backbone, --img-size "
+              "(e.g. --profile paper --task traffic_signs)")
     else:
         rows = []
         for name in TASKS.names():
@@ -384,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list methods or tasks with their capability flags")
     p.add_argument("what", choices=["methods", "tasks"])
     p.add_argument("--opts", metavar="METHOD", help="print one method's options (type, default, meaning)")
+    p.add_argument("--profile", default="quick", help="list budgets for this profile (default quick)")
+    p.add_argument("--task", help="... and task (default traffic_signs)")
+    p.add_argument("--backbone", help="... and backbone (default: the profile's)")
+    p.add_argument("--img-size", help="... and image size S or HxW (default: the task's)")
+    p.add_argument("--source", choices=["auto", "real", "synthetic"], default="auto", help=argparse.SUPPRESS)
+    p.set_defaults(set=[], regime=None, autocast=None, retrain_teacher=False, data_root=None, device=None,
+                   weights=None, seed=None, results=None, force=False, quiet=True)
     _common(p)
     p.set_defaults(fn=cmd_list)
 

@@ -105,6 +105,29 @@ def test_list(capsys, argv):
     assert ("lookwhere" in out and "budget" in out) if argv[1] == "methods" else ("traffic_signs" in out)
 
 
+def test_list_methods_shows_the_budgets_a_run_of_that_profile_and_task_uses(capsys):
+    """The listed default is what `lwbench run --method M --task T` (no --budget) runs, for the profile and task
+    asked for, so quick users no longer read the paper's ViT-B/14 grid."""
+    from lwbench.config import resolve_config
+    from lwbench.runner import Plan
+
+    def listed(*extra):
+        assert main(["list", "methods", *extra]) == 0
+        out = capsys.readouterr().out
+        rows = {ln.split()[0]: ln for ln in out.splitlines() if ln and not ln.startswith(("-", "method", "budgets"))}
+        return out, rows
+
+    out, rows = listed()
+    assert "profile quick, task traffic_signs: lw_vit_nano_p16 at 240x320 (15x20 = 300 patches)" in out
+    for method in ("lookwhere", "tome", "random"):
+        budget = Plan(resolve_config(method, "traffic_signs", None, quiet=True)).method.budget_str()
+        assert f" {budget} " in rows[method], (method, budget, rows[method])
+    _, billiards = listed("--task", "billiards")
+    assert billiards["lookwhere"] != rows["lookwhere"]  # 384 patches, not 300: other budgets
+    out, paper = listed("--profile", "paper", "--task", "traffic_signs")
+    assert "profile paper" in out and paper["lookwhere"] != rows["lookwhere"]
+
+
 def test_show_writes_figure(tmp_path, capsys):
     out = tmp_path / "show.png"
     assert main(["show", "--method", "random", "--budget", "k=6", "--task", "traffic_signs", "--out", str(out),
