@@ -182,7 +182,8 @@ def describe(folder: Path) -> str:
     base = entry.path if entry else folder
     lines = [f"{kind or 'stage'} {folder.name}  ({base})"]
     if entry:
-        lines.append(f"status {entry.status}, {format_size(entry.size_bytes)}; {entry.summary}")
+        lines.append(f"status {entry.status}, {format_size(entry.size_bytes)}" +
+                     (f"; {entry.summary}" if entry.summary else ""))
     _, _, stages, _ = _scan(folder)
     for stage in sorted(stages):
         done = stage / "done.json"
