@@ -129,6 +129,7 @@ NOOP: dict[str, NoOp | NoNoOp] = {
     "full": NoOp(lambda spec: None),  # no budget knob: its only setting
     "lowres": NoOp(lambda spec: spec.img_size[0]),  # "downsampled" to the high-res height: no resize at all
     "random": ALL_PATCHES,
+    "grid": ALL_PATCHES,  # k = all cells is every cell in order
     "dps": ALL_PATCHES,
     "ips": ALL_PATCHES,  # the aggregator's summary enters CLS through a zero-initialised projection
     "lookwhere": NoNoOp(
