@@ -10,17 +10,25 @@ duplicates are dropped, so an image keeps ``K' <= K`` tokens, fewer when attenti
 scoring, CDF, the ``y`` grid and the nearest-CDF pick follow the official code
 (``AdaptiveTokenSampler.score_assignment_step`` / ``create_ys`` / ``inverse_transform_sampling``).
 
-Choices made here (documented, tested):
+The published setting and lwbench's generalisation (option ``samples``; tested):
 
-* ``K = ceil(keep_rate * n)`` per image and per stage, ``n`` that image's current patch-token count
-  (the official code derives ``K`` from a ratio of the sequence length too; its floor of 8 tokens is
-  not kept). When ``K >= n`` the image keeps all its tokens: ATS keeps *at most* ``K``, and that holds
-  already. So ``keep_rate=1`` is the plain backbone, bit for bit; ATS as published (``K = n``
-  samples, duplicates still dropped) is ``keep_rate`` just below 1 (e.g. 0.999 for n < 1000).
+* ``samples=initial`` is ATS as published: ``K = ceil(keep_rate * N0)`` samples at every sampling block, ``N0``
+  the image's initial patch count, duplicates dropped, so the kept count adapts per image and per stage;
+  ``keep_rate=1`` with ``stages=published`` (blocks ``round(depth/4)..depth-1``, the official DeiT-S config's
+  3-11) is the official model. Its kept count is never the budget: it is whatever the sampling keeps.
+* ``samples=current`` (the default, lwbench's generalisation, so ATS sits on the same keep-rate axis as EViT and
+  top-k): ``K = ceil(keep_rate * n)`` of the image's *current* count ``n`` (the official code has no such budget
+  and cannot draw fewer than ``N0``; its floor of 8 tokens is not kept). When ``K >= n`` the image keeps all its
+  tokens, so ``keep_rate=1`` is the plain backbone, bit for bit. Default stages: EViT's three blocks
+  ``round(depth * {1/4, 1/2, 3/4})``, so the keep-rate budgets mean the same token schedule as theirs.
+* The CLS attention row is the official eps-smoothed softmax ``(e_j + eps/N) / (sum_i e_i + eps)`` (``e`` the
+  max-shifted exponentials, ``eps`` 1e-6, ``N`` the number of real keys): it lifts near-zero entries, which
+  changes the pick of a near-zero token in peaked models.
 * Images in a batch keep different numbers of tokens: survivors are packed to the batch maximum and
   padded; padding is masked out of every later attention as keys by a ``-inf`` float ``attn_mask``
   (fused attention kept), never sampled, zeroed in the output, and ``TokenOutput.mask`` marks it. An
-  image's result does not depend on its batch-mates.
+  image's result does not depend on its batch-mates: a deliberate improvement on the official code, whose
+  padded tokens stay keys of later attention, so its output for one image changes with its batch-mates.
 * Survivors are ordered by grid index (official: by score); attention is permutation-equivariant.
 * RoPE backbones (``Eva``): the CLS row uses q and k rotated as the block's attention rotates them;
   survivors keep their cells' RoPE. EVA-02's attention projects q/k/v with ``F.linear`` on the fused
@@ -48,7 +56,6 @@ from ._reduction import (
     attention_step,
     call_block,
     check_blocks,
-    cls_attention,
     gather_tokens,
     key_bias_from_mask,
     mlp_residual,
@@ -57,6 +64,22 @@ from ._reduction import (
     start_tokens,
     tokens_per_layer,
 )
+
+SAMPLES = ("current", "initial")
+SOFTMAX_EPS = 1e-6  # the official ``softmax_with_policy`` eps
+
+
+def smoothed_cls_attention(q, k, scale: float, key_bias: torch.Tensor | None, eps: float = SOFTMAX_EPS):
+    """The official eps-smoothed softmax of the CLS row, per head ``(B, H, T)``: ``(e_j + eps/N)/(sum e + eps)``
+    with ``e`` the max-shifted exponentials of the logits and ``N`` the real (unpadded) keys; padding gets
+    ``eps/N / (sum e + eps)`` and is excluded by the caller."""
+    logits = torch.einsum("bhd,bhtd->bht", q[:, :, 0], k) * scale
+    if key_bias is not None:
+        logits = logits + key_bias.unsqueeze(1)
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp()  # padding: exp(-inf) = 0
+    n = (torch.isfinite(key_bias).sum(dim=-1).view(-1, 1, 1).to(e.dtype) if key_bias is not None
+         else torch.full((), float(e.shape[-1]), dtype=e.dtype, device=e.device))
+    return (e + eps / n) / (e.sum(dim=-1, keepdim=True) + eps)
 
 
 def samples_per_image(keep_rate: float, n: torch.Tensor) -> torch.Tensor:
@@ -110,23 +133,28 @@ class TokenSampler(Overhead):
     """ATS for one block: significance scores from the CLS row and value norms, inverse transform sampling,
     and packing the survivors (padded) in grid order."""
 
-    def __init__(self, scale: float, num_prefix: int, keep_rate: float):
+    def __init__(self, scale: float, num_prefix: int, keep_rate: float, samples: str = "current"):
         super().__init__()
         self.scale, self.num_prefix, self.keep_rate = float(scale), int(num_prefix), float(keep_rate)
+        self.samples = samples
 
     def significance(self, q, k, v, valid: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
         """``S_j = a_cls,j ||v_j|| / sum_i a_cls,i ||v_i||`` over the valid patch tokens, ``(B, T)``."""
         p = self.num_prefix
-        a = cls_attention(q, k, self.scale, key_bias).sum(dim=1)[:, p:]  # summed over heads, as the official code
+        a = smoothed_cls_attention(q, k, self.scale, key_bias).sum(dim=1)[:, p:]  # summed over heads (official)
         vnorm = v.transpose(1, 2).flatten(2).norm(dim=-1)[:, p:]  # value vector over all heads
         s = torch.where(valid, a * vnorm, torch.zeros_like(a))
         return s / s.sum(dim=1, keepdim=True).clamp(min=torch.finfo(s.dtype).tiny)
 
-    def forward(self, x, q, k, v, positions, valid, key_bias):
+    def forward(self, x, q, k, v, positions, valid, key_bias, n0: int):
         n = valid.sum(dim=1)
-        kk = samples_per_image(self.keep_rate, n)
-        chosen = inverse_transform_sample(self.significance(q, k, v, valid, key_bias), valid, kk)
-        chosen = torch.where((kk >= n).unsqueeze(1), valid, chosen)  # at most K tokens: already true
+        if self.samples == "initial":  # as published: K from the initial count, duplicates dropped, every stage
+            kk = samples_per_image(self.keep_rate, torch.full_like(n, int(n0)))
+            chosen = inverse_transform_sample(self.significance(q, k, v, valid, key_bias), valid, kk)
+        else:
+            kk = samples_per_image(self.keep_rate, n)
+            chosen = inverse_transform_sample(self.significance(q, k, v, valid, key_bias), valid, kk)
+            chosen = torch.where((kk >= n).unsqueeze(1), valid, chosen)  # at most K tokens: already true
         count = chosen.sum(dim=1)
         m = int(count.max())
         idx = (~chosen).to(torch.int8).argsort(dim=1, stable=True)[:, :m]  # chosen first, in grid order
@@ -137,13 +165,15 @@ class TokenSampler(Overhead):
 
 
 class ATSEncoder(nn.Module):
-    def __init__(self, vit: nn.Module, keep_rate: float, stages: list[int]):
+    def __init__(self, vit: nn.Module, keep_rate: float, stages: list[int], samples: str = "current"):
         super().__init__()
         self.vit = vit
         self.keep_rate = float(keep_rate)
         p = num_prefix(vit)
-        active = stages if keep_rate < 1 else []  # keep_rate = 1: K >= n for every image, nothing to sample
-        self.samplers = nn.ModuleDict({str(i): TokenSampler(vit.blocks[i].attn.scale, p, keep_rate) for i in active})
+        # samples=current, keep_rate = 1: K >= n for every image, nothing to sample
+        active = stages if keep_rate < 1 or samples == "initial" else []
+        self.samplers = nn.ModuleDict({str(i): TokenSampler(vit.blocks[i].attn.scale, p, keep_rate, samples)
+                                       for i in active})
 
     def forward(self, x: torch.Tensor):
         vit = self.vit
@@ -156,7 +186,8 @@ class ATSEncoder(nn.Module):
         for i, blk in enumerate(vit.blocks):
             if str(i) in self.samplers:
                 h, q, k, v = attention_step(blk, h, as_attn_mask(key_bias), rope)
-                pat, positions, valid = self.samplers[str(i)](h[:, p:], q, k, v, positions, valid, key_bias)
+                pat, positions, valid = self.samplers[str(i)](h[:, p:], q, k, v, positions, valid, key_bias,
+                                                              grid[0] * grid[1])
                 h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
                 key_bias = None if bool(valid.all()) else key_bias_from_mask(valid, p, h.dtype)
                 rope = rope_of(vit, grid, positions)  # padding (-1): identity rotation, and masked as a key
@@ -182,14 +213,23 @@ class ATS(Method):
     variable_length = True
     families = ("vit", "eva")
     families_note = "its significance score is the CLS token's attention"
+    version = 2  # 2: the official eps-smoothed CLS softmax; samples=initial and stages=published (ATS as published)
 
     @dataclass(frozen=True)
     class Options:
         stages: str | list[int] | None = option(None, "0-based blocks that sample, e.g. 3,6,9 (null: depth/4, "
-                                                      "depth/2, 3 depth/4)")
+                                                      "depth/2, 3 depth/4; published: depth/4 .. depth-1, the "
+                                                      "official DeiT-S 3-11)")
+        samples: str = option("current", "current: K = ceil(keep_rate x current tokens), lwbench's budget "
+                              "(keep_rate=1 = plain model); initial: K = ceil(keep_rate x initial patches) at "
+                              "every stage, as published (keep_rate=1 with stages=published: official ATS)",
+                              choices=SAMPLES)
 
     def check_budget(self):
-        self.stages = parse_layers(self.opts.stages, self.spec.depth, "ats", "stages")
+        if self.opts.stages == "published":
+            self.stages = list(range(round(self.spec.depth / 4), self.spec.depth))
+        else:
+            self.stages = parse_layers(self.opts.stages, self.spec.depth, "ats", "stages")
         self._require(
             0 < self.budget <= 1,
             "keep_rate in (0, 1] (K = ceil(keep_rate * tokens) samples per stage; 1 = no sampling)",
@@ -198,4 +238,4 @@ class ATS(Method):
     def build(self, vit):
         vit = detach_copy(vit)
         check_blocks(vit, "ats")
-        return ATSEncoder(vit, self.budget, self.stages)
+        return ATSEncoder(vit, self.budget, self.stages, self.opts.samples)

@@ -12,7 +12,14 @@ from lwbench.backbones import create_backbone
 from lwbench.errors import BudgetError, ConfigError
 from lwbench.method import BackboneSpec
 from lwbench.methods._reduction import embed, split_qkv
-from lwbench.methods.ats import ATS, TokenSampler, inverse_transform_sample, samples_per_image
+from lwbench.methods.ats import (
+    ATS,
+    SOFTMAX_EPS,
+    TokenSampler,
+    inverse_transform_sample,
+    samples_per_image,
+    smoothed_cls_attention,
+)
 from lwbench.registry import get_method
 from lwbench.tokens import densify
 
@@ -59,13 +66,86 @@ def test_significance_score(case):
     with torch.no_grad():
         h = embed(vit, torch.randn(2, 3, *size))
         q, k, v = split_qkv(blk.attn, blk.attn.qkv(blk.norm1(h)))
-        full = (q @ k.transpose(-1, -2) * blk.attn.scale).softmax(-1)
+        logits = q @ k.transpose(-1, -2) * blk.attn.scale
+        e = (logits - logits.amax(-1, keepdim=True)).exp()
+        full = (e + SOFTMAX_EPS / e.shape[-1]) / (e.sum(-1, keepdim=True) + SOFTMAX_EPS)  # official eps softmax
         a = full[:, :, 0].sum(1)[:, p:]
         vn = torch.stack([v[:, :, j].flatten(1).norm(dim=1) for j in range(v.shape[2])], 1)[:, p:]
         expect = a * vn / (a * vn).sum(1, keepdim=True)
         valid = torch.ones(2, spec.num_patches, dtype=torch.bool)
         got = TokenSampler(blk.attn.scale, p, 0.5).significance(q, k, v, valid, None)
     assert torch.allclose(got, expect, atol=1e-6)
+
+
+def test_eps_smoothed_softmax_by_hand():
+    """One head, keys with logits (0, ln 2, -60) and eps = 1e-6, N = 3: e = (1/2, 1, e^-60.69), so the row is
+    ((1/2 + eps/3) / (3/2 + eps), (1 + eps/3) / (3/2 + eps), (~0 + eps/3) / (3/2 + eps)): the near-zero key is
+    lifted to ~2.2e-7 instead of 1e-26. A padded key (bias -inf) is not counted in N."""
+    import math
+
+    q = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    q[..., 0] = 1.0
+    k = torch.tensor([0.0, math.log(2), -60.0], dtype=torch.float64).view(1, 1, 3, 1)
+    got = smoothed_cls_attention(q, k, 1.0, None)[0, 0]
+    eps, z = SOFTMAX_EPS, 1.5 + SOFTMAX_EPS
+    e3 = math.exp(-60.0 - math.log(2))
+    expected = torch.tensor([(0.5 + eps / 3) / z, (1 + eps / 3) / z, (e3 + eps / 3) / z], dtype=torch.float64)
+    torch.testing.assert_close(got, expected)
+    assert got[2] > 2e-7 and (k.view(3).softmax(0)[2] < 1e-25)
+    bias = torch.tensor([[0.0, 0.0, float("-inf")]], dtype=torch.float64)  # third key is padding
+    padded = smoothed_cls_attention(q, k, 1.0, bias)[0, 0]
+    torch.testing.assert_close(padded[:2], torch.tensor([(0.5 + eps / 2) / z, (1 + eps / 2) / z],
+                                                        dtype=torch.float64))
+
+
+def _reference_inverse_cdf(scores: list[float], n_samples: int) -> list[int]:
+    """Inverse transform sampling written plainly, as in the ATS paper: sort ascending, normalised CDF F,
+    n_samples evenly spaced y from the smallest positive F to 1, each y takes the token of the nearest F (the
+    first on ties), duplicates once."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    cdf, acc = [], 0.0
+    for i in order:
+        acc += scores[i]
+        cdf.append(acc)
+    lo, hi = min(cdf), max(cdf)
+    f = [(c - lo) / (hi - lo) for c in cdf]
+    y0 = min(v for v in f if v > 0)
+    ys = [y0 + (1 - y0) * j / (n_samples - 1) for j in range(n_samples)]
+    picked = {order[min(range(len(f)), key=lambda t: (abs(f[t] - y), t))] for y in ys}
+    return sorted(picked)
+
+
+def test_published_setting_draws_as_many_samples_as_initial_patches(monkeypatch):
+    """samples=initial: at a later stage with 6 tokens left of N0 = 10, K = 10 samples (not ceil(rate * 6)),
+    and the kept tokens are those of the reference inverse-CDF sampling with 10 samples."""
+    scores = [0.30, 0.02, 0.05, 0.25, 0.01, 0.37]
+    sampler = TokenSampler(1.0, 1, 1.0, samples="initial")
+    monkeypatch.setattr(sampler, "significance", lambda *a: torch.tensor([scores]))
+    x = torch.randn(1, 6, 4)
+    positions = torch.tensor([[3, 5, 8, 9, 12, 14]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    _, pos, new_valid = sampler(x, None, None, None, positions, valid, None, n0=10)
+    ref = _reference_inverse_cdf(scores, 10)
+    assert pos[new_valid].tolist() == positions[0, ref].tolist()
+    assert len(ref) < 6  # duplicates dropped: the count adapts, it is not a budget
+    # lwbench's generalisation at keep_rate=1 keeps them all (K = ceil(1 x 6) >= 6): the plain model
+    current = TokenSampler(1.0, 1, 1.0, samples="current")
+    monkeypatch.setattr(current, "significance", lambda *a: torch.tensor([scores]))
+    assert current(x, None, None, None, positions, valid, None, n0=10)[2].all()
+
+
+def test_published_stages_and_sampling_on_a_peaked_model():
+    vit = _peaked(create_backbone("lw_vit_test_p14", (70, 98)).eval())
+    spec = BackboneSpec.of(vit, "lw_vit_test_p14", (70, 98))
+    m = get_method("ats")(spec, 1.0, stages="published", samples="initial")
+    assert m.stages == list(range(round(spec.depth / 4), spec.depth))
+    with torch.no_grad():
+        out = m.build(vit).eval()(torch.randn(2, 3, 70, 98))
+    kept = out.aux["tokens_per_layer"]
+    assert int(kept[:, -1].max()) < spec.num_patches  # ATS as published samples even at keep_rate 1
+    d12 = BackboneSpec("deit_small_patch16_224", (224, 224), patch=16, depth=12, embed_dim=384, num_heads=6,
+                       num_prefix=1)
+    assert get_method("ats")(d12, 1.0, stages="published").stages == list(range(3, 12))  # official DeiT-S 3-11
 
 
 def test_keep_rate_1_is_the_plain_backbone(case):

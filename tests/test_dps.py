@@ -63,14 +63,48 @@ def test_perturbed_topk_forward_is_a_mean_of_indicators():
     assert ind.max() < 1.0  # sigma = 0.5 on [0, 1] scores: the selection is really soft
 
 
-def test_perturbed_topk_gradient_matches_the_papers_dense_estimator():
-    """J^T g with J = E[Y Z^T] / sigma, as the DPS paper's PyTorch code computes it with einsums."""
+def test_diagonal_estimator_by_hand_on_two_candidates(monkeypatch):
+    """N = 2 cells, k = 1, two samples, sigma = 1, scores (0.5, 0.4), noise Z1 = (0, 1) -> cell 1 wins,
+    Z2 = (0.3, -0.2) -> cell 0 wins; g = (2, 3). Official (diagonal): grad_j = sum_s g[j] Y_s[j] Z_s[j] / S =
+    (2 * 0.3 / 2, 3 * 1 / 2) = (0.3, 1.5). Full (Berthet): sum_s <g, Y_s> Z_s / S = (3 (0, 1) + 2 (0.3, -0.2)) / 2
+    = (0.3, 1.3)."""
+    fixed = torch.tensor([[[0.0, 1.0], [0.3, -0.2]]], dtype=torch.float64)
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: fixed.clone())
+    g = torch.tensor([[[2.0, 3.0]]], dtype=torch.float64)
+    grads = {}
+    for gradient in ("official", "full"):
+        x = torch.tensor([[0.5, 0.4]], dtype=torch.float64, requires_grad=True)
+        ind = perturbed_topk(x, 1, 1.0, 2, gradient=gradient)
+        torch.testing.assert_close(ind, torch.tensor([[[0.5, 0.5]]], dtype=torch.float64))
+        ind.backward(g)
+        grads[gradient] = x.grad[0].tolist()
+    assert grads["official"] == pytest.approx([0.3, 1.5]) and grads["full"] == pytest.approx([0.3, 1.3])
+
+
+def test_official_gradient_is_the_pytorch_ports_einsum():
+    """expected_gradient = E[Y[k, d] Z[d]] / sigma (einsum bskd,bsd->bkd), grad = sum_k g * it (bkd,bkd->bd)."""
     b, n, k, s, sigma = 2, 12, 3, 40, 0.3
     scores = torch.rand(b, n, dtype=torch.float64)
     g = torch.randn(b, k, n, dtype=torch.float64)
     x = scores.clone().requires_grad_()
     torch.manual_seed(7)
-    ind = perturbed_topk(x, k, sigma, s)
+    perturbed_topk(x, k, sigma, s).backward(g)  # the default is the official estimator
+    torch.manual_seed(7)
+    noise = torch.randn(b, s, n, dtype=torch.float64)
+    idx = (scores[:, None, :] + sigma * noise).topk(k, dim=-1).indices.sort(dim=-1).values
+    one_hot = torch.nn.functional.one_hot(idx, n).to(torch.float64)  # (b, s, k, n)
+    expected = torch.einsum("bskd,bsd->bkd", one_hot, noise) / s / sigma
+    torch.testing.assert_close(x.grad, torch.einsum("bkd,bkd->bd", g, expected))
+
+
+def test_full_gradient_option_is_berthets_dense_estimator():
+    """gradient=full: J^T g with J = E[Y Z^T] / sigma, the whole vector-Jacobian product (lwbench version 1)."""
+    b, n, k, s, sigma = 2, 12, 3, 40, 0.3
+    scores = torch.rand(b, n, dtype=torch.float64)
+    g = torch.randn(b, k, n, dtype=torch.float64)
+    x = scores.clone().requires_grad_()
+    torch.manual_seed(7)
+    ind = perturbed_topk(x, k, sigma, s, gradient="full")
     ind.backward(g)
     torch.manual_seed(7)
     noise = torch.randn(b, s, n, dtype=torch.float64)  # the same draw as inside the op
@@ -80,6 +114,24 @@ def test_perturbed_topk_gradient_matches_the_papers_dense_estimator():
     expected = torch.einsum("bskd,bse->bkde", one_hot, noise) / s / sigma
     torch.testing.assert_close(x.grad, torch.einsum("bkd,bkde->be", g, expected))
     assert x.grad.abs().max() > 0
+
+
+def test_scorer_input_is_a_multiple_of_the_grid_so_pooling_windows_are_disjoint_and_untied():
+    vit, spec = make("lw_vit_test_p8", (64, 96))  # 8 x 12 grid
+    enc = DPS(spec, 5, scorer_size=0.3).build(vit).eval()
+    size = enc.scorer.input_size((64, 96), (8, 12))
+    assert size == (24, 36)  # 0.3 x (64, 96) = (19, 29), rounded up to multiples of (8, 12)
+    assert enc.scorer.input_size((240, 320), (15, 20)) == (75, 100)  # 72x96 -> 75x100: 5x5 windows
+    torch.manual_seed(0)
+    with torch.no_grad():
+        raw = enc.scorer(torch.randn(4, 3, 64, 96), (8, 12))
+        fmap = enc.scorer.net(torch.nn.functional.interpolate(torch.randn(1, 3, 64, 96), size=size))
+    assert raw.shape == (4, 96)
+    assert all(row.unique().numel() == 96 for row in raw)  # no two cells share a maximum
+    # each cell's score is the max of its own 3x3 window of the scorer map, nothing from its neighbours
+    windows = fmap[0, 0].unfold(0, 3, 3).unfold(1, 3, 3)  # (8, 12, 3, 3)
+    torch.testing.assert_close(windows.amax((-1, -2)).flatten(),
+                               torch.nn.functional.max_pool2d(fmap, 3, 3).flatten())
 
 
 def test_zero_one_normalisation():

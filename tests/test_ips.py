@@ -9,7 +9,7 @@ from _toy import BACKBONE_CASES, check_no_op_budget, make, toy_ctx
 import lwbench.methods.ips as ips_mod
 from lwbench.errors import BudgetError, ConfigError
 from lwbench.heads import TaskModel
-from lwbench.methods.ips import IPS, CrossAttentionScorer
+from lwbench.methods.ips import IPS, CrossAttentionScorer, softmax_head_mean
 from lwbench.registry import get_method
 from lwbench.tokens import densify
 from lwbench.vit import assemble, embed_patches, to_output
@@ -40,11 +40,12 @@ def test_bad_budget_and_options(k):
 
 
 @pytest.mark.parametrize("m", [1, 5, 13])
-def test_iterative_selection_is_exact_top_m(m):
+def test_logit_ranking_iterative_selection_is_exact_top_m(m):
+    """``ranking=logits`` (lwbench version 1) is buffer-independent: iterating equals the one-shot top-M."""
     vit, spec = make("lw_vit_test_p8", (64, 96))  # 8 x 12 = 96 patches
     x = torch.randn(3, 3, 64, 96)
     for chunk in (96, 32, 7, 1):  # one chunk (everything fits), several chunks, one patch at a time
-        enc = IPS(spec, m, chunk=chunk).build(vit).eval()
+        enc = IPS(spec, m, chunk=chunk, ranking="logits").build(vit).eval()
         with torch.no_grad():
             idx = enc.selector(enc.vit, x, m, chunk)
         assert torch.equal(idx, one_shot_topm(enc, x, m)), chunk
@@ -58,6 +59,47 @@ def test_single_head_ranking_is_ips_softmax_ranking():
         ips_score = scorer.logits(emb).softmax(-1).mean(1)  # IPS's get_scores over one buffer
         ours = scorer.score(emb)
     assert torch.equal(ips_score.topk(7).indices.sort().values, ours.topk(7).indices.sort().values)
+
+
+def test_softmax_head_mean_by_hand_differs_from_the_logit_mean():
+    """Two heads, three patches: A (10, -10), B (1, 1), C (0, 0). Logit mean: B (1) > A = C (0). IPS's score, the
+    head-mean softmax: head 1 puts ~1 on A, head 2 e/(e+1) = 0.731 on B and 0.269 on C, so A ~0.5 > B ~0.366."""
+    logits = torch.tensor([[[10.0, 1.0, 0.0], [-10.0, 1.0, 0.0]]])  # (B=1, H=2, n=3)
+    score = softmax_head_mean(logits)[0]
+    e = torch.e
+    expected = torch.tensor([(1 / (1 + e ** -9 + e ** -10) + e ** -10 / (e ** -10 + e + 1)) / 2,
+                             (e ** -9 / (1 + e ** -9 + e ** -10) + e / (e ** -10 + e + 1)) / 2,
+                             (e ** -10 / (1 + e ** -9 + e ** -10) + 1 / (e ** -10 + e + 1)) / 2])
+    torch.testing.assert_close(score, expected)
+    assert int(score.argmax()) == 0 and int(logits.mean(1)[0].argmax()) == 1
+
+
+def _reference_ips(logits_of, n, m, chunk):
+    """The official selection loop, written plainly: memory = first M; per chunk, score memory + chunk by the
+    head-mean softmax of its logits over that buffer, keep the M best."""
+    mem = list(range(m))
+    for start in range(m, n, chunk):
+        buf = mem + list(range(start, min(start + chunk, n)))
+        score = logits_of(buf).softmax(-1).mean(0)  # (H, len) -> (len,)
+        mem = [buf[i] for i in score.topk(m).indices.tolist()]
+    return sorted(mem)
+
+
+@pytest.mark.parametrize("m, chunk", [(5, 7), (13, 32), (3, 1)])
+def test_default_ranking_is_the_official_softmax_loop_with_several_heads(m, chunk):
+    vit, spec = make("lw_vit_test_p8", (64, 96))  # 96 patches
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 96)
+    enc = IPS(spec, m, chunk=chunk, heads=4).build(vit).eval()
+    with torch.no_grad():
+        enc.selector.scorer.query.mul_(8.0)  # sharper attention: the two rules part more often
+        got = enc.selector(enc.vit, x, m, chunk)
+        logits = enc.selector.scorer.logits(embed_patches(enc.vit, x))  # (B, H, 96): a patch's logits are its own
+    for b in range(2):
+        ref = _reference_ips(lambda buf, b=b: logits[b][:, buf], 96, m, chunk)
+        assert got[b].tolist() == ref
+    one_shot = logits.mean(1).topk(m, dim=1).indices.sort(dim=1).values
+    assert not torch.equal(got, one_shot)  # with several heads the official rule is not the logit top-M
 
 
 def test_memory_embeds_at_most_one_chunk_at_a_time(monkeypatch):
