@@ -143,6 +143,7 @@ METHODS: Registry = Registry(
         "lookwhere": "lwbench.methods.lookwhere.method:LookWhere",
         "lowres": "lwbench.methods.lowres:LowRes",
         "random": "lwbench.methods.random:RandomPatches",
+        "grid": "lwbench.methods.grid:GridPatches",
         "dynamicvit": "lwbench.methods.dynamicvit:DynamicViT",
         "dps": "lwbench.methods.dps:DPS",
         "ips": "lwbench.methods.ips:IPS",
