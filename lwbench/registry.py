@@ -148,6 +148,7 @@ METHODS: Registry = Registry(
         "dps": "lwbench.methods.dps:DPS",
         "ips": "lwbench.methods.ips:IPS",
         "tome": "lwbench.methods.tome:ToMe",
+        "pitome": "lwbench.methods.pitome:PiToMe",
         "evit": "lwbench.methods.evit:EViT",
         "topk": "lwbench.methods.evit:TopK",
         "ats": "lwbench.methods.ats:ATS",

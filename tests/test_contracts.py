@@ -140,6 +140,7 @@ NOOP: dict[str, NoOp | NoNoOp] = {
         part=_lookwhere_extractor,
     ),
     "tome": NoOp(lambda spec: 0),
+    "pitome": NoOp(lambda spec: 0),
     "evit": KEEP_ALL,
     "topk": KEEP_ALL,
     "ats": KEEP_ALL,
