@@ -7,8 +7,10 @@ only: synthetic and real numbers answer different questions and are never drawn 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import textwrap
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,13 +26,42 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 X_AXES = {
-    "gmacs": "GMACs (multiply-accumulates)",
-    "latency_ms": "latency, batch 1 (ms)",
-    "throughput": "throughput (img/s)",
+    "gmacs": "GMACs (multiply-accumulates, log scale)",
+    "latency_ms": "latency, batch 1 (ms, log scale)",
+    "throughput": "throughput (img/s, log scale)",
 }
 X_HIGHER_BETTER = {"gmacs": False, "latency_ms": False, "throughput": True}
+# The spread of a timing axis: the rows store the interquartile range's width (p75 - p25), not its ends.
+X_IQR = {"latency_ms": "latency_iqr_ms", "throughput": "throughput_iqr"}
 MEM_KINDS = {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss_delta": "CPU: weights + peak RSS growth"}
-_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h", "<", ">", "p", "*")
+
+# One colour and marker per method, the same in every figure: a fixed table for the built-in methods, and for any
+# other (a plugin) a pick from the colours and markers the table does not use, by a hash of its name (md5, not
+# Python's salted hash()), so adding a method to the results never re-colours the others.
+METHOD_STYLES: dict[str, tuple[str, str]] = {
+    "full": ("#3a3a3a", "*"),
+    "lookwhere": ("#1f77b4", "o"),
+    "tome": ("#d62728", "s"),
+    "evit": ("#2ca02c", "D"),
+    "topk": ("#bcbd22", "d"),
+    "ats": ("#ff7f0e", "^"),
+    "dynamicvit": ("#9467bd", "P"),
+    "dps": ("#e377c2", "h"),
+    "ips": ("#17becf", "<"),
+    "random": ("#8c8c8c", "X"),
+    "lowres": ("#8c564b", "v"),
+}
+_FALLBACK_COLORS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
+                    "#756bb1", "#636363", "#6baed6", "#fd8d3c", "#74c476", "#9e9ac8", "#ad494a", "#17a589")
+_FALLBACK_MARKERS = (">", "p", "H", "8", "o", "s", "D", "^")
+
+
+def method_style(method: str) -> tuple[str, str]:
+    """``(colour, marker)`` of ``method`` in every lwbench figure; depends on the method's name only."""
+    if method in METHOD_STYLES:
+        return METHOD_STYLES[method]
+    h = int(hashlib.md5(method.encode()).hexdigest(), 16)
+    return _FALLBACK_COLORS[h % len(_FALLBACK_COLORS)], _FALLBACK_MARKERS[(h // 97) % len(_FALLBACK_MARKERS)]
 
 
 def pareto_front(points: Any, x_higher_better: bool = False, y_higher_better: bool = True) -> np.ndarray:
@@ -137,8 +168,9 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
 
     Lines are methods, split by backbone/profile/size if those are mixed. Different configs at one budget of a
     line (different ``replicate_id``) stay separate points, with one notice naming them. Columns: ``line``,
-    ``budget``, ``method``, ``x``, ``y`` (means), ``ylo``/``yhi`` (min/max over the seeds), ``mem``, ``bv``,
-    ``n`` (rows) and ``nseeds`` (distinct seeds; rows without a seed count one each).
+    ``budget``, ``method``, ``x``, ``y`` (means), ``ylo``/``yhi`` (mean ± std over the seeds, else the 95%
+    interval), ``xiqr`` (mean interquartile range of a timing x, NaN for GMACs), ``mem``, ``bv``, ``n`` (rows) and
+    ``nseeds`` (distinct seeds; rows without a seed count one each).
     """
     import pandas as pd
 
@@ -163,10 +195,12 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
     d["_seed"] = d["_seed"].where(d["_seed"].notna(), d["_rep"] + [f"\0{i}" for i in range(len(d))])
     for col in ("metric_ci_low", "metric_ci_high"):
         d["_" + col] = d[col].astype(float) if col in d.columns else np.nan
+    iqr = X_IQR.get(x)
+    d["_xiqr"] = d[iqr].astype(float) if iqr in d.columns else np.nan
     g = d.groupby(["_line", "_budget", "_rep"], sort=False, dropna=False)
     agg = pd.DataFrame({
         "method": g["method"].first(), "x": g["_x"].mean(), "y": g["_y"].mean(), "ystd": g["_y"].std(ddof=1),
-        "cilo": g["_metric_ci_low"].mean(), "cihi": g["_metric_ci_high"].mean(),
+        "cilo": g["_metric_ci_low"].mean(), "cihi": g["_metric_ci_high"].mean(), "xiqr": g["_xiqr"].mean(),
         "mem": g["_mem"].mean(), "bv": g["_bv"].first(), "n": g.size(), "nseeds": g["_seed"].nunique(),
     }).reset_index().rename(columns={"_line": "line", "_budget": "budget", "_rep": "replicate"})
     # The error bar of a point: mean ± std over its seeds when it has several, else its bootstrap interval over
@@ -271,12 +305,106 @@ def _effort_note(d: pd.DataFrame) -> str:
 
 OFF_THE_SHELF = "(off the shelf)"
 
+
+def _task_opts(d: pd.DataFrame) -> list[dict[str, Any]]:
+    """The distinct task options of the rows that carry their resolved config (``config.task_opts``)."""
+    import json
+
+    seen: list[dict[str, Any]] = []
+    for c in d.get("config", []):
+        if isinstance(c, str):
+            try:
+                c = json.loads(c)
+            except ValueError:
+                continue
+        opts = c.get("task_opts") if isinstance(c, dict) else None
+        if isinstance(opts, dict) and opts not in seen:
+            seen.append(opts)
+    return seen
+
+
+def chance_level(d: pd.DataFrame, task: str, metric: str) -> tuple[float, int] | None:
+    """``(chance %, classes)`` of a top-k metric: ``k / num_classes`` of the task (from a ``num_classes`` column,
+    else the registered task built with the rows' task options, else its class default); None for other metrics
+    (mIoU has no such chance level), unknown tasks, or rows that disagree on the number of classes."""
+    k = {"top1": 1, "top5": 5}.get(metric)
+    if k is None:
+        return None
+    counts: set[int] = set()
+    if "num_classes" in d.columns:
+        counts = {int(n) for n in d["num_classes"] if isinstance(n, (int, float)) and n == n and n > 0}
+    if not counts:
+        try:
+            from lwbench.registry import get_task
+
+            cls = get_task(task)
+        except Exception:  # a plugin task that is not installed here: no chance line rather than no figure
+            return None
+        source = "synthetic" if "synthetic" in getattr(cls, "sources", ()) else "auto"
+        for opts in _task_opts(d) or [{}]:
+            try:
+                n = cls(source=source, **opts).num_classes
+            except Exception:
+                n = getattr(cls, "num_classes", None)
+            if isinstance(n, int) and n > 0:
+                counts.add(n)
+    if len(counts) != 1:
+        return None
+    n = counts.pop()
+    return 100.0 * min(k, n) / n, n
+
+
+def log_ticks(lo: float, hi: float) -> tuple[list[float], tuple[float, float]]:
+    """Labelled ticks for a log axis over ``[lo, hi]`` (both > 0) and the axis limits: the limits reach out to the
+    first tick at or beyond each end, so the leftmost and rightmost points sit inside the labelled range. Ticks
+    are 1-2-5 per decade (1, 10, 100 ... over 3 decades and more; 1..9 within one decade)."""
+    lo, hi = float(min(lo, hi)), float(max(lo, hi))
+    if not (lo > 0 and math.isfinite(hi)):
+        raise ValueError(f"log_ticks needs 0 < lo <= hi, got {lo}, {hi}")
+    span = math.log10(hi / lo)
+    subs = (1.0,) if span >= 3 else (1.0, 2.0, 5.0) if span >= 0.7 else (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+    e0, e1 = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
+    cands = sorted(float(f"{m * 10.0 ** e:.12g}") for e in range(e0, e1 + 1) for m in subs)
+    eps = 1e-9
+    first = max(c for c in cands if c <= lo * (1 + eps))
+    last = min(c for c in cands if c >= hi * (1 - eps))
+    ticks = [c for c in cands if first <= c <= last]
+    pad = 10 ** (0.025 * max(math.log10(last / first), 0.3))  # a little air beyond the outer ticks
+    return ticks, (first / pad, last * pad)
+
+
+def wrap_title(text: str, width: int) -> str:
+    """Each line of ``text`` wrapped to ``width`` characters, breaking at its `` · `` separators first."""
+    out = []
+    for line in text.split("\n"):
+        cur = ""
+        for part in line.split(" · "):
+            if cur and len(cur) + 3 + len(part) > width:
+                out.append(cur)
+                cur = part
+            else:
+                cur = f"{cur} · {part}" if cur else part
+        out.append(cur)
+    return "\n".join(textwrap.fill(t, width, break_long_words=False, subsequent_indent="  ") if len(t) > width
+                     else t for t in out)
+
+
+def _fit_suptitle(fig: Any, text: str, **kw: Any) -> Any:
+    """A left-aligned figure title wrapped until it fits the figure's width (never clipped at the right edge)."""
+    renderer = fig.canvas.get_renderer()
+    width = 140
+    title = fig.suptitle(wrap_title(text, width), **kw)
+    while width > 30 and title.get_window_extent(renderer).x1 > fig.bbox.x1 - 4:
+        width -= 6
+        title.set_text(wrap_title(text, width))
+    return title
+
 _LABEL_SPOTS = ((7, 6, "left", "bottom"), (7, -6, "left", "top"), (-7, 6, "right", "bottom"),
                 (-7, -6, "right", "top"), (0, 11, "center", "bottom"), (0, -11, "center", "top"))
 
 
 def _place_labels(fig: Any, ax: Any, labels: list[Any], points: np.ndarray, paths: list[np.ndarray],
-                  marker_px: float = 7.0) -> None:
+                  marker_px: Any = 7.0) -> None:
     """Greedy label placement: each budget label takes the first spot around its marker that overlaps no
     marker, method line or earlier label (else the least-overlapping spot), so crowded clusters stay legible."""
     if not labels:
@@ -284,7 +412,7 @@ def _place_labels(fig: Any, ax: Any, labels: list[Any], points: np.ndarray, path
     fig.draw_without_rendering()  # settle the constrained layout, so display coordinates are final
     renderer = fig.canvas.get_renderer()
     pts = ax.transData.transform(points)
-    r = marker_px * fig.dpi / 72.0
+    r = np.asarray(marker_px, dtype=float) * fig.dpi / 72.0  # one radius (points) for all markers, or one each
     boxes = [np.column_stack([pts[:, 0] - r, pts[:, 1] - r, pts[:, 0] + r, pts[:, 1] + r])]
     for path in paths:  # a method's line becomes a chain of small boxes, one every ~3 px
         disp = ax.transData.transform(path)
@@ -340,24 +468,48 @@ def pareto_plot(df: pd.DataFrame, task: str, x: str = "gmacs", out: str | os.Pat
     return out
 
 
-def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | None = None) -> Figure:
+MARKER_AREA = (30.0, 330.0)  # marker area (pt^2) of the least and the most peak memory in a figure
+_DEFAULT_AREA = 90.0  # every marker when no row has a memory figure
+_SOLID = ("-", (0, (5, 1, 1, 1)), (0, (1, 1)))  # lines of one method split by backbone/profile/size/timing mode
+_DASHED = ("--", (0, (6, 2, 1, 2)), (0, (2, 2)))  # the same, off the shelf
+
+
+def _spread_apart(fig: Any, ax: Any, notes: list[Any], gap_px: float = 11.0) -> None:
+    """Reference-line labels in the right margin: nudged apart vertically so labels of close lines stay legible."""
+    if not notes:
+        return
+    fig.draw_without_rendering()
+    ys = [ax.transData.transform((1.0, n.xy[1]))[1] for n in notes]
+    order = np.argsort(ys)
+    placed: list[float] = []
+    for i in order:
+        y = ys[i] if not placed else max(ys[i], placed[-1] + gap_px)
+        placed.append(y)
+        notes[i].set_position((5, (y - ys[i]) * 72.0 / fig.dpi))
+
+
+def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | None = None,
+                  chance: float | None = None) -> Figure:
     """The Pareto figure of ``task`` (an Agg-backed ``matplotlib.figure.Figure``, no pyplot state).
 
-    One line with markers per method (sorted by ``x``; split by backbone/profile/size if those vary),
-    log-scaled x, the Pareto frontier over all points as a thick grey step line with ringed markers
-    (for throughput higher is better and the frontier flips), markers filled by peak memory (colorbar)
-    and labelled with their budget. Rows that differ only in their seed (one ``replicate_id``) are
-    averaged into one point with min..max error bars; different configs at one budget stay separate
-    points, with a notice. With both sources in ``df`` only ``source`` (default: the real one) is drawn,
-    with a notice; the title says SYNTHETIC for synthetic data.
+    One line with markers per method (sorted by ``x``; split by backbone/profile/size if those vary), in the
+    method's own colour and marker (:func:`method_style`, the same in every figure); off-the-shelf lines dashed
+    with hollow markers. Log-scaled x whose labelled ticks enclose every point. The Pareto frontier over all
+    points is a thick grey step line with ringed markers (for throughput higher is better and the frontier flips).
+    Marker area encodes peak memory (a size legend in MB on the right); markers are labelled with their budget.
+    Vertical bars: the 95% bootstrap interval, or ± std over seeds where rows that differ only in their seed
+    (one ``replicate_id``) are averaged into one point; different configs at one budget stay separate points, with
+    a notice. Horizontal bars on a timing axis: the rows' interquartile range (its width, centred on the median).
+    Horizontal reference lines: ``full``'s accuracy per regime and chance (``chance`` %, default ``k /
+    num_classes`` of the task for top-k metrics), labelled in the right margin. With both sources in ``df`` only
+    ``source`` (default: the real one) is drawn, with a notice; the title says SYNTHETIC for synthetic data.
     """
-    import matplotlib as mpl
     import seaborn as sns
     from matplotlib import patheffects
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
     d, source = _select(df, task, x, source)
     agg = _aggregate(d, x, task)
@@ -366,19 +518,29 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
     agg["tied"] = tied_with_front(agg, higher)
     metric = str(d["metric"].iloc[0])
     mem_kinds = [MEM_KINDS.get(k, k) for k in _one(d.get("mem_kind", []))]
-    has_mem = bool(np.isfinite(agg["mem"]).any())
+
+    mem = agg["mem"].to_numpy(dtype=float)
+    has_mem = bool(np.isfinite(mem).any())
+    mlo, mhi = (float(np.nanmin(mem)), float(np.nanmax(mem))) if has_mem else (0.0, 0.0)
+
+    def area(m: Any) -> np.ndarray:
+        m = np.asarray(m, dtype=float)
+        if not has_mem:
+            return np.full(m.shape, _DEFAULT_AREA)
+        if mhi - mlo <= 1e-9 * max(abs(mhi), 1.0):
+            a = np.full(m.shape, float(np.mean(MARKER_AREA)))
+        else:
+            a = MARKER_AREA[0] + (MARKER_AREA[1] - MARKER_AREA[0]) * (m - mlo) / (mhi - mlo)
+        return np.where(np.isfinite(m), a, _DEFAULT_AREA)
+
+    agg["area"] = area(agg["mem"])
+    ring = (np.sqrt(agg["area"]) + 10.0) ** 2  # a ring around a marker, whatever its size
 
     lines = list(dict.fromkeys(agg["line"]))
-    palette = sns.color_palette("tab10" if len(lines) <= 10 else "husl", len(lines))
-    cmap = mpl.colormaps["viridis"].with_extremes(bad="white")
-    mems = agg["mem"][np.isfinite(agg["mem"])]
-    lo, hi = (float(mems.min()), float(mems.max())) if has_mem else (0.0, 1.0)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    norm = mpl.colors.Normalize(lo, hi)
-
+    variants: dict[tuple[str, bool], int] = {}
+    iqr_note = False
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
-        fig = Figure(figsize=(9.0, 5.6), layout="constrained")
+        fig = Figure(figsize=(9.6, 6.0), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         ax.set_xscale("log")
@@ -390,22 +552,40 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
 
         halo = [patheffects.withStroke(linewidth=2.5, foreground="white")]
         handles, labels, paths = [], [], []
-        for i, line in enumerate(lines):
-            color, marker = palette[i], _MARKERS[i % len(_MARKERS)]
+        xs_lo, xs_hi = list(agg["x"]), list(agg["x"])
+        for line in lines:
             pts = agg[agg["line"] == line].sort_values(["x", "bv", "y"])
-            style = "--" if line.endswith(OFF_THE_SHELF) else "-"
+            method = str(pts["method"].iloc[0])
+            color, marker = method_style(method)
+            off = line.endswith(OFF_THE_SHELF)
+            j = variants.get((method, off), 0)
+            variants[(method, off)] = j + 1
+            style = (_DASHED if off else _SOLID)[j % 3]
             ax.plot(pts["x"], pts["y"], color=color, lw=1.8, alpha=0.9, zorder=2, ls=style)
             paths.append(pts[["x", "y"]].to_numpy())
             spread = pts[np.isfinite(pts["ylo"]) & np.isfinite(pts["yhi"])]
             if len(spread):  # seeds' std, or the bootstrap interval
-                ax.errorbar(spread["x"], spread["y"], yerr=[spread["y"] - spread["ylo"], spread["yhi"] - spread["y"]],
-                            fmt="none", ecolor=color, elinewidth=1.3, capsize=3.5, capthick=1.3, alpha=0.85,
-                            zorder=2.5)
+                bars = ax.errorbar(spread["x"], spread["y"], yerr=[spread["y"] - spread["ylo"],
+                                                                   spread["yhi"] - spread["y"]],
+                                   fmt="none", ecolor=color, elinewidth=1.3, capsize=3.5, capthick=1.3, alpha=0.85,
+                                   zorder=2.5)
+                for c in bars.lines[2]:
+                    c.set_gid("metric_interval")
                 paths.extend(np.array([[r.x, r.ylo], [r.x, r.yhi]]) for r in spread.itertuples())
-            face = pts["mem"].to_numpy() if has_mem else None
-            ax.scatter(pts["x"], pts["y"], c=face if has_mem else [color], cmap=cmap if has_mem else None,
-                       norm=norm if has_mem else None, marker=marker, s=70, edgecolors=[color], linewidths=1.8,
-                       zorder=3, plotnonfinite=True)
+            timed = pts[np.isfinite(pts["xiqr"]) & (pts["xiqr"] > 0)]
+            if len(timed):  # the timing's interquartile range: the rows keep its width, drawn centred on the median
+                half = timed["xiqr"].to_numpy() / 2
+                left = np.minimum(half, 0.9 * timed["x"].to_numpy())  # a log axis has no room below zero
+                bars = ax.errorbar(timed["x"], timed["y"], xerr=[left, half], fmt="none", ecolor=color,
+                                   elinewidth=1.0, capsize=2.5, capthick=1.0, alpha=0.6, zorder=2.4)
+                for c in bars.lines[2]:
+                    c.set_gid("timing_iqr")
+                xs_lo.extend(timed["x"] - left)
+                xs_hi.extend(timed["x"] + half)
+                iqr_note = True
+            face = "white" if off else color
+            ax.scatter(pts["x"], pts["y"], s=pts["area"], c=[face], marker=marker, edgecolors=[color if off else "white"],
+                       linewidths=1.7 if off else 0.9, zorder=3, gid=f"points:{line}")
             # Markers carry only the budget's value; its key ("k", "r", ...) goes once into the legend.
             keys = {str(b).partition("=")[0] for b in pts["budget"] if "=" in str(b)}
             key = keys.pop() if len(keys) == 1 else None
@@ -418,38 +598,80 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
                 labels.append(ax.annotate(text, (p["x"], p["y"]), xytext=(7, 6), textcoords="offset points",
                                           fontsize=8, color=color, zorder=5, path_effects=halo))
             handles.append(Line2D([], [], color=color, marker=marker, lw=1.8, markersize=8, ls=style,
-                                  markerfacecolor="white", markeredgecolor=color, markeredgewidth=1.8,
+                                  markerfacecolor=face, markeredgecolor=color if off else "white",
+                                  markeredgewidth=1.7 if off else 0.9,
                                   label=f"{line} ({key})" if key else line))
-        ax.scatter(fr["x"], fr["y"], s=260, facecolors="none", edgecolors="black", linewidths=1.6, zorder=4,
-                   gid="pareto_frontier")
+        ax.scatter(fr["x"], fr["y"], s=ring[fr.index], facecolors="none", edgecolors="black", linewidths=1.6,
+                   zorder=4, gid="pareto_frontier")
         handles.append(Line2D([], [], color="0.15", lw=7, alpha=0.16, marker="o", markersize=14,
                               markerfacecolor="none", markeredgecolor="black", markeredgewidth=1.6,
                               label="Pareto frontier"))
         tied = agg[agg["tied"]]
         if len(tied):
-            ax.scatter(tied["x"], tied["y"], s=260, facecolors="none", edgecolors="black", linewidths=1.2,
-                       linestyles=":", zorder=4, gid="tied_with_frontier")
+            ax.scatter(tied["x"], tied["y"], s=ring[tied.index], facecolors="none", edgecolors="black",
+                       linewidths=1.2, linestyles=":", zorder=4, gid="tied_with_frontier")
             handles.append(Line2D([], [], ls="none", marker="o", markersize=14, markerfacecolor="none",
                                   markeredgecolor="black", markeredgewidth=1.2, label="tied with the frontier (bars overlap)"))
 
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        # Reference lines: full's accuracy (one per regime / line of full) and chance, labelled in the right margin.
+        notes = []
+        full_color = method_style("full")[0]
+        for line, grp in agg[agg["method"] == "full"].groupby("line", sort=False):
+            yv = float(grp["y"].mean())
+            off = str(line).endswith(OFF_THE_SHELF)
+            ax.axhline(yv, color=full_color, lw=1.0, ls="-." if off else "-", alpha=0.7, zorder=1.5,
+                       gid=f"full_reference:{line}")
+            notes.append(ax.annotate(f"{line}: {yv:.1f}", (1.0, yv), xycoords=ax.get_yaxis_transform(),
+                                     xytext=(5, 0), textcoords="offset points", ha="left", va="center", fontsize=8,
+                                     color=full_color, annotation_clip=False, gid="full_reference_label"))
+        level = (float(chance), None) if chance is not None else chance_level(d, task, metric)
+        chance_off = ""
+        if level is not None:
+            ys = np.concatenate([agg["y"], agg["ylo"], agg["yhi"]]).astype(float)
+            ylo_data, yhi_data = float(np.nanmin(ys)), float(np.nanmax(ys))
+            text = f"chance: {level[0]:.3g}" + (f" (1/{level[1]} classes)" if level[1] and metric == "top1"
+                                                 else f" ({min(5, level[1])}/{level[1]})" if level[1] else "")
+            if level[0] >= ylo_data - max(yhi_data - ylo_data, 10.0):
+                ax.axhline(level[0], color="0.3", lw=1.3, ls=":", zorder=1.5, gid="chance")
+                notes.append(ax.annotate(text, (1.0, level[0]), xycoords=ax.get_yaxis_transform(), xytext=(5, 0),
+                                         textcoords="offset points", ha="left", va="center", fontsize=8,
+                                         color="0.3", annotation_clip=False, gid="chance_label"))
+            else:  # far below every point (1000 classes): said, not drawn, so the points keep the axis
+                chance_off = f"; {text}, below the axis"
+
+        ticks, lim = log_ticks(float(np.nanmin(xs_lo)), float(np.nanmax(xs_hi)))
+        ax.set_xlim(*lim)
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.margins(x=0.08, y=0.1)
+        ax.margins(y=0.08)
         ax.set_xlabel(X_AXES[x] + ("  →  better" if higher else "  ←  better"))
-        ax.set_ylabel(metric_label(metric) + "  (↑ better)")
+        ax.set_ylabel(metric_label(metric) + "  (↑ better)" + chance_off)
         head, sub = _title(d, task, source, x, agg["nseeds"])
-        # A figure title (not an axes title) so constrained layout keeps it clear of the outside legend.
-        fig.suptitle(f"{head}\n{sub}" if sub else head, x=0.01, ha="left", fontsize=10.5,
-                     color="firebrick" if source == "synthetic" else "black")
-        if has_mem:
-            sm = mpl.cm.ScalarMappable(norm=norm, cmap=cmap)
-            label = "peak memory (MB)" + (f"\n{', '.join(mem_kinds)}" if mem_kinds else "")
-            fig.colorbar(sm, ax=ax, label=label, pad=0.01, fraction=0.04, aspect=30)
+        if iqr_note:
+            sub += f" · horizontal bars: {x.split('_')[0]} IQR (p75−p25, centred on the median)"
+        # A figure title (not an axes title) so constrained layout keeps it clear of the legends; wrapped to fit.
+        _fit_suptitle(fig, f"{head}\n{sub}" if sub else head, x=0.01, ha="left", fontsize=10.5,
+                      color="firebrick" if source == "synthetic" else "black")
         # Below the axes, so the title can use the full width and no point is ever covered.
+        any_off = any(line.endswith(OFF_THE_SHELF) for line in lines)
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False,
-                   fontsize=8.5, title="method (budget key)" + ("; marker fill = peak memory" if has_mem else ""),
+                   fontsize=8.5, title="method (budget key)" + ("; dashed, hollow: off the shelf" if any_off else ""),
                    title_fontsize=8.5, columnspacing=1.6)
-        _place_labels(fig, ax, labels, agg[["x", "y"]].to_numpy(), paths)
+        if has_mem:  # marker area = peak memory; the size legend decodes it
+            values = [mlo] if mhi - mlo <= 1e-9 * max(abs(mhi), 1.0) else list(np.linspace(mlo, mhi, 3))
+            sizes = [Line2D([], [], ls="none", marker="o", markersize=float(np.sqrt(area(v))), markerfacecolor="0.65",
+                            markeredgecolor="0.35", label=f"{v:.3g} MB") for v in values]
+            if not np.isfinite(mem).all():
+                sizes.append(Line2D([], [], ls="none", marker="o", markersize=float(np.sqrt(_DEFAULT_AREA)),
+                                    markerfacecolor="none", markeredgecolor="0.35", label="not measured"))
+            kind = "\n".join(textwrap.wrap(", ".join(mem_kinds), 18)) if mem_kinds else ""
+            fig.legend(handles=sizes, loc="outside right center", frameon=False, fontsize=8.5, labelspacing=1.6,
+                       borderpad=0.8, title="peak memory\n(marker area)" + (f"\n{kind}" if kind else ""),
+                       title_fontsize=8.5)
+        _place_labels(fig, ax, labels, agg[["x", "y"]].to_numpy(), paths,
+                      marker_px=np.sqrt(agg["area"].to_numpy()) / 2 + 1)
+        _spread_apart(fig, ax, notes)
 
     return fig

@@ -96,10 +96,11 @@ def frontier_rings(fig):
 
 
 def error_bars(fig):
-    """(x, ylo, yhi) of every error bar drawn."""
+    """(x, ylo, yhi) of every vertical error bar drawn (the metric's interval or spread over seeds)."""
     from matplotlib.collections import LineCollection
 
-    segs = [seg for c in fig.axes[0].collections if isinstance(c, LineCollection) for seg in c.get_segments()]
+    segs = [seg for c in fig.axes[0].collections if isinstance(c, LineCollection) and c.get_gid() != "timing_iqr"
+            for seg in c.get_segments()]
     return sorted((float(a[0]), float(a[1]), float(b[1])) for a, b in segs)
 
 
@@ -115,14 +116,17 @@ def test_figure_content_gmacs():
     fig = pareto_figure(frame(), "traffic_signs", x="gmacs")
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
-    assert ax.get_xlabel().startswith("GMACs (multiply-accumulates)")
+    assert ax.get_xlabel().startswith("GMACs (multiply-accumulates, log scale)")
     assert ax.get_ylabel().startswith("top1 (%)")
     title = fig._suptitle.get_text()
     assert "traffic_signs" in title and "SYNTHETIC" in title and "lw_vit_test_p8" in title and "Test CPU" in title
     assert len(drawn_points(fig)) == 7  # every point once
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["lookwhere (k)", "random (k)", "tome (r)", "Pareto frontier"]
-    assert len(fig.axes) == 2 and "peak memory (MB)" in fig.axes[1].get_ylabel()  # the colorbar
+    assert len(fig.axes) == 1 and len(fig.legends) == 2  # memory: marker area, decoded by a size legend
+    sizes = fig.legends[1]  # the methods' legend is the first
+    assert "peak memory" in sizes.get_title().get_text()
+    assert [t.get_text() for t in sizes.get_texts()] == ["11.4 MB", "17.2 MB", "23 MB"]  # 10 + 5 * gmacs
     # frontier rings sit exactly on the Pareto-optimal points
     rings = frontier_rings(fig)
     assert error_bars(fig) == []  # one seed per point: no spread to show
@@ -136,7 +140,7 @@ def test_figure_content_gmacs():
 def test_figure_throughput_frontier_flips():
     fig = pareto_figure(frame(), "traffic_signs", x="throughput")
     ax = fig.axes[0]
-    assert ax.get_xlabel().startswith("throughput (img/s)")
+    assert ax.get_xlabel().startswith("throughput (img/s, log scale)")
     rings = frontier_rings(fig)
     # lookwhere k=16 (1000 img/s, 62 %) is fast and good; random k=16 (~1071 img/s, 40 %) is the fastest
     got = sorted((round(x), y) for x, y in rings)
@@ -216,9 +220,9 @@ def test_mixed_seed_counts_and_old_rows_are_titled_truthfully():
     assert len(drawn_points(fig)) == 10 and "mean of" not in fig._suptitle.get_text()
 
 
-def test_plot_without_memory_has_no_colorbar(tmp_path):
+def test_plot_without_memory_has_no_size_legend(tmp_path):
     fig = pareto_figure(frame(with_mem=False), "traffic_signs")
-    assert len(fig.axes) == 1
+    assert len(fig.axes) == 1 and len(fig.legends) == 1
     out = pareto_plot(frame(with_mem=False), "traffic_signs", out=tmp_path / "p.svg")
     assert out.read_text().lstrip().startswith("<?xml")
 
@@ -256,3 +260,129 @@ def test_compiled_and_eager_timings_are_separate_lines_on_a_timing_axis():
     assert lines == {"full · compile none", "full · compile max-autotune"}
     with pytest.warns(UserWarning, match="2 different configs"):  # one line, two points, named in a notice
         assert set(_aggregate(df, "gmacs")["line"]) == {"full"}  # MACs do not depend on how calls were timed
+
+
+# -- what a reader needs to decode the figure --------------------------------------------------------------------
+
+
+def point_colors(fig):
+    """{line: RGBA of its markers' face, or of the edge for hollow (off-the-shelf) markers}."""
+    out = {}
+    for c in fig.axes[0].collections:
+        gid = c.get_gid() or ""
+        if gid.startswith("points:"):
+            face = c.get_facecolors()[0]
+            out[gid.removeprefix("points:")] = tuple(c.get_edgecolors()[0] if tuple(face) == (1, 1, 1, 1) else face)
+    return out
+
+
+def test_method_colours_are_stable_whatever_else_is_plotted():
+    from lwbench.plots import METHOD_STYLES, method_style
+
+    df = frame()
+    alone = point_colors(pareto_figure(df[df["method"] == "tome"], "traffic_signs"))
+    extra = df[df["method"] == "lookwhere"].assign(method="aaa_plugin", replicate_id=lambda d: d["replicate_id"] + "p")
+    more = point_colors(pareto_figure(pd.concat([extra, df], ignore_index=True), "traffic_signs"))
+    assert alone["tome"] == more["tome"] and more["lookwhere"] == point_colors(pareto_figure(df, "traffic_signs"))[
+        "lookwhere"]
+    assert len(set(more.values())) == 4  # every method its own colour
+    # the table of built-in methods: distinct colours and markers; a plugin's style is a function of its name alone
+    assert len({c for c, _ in METHOD_STYLES.values()}) == len(METHOD_STYLES)
+    assert len(set(METHOD_STYLES.values())) == len(METHOD_STYLES)
+    assert method_style("my_plugin") == method_style("my_plugin") and method_style("tome") == METHOD_STYLES["tome"]
+    assert method_style("my_plugin")[0] not in {c for c, _ in METHOD_STYLES.values()}
+
+
+def with_full(df):
+    full = [dict(method="full", budget="-", budget_key="-", budget_value=math.nan, task="traffic_signs",
+                 source="synthetic", backbone="lw_vit_test_p8", img_size="64x64", profile="quick", seed=0, metric="top1",
+                 metric_value=acc, metric_ci_low=acc - 1, metric_ci_high=acc + 1, gmacs=3.0, latency_ms=10.0,
+                 latency_iqr_ms=2.0, peak_mem_mb=25.0, mem_kind="cpu_peak_rss_delta", device="cpu",
+                 device_name="Test CPU", threads=1, regime=regime, replicate_id=f"full-{regime}")
+            for acc, regime in ((85.0, "finetuned"), (82.0, "off_the_shelf"))]
+    return pd.concat([df.assign(regime="finetuned"), pd.DataFrame(full)], ignore_index=True)
+
+
+def test_chance_and_full_reference_lines_are_drawn_and_labelled():
+    fig = pareto_figure(with_full(frame()), "traffic_signs")
+    ax = fig.axes[0]
+    lines = {ln.get_gid(): ln for ln in ax.get_lines() if ln.get_gid()}
+    assert lines["chance"].get_ydata()[0] == pytest.approx(25.0)  # traffic signs: 4 classes
+    assert lines["full_reference:full"].get_ydata()[0] == pytest.approx(85.0)
+    assert lines["full_reference:full (off the shelf)"].get_ydata()[0] == pytest.approx(82.0)
+    texts = {t.get_gid(): [] for t in ax.texts}
+    for t in ax.texts:
+        texts[t.get_gid()].append(t.get_text())
+    assert texts["chance_label"] == ["chance: 25 (1/4 classes)"]
+    assert sorted(texts["full_reference_label"]) == ["full (off the shelf): 82.0", "full: 85.0"]
+    lo, hi = ax.get_ylim()
+    assert lo < 25 < hi
+    # the two full labels are 3 points apart on the axis: nudged apart so they do not overlap
+    boxes = [t.get_window_extent() for t in ax.texts if t.get_gid() == "full_reference_label"]
+    assert not boxes[0].overlaps(boxes[1])
+    # an explicit chance level wins; a metric without one (mIoU) draws none
+    fig = pareto_figure(frame(), "traffic_signs", chance=50.0)
+    assert [ln.get_ydata()[0] for ln in fig.axes[0].get_lines() if ln.get_gid() == "chance"] == [50.0]
+    fig = pareto_figure(frame().assign(metric="miou"), "traffic_signs")
+    assert not [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "chance"]
+
+
+def test_chance_far_below_the_points_is_said_not_drawn():
+    from lwbench.plots import chance_level
+
+    df = frame()
+    narrow = df.assign(metric_value=70 + (df["metric_value"] - 40) / 10)  # 70..74 %: chance 0.1 would flatten them
+    fig = pareto_figure(narrow, "traffic_signs", chance=0.1)
+    assert not [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "chance"]
+    assert "chance: 0.1, below the axis" in fig.axes[0].get_ylabel()
+    assert chance_level(df, "traffic_signs", "top5") == (100.0, 4)
+    assert chance_level(df, "no_such_task", "top1") is None
+    bil = df.assign(task="billiards", config=[{"task_opts": {"label_fn": "sum-all-modulo10"}}] * len(df))
+    assert chance_level(bil, "billiards", "top1") == (10.0, 10)
+
+
+@pytest.mark.parametrize("x", ["gmacs", "latency_ms", "throughput"])
+def test_log_ticks_enclose_every_point(x):
+    fig = pareto_figure(with_full(frame()), "traffic_signs", x=x)
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    labelled = [t for t, lab in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True) if lab.get_text()]
+    pts = drawn_points(fig)[:, 0]
+    assert len(ticks) >= 3 and min(labelled) <= pts.min() and max(labelled) >= pts.max()
+    assert lo < pts.min() and hi > pts.max() and "log scale" in ax.get_xlabel()
+
+
+def test_log_ticks_known_answers():
+    from lwbench.plots import log_ticks
+
+    ticks, (lo, hi) = log_ticks(0.0223, 0.3646)
+    assert ticks == [0.02, 0.05, 0.1, 0.2, 0.5] and lo < 0.02 and hi > 0.5
+    assert log_ticks(4.3, 320)[0] == [2, 5, 10, 20, 50, 100, 200, 500]
+    assert log_ticks(0.2, 0.27)[0] == [0.2, 0.3]  # under a decade: 1..9 per decade
+    assert log_ticks(1, 5000)[0] == [1, 10, 100, 1000, 10000]
+    assert log_ticks(0.5, 0.5)[0] == [0.5]
+
+
+def test_latency_iqr_bars():
+    df = with_full(frame())
+    fig = pareto_figure(df, "traffic_signs", x="latency_ms")
+    from matplotlib.collections import LineCollection
+
+    iqr = [seg for c in fig.axes[0].collections if isinstance(c, LineCollection) and c.get_gid() == "timing_iqr"
+           for seg in c.get_segments()]
+    assert len(iqr) == 2  # the two full rows carry latency_iqr_ms=2: 10 ms -> 9..11
+    assert sorted(tuple(np.round(np.asarray(s)[:, 0], 6)) for s in iqr) == [(9.0, 11.0), (9.0, 11.0)]
+    assert "horizontal bars: latency IQR" in fig._suptitle.get_text()
+
+
+def test_long_titles_are_wrapped_not_clipped():
+    df = frame().assign(backbone="vit_huge_patch14_clip_quickgelu_224.dfn5b_with_a_very_long_suffix",
+                        device_name="AMD EPYC 9654 96-Core Processor with an unusually long marketing name")
+    fig = pareto_figure(df, "traffic_signs", x="latency_ms")
+    fig.draw_without_rendering()
+    box = fig._suptitle.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+    assert fig._suptitle.get_text().count("\n") >= 2
+    for leg in fig.legends:  # nothing drawn over the title
+        assert not leg.get_window_extent().overlaps(box)

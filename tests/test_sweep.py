@@ -196,7 +196,7 @@ def _sweep(tmp_path, text: str) -> str:
      "tasks: unknown task 'trafic_signs'. Did you mean: traffic_signs?"),
     ("tasks: []\nmethods: {full: null}\n", "'tasks' must be a non-empty list of task names"),
     ("methods: {full: null}\n", "'tasks' is missing or empty"),
-    ("tasks: [traffic_signs]\nmethods: {tomee: default}\n", "methods: unknown method 'tomee'. Did you mean: tome?"),
+    ("tasks: [traffic_signs]\nmethods: {tomee: default}\n", "methods: unknown method 'tomee'. Did you mean: tome"),
     ("tasks: [traffic_signs]\nmethods: {random: [8, 16]}\n",
      "methods: budget 8 of 'random' must look like key=value, e.g. random: [k=8, k=16]"),
     ("tasks: [traffic_signs]\nmethods: {tome: defualt}\n", "methods: budgets of 'tome' must be null (no budget knob)"),
