@@ -8,10 +8,13 @@ Training uses the perturbed top-k of Berthet et al. (2020): the indicator matrix
 by patch position) is the mean of hard top-k indicators over ``num_samples`` Gaussian perturbations of
 the scores with scale ``sigma``. Its backward (``gradient``):
 
-- ``official`` (default): the estimator of the official JAX code (``ptopk_patch_selection``) and of the
-  PyTorch ports, which keeps the diagonal terms of the Jacobian ``E[Y Z^T] / sigma``: the gradient of score
-  j is ``sum_k g[k, j] E[Y[k, j] Z[j]] / sigma`` (each sample's noise on j, where j was picked in slot k);
-- ``full``: Berthet's whole vector-Jacobian product ``E[<g, Y(s + sigma Z)> Z] / sigma`` (lwbench version 1).
+- ``official`` (default): the estimator of the official JAX code (``ptopk_patch_selection``), of the PyTorch
+  ``PerturbedTopKFunction`` in the paper's supplementary material and of the ports built on it, which keeps the
+  diagonal terms of the Jacobian ``E[Y Z^T] / sigma``: the gradient of score j is
+  ``sum_k g[k, j] E[Y[k, j] Z[j]] / sigma`` (each sample's noise on j, where j was picked in slot k);
+- ``full``: Berthet's whole vector-Jacobian product ``E[<g, Y(s + sigma Z)> Z] / sigma``, the Jacobian formula
+  the paper's text quotes from Berthet et al., but not what its code computes (lwbench version 1, whose
+  docstring wrongly called it the paper's appendix code).
   With identical noise both have the same forward; per-step gradients of the two have cosine 0.04-0.47 and the
   full one a 3-21x larger norm (they agree fairly, cosine ~0.85, only with 1e5 samples at sigma 0.05), so the
   choice changes how the scorer trains: the official one is the method as published.
