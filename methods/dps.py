@@ -36,8 +36,9 @@ size it was built for. Here the convolutions are padded (the output keeps the in
 is rounded up to a whole multiple of the ViT patch grid, so the max-pool onto that grid has equal,
 non-overlapping windows (kernel = stride = input / grid): each patch's score is the maximum over its own
 window only. Overlapping windows (an input that is not a multiple of the grid) share their maxima and give
-exact ties between neighbouring cells, which torch and JAX then break differently; any remaining exact tie
-is broken by the lower cell index (``topk`` on scores plus nothing else, then sorted).
+exact ties between neighbouring cells, which torch and JAX then break differently. Ties from the image itself
+(two windows of a flat background with the same maximum) remain possible; ``torch.topk`` does not promise which
+of them it keeps (a stable tie-break would be a version 3).
 """
 
 from __future__ import annotations
