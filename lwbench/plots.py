@@ -50,10 +50,12 @@ METHOD_STYLES: dict[str, tuple[str, str]] = {
     "ips": ("#17becf", "<"),
     "random": ("#8c8c8c", "X"),
     "lowres": ("#8c564b", "v"),
+    "grid": ("#393b79", "p"),
+    "pitome": ("#637939", "H"),
 }
-_FALLBACK_COLORS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
-                    "#756bb1", "#636363", "#6baed6", "#fd8d3c", "#74c476", "#9e9ac8", "#ad494a", "#17a589")
-_FALLBACK_MARKERS = (">", "p", "H", "8", "o", "s", "D", "^")
+_FALLBACK_COLORS = ("#8c6d31", "#7b4173", "#17a589", "#c49c94", "#5254a3", "#b5cf6b", "#e7969c", "#de9ed6",
+                    "#6b6ecf", "#9c9ede", "#cedb9c", "#e7cb94")
+_FALLBACK_MARKERS = (">", "8", "o", "s", "D", "^", "v", "<")
 
 
 def method_style(method: str) -> tuple[str, str]:
