@@ -586,8 +586,9 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
                 xs_hi.extend(timed["x"] + half)
                 iqr_note = True
             face = "white" if off else color
-            ax.scatter(pts["x"], pts["y"], s=pts["area"], c=[face], marker=marker, edgecolors=[color if off else "white"],
-                       linewidths=1.7 if off else 0.9, zorder=3, gid=f"points:{line}")
+            ax.scatter(pts["x"], pts["y"], s=pts["area"], c=[face], marker=marker,
+                       edgecolors=[color if off else "white"], linewidths=1.7 if off else 0.9, zorder=3,
+                       gid=f"points:{line}")
             # Markers carry only the budget's value; its key ("k", "r", ...) goes once into the legend.
             keys = {str(b).partition("=")[0] for b in pts["budget"] if "=" in str(b)}
             key = keys.pop() if len(keys) == 1 else None
@@ -613,7 +614,8 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
             ax.scatter(tied["x"], tied["y"], s=ring[tied.index], facecolors="none", edgecolors="black",
                        linewidths=1.2, linestyles=":", zorder=4, gid="tied_with_frontier")
             handles.append(Line2D([], [], ls="none", marker="o", markersize=14, markerfacecolor="none",
-                                  markeredgecolor="black", markeredgewidth=1.2, label="tied with the frontier (bars overlap)"))
+                                  markeredgecolor="black", markeredgewidth=1.2,
+                                  label="tied with the frontier (bars overlap)"))
 
         # Reference lines: full's accuracy (one per regime / line of full) and chance, labelled in the right margin.
         notes = []

@@ -295,7 +295,8 @@ def test_method_colours_are_stable_whatever_else_is_plotted():
 
 def with_full(df):
     full = [dict(method="full", budget="-", budget_key="-", budget_value=math.nan, task="traffic_signs",
-                 source="synthetic", backbone="lw_vit_test_p8", img_size="64x64", profile="quick", seed=0, metric="top1",
+                 source="synthetic", backbone="lw_vit_test_p8", img_size="64x64", profile="quick", seed=0,
+                 metric="top1",
                  metric_value=acc, metric_ci_low=acc - 1, metric_ci_high=acc + 1, gmacs=3.0, latency_ms=10.0,
                  latency_iqr_ms=2.0, peak_mem_mb=25.0, mem_kind="cpu_peak_rss_delta", device="cpu",
                  device_name="Test CPU", threads=1, regime=regime, replicate_id=f"full-{regime}")
