@@ -37,19 +37,9 @@ from torch import nn
 from lwbench.method import Overhead, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
-from lwbench.vit import to_output
 
-from ._reduction import (
-    attention_step,
-    call_block,
-    check_blocks,
-    gather_tokens,
-    mlp_residual,
-    rope_of,
-    start_tokens,
-    tokens_per_layer,
-)
-from .tome import SCHEDULES, ToMe, size_bias
+from ._reduction import check_blocks, gather_tokens
+from .tome import SCHEDULES, ToMe, ToMeEncoder
 
 
 def energy_scores(metric: torch.Tensor, margin: float = 0.5, alpha: float = 1.0) -> torch.Tensor:
@@ -96,41 +86,13 @@ class EnergyMerger(Overhead):
         return new_x, new_size, new_pos, new_index.gather(1, assignment)
 
 
-class PiToMeEncoder(nn.Module):
-    def __init__(self, vit: nn.Module, schedule: list[int], margin: float, alpha: float, prop_attn: bool = True):
-        super().__init__()
-        self.vit = vit
-        self.schedule = list(schedule)
-        self.prop_attn = prop_attn
-        self.mergers = nn.ModuleList(EnergyMerger(margin, alpha) for _ in vit.blocks)
+class PiToMeEncoder(ToMeEncoder):
+    """ToMe's block loop (attention, merge between attention and MLP, proportional attention, source tracking)
+    with PiToMe's :class:`EnergyMerger` in place of bipartite matching in every block."""
 
-    def forward(self, x: torch.Tensor):
-        vit = self.vit
-        h, positions, grid, p = start_tokens(vit, x)
-        bsz = x.shape[0]
-        assignment = positions.clone()
-        size = None  # all ones until the first merge: r=0 is the plain model bit for bit
-        rope = rope_of(vit, grid)
-        counts = []
-        for blk, merger, r in zip(vit.blocks, self.mergers, self.schedule, strict=True):
-            r = min(r, (h.shape[1] - p) // 2)
-            bias = size_bias(size, p) if (self.prop_attn and size is not None) else None
-            if r <= 0:
-                h = call_block(blk, h, rope, bias)
-            else:
-                h, _, k, _ = attention_step(blk, h, bias, rope, need_v=False, rotated=False)
-                metric = k.mean(dim=1)[:, p:]  # keys averaged over heads (official ``k.mean(1)``), patches only
-                if size is None:
-                    size = h.new_ones(bsz, h.shape[1] - p, 1)
-                pat, size, positions, assignment = merger(h[:, p:], metric, size, positions, assignment, r)
-                h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
-                rope = rope_of(vit, grid, positions)
-            counts.append(h.shape[1] - p)
-        m = h.shape[1] - p
-        sizes = torch.zeros(bsz, m, dtype=torch.long, device=x.device)
-        sizes.scatter_add_(1, assignment, torch.ones_like(assignment))
-        aux = {"tokens_per_layer": tokens_per_layer(counts, bsz, x.device)}
-        return to_output(vit, h, positions, grid, assignment=assignment, sizes=sizes, aux=aux)
+    def __init__(self, vit: nn.Module, schedule: list[int], margin: float, alpha: float, prop_attn: bool = True):
+        super().__init__(vit, schedule, prop_attn=prop_attn)
+        self.matchers = nn.ModuleList(EnergyMerger(margin, alpha) for _ in vit.blocks)
 
 
 @register_method("pitome")
