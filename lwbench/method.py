@@ -192,6 +192,17 @@ class Method(abc.ABC):
             return ctx.finetune(self.task_model(ctx, trainable=True), tag=f"{self.name}-{self.budget_str()}-finetune")
         return self.task_model(ctx)
 
+    def finetuned_once(self, ctx: FitContext, tag: str) -> nn.Module:
+        """The task model at this budget fine-tuned once with the method's ``finetune`` stage (which inherits
+        the run's ``train.*`` recipe), or untrained when that stage has no steps: the ``fit`` of a method whose
+        only training is fine-tuning (random, grid, lowres)."""
+        stage = self.opts.finetune
+        if not ctx.stage(stage).steps:
+            return self.task_model(ctx)
+        model = self.task_model(ctx, trainable=True)
+        ctx.finetune(model, tag=tag, stage=stage)
+        return model.eval()
+
     def finetune_stage(self) -> Any:
         """The stage whose steps count as task fine-tuning in the row (``finetune_steps``): the ``finetune``
         option when the method has one; other stages (LookWhere's distillation) count as pretraining."""

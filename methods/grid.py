@@ -81,8 +81,4 @@ class GridPatches(PatchSelectionMethod):
 
     def fit(self, ctx):
         # One fine-tuning at the budget, the method's own stage, which inherits the run's train.* recipe.
-        if not ctx.stage(self.opts.finetune).steps:
-            return self.task_model(ctx)
-        model = self.task_model(ctx, trainable=True)
-        ctx.finetune(model, tag=f"grid-{self.budget}", stage=self.opts.finetune)
-        return model.eval()
+        return self.finetuned_once(ctx, tag=f"grid-{self.budget}")

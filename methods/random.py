@@ -55,8 +55,4 @@ class RandomPatches(PatchSelectionMethod):
         # One fine-tuning at the budget: the method's own stage, which inherits the run's train.* recipe. (Before
         # version 2 the default fit's train.* fine-tuning ran first and this stage again on top: twice the steps
         # the row reported and every other method got.)
-        if not ctx.stage(self.opts.finetune).steps:
-            return self.task_model(ctx)
-        model = self.task_model(ctx, trainable=True)
-        ctx.finetune(model, tag=f"random-{self.budget}", stage=self.opts.finetune)
-        return model.eval()
+        return self.finetuned_once(ctx, tag=f"random-{self.budget}")
