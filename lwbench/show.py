@@ -218,13 +218,15 @@ def group_borders(labels: np.ndarray) -> np.ndarray:
 
 
 def merge_panel(img: np.ndarray, assignment: torch.Tensor, grid: tuple[int, int], alpha: float = 0.6) -> np.ndarray:
-    """The image under its merge groups' colours (``alpha``), with white borders between groups."""
+    """The image under its merge groups' colours (``alpha``), with white borders around every group; cells that
+    kept a token of their own stay as they are."""
     size = img.shape[:2]
     rgba = group_colours(assignment)
     colour = np.stack([upsample_cells(torch.from_numpy(rgba[:, c]), grid, size) for c in range(4)], axis=-1)
     a = alpha * colour[..., 3:]
     shown = img * (1 - a) + colour[..., :3] * a
-    labels = upsample_cells(assignment.float(), grid, size)
+    lone = rgba[:, 3] == 0  # kept alone or dropped: one shared label, so no borders between such cells
+    labels = upsample_cells(torch.where(torch.from_numpy(lone), -1, assignment.long()).float(), grid, size)
     shown[group_borders(labels)] = 1.0
     return shown.clip(0, 1)
 
@@ -267,7 +269,8 @@ def show(req, out: Path, n: int = 4) -> Path:
     cols = 2 if kind == "merging" else (3 if smap is not None else 2)
     ih, iw = images.shape[-2:]
     panel = 3.4  # inches per image panel; rows get the image's aspect plus room for a title
-    legend = ("colour = one merge group (tokens merged into one), white = border between groups"
+    legend = ("colour = one merge group (cells whose tokens were merged into one; a group need not be connected), "
+              "uncoloured = a token of its own"
               if kind == "merging" else "yellow outline = patches processed, darkened = never seen by the backbone"
               + (", dashed cyan = annotated object" if has_objects(plan.task) else ""))
     width = panel * cols + (0.6 if smap is not None else 0)

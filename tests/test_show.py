@@ -65,16 +65,20 @@ def test_merge_groups_get_one_colour_each_and_singletons_none():
     assert show.merge_caption(a) == "3 tokens for 6 cells, 2 groups of 2+ (largest 3 cells)"
 
 
-def test_merge_panel_draws_borders_between_groups_only():
-    a = torch.tensor([0, 0, 1, 2, 2, 2])
+def test_merge_panel_draws_borders_around_groups_only():
+    # 2x3 grid, 2x2 pixels per cell: cells 2 and 3 merged into token 2, every other cell a token of its own.
+    a = torch.tensor([0, 1, 2, 2, 3, 4])
     img = np.zeros((4, 6, 3))
     panel = show.merge_panel(img, a, (2, 3))
-    borders = show.group_borders(show.upsample_cells(a.float(), (2, 3), (4, 6)))
-    # 2x2 pixels per cell: cells 0|1 (one group, pixel columns 0-3) no border, 1|2 (columns 3|4) a border
-    assert borders[0, 3] and not borders[0, 1] and not borders[0, 0]
-    assert borders[1].all()  # the row above the boundary between the two grid rows
-    np.testing.assert_array_equal(panel[borders], 1.0)
-    assert (panel[~borders][:, :] <= 1).all() and panel[0, 0].sum() > 0  # tinted, not the black image
+    np.testing.assert_array_equal(panel[0, 1], 0.0)  # cell 0 | cell 1: two lone tokens, no border, untinted
+    np.testing.assert_array_equal(panel[0, 3], 1.0)  # cell 1 | cell 2 (a group): white border
+    np.testing.assert_array_equal(panel[1, 0], 1.0)  # cell 0 above cell 3 (a group): white border
+    np.testing.assert_array_equal(panel[2, 3], 0.0)  # cell 4 | cell 5: lone, no border
+    assert panel[0, 4].sum() > 0 and panel[3, 0].sum() > 0  # the group's two cells are tinted
+    np.testing.assert_array_equal(panel[0, 4], panel[3, 0])  # in one colour
+    labels = np.array([[0, 0, 1], [2, 2, 2]])
+    np.testing.assert_array_equal(show.group_borders(labels),
+                                  [[True, True, True], [False, False, False]])  # right or below differs
 
 
 def test_prediction_caption_marks_right_and_wrong():
