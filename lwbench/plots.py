@@ -52,6 +52,8 @@ METHOD_STYLES: dict[str, tuple[str, str]] = {
     "lowres": ("#8c564b", "v"),
     "grid": ("#393b79", "p"),
     "pitome": ("#637939", "H"),
+    "mctf": ("#843c39", ">"),
+    "repshift": ("#ad494a", "8"),
 }
 _FALLBACK_COLORS = ("#8c6d31", "#7b4173", "#17a589", "#c49c94", "#5254a3", "#b5cf6b", "#e7969c", "#de9ed6",
                     "#6b6ecf", "#9c9ede", "#cedb9c", "#e7cb94")

@@ -149,9 +149,11 @@ METHODS: Registry = Registry(
         "ips": "lwbench.methods.ips:IPS",
         "tome": "lwbench.methods.tome:ToMe",
         "pitome": "lwbench.methods.pitome:PiToMe",
+        "mctf": "lwbench.methods.mctf:MCTF",
         "evit": "lwbench.methods.evit:EViT",
         "topk": "lwbench.methods.evit:TopK",
         "ats": "lwbench.methods.ats:ATS",
+        "repshift": "lwbench.methods.repshift:RepShift",
     },
 )
 TASKS: Registry = Registry(

@@ -141,10 +141,12 @@ NOOP: dict[str, NoOp | NoNoOp] = {
     ),
     "tome": NoOp(lambda spec: 0),
     "pitome": NoOp(lambda spec: 0),
+    "mctf": NoOp(lambda spec: 0),
     "evit": KEEP_ALL,
     "topk": KEEP_ALL,
     "ats": KEEP_ALL,
     "dynamicvit": KEEP_ALL,  # keep rho^s = 1 at every stage: the predictors are never called
+    "repshift": KEEP_ALL,  # keep every token at every pruning block: no block is split
     PLUGIN: ALL_PATCHES,
 }
 
