@@ -52,28 +52,34 @@ def main() -> None:
     with torch.no_grad():
         ref = vit.forward_features(x)[:, 0]
     # budgets removing about half and three quarters of the patches by the last block
-    budgets = {
-        "tome": [round(0.5 * n / spec.depth), round(0.75 * n / spec.depth)],
-        "pitome": [round(0.5 * n / spec.depth), round(0.75 * n / spec.depth)],
-        "evit": [0.8, 0.63], "topk": [0.8, 0.63], "ats": [0.8, 0.63],
-    }
+    half, quarter = round(0.5 * n / spec.depth), round(0.75 * n / spec.depth)
+    fusing = spec.depth - 1  # mctf fuses in every block but the first
+    pitome_v1 = {"margin": 0.5, "margin_schedule": "constant", "bsm_blocks": "none", "prop_attn": True}
+    points = [("tome", b, {}, "") for b in (half, quarter)]
+    points += [("pitome", b, {}, "") for b in (half, quarter)]  # the official wrappers' settings (version 2)
+    points += [("pitome", b, {"prop_attn": True}, " + prop_attn") for b in (half, quarter)]
+    points += [("pitome", b, pitome_v1, " v1 settings") for b in (half, quarter)]
+    points += [("mctf", b, {}, "") for b in (round(0.5 * n / fusing), round(0.75 * n / fusing))]
+    points += [(m, b, {}, "") for m in ("evit", "topk", "ats", "repshift") for b in (0.8, 0.63)]
     rows = []
-    for method, values in budgets.items():
-        for b in values:
-            m = get_method(method)(spec, b)
-            enc = m.build(vit).eval()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = enc(x)
-            cos = F.cosine_similarity(out.prefix[:, 0], ref, dim=-1)
-            left = out.aux["tokens_per_layer"][:, -1].float().mean().item() if "tokens_per_layer" in out.aux else \
-                float(out.patches.shape[1])
-            rows.append([method, m.budget_str(), f"{left:.0f} / {n}", f"{cos.mean():.4f}", f"{cos.min():.4f}",
-                         f"{time.perf_counter() - t0:.1f}"])
+    for method, b, opts, suffix in points:
+        m = get_method(method)(spec, b, **opts)
+        enc = m.build(vit).eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = enc(x)
+        cos = F.cosine_similarity(out.prefix[:, 0], ref, dim=-1)
+        left = out.aux["tokens_per_layer"][:, -1].float().mean().item() if "tokens_per_layer" in out.aux else \
+            float(out.patches.shape[1])
+        rows.append([method + suffix, m.budget_str(), f"{left:.0f} / {n}", f"{cos.mean():.4f}", f"{cos.min():.4f}",
+                     f"{time.perf_counter() - t0:.1f}"])
     table = tabulate(rows, headers=["method", "budget", "patch tokens left", "CLS cos mean", "min", "s"],
                      tablefmt="github")
     text = (f"# CLS cosine to the unreduced model, real ViT-S/14 ({WEIGHTS.name}), {len(x)} real photos at "
-            f"{hw[0]}x{hw[1]}\n\nOff the shelf, no training. Regenerate: `python benchmarks/real_cls_cosine.py`.\n\n"
+            f"{hw[0]}x{hw[1]}\n\nOff the shelf, no training. Regenerate: `python benchmarks/real_cls_cosine.py`. "
+            "`pitome` runs the official wrappers' settings (per-block margin 0.75 - 0.75 l/L, BSM in the first half "
+            "of the blocks, no proportional attention); `+ prop_attn` adds ToMe's proportional attention; `v1 "
+            "settings` is lwbench's earlier PiToMe (margin 0.5 in every block, no BSM, proportional attention).\n\n"
             f"{table}\n")
     Path(args.out).write_text(text)
     print(text)

@@ -1,5 +1,6 @@
 """PiToMe: the energy of a token by hand, low-energy (isolated) tokens protected, every A token merged into its
-most similar B token, size-weighted merging, r=0 is the plain backbone."""
+most similar B token, the BSM step against a plain reference, the official per-block margins and BSM blocks,
+size-weighted merging, r=0 is the plain backbone."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from _toy import BACKBONE_CASES, check_no_op_budget, make
 
-from lwbench.methods.pitome import EnergyMerger, PiToMe, energy_scores
+from lwbench.methods.pitome import EnergyMerger, PiToMe, block_margins, bsm_flags, energy_scores
 from lwbench.registry import get_method
 
 
@@ -78,3 +79,48 @@ def test_merges_r_per_block_and_sizes_add_up():
     assert out.patches.shape[1] == 96 - 4 * spec.depth
     assert out.sizes.sum(1).tolist() == [96, 96]
     assert out.aux["tokens_per_layer"][0].tolist() == [96 - 4 * (i + 1) for i in range(spec.depth)]
+
+
+def test_official_margin_schedule_and_bsm_blocks():
+    """deit.py: ``margins = [.75 - .75*(i/num_layers) ...]``; BSM in the first ceil(L/2) blocks."""
+    assert block_margins(0.75, 12, "linear") == pytest.approx([0.75 - 0.0625 * i for i in range(12)])
+    assert block_margins(0.5, 3, "constant") == [0.5, 0.5, 0.5]
+    assert bsm_flags(12, "first_half") == [True] * 6 + [False] * 6
+    assert bsm_flags(5, "first_half") == [True, True, True, False, False]  # ceil(2.5) = 3
+    assert bsm_flags(5, "second_half") == [False, False, False, True, True] and not any(bsm_flags(5, "none"))
+    vit, spec = make()
+    enc = PiToMe(spec, 2).build(vit)
+    depth = len(vit.blocks)
+    assert [m.margin for m in enc.matchers] == pytest.approx([0.75 - 0.75 * i / depth for i in range(depth)])
+    assert [m.bsm for m in enc.matchers] == bsm_flags(depth, "first_half") and not enc.prop_attn
+
+
+def _bsm_reference(metric: torch.Tensor, r: int, margin: float):
+    """The official pitome_bsm step written plainly for one image: alternate tokens by energy rank into A and B,
+    each A's most similar B, the r A tokens with the most similar partners merge. Returns {a: b} and the rest."""
+    m = torch.nn.functional.normalize(metric[0], dim=-1)
+    sim = m @ m.T
+    energy = torch.nn.functional.elu(sim - margin).mean(-1)
+    order = sorted(range(len(energy)), key=lambda i: -float(energy[i]))
+    a, b = order[0::2], order[1::2]
+    best = {i: max(b, key=lambda j: float(sim[i, j])) for i in a}
+    ranked = sorted(a, key=lambda i: -float(sim[i, best[i]]))
+    return {i: best[i] for i in ranked[:r]}, sorted(ranked[r:])
+
+
+def test_bsm_step_matches_a_plain_reference_and_protects_nothing():
+    torch.manual_seed(3)
+    metric = torch.randn(1, 11, 6)
+    merges, kept = _bsm_reference(metric, 3, 0.4)
+    protected, a, b, dst = EnergyMerger(0.4, 1.0, bsm=True).plan(metric, 3)
+    got = {int(i): int(b[0, j]) for i, j in zip(a[0], dst[0], strict=True)}
+    assert got == merges
+    assert protected[0].tolist() == kept  # the unmerged A tokens, in sequence order
+    assert protected.shape[1] + a.shape[1] + b.shape[1] == 11 and b.shape[1] == 5  # every token is in A or B
+    x, size = torch.randn(1, 11, 4), torch.ones(1, 11, 1)
+    new_x, new_size, _, assign = EnergyMerger(0.4, 1.0, bsm=True)(x, metric, size, torch.arange(11)[None],
+                                                                   torch.arange(11)[None], 3)
+    assert new_x.shape[1] == 8 and new_size.sum() == 11
+    for src, dst_tok in merges.items():  # a merged A token lands where its B partner went, as their size-mean
+        assert assign[0, src] == assign[0, dst_tok]
+        torch.testing.assert_close(new_x[0, assign[0, src]], (x[0, src] + x[0, dst_tok]) / 2)
