@@ -53,6 +53,8 @@ METHOD_STYLES: dict[str, tuple[str, str]] = {
     "grid": ("#393b79", "p"),
     "pitome": ("#637939", "H"),
     "mctf": ("#843c39", ">"),
+    "dtem": ("#1b9e77", r"$\spadesuit$"),  # every filled letter marker is taken; a filled mathtext glyph
+    "algm": ("#dd1c77", r"$\clubsuit$"),  # a filled mathtext glyph (the filled letter markers are all taken)
     "repshift": ("#ad494a", "8"),
 }
 _FALLBACK_COLORS = ("#8c6d31", "#7b4173", "#17a589", "#c49c94", "#5254a3", "#b5cf6b", "#e7969c", "#de9ed6",

@@ -150,6 +150,8 @@ METHODS: Registry = Registry(
         "tome": "lwbench.methods.tome:ToMe",
         "pitome": "lwbench.methods.pitome:PiToMe",
         "mctf": "lwbench.methods.mctf:MCTF",
+        "dtem": "lwbench.methods.dtem:DTEM",
+        "algm": "lwbench.methods.algm:ALGM",
         "evit": "lwbench.methods.evit:EViT",
         "topk": "lwbench.methods.evit:TopK",
         "ats": "lwbench.methods.ats:ATS",

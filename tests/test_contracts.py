@@ -142,6 +142,8 @@ NOOP: dict[str, NoOp | NoNoOp] = {
     "tome": NoOp(lambda spec: 0),
     "pitome": NoOp(lambda spec: 0),
     "mctf": NoOp(lambda spec: 0),
+    "dtem": NoOp(lambda spec: 0),  # r=0: no block merges, the embedding modules are never called
+    "algm": NoOp(lambda spec: 1.0),  # threshold 1: neither the local nor the global stage runs
     "evit": KEEP_ALL,
     "topk": KEEP_ALL,
     "ats": KEEP_ALL,
@@ -273,6 +275,9 @@ BAD_BUDGETS: dict[str | None, list[tuple[str, Callable[[BackboneSpec], float]]]]
     "size": [("size=0", lambda s: 0), ("size=patch+1", lambda s: s.patch + 1),
              ("size=height+patch", lambda s: s.img_size[0] + s.patch), ("size=nan", lambda s: NAN),
              ("size=inf", lambda s: INF)],
+    # a cosine-similarity threshold (algm): [-1, 1], 1 = nothing merged
+    "threshold": [("threshold=1.5", lambda s: 1.5), ("threshold=-1.5", lambda s: -1.5),
+                  ("threshold=nan", lambda s: NAN), ("threshold=inf", lambda s: INF)],
     None: [("budget=8", lambda s: 8), ("budget=nan", lambda s: NAN)],  # no knob: any budget is impossible
 }
 BAD_CASES = [
@@ -311,7 +316,7 @@ def test_impossible_budget_fails_before_any_work(methods, tiny, monkeypatch, nam
 
 # -- 4. metadata ---------------------------------------------------------------------------------------------
 KINDS = ("baseline", "selection", "reduction")
-BUDGET_KEYS = (None, "k", "r", "keep_rate", "size")
+BUDGET_KEYS = (None, "k", "r", "keep_rate", "size", "threshold")
 # Specs only (no weights are needed): the two backbones above and a 2 x 2 grid, the smallest a user can ask for
 # with ``--img-size 32`` on a patch-16 ViT.
 SPECS: dict[str, BackboneSpec] = {
