@@ -405,6 +405,19 @@ def _fit_suptitle(fig: Any, text: str, **kw: Any) -> Any:
         title.set_text(wrap_title(text, width))
     return title
 
+def _fit_legend(fig: Any, handles: list[Any], ncol: int, **kw: Any) -> Any:
+    """The method legend below the axes with ``ncol`` columns, fewer while it is wider than the figure (long
+    names, e.g. "algm (off the shelf) (threshold)", would otherwise be clipped at both edges)."""
+    renderer = fig.canvas.get_renderer()
+    while True:
+        legend = fig.legend(handles=handles, loc="outside lower center", ncol=ncol, **kw)
+        box = legend.get_window_extent(renderer)
+        if ncol <= 1 or (box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1):
+            return legend
+        legend.remove()
+        ncol -= 1
+
+
 _LABEL_SPOTS = ((7, 6, "left", "bottom"), (7, -6, "left", "top"), (-7, 6, "right", "bottom"),
                 (-7, -6, "right", "top"), (0, 11, "center", "bottom"), (0, -11, "center", "top"))
 
@@ -645,7 +658,7 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
                                          textcoords="offset points", ha="left", va="center", fontsize=8,
                                          color="0.3", annotation_clip=False, gid="chance_label"))
             else:  # far below every point (1000 classes): said, not drawn, so the points keep the axis
-                chance_off = f"; {text}, below the axis"
+                chance_off = f"\n{text}, below the axis"  # a second line: one line would outgrow the axes
 
         ticks, lim = log_ticks(float(np.nanmin(xs_lo)), float(np.nanmax(xs_hi)))
         ax.set_xlim(*lim)
@@ -664,9 +677,9 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
                       color="firebrick" if source == "synthetic" else "black")
         # Below the axes, so the title can use the full width and no point is ever covered.
         any_off = any(line.endswith(OFF_THE_SHELF) for line in lines)
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False,
-                   fontsize=8.5, title="method (budget key)" + ("; dashed, hollow: off the shelf" if any_off else ""),
-                   title_fontsize=8.5, columnspacing=1.6)
+        _fit_legend(fig, handles, min(len(handles), 4), frameon=False, fontsize=8.5,
+                    title="method (budget key)" + ("; dashed, hollow: off the shelf" if any_off else ""),
+                    title_fontsize=8.5, columnspacing=1.6)
         if has_mem:  # marker area = peak memory; the size legend decodes it
             values = [mlo] if mhi - mlo <= 1e-9 * max(abs(mhi), 1.0) else list(np.linspace(mlo, mhi, 3))
             sizes = [Line2D([], [], ls="none", marker="o", markersize=float(np.sqrt(area(v))), markerfacecolor="0.65",

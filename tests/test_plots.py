@@ -336,6 +336,11 @@ def test_chance_far_below_the_points_is_said_not_drawn():
     fig = pareto_figure(narrow, "traffic_signs", chance=0.1)
     assert not [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "chance"]
     assert "chance: 0.1, below the axis" in fig.axes[0].get_ylabel()
+    fig = pareto_figure(narrow, "traffic_signs")  # the task's own chance level, 25 (1/4 classes): a longer label
+    label, axes = fig.axes[0].yaxis.label, fig.axes[0]
+    assert "chance: 25 (1/4 classes), below the axis" in label.get_text()
+    fig.draw_without_rendering()
+    assert label.get_window_extent().height <= axes.get_window_extent().height  # never taller than the axes
     assert chance_level(df, "traffic_signs", "top5") == (100.0, 4)
     assert chance_level(df, "no_such_task", "top1") is None
     bil = df.assign(task="billiards", config=[{"task_opts": {"label_fn": "sum-all-modulo10"}}] * len(df))
@@ -387,3 +392,33 @@ def test_long_titles_are_wrapped_not_clipped():
     assert fig._suptitle.get_text().count("\n") >= 2
     for leg in fig.legends:  # nothing drawn over the title
         assert not leg.get_window_extent().overlaps(box)
+
+
+
+def test_a_legend_of_long_method_names_stays_inside_the_figure():
+    """The method legend takes fewer columns rather than run past both edges of the figure (the billiards report
+    of the newer methods did, with 4 columns of names like "repshift (off the shelf) (keep_rate)")."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from lwbench.plots import _fit_legend
+
+    names = ["algm (off the shelf) (threshold)", "evit (off the shelf) (keep_rate)", "full (off the shelf)",
+             "mctf (off the shelf) (r)", "pitome (off the shelf) (r)", "repshift (off the shelf) (keep_rate)",
+             "tome (off the shelf) (r)", "topk (off the shelf) (keep_rate)", "Pareto frontier",
+             "tied with the frontier (bars overlap)"]
+    handles = [Line2D([], [], marker="o", label=n) for n in names]
+    kw = dict(frameon=False, fontsize=8.5, title="method (budget key)", title_fontsize=8.5, columnspacing=1.6)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(figsize=(9.6, 6.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.add_subplot()
+    wide = fig.legend(handles=handles, loc="outside lower center", ncol=4, **kw)
+    fig.draw_without_rendering()
+    assert wide.get_window_extent().x1 > fig.bbox.x1  # four columns of these names do not fit 9.6 inches
+    wide.remove()
+    legend = _fit_legend(fig, handles, 4, **kw)
+    fig.draw_without_rendering()
+    box = legend.get_window_extent()
+    assert box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1 and legend._ncols < 4 and len(fig.legends) == 1
