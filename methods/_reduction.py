@@ -170,6 +170,13 @@ def parse_layers(value: Any, depth: int, method: str, option: str) -> list[int]:
     return layers
 
 
+def cells_per_token(assignment: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``(B, num_tokens)`` long: how many grid cells each token absorbed, from a merging method's ``assignment``
+    ``(B, H*W)`` (the token index of every cell)."""
+    sizes = torch.zeros(assignment.shape[0], num_tokens, dtype=torch.long, device=assignment.device)
+    return sizes.scatter_add_(1, assignment, torch.ones_like(assignment))
+
+
 def tokens_per_layer(counts: Sequence[torch.Tensor | int], batch: int, device) -> torch.Tensor:
     """Patch tokens (non-prefix, padding excluded) leaving each block, ``(B, depth)`` long."""
     cols = [torch.as_tensor(c, device=device).long() for c in counts]  # ints, or 0-dim tensors under jit tracing

@@ -81,7 +81,16 @@ from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
 
-from ._reduction import attention_step, call_block, check_blocks, mlp_residual, rope_of, start_tokens, tokens_per_layer
+from ._reduction import (
+    attention_step,
+    call_block,
+    cells_per_token,
+    check_blocks,
+    mlp_residual,
+    rope_of,
+    start_tokens,
+    tokens_per_layer,
+)
 
 OFFICIAL_GLOBAL_BLOCK = {12: 4, 24: 6}  # 0-based: --selected-layers 1 5 (ViT-Ti/S/B), 1 7 (ViT-L)
 
@@ -293,9 +302,7 @@ class ALGMEncoder(nn.Module):
                 h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
                 rope = rope_of(vit, grid, positions)  # padding (-1): identity rotation, and masked as a key
             counts.append(valid.sum(dim=1))
-        m = h.shape[1] - p
-        sizes = torch.zeros(bsz, m, dtype=torch.long, device=x.device)
-        sizes.scatter_add_(1, assignment, torch.ones_like(assignment))
+        sizes = cells_per_token(assignment, h.shape[1] - p)
         aux = {"tokens_per_layer": tokens_per_layer(counts, bsz, x.device)}
         mask = None if bool(valid.all()) else valid
         out = to_output(vit, h, positions, grid, assignment=assignment, sizes=sizes, mask=mask, aux=aux)

@@ -44,6 +44,7 @@ from lwbench.vit import num_prefix, to_output
 from ._reduction import (
     attention_step,
     call_block,
+    cells_per_token,
     check_blocks,
     gather_tokens,
     mlp_residual,
@@ -150,9 +151,7 @@ class ToMeEncoder(nn.Module):
                 h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
                 rope = rope_of(vit, grid, positions)
             counts.append(h.shape[1] - p)
-        m = h.shape[1] - p
-        sizes = torch.zeros(bsz, m, dtype=torch.long, device=x.device)
-        sizes.scatter_add_(1, assignment, torch.ones_like(assignment))
+        sizes = cells_per_token(assignment, h.shape[1] - p)
         aux = {"tokens_per_layer": tokens_per_layer(counts, bsz, x.device)}
         return to_output(vit, h, positions, grid, assignment=assignment, sizes=sizes, aux=aux)
 
