@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import TensorDataset
 
 from lwbench.backbones import create_backbone
@@ -24,6 +27,26 @@ def make(name: str = "lw_vit_test_p8", size=(32, 48)):
     torch.manual_seed(0)
     vit = create_backbone(name, size).eval()
     return vit, BackboneSpec.of(vit, name, size)
+
+
+def cls_only_vit():
+    """A seeded 3-block timm ViT with only a CLS prefix and LayerScale 0.5 on a 5x7 grid (35 patches), and its spec:
+    the layout the official merging codes assume, for tests that run them written out naively."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=(40, 56), patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0,
+                            num_classes=0, init_values=0.5).eval()
+    return vit, BackboneSpec.of(vit, "cls_only", (40, 56))
+
+
+def recording_ctx(vit, regime: str, calls: list):
+    """A stand-in FitContext for ``Method.fit``: the task-trained ``vit`` with a 3-class head, the ``regime``, and a
+    ``finetune`` that records ``(tag, every parameter trainable)`` in ``calls`` and returns the model untrained."""
+    return SimpleNamespace(
+        teacher=SimpleNamespace(encoder=SimpleNamespace(vit=vit), head=torch.nn.Linear(vit.embed_dim, 3)),
+        regime=regime,
+        finetune=lambda model, tag, **kw: calls.append((tag, all(p.requires_grad for p in model.parameters())))
+        or model,
+    )
 
 
 class ToyTask(Task):

@@ -3,10 +3,9 @@ attention matrix, exactness at keep_rate=1, token counts, budgets and the fine-t
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from _toy import recording_ctx
 
 from lwbench.backbones import create_backbone
 from lwbench.errors import BudgetError, ConfigError
@@ -124,11 +123,7 @@ def test_finetuned_regime_finetunes_everything_off_the_shelf_nothing(regime):
     vit = create_backbone("lw_vit_test_p8", (40, 56))
     spec = BackboneSpec.of(vit, "lw_vit_test_p8", (40, 56))
     calls = []
-    ctx = SimpleNamespace(
-        teacher=SimpleNamespace(encoder=SimpleNamespace(vit=vit), head=torch.nn.Linear(32, 3)), regime=regime,
-        finetune=lambda model, tag, **kw: calls.append((tag, all(p.requires_grad for p in model.parameters())))
-        or model,
-    )
+    ctx = recording_ctx(vit, regime, calls)
     model = EViT(spec, 0.5).fit(ctx)
     assert calls == ([("evit-keep_rate=0.5-finetune", True)] if regime == "finetuned" else [])
     assert model.encoder.pruners["1"].fuse

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _toy import BACKBONE_CASES, check_no_op_budget, make
+from _toy import BACKBONE_CASES, check_no_op_budget, cls_only_vit, make
 from timm.models.vision_transformer import VisionTransformer
 
 from lwbench.errors import BudgetError, ConfigError
@@ -308,18 +308,7 @@ def _reference_mctf_cls(vit: VisionTransformer, x: torch.Tensor, r: int) -> list
 
 
 def test_matches_official_algorithm_on_a_cls_only_vit():
-    torch.manual_seed(0)
-    vit = VisionTransformer(
-        img_size=(40, 56),
-        patch_size=8,
-        embed_dim=32,
-        depth=3,
-        num_heads=2,
-        mlp_ratio=2.0,
-        num_classes=0,
-        init_values=0.5,
-    ).eval()
-    spec = BackboneSpec.of(vit, "cls_only", (40, 56))  # 35 patches + CLS
+    vit, spec = cls_only_vit()  # 35 patches + CLS
     x = torch.randn(2, 3, 40, 56)
     for r in (5, 6):  # odd r: r1 = 2, r2 = 3
         with torch.no_grad():

@@ -5,11 +5,10 @@ line, budgets and the fine-tune regime."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import timm
 import torch
+from _toy import recording_ctx
 from torch import nn
 
 from lwbench.backbones import create_backbone
@@ -236,11 +235,7 @@ def test_finetuned_regime_finetunes_everything_off_the_shelf_nothing(regime):
     vit = create_backbone("lw_vit_test_p8", (40, 56))
     spec = BackboneSpec.of(vit, "lw_vit_test_p8", (40, 56))
     calls = []
-    ctx = SimpleNamespace(
-        teacher=SimpleNamespace(encoder=SimpleNamespace(vit=vit), head=torch.nn.Linear(32, 3)), regime=regime,
-        finetune=lambda model, tag, **kw: calls.append((tag, all(p.requires_grad for p in model.parameters())))
-        or model,
-    )
+    ctx = recording_ctx(vit, regime, calls)
     model = RepShift(spec, 0.5).fit(ctx)
     assert calls == ([("repshift-keep_rate=0.5-finetune", True)] if regime == "finetuned" else [])
     assert list(model.encoder.pruners) == ["0"]

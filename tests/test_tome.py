@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _toy import cls_only_vit
 from timm.models.vision_transformer import VisionTransformer
 
 from lwbench.backbones import create_backbone
@@ -182,18 +183,7 @@ def _reference_tome_cls(vit: VisionTransformer, x: torch.Tensor, r: int) -> torc
 
 
 def test_matches_official_algorithm_on_a_cls_only_vit():
-    torch.manual_seed(0)
-    vit = VisionTransformer(
-        img_size=(40, 56),
-        patch_size=8,
-        embed_dim=32,
-        depth=3,
-        num_heads=2,
-        mlp_ratio=2.0,
-        num_classes=0,
-        init_values=0.5,
-    ).eval()
-    spec = BackboneSpec.of(vit, "cls_only", (40, 56))
+    vit, spec = cls_only_vit()
     x = torch.randn(2, 3, 40, 56)
     with torch.no_grad():
         out = ToMe(spec, 6).build(vit).eval()(x)
