@@ -267,12 +267,14 @@ def show(req, out: Path, n: int = 4) -> Path:
     names = getattr(plan.task, "class_names", ()) or ()
     smap = selection_map(tok) if kind == "selection" else None
     cols = 2 if kind == "merging" else (3 if smap is not None else 2)
+    grid = tuple(tok.grid)
+    objects = has_objects(plan.task) and grid == tuple(s // plan.spec.patch for s in plan.task.img_size)
     ih, iw = images.shape[-2:]
     panel = 3.4  # inches per image panel; rows get the image's aspect plus room for a title
     legend = ("colour = one merge group (cells whose tokens were merged into one; a group need not be connected), "
               "uncoloured = a token of its own"
               if kind == "merging" else "yellow outline = patches processed, darkened = never seen by the backbone"
-              + (", dashed cyan = annotated object" if has_objects(plan.task) else ""))
+              + (", dashed cyan = annotated object" if objects else ""))
     width = panel * cols + (0.6 if smap is not None else 0)
     import textwrap
 
@@ -280,8 +282,6 @@ def show(req, out: Path, n: int = 4) -> Path:
     head = 0.22 * (2 + legend.count("\n")) + 0.15
     fig, axes = plt.subplots(len(idx), cols, figsize=(width, len(idx) * (panel * ih / iw + 0.45) + head),
                              squeeze=False)
-    grid = tuple(tok.grid)
-    objects = has_objects(plan.task) and grid == tuple(s // plan.spec.patch for s in plan.task.img_size)
     lab = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
     for r, i in enumerate(idx):
         img = denormalize(images[r]).permute(1, 2, 0).numpy()
@@ -293,7 +293,6 @@ def show(req, out: Path, n: int = 4) -> Path:
             axes[r][0].set_title(caption, fontsize=9, color=colour)
         else:
             axes[r][0].set_title("image", fontsize=9)
-        cells = object_mask(plan.task, "test", i, grid, plan.spec.patch) if objects else None
         if kind == "merging":
             a = merge_groups(tok, r)
             if a is None:  # this image merged nothing (a budget that merges only some images)
@@ -311,7 +310,8 @@ def show(req, out: Path, n: int = 4) -> Path:
             ax.imshow(dim_unprocessed(img, keep_px).clip(0, 1))
             outline(ax, keep, grid, size, colors=KEPT_EDGE, linewidths=1.2)
             title = f"{int(keep.sum())}/{tok.num_cells} patches processed"
-            if cells is not None:
+            if objects:  # only the selection panel draws the objects
+                cells = object_mask(plan.task, "test", i, grid, plan.spec.patch)
                 if cells.any():
                     outline(ax, cells, grid, size, colors=OBJECT_EDGE, linewidths=1.2, linestyles="dashed")
                 hit = recall(keep[None], cells[None])
