@@ -15,6 +15,7 @@ attention used them, RoPE applied, so a CLS attention row is the one the fused k
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -146,6 +147,11 @@ def as_attn_mask(key_bias: torch.Tensor | None) -> torch.Tensor | None:
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[b, idx[b]]`` for ``(B, T, D)`` tokens and ``(B, K)`` indices."""
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def num_kept(keep_rate: float, n: int) -> int:
+    """Tokens a pruning step keeps of ``n``: ``ceil(keep_rate * n)`` (EViT's rounding), at least 1, at most ``n``."""
+    return min(n, max(1, math.ceil(keep_rate * n)))
 
 
 def default_layers(depth: int) -> list[int]:

@@ -23,7 +23,6 @@ with the task loss, as the EViT paper does.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -41,15 +40,12 @@ from ._reduction import (
     cls_attention,
     gather_tokens,
     mlp_residual,
+    num_kept,
     parse_layers,
     rope_of,
     start_tokens,
     tokens_per_layer,
 )
-
-
-def num_kept(keep_rate: float, n: int) -> int:
-    return min(n, max(1, math.ceil(keep_rate * n)))
 
 
 def select_attentive(

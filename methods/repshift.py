@@ -55,7 +55,6 @@ without a class token work too. At keep_rate=1 no block is split and the encoder
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +72,7 @@ from ._reduction import (
     check_blocks,
     gather_tokens,
     mlp_residual,
+    num_kept,
     parse_layers,
     rope_of,
     start_tokens,
@@ -81,10 +81,6 @@ from ._reduction import (
 )
 
 SHIFTS = ("mlp", "mlp_branch", "attn", "block")
-
-
-def num_kept(keep_rate: float, n: int) -> int:
-    return min(n, max(1, math.ceil(keep_rate * n)))
 
 
 def default_layers(depth: int) -> list[int]:
