@@ -207,3 +207,24 @@ def test_lookwhere_at_the_quick_geometry_runs_under_bfloat16():
     assert got.aux["where_map"].dtype == torch.float32
     same = (got.aux["selected"].unsqueeze(-1) == ref.aux["selected"].unsqueeze(-2)).any(-1).float().mean()
     assert same > 0.8
+
+
+def test_lookwhere_profile_times_at_the_thread_count_it_was_given():
+    """``torch.utils.benchmark.Timer`` runs at 1 thread unless told otherwise: benchmarks/lookwhere_profile.py once
+    printed "2 threads" over 1-thread timings. Its timer must run the stage at the process's thread count."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lookwhere_profile.py"
+    spec = importlib.util.spec_from_file_location("lookwhere_profile_under_test", path)
+    profile = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = profile
+    spec.loader.exec_module(profile)
+    seen, old = [], torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        profile.median_ms(lambda: seen.append(torch.get_num_threads()), min_run_time=0.01)
+    finally:
+        torch.set_num_threads(old)
+        del sys.modules[spec.name]
+    assert seen and set(seen) == {2}
