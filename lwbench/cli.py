@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("report", help="the reference comparison of a task from the store: rows.csv, table.md "
-                       "(95% intervals, paired differences to full), Pareto PNGs",
+                       "(95%% intervals, paired differences to full), Pareto PNGs",
                        epilog="example:\n  lwbench report --task traffic_signs --out benchmarks/reference/traffic_signs",
                        formatter_class=fmt)
     p.add_argument("--task", required=True)
@@ -521,9 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_cache)
 
     p = sub.add_parser("pretrain", help="distillation stage of a method (lwbench pretrain lookwhere --help)",
-                       add_help=False)
+                       epilog="example:\n  lwbench pretrain lookwhere --help   # the method's own options",
+                       formatter_class=fmt)
     p.add_argument("what", choices=["lookwhere"])
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="the method's own options")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the method's own options (after the method's name, "
+                   "--help is the method's)")
     p.set_defaults(fn=cmd_pretrain)
     return parser
 

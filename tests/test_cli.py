@@ -245,3 +245,23 @@ def test_cache_list_show_rm_one_stage_and_the_run_redoes_only_it(tmp_path, capfd
     assert (stage / "done.json").is_file()
     assert main([*argv, "--force"]) == 0
     assert f"reused from the cache (2 steps, {stage}" in capfd.readouterr().err
+
+
+def _subcommands() -> list[str]:
+    import argparse
+
+    from lwbench.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"]] + [[name, "--help"] for name in _subcommands()] +
+                         [["pretrain", "lookwhere", "--help"]])
+def test_help_of_every_command_prints_usage(argv, capsys):
+    """The first thing anyone types: a '%' in a help string once made ``lwbench --help`` a TypeError."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lwbench") and len(out.splitlines()) > 3
