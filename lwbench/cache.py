@@ -122,6 +122,9 @@ def resolve(path_or_id: str | Path, root: Path | None = None) -> Path:
     of one, as ``lwbench cache ls`` prints them). Raises ``ConfigError`` for anything else."""
     root = _root(root)
     text = str(path_or_id)
+    if not text.strip():  # "" joined to a kind folder is the kind folder: `cache rm "$UNSET"` must not empty it
+        raise ConfigError(f"an empty cache id ('{text}') names no entry; give a teacher or run id "
+                          "(lwbench cache ls lists them)")
     as_path = Path(text).expanduser()
     if as_path.is_absolute() or os.sep in text or (os.altsep and os.altsep in text) or text in (".", ".."):
         in_root = root / as_path  # "runs/<id>/finetune": relative to the cache when it is there

@@ -327,6 +327,19 @@ def test_cache_drop_refuses_what_is_not_one_entry(tmp_path):
     cache.drop("aa1")
 
 
+@pytest.mark.parametrize("empty", ["", " ", "\t"])
+def test_cache_rm_of_an_empty_id_is_refused_and_deletes_nothing(empty, capsys):
+    """`lwbench cache rm "$ID"` with ``ID`` unset once removed the whole teachers folder, exit 0."""
+    from lwbench.cli import main
+
+    teacher = _stage("teachers", "abc123", tag=None)
+    assert main(["cache", "rm", empty]) == 2
+    assert "empty cache id" in capsys.readouterr().err and teacher.is_dir()
+    with pytest.raises(ConfigError, match="empty cache id"):
+        cache.drop(empty)
+    assert teacher.is_dir() and [e.id for e in cache.list_entries()] == ["abc123"]
+
+
 def _nan(m, x, y):
     return m(x).sum() * float("nan"), {}
 
