@@ -214,14 +214,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"weights file {path} is empty (0 bytes): an interrupted download or copy? "
+                              "Fetch it again or pass another --weights")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read weights file {path}: {exc}") from exc
+    except Exception as exc:  # EOFError() of a truncated .pth has no message: name the error instead
+        reason = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+        hint = " (the file ends early: truncated?)" if isinstance(exc, EOFError) else ""
+        raise CheckpointError(f"cannot read weights file {path}: {reason}{hint}") from exc
     for key in ("model", "state_dict", "teacher"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -15,6 +15,7 @@ content enters as ``weights_sha256`` instead), so a field added here is part of 
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -50,7 +51,10 @@ def load_profile(name: str) -> dict:
         data = load_yaml(name)
     else:
         if name not in profile_names():
-            raise UnknownNameError(f"unknown profile '{name}'. Known: {', '.join(profile_names())}")
+            close = difflib.get_close_matches(name, profile_names(), n=2)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise UnknownNameError(f"unknown profile '{name}'.{hint} Known: {', '.join(profile_names())} "
+                                   "(or a path to a profile .yaml)")
         text = resources.files("lwbench.configs").joinpath("profiles", f"{name}.yaml").read_text()
         data = yaml.safe_load(text)
     data.setdefault("name", Path(name).stem)

@@ -265,3 +265,32 @@ def test_help_of_every_command_prints_usage(argv, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: lwbench") and len(out.splitlines()) > 3
+
+
+def test_unknown_profile_suggests_the_close_one(capsys):
+    assert main(["config", "show", "--method", "full", "--task", "traffic_signs", "--profile", "quik"]) == 2
+    line = _one_line_error(capsys)
+    assert "unknown profile 'quik'" in line and "Did you mean: quick?" in line
+
+
+@pytest.mark.parametrize("content", [b"", "legacy"])
+def test_an_empty_or_truncated_weights_file_says_why(content, tmp_path):
+    """An empty file and a truncated legacy .pth (``EOFError()`` has no message) once gave
+    ``cannot read weights file X: `` with nothing after the colon."""
+    import io
+
+    import torch
+
+    from lwbench.backbones import read_state_dict
+    from lwbench.errors import CheckpointError
+
+    if content == "legacy":
+        buf = io.BytesIO()
+        torch.save({"w": torch.zeros(10)}, buf, _use_new_zipfile_serialization=False)
+        content = buf.getvalue()[:40]
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as exc:
+        read_state_dict(path)
+    reason = str(exc.value).split(str(path), 1)[1].strip(" :")
+    assert reason and ("empty (0 bytes)" in reason if not content else "EOFError" in reason), str(exc.value)
