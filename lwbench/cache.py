@@ -177,6 +177,29 @@ def drop(path_or_id: str | Path, root: Path | None = None) -> Path:
     return target
 
 
+# What a stage folder holds before its first checkpoint: nothing a rerun could resume from.
+_BOOKKEEPING = {"config.json", ".lock"}
+
+
+def prune_unfinished(folder: Path) -> bool:
+    """Remove ``folder`` (a teacher or run folder a failed run created) when it holds nothing but bookkeeping
+    (``config.json``, lock files, hidden temporaries) and no process is training in it: a disk that filled up
+    before the first checkpoint must not leave a teacher that ``cache ls`` lists but nothing can load.
+    Folders with any checkpoint are kept: the next run resumes from them. Returns whether it removed it."""
+    from lwbench.locks import LOCK_NAME, is_held
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    for d, _, files in os.walk(folder):
+        if LOCK_NAME in files and is_held(Path(d)):
+            return False
+        if any(f not in _BOOKKEEPING and not (f.startswith(".") and f.endswith(".tmp")) for f in files):
+            return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()
+
+
 def describe(folder: Path) -> str:
     """A cache folder in words: what it is, each stage with its steps, time and state, and its config."""
     folder = Path(folder)
@@ -217,4 +240,4 @@ def format_size(n: int) -> str:
     return f"{size:.1f} GB"
 
 
-__all__ = ["CacheEntry", "list_entries", "resolve", "drop", "describe", "format_size"]
+__all__ = ["CacheEntry", "list_entries", "resolve", "drop", "describe", "format_size", "prune_unfinished"]

@@ -40,3 +40,7 @@ class CheckpointError(LwbenchError, ValueError):
 
 class TrainingError(LwbenchError, RuntimeError):
     """Training cannot go on (e.g. a NaN loss); the last good checkpoint is kept."""
+
+
+class DiskFullError(LwbenchError, OSError):
+    """The disk holding the cache or the results ran out of space; what was finished is kept."""

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+# Below this many free bytes a write that failed is taken to have failed for want of space, whatever the library
+# said: torch.save reports a full disk as "unexpected pos 576 vs 534", safetensors as an I/O SafetensorError.
+NEARLY_FULL_BYTES = 4 << 20
 
 
 def cache_dir() -> Path:
@@ -49,3 +55,36 @@ def write_text_atomic(file: Path, text: str) -> None:
 def results_dir() -> Path:
     """The results store. ``$LWBENCH_RESULTS`` overrides; default ``./results``."""
     return Path(os.environ.get("LWBENCH_RESULTS", "results"))
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free space on the file system of ``folder`` (or its nearest existing parent); None when unknown."""
+    folder = Path(folder).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def out_of_space(exc: BaseException, folder: Path | None = None) -> bool:
+    """Whether ``exc`` (or what caused it) is a write that failed because the disk of ``folder`` is full.
+
+    ``ENOSPC``/``EDQUOT`` and the libraries' own words for them count; so does any other I/O-looking failure
+    when ``folder``'s disk has under :data:`NEARLY_FULL_BYTES` left (torch.save names no cause)."""
+    seen: set[int] = set()
+    chain: BaseException | None = exc
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return True
+        text = str(chain)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        chain = chain.__cause__ or chain.__context__
+    if folder is None or not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    free = free_bytes(folder)
+    return free is not None and free < NEARLY_FULL_BYTES
+

@@ -10,11 +10,13 @@ config, the weights and the data by content, minus :data:`lwbench.results.HASH_E
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ from lwbench.errors import ConfigError
 from lwbench.logs import log
 from lwbench.method import resolve_budget
 from lwbench.options import to_dict
-from lwbench.paths import cache_dir, results_dir, write_text_atomic
+from lwbench.paths import cache_dir, free_bytes, results_dir, write_text_atomic
 from lwbench.registry import get_method, get_task
 from lwbench.results import _jsonable, config_hash
 from lwbench.seeding import seed_everything
@@ -55,7 +57,7 @@ def resolve_regime(method_cls, regime: str) -> str:
     return regime
 
 
-def check_writable(folder: Path, what: str) -> Path:
+def check_writable(folder: Path, what: str, need_bytes: int = 0) -> Path:
     """``folder`` exists (created) and a file can be written in it, or one line saying which and why, before
     any work: a results folder found unwritable after an hour of training loses the hour."""
     folder = Path(folder).expanduser()
@@ -67,6 +69,12 @@ def check_writable(folder: Path, what: str) -> Path:
             pass
     except OSError as exc:
         raise ConfigError(f"{what} {folder} is not writable ({exc.strerror or exc}); pick another folder") from None
+    free = free_bytes(folder)
+    if need_bytes and free is not None and free < need_bytes:  # creating an empty file above needs no space
+        from lwbench.errors import DiskFullError
+
+        raise DiskFullError(f"{what} {folder} is on a full disk ({free} bytes free): free some space or pick a "
+                            "folder on another disk")
     return folder
 
 
@@ -227,35 +235,140 @@ def run(cfg: RunConfig) -> dict:
         log.info("%s %s on %s: already done (run %s); use --force to rerun", plan.method.name,
                  plan.method.budget_str(), plan.task.name, plan.run_id)
         return store.get(plan.run_id)
-    check_writable(store.root, "results folder")
-    check_writable(cache_dir(), "cache folder ($LWBENCH_CACHE)")
+    check_writable(store.root, "results folder", need_bytes=ROW_BYTES)
+    check_writable(cache_dir(), "cache folder ($LWBENCH_CACHE)", need_bytes=ROW_BYTES)
+    if not cfg.force and is_main():
+        recovered = recover_unsaved_row(plan.run_id, store)
+        if recovered is not None:
+            return recovered
     torch.set_num_threads(plan.threads)
     log.info("run %s: method=%s %s task=%s source=%s backbone=%s img=%dx%d profile=%s device=%s", plan.run_id,
              plan.method.name, plan.method.budget_str(), plan.task.name, plan.task.source, plan.backbone_name,
              *plan.task.img_size, plan.profile_name, plan.device)
 
     t0 = time.perf_counter()
-    model, teacher_time, stage_times = fit_method(plan)
-    if not is_main():  # rank 0 alone evaluates, times and writes the row
-        return {}
+    with _cache_space_guard(plan):
+        model, teacher_time, stage_times = fit_method(plan)
+        if not is_main():  # rank 0 alone evaluates, times and writes the row
+            return {}
 
-    t2 = time.perf_counter()
-    metrics = evaluate(plan, model)
-    per_image = metrics.pop("per_image", None) or {}
-    metrics.update(interval(plan, per_image))
-    eval_s = time.perf_counter() - t2
-    missed = missed_objects(metrics)
-    if missed:
-        log.warning("%s %s: %s", plan.method.name, plan.method.budget_str(), missed)
+        t2 = time.perf_counter()
+        metrics = evaluate(plan, model)
+        per_image = metrics.pop("per_image", None) or {}
+        metrics.update(interval(plan, per_image))
+        eval_s = time.perf_counter() - t2
+        missed = missed_objects(metrics)
+        if missed:
+            log.warning("%s %s: %s", plan.method.name, plan.method.budget_str(), missed)
 
-    log.info("measuring cost (GMACs, latency, memory)")
-    cost = measure_cost(plan, model)
+        log.info("measuring cost (GMACs, latency, memory)")
+        cost = measure_cost(plan, model)
     row = make_row(plan, metrics, cost, teacher_time=teacher_time, stage_times=stage_times, eval_s=eval_s,
                    wall_s=time.perf_counter() - t0)
-    store.write_per_image(row, per_image)
-    path = store.write(row)
-    log.info("wrote %s", path)
+    store_row(store, row, per_image)
     return row
+
+
+# -- a full disk: one line, nothing half-written, nothing computed lost ------------------------------------------
+ROW_BYTES = 1 << 20  # a row and its per-image file take a few KB (ImageNet's 50k test images: about 20 KB)
+UNSAVED_ROWS = "unsaved_rows"
+
+
+@contextlib.contextmanager
+def _cache_space_guard(plan: Plan):
+    """Around the work that writes into the cache (teacher, method stages, synthetic scenes): on failure, remove
+    the teacher and run folders this run left with nothing resumable in them, and turn a full disk into one line.
+    Stages that finished keep their checkpoints, so a rerun after freeing space resumes."""
+    from lwbench.cache import format_size, prune_unfinished
+    from lwbench.errors import DiskFullError
+    from lwbench.paths import free_bytes, out_of_space
+
+    try:
+        yield
+    except BaseException as exc:
+        root = cache_dir()
+        tdir = root / "teachers" / plan.teacher_id
+        for folder in (root / "runs" / plan.run_id, tdir / "methods" / plan.method.name, tdir):
+            prune_unfinished(folder)
+        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and out_of_space(exc, root):
+            free = free_bytes(root)
+            raise DiskFullError(
+                f"no space left on the disk of the cache {root} ({format_size(free or 0)} free): free some (`lwbench "
+                f"cache ls`, `lwbench cache rm ID`) or set LWBENCH_CACHE to a folder on another disk; finished "
+                f"stages are kept and the same command resumes them") from exc
+        raise
+
+
+def _unsaved_stores() -> list[Path]:
+    """Where a row that the results folder could not take is kept: beside the cache, else in the temp folder."""
+    folders = [Path(tempfile.gettempdir()) / f"lwbench-{UNSAVED_ROWS}"]
+    try:
+        folders.insert(0, cache_dir() / UNSAVED_ROWS)
+    except ConfigError:
+        pass
+    return folders
+
+
+def store_row(store, row: dict, per_image: dict) -> Path:
+    """Write ``row`` and its per-image file into ``store``. When that fails (a full disk, a folder removed mid-run)
+    the row is kept in an unsaved-rows store (:func:`recover_unsaved_row` stores it on the next run of the same
+    command, without recomputing), no per-image file is left without its row, and the error is one line that
+    says where the row is."""
+    from lwbench.cache import format_size
+    from lwbench.errors import DiskFullError, LwbenchError
+    from lwbench.paths import free_bytes, out_of_space
+    from lwbench.results import ResultStore
+
+    try:
+        store.write_per_image(row, per_image)
+        path = store.write(row)
+    except Exception as exc:
+        if isinstance(exc, LwbenchError) and not isinstance(exc, OSError):
+            raise  # an invalid row: keeping it would not help
+        try:
+            store.per_image_path(row).unlink(missing_ok=True)  # no per-image file without its row
+        except OSError:
+            pass
+        kept = None
+        for folder in _unsaved_stores():
+            spare = ResultStore(folder)
+            try:
+                spare.write_per_image(row, per_image)
+                kept = spare.write(row)
+                break
+            except Exception:
+                spare.per_image_path(row).unlink(missing_ok=True)
+        full = out_of_space(exc, store.root)
+        why = (f"no space left on its disk, {format_size(free_bytes(store.root) or 0)} free" if full else
+               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+        if kept is None:
+            print(json.dumps(_jsonable(row)), file=sys.stderr)
+            where = "it could not be kept anywhere else either: the row is the JSON line above; save it"
+        else:
+            where = f"the row is kept in {kept}; free space and rerun the same command to store it (no recomputing)"
+        raise (DiskFullError if full else LwbenchError)(
+            f"could not write the result row into {store.root} ({why}); {where}") from exc
+    log.info("wrote %s", path)
+    return path
+
+
+def recover_unsaved_row(run_id: str, store) -> dict | None:
+    """The row of ``run_id`` that an earlier run computed but could not store, now stored into ``store``."""
+    from lwbench.results import ResultStore
+
+    for folder in _unsaved_stores():
+        spare = ResultStore(folder)
+        row = spare.get(run_id) if folder.is_dir() else None
+        if row is None:
+            continue
+        per_image = spare.per_image(row)
+        store_row(store, row, per_image)
+        log.info("stored the row of run %s that an earlier run computed but could not write (kept in %s)", run_id,
+                 spare.path_for(row))
+        spare.path_for(row).unlink(missing_ok=True)
+        spare.per_image_path(row).unlink(missing_ok=True)
+        return row
+    return None
 
 
 def train_only(cfg: RunConfig) -> bool:
@@ -270,9 +383,10 @@ def train_only(cfg: RunConfig) -> bool:
     store = ResultStore(Path(cfg.results) if cfg.results else results_dir())
     if store.has(plan.run_id) and not cfg.force:
         return False
-    check_writable(cache_dir(), "cache folder ($LWBENCH_CACHE)")
+    check_writable(cache_dir(), "cache folder ($LWBENCH_CACHE)", need_bytes=ROW_BYTES)
     torch.set_num_threads(plan.threads)
-    fit_method(plan)
+    with _cache_space_guard(plan):
+        fit_method(plan)
     return True
 
 
