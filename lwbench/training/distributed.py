@@ -13,6 +13,10 @@ averaged gradient is the one-process gradient of the whole batch up to the order
 the same global batch, to float tolerance. A method that draws random numbers per sample (``random``'s patches,
 DynamicViT's Gumbel noise) draws the same distribution but not the same numbers as one process. The process
 group is gloo on CPU and NCCL on GPU; nothing here starts unless ``WORLD_SIZE`` > 1.
+
+Resumption: rank 0 decides when to checkpoint (:func:`agree`), every rank hands it its RNG and loss state
+(:func:`gather`) and rank 0 writes them all, so a run killed and resumed with the same number of processes ends
+with the weights of an uninterrupted one, as in one process (``lwbench.training.loop``).
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ def agree(flag: bool) -> bool:
     t = _collective_int(flag)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def gather(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable) in rank order on rank 0, None on the others; ``[obj]`` in one process.
+    A collective: every rank calls it, at the same point."""
+    world = world_size()
+    if world == 1:
+        return [obj]
+    out: list[Any] | None = [None] * world if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def shard(batch: Any, what: str = "batch") -> Any:
@@ -132,5 +147,5 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
-__all__ = ["init_from_env", "world_size", "rank", "is_main", "barrier", "agree", "any_rank", "shard",
+__all__ = ["init_from_env", "world_size", "rank", "is_main", "barrier", "agree", "any_rank", "gather", "shard",
            "mean_over_ranks", "average_gradients"]

@@ -7,7 +7,8 @@ behaviour are the same everywhere:
 * a checkpoint (safetensors weights, optimizer state, RNG and data-stream position) is written
   atomically every ``ckpt_every_s`` seconds and at the end; a rerun with the same ``ckpt_dir``
   continues from it, and with an :class:`EpochStream` and ``num_workers=0`` a killed-and-resumed
-  run ends with exactly the weights of an uninterrupted one;
+  run ends with exactly the weights of an uninterrupted one, also under torchrun resumed with the same
+  number of processes (every rank's RNG and loss state are saved, at a step rank 0 chooses for all);
 * one process at a time trains a stage folder (:func:`lwbench.locks.stage_lock`): a second one
   waits, then reuses the finished result;
 * a NaN loss stops with one clear line and leaves the last good checkpoint in place;
@@ -16,7 +17,7 @@ behaviour are the same everywhere:
 
 Checkpoint folder: ``model.safetensors``, ``state.json`` (step, elapsed_s; written last, so it always
 describes complete files), while training also ``optim.pt`` and ``resume.pt`` (RNG states, stream
-position, the loss function's own state), and ``done.json`` once finished.
+position, the loss function's own state; under torchrun every rank's), and ``done.json`` once finished.
 """
 
 from __future__ import annotations
@@ -41,7 +42,17 @@ from torch import nn
 from lwbench.errors import CheckpointError, TrainingError
 from lwbench.locks import stage_lock
 from lwbench.paths import temp_beside, write_text_atomic
-from lwbench.training.distributed import agree, any_rank, average_gradients, barrier, is_main, shard, world_size
+from lwbench.training.distributed import (
+    agree,
+    any_rank,
+    average_gradients,
+    barrier,
+    gather,
+    is_main,
+    rank,
+    shard,
+    world_size,
+)
 
 DONE = "done.json"
 STATE = "state.json"
@@ -318,9 +329,9 @@ def _atomic_checkpoint(model: nn.Module, opt: torch.optim.Optimizer | None, stat
             tmp.unlink(missing_ok=True)
 
 
-def _resume_state(step: int, loss_fn: Callable, batches: Iterator) -> dict[str, Any]:
-    """What a resumed run needs besides weights and optimizer to continue exactly as this one would."""
-    state: dict[str, Any] = {"step": int(step), "torch_rng": torch.get_rng_state()}
+def _rank_state(loss_fn: Callable, batches: Iterator) -> dict[str, Any]:
+    """This process's part of the resume state: its RNG, its loss function's state, its stream position."""
+    state: dict[str, Any] = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     if callable(getattr(loss_fn, "state_dict", None)):
@@ -330,9 +341,27 @@ def _resume_state(step: int, loss_fn: Callable, batches: Iterator) -> dict[str, 
     return state
 
 
-def _restore(ckpt_dir: Path, start: int, loss_fn: Callable, batches: Iterator) -> None:
+def _resume_state(step: int, loss_fn: Callable, batches: Iterator) -> dict[str, Any] | None:
+    """What a resumed run needs besides weights and optimizer to continue exactly as this one would; on rank 0,
+    None on the others. A collective under torchrun: every rank calls it at the same step.
+
+    Rank 0's state at the top level (the one-process format, which older checkpoints have alone); under torchrun
+    also ``world_size`` and ``ranks``, every rank's state in rank order (their RNG streams and loss draws differ)."""
+    ranks = gather(_rank_state(loss_fn, batches))
+    if ranks is None:
+        return None
+    state: dict[str, Any] = {"step": int(step), **ranks[0]}
+    if len(ranks) > 1:
+        state.update(world_size=len(ranks), ranks=ranks)
+    return state
+
+
+def _restore(ckpt_dir: Path, start: int, loss_fn: Callable, batches: Iterator, desc: str = "train") -> None:
     """Restore ``resume.pt`` (RNG, stream position, loss state) if it belongs to step ``start``. Checkpoints
-    written before it existed still resume (the stream then skips ``start`` batches; the RNG is not restored)."""
+    written before it existed still resume (the stream then skips ``start`` batches; the RNG is not restored).
+
+    Under torchrun each rank restores its own state; resumed with another number of processes than the
+    checkpoint's, every rank takes rank 0's (one warning: the run is no longer the uninterrupted one)."""
     file = ckpt_dir / RESUME
     saved = _torch_load(file) if file.is_file() else None
     if saved is not None and int(saved.get("step", -1)) != start:
@@ -341,18 +370,25 @@ def _restore(ckpt_dir: Path, start: int, loss_fn: Callable, batches: Iterator) -
         if callable(getattr(batches, "skip_to", None)):
             batches.skip_to(start)
         return
-    if "batches" in saved and callable(getattr(batches, "load_state_dict", None)):
-        batches.load_state_dict(saved["batches"])
+    ranks = saved.get("ranks") or [saved]
+    if len(ranks) == world_size():
+        mine = ranks[rank()]
+    else:
+        mine = ranks[0]
+        if is_main_process():
+            log.warning("%s: resumed with %d process(es) from a checkpoint written by %d, so the run will not be "
+                        "bit-identical to an uninterrupted one (every process continues from rank 0's random state)",
+                        desc, world_size(), len(ranks))
+    if "batches" in mine and callable(getattr(batches, "load_state_dict", None)):
+        batches.load_state_dict(mine["batches"])
     elif callable(getattr(batches, "skip_to", None)):
         batches.skip_to(start)
-    if world_size() > 1:
-        return  # rank 0's RNG and loss state (k draws) are not the other ranks'
-    torch.set_rng_state(saved["torch_rng"])
-    cuda = saved.get("cuda_rng")
+    torch.set_rng_state(mine["torch_rng"])
+    cuda = mine.get("cuda_rng")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-    if "loss_fn" in saved and callable(getattr(loss_fn, "load_state_dict", None)):
-        loss_fn.load_state_dict(saved["loss_fn"])
+    if "loss_fn" in mine and callable(getattr(loss_fn, "load_state_dict", None)):
+        loss_fn.load_state_dict(mine["loss_fn"])
 
 
 def train_loop(
@@ -428,7 +464,7 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
             if start < steps:
                 if (ckpt_dir / OPTIM).is_file():
                     opt.load_state_dict(_torch_load(ckpt_dir / OPTIM, device))
-                _restore(ckpt_dir, start, loss_fn, batches)
+                _restore(ckpt_dir, start, loss_fn, batches, desc)
                 if is_main_process():
                     (ckpt_dir / DONE).unlink(missing_ok=True)  # trained further: not done until this run ends
                 if not quiet:
@@ -481,9 +517,12 @@ def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckp
             eta = (now - t0) / done * (steps - step - 1)
             log.info("%s: step %d/%d loss %.3f eta %.1f min", desc, step + 1, steps, running, eta / 60)
             logged_at = now
-        if ckpt_dir is not None and writer and now - last_ckpt > ckpt_every_s:
-            _atomic_checkpoint(model, opt, {"step": step + 1, "elapsed_s": elapsed + now - t0}, ckpt_dir,
-                               resume=_resume_state(step + 1, loss_fn, batches))
+        # Rank 0's clock decides for every rank: each hands over its RNG and loss state at this same step.
+        if ckpt_dir is not None and agree(writer and now - last_ckpt > ckpt_every_s):
+            resume = _resume_state(step + 1, loss_fn, batches)
+            if writer:
+                _atomic_checkpoint(model, opt, {"step": step + 1, "elapsed_s": elapsed + now - t0}, ckpt_dir,
+                                   resume=resume)
             last_ckpt = now
     bar.close()
     if ckpt_dir is not None and writer:
