@@ -142,6 +142,9 @@ def pretrain(teacher_name: str, data: str, out_dir: str | Path | None = None, st
     rank = dist.get_rank() if world > 1 else 0
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if world > 1 and str(device).startswith("cuda"):
+        # NCCL collectives (the loop's agree/gather of resume state included) use the current device: this rank's
+        torch.cuda.set_device(torch.device(device))
     try:
         ds, hw = _dataset(data, data_root, _as_hw(img_size), seed)
         teacher = load_teacher(teacher_name, hw, teacher_weights).to(device)
