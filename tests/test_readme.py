@@ -52,6 +52,44 @@ def test_readme_has_the_blocks_this_file_runs():
     assert [c[0] for c in commands(bash[0])] == ["pip", "python"]  # set-up: CI runs exactly these
 
 
+def _without(argv: list[str], *dropped: str) -> list[str]:
+    return [a for a in argv if a not in dropped]
+
+
+def test_ci_installs_from_the_lock_and_tests_as_the_readme_says():
+    """CI's install and test lines are the README's set-up block (quiet flags aside), the install takes the exact
+    versions of ``constraints.txt``, and the lock pins every dependency pyproject.toml names (a new dependency
+    needs ``.ci/latest --update-lock``)."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = README.parent
+    pip, test = commands(blocks("bash")[0])
+    ci = [shlex.split(line) for line in (root / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    (ci_pip,) = [c for c in ci if "install" in c and "-e" in c]
+    assert _without(ci_pip[ci_pip.index("install"):], "-q") == pip[pip.index("install"):]
+    assert ["-c", "constraints.txt"] == pip[pip.index("-c"):pip.index("-c") + 2]
+    (ci_test,) = [c for c in ci if "pytest" in c]
+    assert _without(ci_test, "-p", "no:cacheprovider") == test
+    assert ["ruff", "check", "."] in ci
+    lock = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: '{line}' is not an exact pin"
+            lock[name.strip().lower().replace("_", "-")] = version.strip()
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + [d for extra in ("dev", "seg") for d in project["optional-dependencies"][extra]]
+    for spec in wanted:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        assert name in lock, f"{name} (pyproject.toml) is not pinned in constraints.txt: run .ci/latest --update-lock"
+        assert req.specifier.contains(lock[name], prereleases=True), f"constraints.txt pins {name}=={lock[name]}, " \
+            f"outside pyproject.toml's {req.specifier}"
+
+
 @pytest.fixture(scope="module")
 def user_files(tmp_path_factory):
     """``DIR`` (an ImageFolder tree) and ``my_vits14.safetensors`` (a ViT-S/14 state dict, random weights)."""
