@@ -305,7 +305,7 @@ def cmd_report(args) -> int:
 
     store = ResultStore(Path(args.results) if args.results else results_dir())
     command = args.command_line or ""
-    for path in write_report(store, args.task, args.out, command=command):
+    for path in write_report(store, args.task, args.out, command=command, overwrite=args.overwrite):
         print(path)
     return 0
 
@@ -486,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the report's files")
     p.add_argument("--results", help="results folder")
     p.add_argument("--command-line", help="the command that produced the rows, written into table.md")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files in --out that an earlier report did not write (refused by default)")
     _common(p)
     p.set_defaults(fn=cmd_report)
 

@@ -34,6 +34,9 @@ X_HIGHER_BETTER = {"gmacs": False, "latency_ms": False, "throughput": True}
 # The spread of a timing axis: the rows store the interquartile range's width (p75 - p25), not its ends.
 X_IQR = {"latency_ms": "latency_iqr_ms", "throughput": "throughput_iqr"}
 MEM_KINDS = {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss_delta": "CPU: weights + peak RSS growth"}
+# The PNG ``Software`` tag of every plot lwbench writes: how ``lwbench report`` tells its own plots from a user's
+# file of the same name, which it must not replace.
+PNG_SOFTWARE = "lwbench pareto_plot"
 
 # One colour and marker per method, the same in every figure: a fixed table for the built-in methods, and for any
 # other (a plugin) a pick from the colours and markers the table does not use, by a hash of its name (md5, not
@@ -479,7 +482,7 @@ def pareto_plot(df: pd.DataFrame, task: str, x: str = "gmacs", out: str | os.Pat
     fmt = out.suffix.lstrip(".").lower() or "png"
     tmp = temp_beside(out.parent, out.stem, suffix=f".{fmt}.tmp")
     try:
-        fig.savefig(tmp, dpi=dpi, format=fmt)
+        fig.savefig(tmp, dpi=dpi, format=fmt, metadata={"Software": PNG_SOFTWARE} if fmt == "png" else None)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

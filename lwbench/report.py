@@ -8,19 +8,27 @@ It writes, from the rows alone (nothing is re-run):
   in the same regime, seed and teacher (a paired bootstrap over the same test images, so "within X points"
   is a statement with a confidence level);
 * ``pareto_gmacs.png`` and ``pareto_latency_ms.png`` (error bars, tied points marked).
+
+Re-running a report into the same folder is the normal way to regenerate it (``benchmarks/reference/`` is made
+so), so the report replaces its own earlier files; a file of those names that it did not write is refused
+(:func:`foreign_files`) unless ``overwrite``.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lwbench.results import ResultError
+from lwbench.errors import ConfigError
 from lwbench.paths import write_text_atomic
-from lwbench.results import ResultStore, format_results, rows_to_frame
+from lwbench.plots import PNG_SOFTWARE
+from lwbench.results import ResultError, ResultStore, format_results, rows_to_frame
 
 REFERENCE = "full"
+_TABLE_HEADING = re.compile(r"# \S+: the reference comparison\s*$")
 
 
 def paired_rows(store: ResultStore, rows: list[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
@@ -84,16 +92,73 @@ def paired_table(pairs: list[dict[str, Any]], metric: str) -> str:
                     tablefmt="github", disable_numparse=True)
 
 
-def write_report(store: ResultStore, task: str, out: str | Path, command: str = "") -> list[Path]:
-    """Write the report files of ``task`` into ``out``; returns their paths."""
+def _head(path: Path, n: int = 4096) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _written_by_report(path: Path, table_is_ours: bool) -> bool:
+    """Whether ``path`` is a file an earlier report wrote, told by its content, so that folders written before
+    this check existed (the committed ``benchmarks/reference/*``) are recognised without a marker file:
+    ``table.md`` by its heading, ``rows.csv`` by the row schema's header, a Pareto PNG by the ``Software`` tag
+    :func:`lwbench.plots.pareto_plot` writes or, for older untagged plots, by a report's ``table.md`` beside it."""
+    if not path.is_file():
+        return False
+    head = _head(path)
+    if path.name == "table.md":
+        return bool(_TABLE_HEADING.match(head.split(b"\n", 1)[0].decode("utf-8", "replace")))
+    if path.name == "rows.csv":
+        return head.startswith(b"run_id,config_hash,")
+    if path.suffix == ".png":
+        return b"Software\x00" + PNG_SOFTWARE.encode() in head or table_is_ours
+    return False
+
+
+def foreign_files(out: str | Path, names: Iterable[str]) -> list[Path]:
+    """The files among ``names`` in the folder ``out`` that exist and were not written by ``lwbench report``
+    (or by :func:`lwbench.plots.pareto_plot`), in the order of ``names``: what a report must not replace
+    silently."""
+    out = Path(out)
+    table_is_ours = _written_by_report(out / "table.md", False)
+    return [out / n for n in names
+            if (out / n).exists() or (out / n).is_symlink()
+            if not _written_by_report(out / n, table_is_ours)]
+
+
+def write_report(store: ResultStore, task: str, out: str | Path, command: str = "",
+                 overwrite: bool = False) -> list[Path]:
+    """Write the report files of ``task`` into the folder ``out`` (created if missing); returns their paths.
+
+    Files of an earlier report there are replaced; any other file of the same name is refused with a
+    :class:`ConfigError` before anything is written, unless ``overwrite``.
+    """
     from lwbench.plots import pareto_plot
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
     rows = store.rows(task=task)
     if not rows:
         raise ResultError(f"no results for task '{task}' in {store.root}; run lwbench sweep first")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     df = rows_to_frame(rows)
+    plots = [x for x in ("gmacs", "latency_ms") if df[x].notna().any()]
+    names = ["rows.csv", "table.md", *(f"pareto_{x}.png" for x in plots)]
+    folders = [out / n for n in names if (out / n).is_dir()]
+    if folders:
+        raise ConfigError(f"--out {out}: {folders[0]} is a folder, where the report writes a file; "
+                          f"move it or give another --out")
+    foreign = [] if overwrite else foreign_files(out, names)
+    if foreign:
+        more = f" (and {', '.join(p.name for p in foreign[1:])})" if len(foreign) > 1 else ""
+        raise ConfigError(f"--out {out}: {foreign[0]}{more} exists and was not written by lwbench report; "
+                          f"give another --out, or pass --overwrite to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create that folder ({err.strerror}); give another --out") from None
     written = []
     csv = out / "rows.csv"
     write_text_atomic(csv, df.to_csv(index=False))
@@ -112,10 +177,9 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
     md = out / "table.md"
     write_text_atomic(md, "\n".join(text))
     written.append(md)
-    for x in ("gmacs", "latency_ms"):
-        if df[x].notna().any():
-            written.append(pareto_plot(df, task, x=x, out=out / f"pareto_{x}.png"))
+    for x in plots:
+        written.append(pareto_plot(df, task, x=x, out=out / f"pareto_{x}.png"))
     return written
 
 
-__all__ = ["write_report", "paired_rows", "paired_table", "provenance"]
+__all__ = ["write_report", "foreign_files", "paired_rows", "paired_table", "provenance"]

@@ -16,12 +16,12 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lwbench.errors import LwbenchError
+from lwbench.logs import log
 from lwbench.paths import temp_beside
 
 if TYPE_CHECKING:
@@ -137,6 +137,8 @@ INT_FIELDS = frozenset(name for name, kind, _ in FIELDS if kind == "int")
 REQUIRED: tuple[str, ...] = ("run_id", "config_hash", "method", "budget", "task", "source", "backbone", "img_size",
                              "profile", "seed", "metric", "metric_value", "config", "status")
 SOURCES = ("real", "synthetic")
+# Text columns a row is grouped, sorted and labelled by: a stored row must have them as strings.
+_IDENTITY = frozenset({"run_id", "config_hash", "method", "budget", "task", "source", "metric"})
 
 # Top-level config keys that steer a run but cannot change its result; they stay out of the hash. Everything
 # else is in it by default. ``weights`` is the weights *path*: its content enters as ``weights_sha256``.
@@ -238,7 +240,10 @@ class ResultStore:
 
     # -- reading -----------------------------------------------------------------------------------------
     def _load(self, path: Path) -> dict[str, Any] | None:
-        """The row in ``path``, or None (with one warning per file) if it is unreadable or not a row."""
+        """The row in ``path``, or None (with one warning line per file) if it is unreadable, not a row, or has
+        a field of the wrong type. Checking types here, once, means every reader (tables, CSV, JSON, report,
+        plots, ``has``) skips the same files with the same line, instead of one crashing deep in pandas and
+        another quietly showing the row as "not measured"."""
         try:
             with open(path, encoding="utf-8") as f:
                 row = json.load(f)
@@ -248,15 +253,22 @@ class ResultStore:
             if missing:
                 raise ValueError(f"missing {', '.join(missing)}")
         except (OSError, ValueError, UnicodeDecodeError) as err:
-            if path not in self._warned:
-                self._warned.add(path)
-                warnings.warn(f"lwbench: skipping unreadable result file {path} ({err}); delete it or rerun "
-                              f"that config with --force", RuntimeWarning, stacklevel=3)
+            self._skip(path, f"unreadable ({err})", "delete it or rerun that config with --force")
+            return None
+        problem = type_problem(row)
+        if problem:
+            self._skip(path, problem, "fix or delete the file")
             return None
         for key in FLOAT_FIELDS:
             if key in row and row[key] is None:
                 row[key] = math.nan
         return row
+
+    def _skip(self, path: Path, why: str, fix: str) -> None:
+        """One warning line per file and store: ``<path>: <why>; skipped (<fix>)``."""
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("%s: %s; skipped (%s)", path, why, fix)
 
     def get(self, run_id: str) -> dict[str, Any] | None:
         """The row of ``run_id``, or None when there is none (or only a damaged one)."""
@@ -332,7 +344,7 @@ class ResultStore:
                 return {k: z[k] for k in z.files}
         except (OSError, ValueError) as err:
             if path.exists():
-                warnings.warn(f"lwbench: unreadable per-image file {path} ({err}); rerun the point with --force")
+                log.warning("%s: unreadable per-image file (%s); rerun the point with --force", path, err)
             return {}
 
     # -- writing ---------------------------------------------------------------------------------------------
@@ -412,6 +424,46 @@ def validate_row(row: Mapping[str, Any]) -> None:
     if row["config_hash"] != expected:
         raise ResultError(f"result row for {ident}: config_hash {row['config_hash']!r} does not match its config "
                           f"(expected {expected!r}); compute it with lwbench.results.config_hash(config)")
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def type_problem(row: Mapping[str, Any]) -> str:
+    """What is wrong with the types of a stored row's fields (``"seed is 'x', not a whole number"``), or ``""``.
+
+    Only the fields present are checked, against the schema's kind (:data:`FIELDS`), so older rows that lack
+    later columns still load; ``None`` is a field not measured. These are the types :meth:`ResultStore.write`
+    produces and the frame, table, report and plot code computes with: a hand-edited or foreign file that
+    breaks them is skipped by the reader rather than crashing it.
+    """
+    for name, kind, _ in FIELDS:
+        if name not in row:
+            continue
+        v = row[name]
+        if name == "metric_value":  # never NaN (validate_row), and what every table and plot is about
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            what = "a number"
+        elif kind == "dict":
+            ok, what = isinstance(v, dict), "a JSON object"
+        elif name in _IDENTITY:  # grouped, sorted and compared as text by every table and plot
+            ok, what = isinstance(v, str), "a string"
+        elif v is None:
+            continue
+        elif kind == "float":
+            ok, what = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+        elif kind == "int":
+            ok = (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+            what = "a whole number"
+        elif kind == "bool":
+            ok, what = isinstance(v, bool) or (type(v) is int and v in (0, 1)), "true or false"
+        else:  # other text columns: any scalar a table can show, never a list or an object
+            ok, what = not isinstance(v, (list, dict)), "a string"
+        if not ok:
+            return f"{name} is {_short(v)}, not {what}"
+    return ""
 
 
 def _as_float(value: Any) -> float | None:

@@ -140,7 +140,7 @@ def test_failed_overwrite_keeps_previous_row(tmp_path, monkeypatch):
     assert len(list((tmp_path / "traffic_signs" / "lookwhere").iterdir())) == 1  # temp file cleaned up
 
 
-def test_damaged_file_is_skipped_with_one_warning_and_counts_as_absent(tmp_path):
+def test_damaged_file_is_skipped_with_one_warning_and_counts_as_absent(tmp_path, capsys):
     store = ResultStore(tmp_path)
     good = make_row(k=16)
     bad = make_row(k=32)
@@ -148,14 +148,16 @@ def test_damaged_file_is_skipped_with_one_warning_and_counts_as_absent(tmp_path)
     path = store.write(bad)
     path.write_text(path.read_text()[:120])  # truncated, e.g. a half-finished copy
     (path.parent / "notarow.json").write_text("[1, 2]")
-    with pytest.warns(RuntimeWarning, match="skipping unreadable result file") as record:
-        rows = store.rows()
+    rows = store.rows()
     assert [r["run_id"] for r in rows] == [good["run_id"]]
-    assert len(record) == 2  # one per damaged file
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # ... and only once
-        assert len(store.rows()) == 1
-        assert not store.has(bad["run_id"])
+    lines = sorted(capsys.readouterr().err.splitlines(), key=lambda line: "notarow" in line)
+    assert len(lines) == 2  # one per damaged file, naming it
+    assert lines[0].startswith(f"lwbench: warning: {path}: unreadable (") and lines[0].endswith(
+        "; skipped (delete it or rerun that config with --force)")
+    assert lines[1].startswith(f"lwbench: warning: {path.parent / 'notarow.json'}: unreadable (not a JSON object)")
+    assert len(store.rows()) == 1  # ... and only once
+    assert not store.has(bad["run_id"])
+    assert capsys.readouterr().err == ""
     store.write(bad)  # rerunning repairs it
     assert store.has(bad["run_id"]) and len(store.rows()) == 2
 
