@@ -119,12 +119,17 @@ class Task(abc.ABC):
 
     def data_identity(self) -> dict[str, Any]:
         """What identifies the data this task reads, for the run and teacher ids: for real data the resolved
-        root and a cheap fingerprint of its top two levels (names, sizes, mtimes: a different folder, an added
-        split or class, a replaced file list changes it); synthetic data is identified by the task config."""
+        root and :func:`folder_fingerprint` of the whole tree (a different folder, an added, removed or rewritten
+        file changes it); synthetic data is identified by the task config. Memoised: the walk costs seconds on
+        ImageNet, and a plan asks twice (run id and teacher id)."""
         if self.source != "real":
             return {"source": self.source}
-        root = self.real_root()
-        return {"source": "real", "root": str(Path(root).resolve()), "fingerprint": folder_fingerprint(Path(root))}
+        memo = self.__dict__.get("_data_identity")
+        if memo is None:
+            root = self.real_root()
+            memo = self._data_identity = {"source": "real", "root": str(Path(root).resolve()),
+                                          "fingerprint": folder_fingerprint(Path(root))}
+        return dict(memo)
 
     @abc.abstractmethod
     def dataset(self, split: str, train: bool = False) -> Dataset:
@@ -204,25 +209,79 @@ class Task(abc.ABC):
         return out
 
 
-def folder_fingerprint(root: Path) -> str:
-    """sha1 over the names, sizes and mtimes of ``root``'s entries and its subfolders' entries (two levels): one
-    ``scandir`` per folder and a stat per entry, no file read; it changes when a split, class or file list does
-    (a folder's mtime moves when an entry is added or removed)."""
-    h = hashlib.sha1()
+#: At most this many files' bytes enter a fingerprint (spread evenly over the sorted file list) ...
+_SAMPLE_FILES = 256
+#: ... and of each, its first and last this many bytes (an ImageNet JPEG averages ~110 KB: nearly all of it).
+_SAMPLE_BYTES = 64 * 1024
 
-    def scan(folder: Path, depth: int) -> None:
+
+def folder_fingerprint(root: Path) -> str:
+    """sha1 over every file under ``root`` (relative path, size, mtime_ns; any depth, symlinks followed, a
+    symlink loop cut) plus the bytes of an even sample of the files, so that data rewritten in place is other
+    data: a re-encoded or edited image changes its size or mtime, and an edit that restores both is still caught
+    when it hits a sampled file (every file, for a tree of up to ``_SAMPLE_FILES`` files). Folder mtimes are left
+    out: the entries below a folder already say what it holds.
+
+    Cost, measured 2026-12-06 on a 2-core VM (ext4 on a virtio disk, page cache warm, other jobs running): a
+    synthetic ImageNet-layout tree of 100,000 small files (``train/<1000 wnids>/`` x 90 + ``val/<wnid>/`` x 10)
+    takes 0.53 s (a bare ``scandir`` + ``stat`` walk: 0.42 s; the old two-level walk: 0.03 s), so ImageNet's
+    1.33M train + val files take ~7 s warm; the sample (256 files of 110 KB) adds under 0.15 s. Cold, the walk
+    waits on one inode read per file: not measured (dropping the page cache needs root), and much slower on a
+    spinning disk or a network file system. :meth:`Task.data_identity` memoises it per task, so each planned run
+    (each point of a sweep too) pays it once."""
+    root = os.fspath(root)
+    h = hashlib.sha1()
+    picks: list[str] = []  # the files at index % stride == 0, in walk order: an even sample, O(_SAMPLE_FILES) memory
+    stride = 1
+    n_files = 0
+    ancestors: set[tuple[int, int]] = set()
+
+    def scan(folder: str, rel: str) -> None:
+        nonlocal stride, n_files, picks
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            st = os.stat(folder)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError:
             return
+        here = (st.st_dev, st.st_ino)
+        if here in ancestors:  # a symlink back up the tree
+            h.update(os.fsencode(rel) + b"\0loop\0")
+            return
+        ancestors.add(here)
         for e in entries:
-            st = e.stat(follow_symlinks=True) if e.is_file() or e.is_dir() else None
-            h.update(f"{e.name}|{e.is_dir()}|{st.st_size if st and not e.is_dir() else 0}|"
-                     f"{st.st_mtime_ns if st else 0}\n".encode())
-            if depth > 1 and e.is_dir():
-                scan(Path(e.path), depth - 1)
+            path = rel + e.name
+            try:
+                if e.is_dir():
+                    h.update(os.fsencode(path) + b"/\0")
+                    scan(e.path, path + "/")
+                    continue
+                st = e.stat() if e.is_file() else None
+            except OSError:
+                st = None
+            if st is None:  # a broken link, a socket ...: its name only
+                h.update(os.fsencode(path) + b"\0?\0")
+                continue
+            h.update(os.fsencode(path) + f"\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            if n_files % stride == 0:
+                picks.append(path)
+                if len(picks) > _SAMPLE_FILES:
+                    picks, stride = picks[::2], stride * 2
+            n_files += 1
+        ancestors.discard(here)
 
-    scan(Path(root), 2)
+    scan(root, "")
+    for path in picks:
+        h.update(os.fsencode(path) + b"\0")
+        try:
+            with open(os.path.join(root, path), "rb") as f:
+                h.update(f.read(_SAMPLE_BYTES))
+                size = os.fstat(f.fileno()).st_size
+                if size > _SAMPLE_BYTES:
+                    f.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
+                    h.update(f.read(_SAMPLE_BYTES))
+        except OSError:
+            h.update(b"\0unreadable\0")  # the run itself names the file if it needs it
     return h.hexdigest()[:16]
 
 

@@ -29,14 +29,31 @@ def read_image(path: str | Path, size: tuple[int, int] | None = None) -> Image.I
         with Image.open(path) as img:
             if size is not None and img.format == "JPEG":
                 img.draft("RGB", (size[1], size[0]))
-            img = img.convert("RGB")
+            img = _to_rgb(img, path)
     except FileNotFoundError:
         raise DataNotFoundError(f"image file not found: {path}") from None
+    except DataError:
+        raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
         raise DataError(f"cannot read image {path}: {exc}; replace or delete the file") from None
     if size is not None and img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.BILINEAR)
     return img
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """``img`` as 8-bit RGB. PIL's ``convert("RGB")`` clips a 16-bit greyscale PNG (mode ``I;16``, or ``I`` in
+    older Pillow) to 0..255, which turns nearly every pixel white; keep its high byte instead, as PIL itself does
+    for 48-bit RGB and 64-bit RGBA PNGs. Other high-bit modes (32-bit integer or float, from TIFF and the like)
+    have no scale to assume, so they are refused naming the file."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        arr = np.asarray(img).astype(np.int64)
+        return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "32-bit float"
+        raise DataError(f"cannot read image {path}: {kind} pixels (PIL mode {img.mode}) have no 8-bit scale to "
+                        f"assume; save it as an 8-bit (or 16-bit PNG) image")
+    return img.convert("RGB")
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

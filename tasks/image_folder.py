@@ -69,6 +69,16 @@ class ImageFolderTask(Task):
             loose = sum(1 for e in it if e.is_file() and _is_image(e.name))
         if loose:
             raise DataError(f"{train} holds {loose} image files directly; put each image in train/<class>/")
+        # An empty train/<class> would silently be a class (a logit no image trains; torchvision's ImageFolder
+        # refuses it too). val/ and test/ may lack a class. One scandir per class, stopped at its first image.
+        empty = [c for c in sorted(classes) if not _has_image(train / c)]
+        if len(empty) == 1:
+            raise DataError(f"{train / empty[0]} holds no images (*.jpg, *.png, ... directly inside it); put images "
+                            f"in it or remove it")
+        if empty:
+            more = f", ... ({len(empty)} in all)" if len(empty) > 5 else ""
+            raise DataError(f"{len(empty)} class folders of {train} hold no images (*.jpg, *.png, ... directly "
+                            f"inside them): {', '.join(empty[:5])}{more}; put images in them or remove them")
 
     def _scan(self, folder: str) -> list[tuple[Path, int]]:
         if folder not in self._samples:
@@ -107,3 +117,8 @@ class ImageFolderTask(Task):
         if split == "val" or (split == "test" and not (self.root / "test").is_dir()):
             folder = "val"
         return ImageListDataset(self._scan(folder), self.transform(train))
+
+
+def _has_image(folder: Path) -> bool:
+    with os.scandir(folder) as it:
+        return any(e.is_file() and _is_image(e.name) for e in it)

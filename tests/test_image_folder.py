@@ -66,11 +66,36 @@ def test_bad_layouts_are_one_line(tmp_path):
     with pytest.raises(DataError, match="at least 2"):
         get_task("image_folder")(source="real", data_root=tmp_path)
     (tmp_path / "train" / "b").mkdir()
+    for cls in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / cls / "x.png")
     (tmp_path / "val" / "c").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "c" / "x.png")
     task = get_task("image_folder")(source="real", data_root=tmp_path)
     with pytest.raises(DataError, match="class that train/ does not have"):
         task.dataset("val")
+
+
+def test_an_empty_train_class_folder_is_refused_before_any_work(folder, tmp_path, capsys):
+    """An empty train/<class> would silently become a class no image trains; val/ and test/ may lack one."""
+    import shutil
+
+    root = tmp_path / "mine"
+    shutil.copytree(folder, root)
+    (root / "val" / "sunflower").mkdir()  # fine: a held-out split may lack a class
+    (root / "test" / "sunflower").mkdir(parents=True)
+    shutil.copytree(root / "val" / "rose", root / "test" / "rose")
+    assert get_task("image_folder")(source="real", data_root=root).num_classes == 3
+    (root / "train" / "sunflower").mkdir()
+    (root / "train" / "sunflower" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"train/sunflower holds no images .*put images in it or remove it"):
+        get_task("image_folder")(source="real", data_root=root)
+    assert main(["run", "--method", "full", "--task", "image_folder", "--data-root", str(root), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lwbench: error: ") and "train/sunflower holds no images" in err[0]
+    assert not Path(os.environ["LWBENCH_CACHE"], "teachers").exists()  # refused before any training
+    (root / "train" / "tulip2").mkdir()
+    with pytest.raises(DataError, match="2 class folders of .* hold no images .*: sunflower, tulip2; "):
+        get_task("image_folder")(source="real", data_root=root)
 
 
 @pytest.mark.parametrize("method,budget", [("full", None), ("tome", "r=1"), ("lookwhere", "k=6")])
@@ -86,3 +111,21 @@ def test_run_end_to_end_non_square(folder, method, budget, capsys):
     row = next(r for r in rows if r["task"] == "image_folder" and r["method"] == method)
     assert row["source"] == "real" and row["img_size"] == "32x48" and row["n_eval"] == 6
     assert 0.0 <= row["metric_value"] <= 100.0 and row["gmacs"] > 0
+
+
+def test_a_16_bit_png_keeps_its_grey_levels(tmp_path):
+    """PIL's ``convert("RGB")`` clips 16-bit greyscale (mode I;16) to 0..255: nearly all white. The reader keeps
+    the high byte, as PIL does for 48-bit RGB."""
+    from lwbench.tasks._imageio import read_image
+
+    grey = (np.arange(256, dtype=np.uint32)[None, :].repeat(4, 0) * 257 + 100).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"
+    rgb = np.asarray(read_image(tmp_path / "g16.png"))
+    assert rgb.shape == (4, 256, 3) and rgb.dtype == np.uint8
+    assert (rgb == (grey >> 8).astype(np.uint8)[..., None]).all()
+    Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32)[None]).save(tmp_path / "f32.tif")
+    with pytest.raises(DataError, match=r"f32\.tif: 32-bit float pixels") as exc:
+        read_image(tmp_path / "f32.tif")
+    assert "\n" not in str(exc.value)
