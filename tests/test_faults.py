@@ -374,35 +374,58 @@ def _wait_for(fn, timeout):
     return fn()
 
 
-def _worker_pid(tmp: Path) -> int | None:
-    for f in tmp.glob("lwbench-measure-*/worker.pid"):
+def _worker_of(parent: int):
+    """The measurement worker started by process ``parent`` (psutil), or None."""
+    import psutil
+
+    try:
+        kids = psutil.Process(parent).children()
+    except psutil.Error:
+        return None
+    for kid in kids:
         try:
-            return int(f.read_text())
-        except ValueError:
-            return None
+            if "lwbench.measure.worker" in kid.cmdline():
+                return kid.pid
+        except psutil.Error:
+            continue
     return None
 
 
-def test_worker_dies_with_a_killed_parent(tmp_path):
+def test_a_parent_killed_mid_measurement_takes_its_worker_and_leaves_nothing(tmp_path):
+    """kill -9 of the measuring process while its worker times the model: the worker dies with it, and nothing of
+    the measurement (the pickled model and images) is left in $TMPDIR."""
     from lwbench.measure.worker import pid_alive
 
-    tmp = tmp_path / "tmp"
+    tmp, mark = tmp_path / "tmp", tmp_path / "measuring"
     tmp.mkdir()
+    (tmp_path / "marked.py").write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        from torch import nn
+
+        class Marked(nn.Sequential):  # says when the worker's forwards have begun
+            def forward(self, x):
+                Path({str(mark)!r}).touch()
+                return super().forward(x)
+    """))
     parent = _python("""
         import torch
         from torch import nn
+        from marked import Marked
         from lwbench.measure.worker import measure_in_subprocess
-        measure_in_subprocess(nn.Sequential(nn.Flatten(), nn.Linear(48, 2)), torch.rand(2, 3, 4, 4), "cpu",
+        measure_in_subprocess(Marked(nn.Flatten(), nn.Linear(48, 2)), torch.rand(2, 3, 4, 4), "cpu",
                               threads=1, throughput_batch=2, warmup=1, min_run_time=120, min_runs=1)
-    """, env={"TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """, env={"TMPDIR": str(tmp), "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        child = _wait_for(lambda: _worker_pid(tmp), 90)
+        assert _wait_for(mark.exists, 90), "the worker never began measuring"
+        child = _worker_of(parent.pid)
         assert child and pid_alive(child)
-        assert (next(tmp.glob("lwbench-measure-*")) / "owner.pid").read_text() == str(parent.pid)
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     assert _wait_for(lambda: not pid_alive(child), 3), f"worker {child} outlived its parent by 3 s"
+    left = [p.relative_to(tmp) for p in tmp.rglob("*") if p.name.startswith("lwbench-measure-") or p.suffix == ".pt"]
+    assert left == []  # was: lwbench-measure-*/{model.pt, images.pt, options.json, owner.pid, worker.pid}
 
 
 def test_stale_measure_folders_of_dead_owners_are_removed(tmp_path, monkeypatch):
@@ -423,10 +446,11 @@ def test_stale_measure_folders_of_dead_owners_are_removed(tmp_path, monkeypatch)
         return d
 
     stale, young, alive = folder("stale", dead.pid, old), folder("young", dead.pid), folder("alive", os.getppid(), old)
+    (tmp_path / "lwbench-measure-unowned").mkdir()  # being created: its owner.pid is not written yet
     r = measure_in_subprocess(nn.Sequential(nn.Flatten(), nn.Linear(48, 2)), torch.rand(2, 3, 4, 4),
                               options=MeasureOptions(threads=1, throughput_batch=2, warmup=1, min_run_time=0.05,
                                                      min_runs=2))
     assert r["isolated"] is True and r["throughput_batch"] == 2 and r["threads"] == 1
-    assert not stale.exists() and young.exists() and alive.exists()
+    assert not stale.exists() and not young.exists() and alive.exists()  # a dead owner's folder goes at any age
     assert sorted(p.name for p in tmp_path.glob("lwbench-measure-*")) == ["lwbench-measure-alive",
-                                                                         "lwbench-measure-young"]
+                                                                         "lwbench-measure-unowned"]

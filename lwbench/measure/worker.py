@@ -1,19 +1,20 @@
-"""Measure one model in a fresh Python process: ``python -m lwbench.measure.worker DIR [--parent-pid PID]``.
+"""Measure one model in a fresh Python process: ``python -m lwbench.measure.worker [--parent-pid PID] < PAYLOAD``.
 
 Why a subprocess per point (as timm's ``bulk_runner`` and optimum-benchmark do): the peak RSS of
 a fresh process belongs to this model alone, no allocator cache or thread pool state carries
 over from the previous method, and a crash or OOM loses one point, not the sweep.
 
-The parent pickles the whole module (``torch.save``) and the image batch into a temporary
-directory ``lwbench-measure-*`` with the options (``options.json``, a :class:`MeasureOptions`) and its
-own pid (``owner.pid``); the child writes ``worker.pid``, loads them (``weights_only=False``: we wrote
-the file ourselves), measures memory first (the first full-size forward of the process), then latency
-and throughput, and prints one JSON line on stdout. Anything else the model prints goes to stderr.
+The parent hands everything to the child through its stdin pipe, never through the disk: one line of
+options (a :class:`MeasureOptions` as JSON), then one ``torch.save`` of the whole module and the image
+batch. The child loads them (``weights_only=False``: we wrote them ourselves) and frees the bytes,
+measures memory first (the first full-size forward of the process), then latency and throughput, and
+prints one JSON line on stdout. Anything else the model prints goes to stderr. So a ``kill -9`` of either
+process leaves no file behind: the pipe goes with them.
 
-A parent killed with ``kill -9`` runs no cleanup, so the child sees to it: on Linux the kernel sends it
-SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), and everywhere a thread polls the parent's pid
-every 0.5 s. The folder it leaves behind (the pickled model) is removed by the next measurement once its
-owner is dead and it is older than a minute.
+A parent killed with ``kill -9`` runs no cleanup, so the child sees to its own end: on Linux the kernel
+sends it SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), and everywhere a thread polls the parent's
+pid every 0.5 s. Versions before the pipe passed the model in a temporary folder ``lwbench-measure-*``;
+:func:`remove_stale_folders` (run by every measurement) removes those whose owner is dead.
 
 This module imports torch only once the parent watch is in place: importing it takes seconds, during
 which an orphaned child would otherwise keep running.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -37,16 +39,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lwbench.config import DTYPES, MeasureConfig  # no torch: the parent watch starts before torch loads
-from lwbench.paths import write_text_atomic
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 _PROTOCOL = MeasureConfig()
-TEMP_PREFIX = "lwbench-measure-"
-STALE_AFTER_S = 60.0
-OWNER, WORKER, OPTIONS = "owner.pid", "worker.pid", "options.json"
+TEMP_PREFIX = "lwbench-measure-"  # the folders of older versions (see remove_stale_folders)
+OWNER = "owner.pid"
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -234,11 +234,11 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="lwbench-parent-watch", daemon=True).start()
 
 
-def remove_stale_folders(tmpdir: str | Path | None = None, min_age_s: float = STALE_AFTER_S) -> list[Path]:
+def remove_stale_folders(tmpdir: str | Path | None = None, min_age_s: float = 0.0) -> list[Path]:
     """Delete ``lwbench-measure-*`` folders in ``tmpdir`` (default ``tempfile.gettempdir()``) whose owner
-    process is dead and which are older than ``min_age_s``: the pickled models of parents killed mid-way.
-    Folders without an ``owner.pid`` are left alone (another lwbench version's, possibly in use).
-    Returns the folders removed."""
+    process is dead (and which are older than ``min_age_s``): the pickled models that versions before the
+    stdin pipe left when killed mid-way. A folder's owner wrote ``owner.pid`` right after creating it, so a
+    folder without one is left alone (possibly being created). Returns the folders removed."""
     removed = []
     for folder in Path(tmpdir or tempfile.gettempdir()).glob(TEMP_PREFIX + "*"):
         try:
@@ -269,27 +269,25 @@ def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | 
     opts = MeasureOptions.of(options, device=device, **overrides)
     remove_stale_folders()
     error: str
-    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+    payload = io.BytesIO()
     try:
-        (tmp / OWNER).write_text(str(os.getpid()))
-        try:
-            torch.save(model, tmp / "model.pt")
-            torch.save(images.detach().cpu(), tmp / "images.pt")
-            (tmp / OPTIONS).write_text(opts.to_json())
-            cmd = [sys.executable, "-m", "lwbench.measure.worker", str(tmp), "--parent-pid", str(os.getpid())]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env(opts.threads))
-            if proc.returncode == 0:
-                result = _parse_result(proc.stdout)
-                result["isolated"] = True
-                return result
-            tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
-            error = f"worker exited with code {proc.returncode}: {tail}"
-        except subprocess.TimeoutExpired:
-            error = f"worker timed out after {timeout} s"
-        except Exception as exc:  # pickling, spawning, parsing
-            error = f"{type(exc).__name__}: {exc}"
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        payload.write(opts.to_json().encode() + b"\n")
+        torch.save((model, images.detach().cpu()), payload)  # a model that cannot be pickled fails here
+        cmd = [sys.executable, "-m", "lwbench.measure.worker", "--parent-pid", str(os.getpid())]
+        proc = subprocess.run(cmd, input=payload.getbuffer(), capture_output=True, timeout=timeout,
+                              env=_child_env(opts.threads))
+        stdout, stderr = (proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
+        if proc.returncode == 0:
+            result = _parse_result(stdout)
+            result["isolated"] = True
+            return result
+        tail = (stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        error = f"worker exited with code {proc.returncode}: {tail}"
+    except subprocess.TimeoutExpired:
+        error = f"worker timed out after {timeout} s"
+    except Exception as exc:  # pickling, spawning, parsing
+        error = f"{type(exc).__name__}: {exc}"
+    del payload  # the model's bytes: not kept while it is measured here
     logging.getLogger("lwbench").warning("isolated measurement failed (%s); measuring in this process instead "
                                          "(the row says measure_isolated: false)", error)
     result = measure_all(model, images, options=opts)
@@ -301,15 +299,12 @@ def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lwbench.measure.worker", description=__doc__.splitlines()[0])
-    ap.add_argument("dir", help="folder with model.pt (torch.save of the module), images.pt and options.json")
     ap.add_argument("--parent-pid", type=int, default=None, help="exit as soon as this process is gone")
     args = ap.parse_args(argv)
-    folder = Path(args.dir)
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
-    write_text_atomic(folder / WORKER, str(os.getpid()))
-    opts_file = folder / OPTIONS
-    opts = MeasureOptions.from_json(opts_file.read_text()) if opts_file.is_file() else MeasureOptions()
+    stdin = sys.stdin.buffer
+    opts = MeasureOptions.from_json(stdin.readline().decode() or "{}")
 
     import torch
 
@@ -318,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         import lwbench.backbones  # noqa: F401  (registers lw_vit_* so pickled timm models resolve)
 
-        model = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)
-        images = torch.load(folder / "images.pt", map_location="cpu", weights_only=True)
+        payload = io.BytesIO(stdin.read())  # torch.load needs to seek: the whole payload, freed once loaded
+        model, images = torch.load(payload, map_location="cpu", weights_only=False)
+        del payload
         result = measure_all(model, images, options=opts)
         result["pid"] = os.getpid()
     print(json.dumps(result), file=real_stdout, flush=True)
