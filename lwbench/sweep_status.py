@@ -9,8 +9,10 @@ pass, and where its log is. The attempt ends in one of two ways:
 - the process dies (``kill -9``, the out-of-memory killer, a job's time limit): nobody updates the file, but the
   kernel drops the lock with the process, so a free lock on an attempt still marked ``running`` means it died.
 
-A re-run of the sweep retries failed and died points and skips done ones, as every lwbench run does. Nothing here
-depends on the launcher: the same files serve a sweep in one shell, several shards, or a job array.
+A re-run of the sweep retries failed and died points and skips done ones, as every lwbench run does. The same files
+serve a sweep in one shell, several shards, or a job array. A job of ``--launcher submitit`` also leaves its id in
+``.job.json`` beside them: a point without an attempt record whose job is queued, starting or already dead (killed
+before it got to the point) is pending, running or failed as :func:`lwbench.launch.job_status` says.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lwbench.paths import write_text_atomic
 
 STATE_DIR = ".sweep"
 ATTEMPT = ".attempt.json"
+JOB = ".job.json"
 STATES = ("done", "running", "failed", "pending")
 
 
@@ -36,8 +39,23 @@ def point_dir(results: Path, run_id: str) -> Path:
     return Path(results) / STATE_DIR / run_id
 
 
-def _write(folder: Path, record: dict) -> None:
-    write_text_atomic(folder / ATTEMPT, json.dumps(record, indent=1) + "\n")
+def _write(folder: Path, record: dict, name: str = ATTEMPT) -> None:
+    write_text_atomic(folder / name, json.dumps(record, indent=1) + "\n")
+
+
+def _read(file: Path) -> dict | None:
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def record_job(results: Path, run_id: str, job: dict) -> None:
+    """Keep the submitit job of a point (id, cluster, folder, log) for ``--status``; see :mod:`lwbench.launch`."""
+    folder = point_dir(results, run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder, job, JOB)
 
 
 @contextlib.contextmanager
@@ -75,18 +93,25 @@ def point_status(store, point: str, run_id: str) -> PointStatus:
     if store.has(run_id):
         return PointStatus(point, run_id, "done")
     folder = point_dir(store.root, run_id)
-    try:
-        record = json.loads((folder / ATTEMPT).read_text())
-    except (OSError, ValueError):
-        record = None
+    record, job = _read(folder / ATTEMPT), _read(folder / JOB)
     if is_held(folder):
         who = f"{record.get('host', '?')} pid {record.get('pid', '?')}, {record.get('phase', '?')} pass since " \
               f"{record.get('started', '?')}" if record else "locked by another process"
         return PointStatus(point, run_id, "running", who, (record or {}).get("log", ""))
-    if record is None:
+    if record is None and job is None:
         return PointStatus(point, run_id, "pending")
+    if record is None:  # submitted, and its job has not got to the point (yet, or ever)
+        from lwbench.launch import job_status
+
+        return PointStatus(point, run_id, *job_status(job), job.get("stdout", ""))
     if record.get("state") == "failed":
         return PointStatus(point, run_id, "failed", str(record.get("error", "")), record.get("log", ""))
+    if job and job.get("stdout") and job.get("stdout") == record.get("log"):  # died in this job: what its job says
+        from lwbench.launch import job_status
+
+        state, detail = job_status(job)
+        if state == "failed":
+            return PointStatus(point, run_id, "failed", detail, record.get("log", ""))
     return PointStatus(point, run_id, "failed",
                        f"the process ({record.get('host', '?')} pid {record.get('pid', '?')}, {record.get('phase')} "
                        f"pass) ended without a row or an error: killed, out of memory or out of time",
@@ -103,4 +128,4 @@ def format_status(statuses: list[PointStatus]) -> str:
     return f"{table}\n\n{len(statuses)} points: {summary}"
 
 
-__all__ = ["attempt", "point_status", "format_status", "PointStatus", "STATES", "point_dir"]
+__all__ = ["attempt", "point_status", "format_status", "PointStatus", "STATES", "point_dir", "record_job"]

@@ -64,14 +64,89 @@ def test_a_killed_job_is_reported_and_the_resubmitted_sweep_recovers(tmp_path, c
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "FAILED killed_once k=3" in err and "(log: " in err and "done random k=3" in err
+    assert "killed: job " in err and "submitit INFO" not in err
     capsys.readouterr()
     assert main(["sweep", str(sweep), "--status", "--plugin", str(plugin), *TINY]) == 1
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("failed") and "killed_once" in ln)
-    assert "killed, out of memory or out of time" in line and "log: " in line and "_log.out" in line
+    assert "killed: job " in line and "log: " in line and "_log.out" in line
     assert main(argv) == 0  # re-submitted: only the missing point runs, and now it lives
     assert "1 done already, 0 refused, submitting 1 job(s)" in capsys.readouterr().err
     assert main(["sweep", str(sweep), "--status", "--plugin", str(plugin), *TINY]) == 0
+
+
+def test_a_job_killed_before_its_point_started_is_failed_killed_not_pending(tmp_path, capsys):
+    """kill -9 while the job starts (importing, loading a plugin: no attempt record yet) is a failed point, killed,
+    in the sweep's report and in --status; no submitit log line stands as its reason."""
+    plugin = tmp_path / "killed_early.py"
+    plugin.write_text(textwrap.dedent('''
+        import os, signal
+        from lwbench.registry import register_method
+        from lwbench.methods.random import RandomPatches
+
+        if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):  # inside the job: killed while it starts
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        @register_method("killed_early")
+        class KilledEarly(RandomPatches):
+            pass
+    '''))
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  killed_early: [k=3]\n")
+    assert main(["sweep", str(sweep), "--launcher", "submitit", "--plugin", str(plugin), *TINY]) == 1
+    failed = next(ln for ln in capsys.readouterr().err.splitlines() if "FAILED killed_early" in ln)
+    assert "killed: job " in failed and "submitit INFO" not in failed and "_log.err" in failed
+    assert main(["sweep", str(sweep), "--status", "--plugin", str(plugin), *TINY]) == 1
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "killed_early" in ln)
+    assert line.startswith("failed") and "killed: job " in line and "submitit" not in line.split("(log:")[0]
+    assert "_log.out" in line
+
+
+class _FakeJob:
+    """A SLURM job as submitit shows it: its state (sacct) and its logs."""
+
+    def __init__(self, folder: Path, state: str, stderr: str = ""):
+        import submitit
+
+        self.job_id, self.state, self.paths = "77_1", state, submitit.core.utils.JobPaths(folder, "77_1", 0)
+        self._stderr = stderr
+
+    def stderr(self):
+        return self._stderr
+
+
+@pytest.mark.parametrize("state, expect", [
+    ("PENDING", ("pending", "job 77_1 PENDING")), ("RUNNING", ("running", "job 77_1 RUNNING")),
+    ("OUT_OF_MEMORY", ("failed", "out of memory")), ("TIMEOUT", ("failed", "out of time")),
+    ("CANCELLED by 1234", ("failed", "killed: cancelled")), ("NODE_FAIL", ("failed", "killed: its node failed")),
+    ("UNKNOWN", ("pending", "no state")),
+])
+def test_slurm_job_states_are_the_points_states(tmp_path, monkeypatch, state, expect):
+    from lwbench import launch
+
+    monkeypatch.setattr(launch, "_job", lambda record: _FakeJob(tmp_path, state))
+    got, detail = launch.job_status({"job_id": "77_1", "cluster": "slurm"})
+    assert got == expect[0] and expect[1] in detail and "submitit" not in detail
+
+
+def test_a_failed_jobs_reason_is_its_error_line_never_a_submitit_log_line(tmp_path, monkeypatch):
+    from lwbench import launch
+
+    log = textwrap.dedent("""\
+        submitit INFO (2026-12-06 16:17:00,503) - Starting with JobEnvironment(job_id=77_1, hostname=n1)
+        submitit INFO (2026-12-06 16:17:00,503) - Loading pickle: /x/77_1_submitted.pkl
+        Traceback (most recent call last):
+          File "x.py", line 1, in <module>
+        ModuleNotFoundError: No module named 'my_plugin'
+        submitit ERROR (2026-12-06 16:17:01,000) - Submitted job triggered an exception
+    """)
+    assert launch.error_line(log) == "ModuleNotFoundError: No module named 'my_plugin'"
+    assert launch.error_line(log + "lwbench: error: the dataset is missing\n") == \
+        "lwbench: error: the dataset is missing"
+    assert launch.error_line("submitit INFO (2026-12-06 16:17:00,503) - Loading pickle: /x.pkl\n") == ""
+    monkeypatch.setattr(launch, "_job", lambda record: _FakeJob(tmp_path, "FAILED", log))
+    assert launch.job_status({"job_id": "77_1", "cluster": "slurm"}) == \
+        ("failed", "ModuleNotFoundError: No module named 'my_plugin' (SLURM job 77_1: FAILED)")
 
 
 def test_bad_launch_options_are_refused_before_any_job(tmp_path, capsys):
