@@ -534,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from lwbench.logs import setup
+    from lwbench.openmp import prefer_passive
+
+    prefer_passive()  # before torch loads: training threads that lose their core sleep instead of spinning
 
     parser = build_parser()
     args = parser.parse_args(argv)

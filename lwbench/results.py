@@ -109,6 +109,7 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("device", "str", "'cpu' or 'cuda'"),
     ("device_name", "str", "CPU model or GPU name"),
     ("threads", "int", "torch intra-op threads"),
+    ("omp_wait_policy", "str", "OMP_WAIT_POLICY of the timing process (default: OpenMP's own; lwbench/openmp.py)"),
     ("cpu_count", "int", "logical CPUs of the machine"),
     ("dtype", "str", "inference dtype of the timed model ('float32', 'bfloat16', ...)"),
     ("autocast", "str", "mixed precision of the run's training, evaluation and timing: 'none' or 'bfloat16'"),

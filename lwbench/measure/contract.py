@@ -68,6 +68,7 @@ class Measurement(FlopCount):
     dtype: str = "float32"
     autocast: str = "none"
     compile: str = "none"
+    omp_wait_policy: str = ""  # OpenMP's wait policy in the timing process (lwbench/openmp.py)
     compile_time_s: float = math.nan
     threads: int = 0
     device: str = "cpu"
@@ -188,6 +189,7 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
         measure_warmup=int(cfg.warmup), measure_min_run_time=float(cfg.min_run_time),
         measure_min_runs=int(cfg.min_runs), memory_batch=int(cfg.memory_batch), other_load=load.cores,
         machine_busy=busy, dtype=cfg.dtype, autocast=autocast, compile=cfg.compile,
+        omp_wait_policy=str(t.get("omp_wait_policy", "")),
         compile_time_s=float(t.get("compile_time_s", math.nan)),
         threads=int(threads), device=device, attention_backend=attention_backend(device),
     )

@@ -129,13 +129,15 @@ def measure_all(model: nn.Module, images: torch.Tensor, device: str | torch.devi
 
     from lwbench.measure.latency import as_device, measure_latency, measure_throughput
     from lwbench.measure.memory import measure_memory
+    from lwbench.openmp import wait_policy
 
     o = MeasureOptions.of(options, device=device, **overrides)
     dev = as_device(o.device)
     if dev.type == "cpu":
         torch.set_num_threads(o.threads)
     model = model.eval().to(device=dev, dtype=_dtype(o.dtype))
-    out: dict[str, Any] = {"device": dev.type, "threads": o.threads, "dtype": o.dtype}
+    out: dict[str, Any] = {"device": dev.type, "threads": o.threads, "dtype": o.dtype,
+                           "omp_wait_policy": wait_policy()}
     out.update(measure_memory(model, images, dev, batch_size=o.memory_batch))
     if o.compile != "none":  # after the memory pass: compiling's own allocations are not the model's
         model, out["compile_time_s"] = _compiled(model, images, dev, o)
@@ -167,7 +169,9 @@ def _compiled(model: nn.Module, images: torch.Tensor, dev: torch.device, o: Meas
 
 
 def _child_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+    from lwbench.openmp import timing_env
+
+    env = timing_env(dict(os.environ))  # timed under OpenMP's default wait policy (lwbench/openmp.py)
     # Whatever the parent can import (a plugin's model classes), the child must be able to unpickle.
     paths = [p for p in sys.path if p] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
