@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="the reference comparison of a task from the store: rows.csv, table.md "
                        "(95%% intervals, paired differences to full), Pareto PNGs",
-                       epilog="example:\n  lwbench report --task traffic_signs --out benchmarks/reference/traffic_signs",
+                       epilog="example:\n  lwbench report --task traffic_signs "
+                              "--out benchmarks/reference/traffic_signs",
                        formatter_class=fmt)
     p.add_argument("--task", required=True)
     p.add_argument("--out", required=True, help="folder for the report's files")

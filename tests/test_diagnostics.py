@@ -216,7 +216,7 @@ def test_teacher_attention_loss_on_every_block_trains_the_first_block_too():
         trainer = DenseTrainer(TaskModel(FullEncoder(vit), ClassifierHead(vit.embed_dim, 2, "max")), 2,
                                attn_weight=1.0, attn_queries="cls", attn_blocks=blocks)
 
-        def first_block_mass():
+        def first_block_mass(vit=vit):
             with torch.no_grad(), BlockInputs(vit, [0]) as captured:
                 vit.forward_features(x)
                 p = captured.logits(num_prefix(vit), "cls")[0].softmax(1)

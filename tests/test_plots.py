@@ -214,7 +214,7 @@ def test_mixed_seed_counts_and_old_rows_are_titled_truthfully():
     bars = error_bars(fig)  # 62, 64, 66: 64 ± 2; 78, 80: 79 ± sqrt(2)
     expected = [(0.3, 62.0, 66.0), (0.9, 79 - 2 ** 0.5, 79 + 2 ** 0.5)]
     assert len(bars) == len(expected)  # pytest.approx takes flat sequences only (pytest >= 9.2 refuses nesting)
-    for got, want in zip(bars, expected):
+    for got, want in zip(bars, expected, strict=True):
         assert list(got) == pytest.approx(list(want))
     # old result files have no replicate_id: seed replicates cannot be told from other configs, so no averaging
     old = df.drop(columns="replicate_id")

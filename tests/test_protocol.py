@@ -8,9 +8,7 @@ import math
 import multiprocessing as mp
 import os
 import time
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from test_cli import TINY
@@ -151,7 +149,8 @@ def _plot_frame():
         rows.append(dict(method=m, budget=b, budget_value=float(b.split("=")[1]) if "=" in b else math.nan,
                          task="traffic_signs", source="synthetic", metric="top1", metric_value=acc,
                          metric_ci_low=acc - 1.0, metric_ci_high=acc + 1.0, gmacs=g, latency_ms=g * 10,
-                         peak_mem_mb=10.0, seed=0, device="cpu", device_name="Test CPU", threads=1, replicate_id=f"r{i}", regime=regime, teacher_id="t",
+                         peak_mem_mb=10.0, seed=0, device="cpu", device_name="Test CPU", threads=1,
+                         replicate_id=f"r{i}", regime=regime, teacher_id="t",
                          finetune_recipe="-" if regime == "off_the_shelf" else "steps=100"))
     return pd.DataFrame(rows)
 
@@ -248,8 +247,8 @@ def test_report_writes_rows_table_with_paired_differences_and_plots(tmp_path):
     pair = [line for line in text.splitlines() if line.startswith("| tome")][-1]
     assert "off_the_shelf" in pair and "[" in pair and pair.rstrip(" |").endswith("x")
     assert len(pd.read_csv(out / "rows.csv")) == 2
-    from lwbench.results import ResultError
     from lwbench.report import write_report
+    from lwbench.results import ResultError
 
     with pytest.raises(ResultError, match="no results for task 'billiards'"):
         write_report(ResultStore(os.environ["LWBENCH_RESULTS"]), "billiards", out)
