@@ -88,6 +88,32 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("throughput_iqr", "float", "interquartile range of that throughput (images/s)"),
     ("throughput_batch", "int", "batch size actually used for throughput (after OOM decay)"),
     ("throughput_runs", "int", "timed measurements behind throughput"),
+    ("timing_protocol", "str", "'paired' (interleaved with the reference in one process, lwbench/measure/paired.py) "
+                               "or '' (older rows: one model per process, no speed-up)"),
+    ("reference_run_id", "str", "run id of the `full` point this row's speed is relative to (same backbone, size, "
+                                "teacher, regime, dtype, threads, device)"),
+    ("reference_gmacs", "float", "GMACs per image of that reference"),
+    ("gmac_ratio", "float", "reference_gmacs / gmacs: how many times fewer MACs than the reference"),
+    ("speedup", "float", "batch-1 speed-up over the reference: its median latency / this one's, both timed in "
+                         "randomised alternating blocks in one process on the same images"),
+    ("speedup_ci_low", "float", "lower end of the 95% bootstrap interval of speedup (rounds of blocks resampled)"),
+    ("speedup_ci_high", "float", "upper end of that interval"),
+    ("speedup_reliable", "bool", "that interval is narrow enough to read (ci_high / ci_low <= 1.25)"),
+    ("conversion", "float", "speedup / gmac_ratio: the share of the MAC saving that became batch-1 time"),
+    ("reference_latency_ms", "float", "the reference's median batch-1 latency in the same pairing (ms)"),
+    ("throughput_speedup", "float", "throughput / the reference's, at throughput_batch, timed the same way"),
+    ("throughput_speedup_ci_low", "float", "lower end of the 95% interval of throughput_speedup"),
+    ("throughput_speedup_ci_high", "float", "upper end of that interval"),
+    ("throughput_speedup_reliable", "bool", "that interval is narrow enough to read (ci_high / ci_low <= 1.25)"),
+    ("throughput_conversion", "float", "throughput_speedup / gmac_ratio"),
+    ("reference_throughput", "float", "the reference's median throughput in the same pairing (images/s)"),
+    ("timing_rounds", "int", "interleaved rounds (a block of each model, in random order) behind speedup"),
+    ("timing_batches", "str", "JSON, every batch size timed: {\"8\": {\"speedup\", \"ci_low\", \"ci_high\", \"ms\", "
+                              "\"reference_ms\", \"rounds\"} or {\"error\": \"out of memory\"}}"),
+    ("attention_kernel", "str", "attention kernel(s) that ran in one timed batch-1 call, from the profiler's op names: "
+                                "'cpu_flash', 'flash', 'efficient', 'cudnn', 'math' (SDPA's unfused path), 'matmul' "
+                                "(attention written as matmuls), '+'-joined when several, 'none' when no attention"),
+    ("reference_attention_kernel", "str", "the same for the reference"),
     ("peak_mem_mb", "float", "peak memory of inference (MiB, weights included), see mem_kind"),
     ("mem_kind", "str", "'cuda_max_allocated' or 'cpu_peak_rss_delta'"),
     ("memory_exact", "bool", "the peak belongs to this forward alone (peak counters reset / fresh process)"),
