@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import lwbench
 from lwbench.backbones import create_backbone
 from lwbench.measure.latency import measure_latency, measure_throughput
 from lwbench.measure.memory import measure_memory
@@ -48,8 +49,79 @@ def test_cuda_latency_is_timed_with_events_around_every_call(monkeypatch):
 def test_cuda_peak_memory_is_reset_per_point():
     big = measure_memory(create_backbone("lw_vit_nano_p16", 224), _images(8, 224), "cuda", batch_size=8)
     small = measure_memory(create_backbone("lw_vit_test_p8", 32), _images(1, 32), "cuda", batch_size=1)
-    assert big["memory_method"] == small["memory_method"] == "cuda max_memory_allocated"
+    assert big["memory_method"] == small["memory_method"] == "cuda params + peak allocated growth (warm forward)"
     assert small["peak_memory_mb"] < big["peak_memory_mb"] / 4  # the big model's peak did not carry over
+    assert big["peak_memory_mb"] == pytest.approx(big["param_mb"] + big["activation_mb"])
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_peak_memory_counts_neither_the_timing_images_nor_the_first_calls_workspaces():
+    model = create_backbone("lw_vit_nano_p16", 224)
+    many = measure_memory(model, _images(64, 224), "cuda", batch_size=2)  # 64 images: 38 MiB on the GPU before
+    few = measure_memory(model, _images(2, 224), "cuda", batch_size=2)
+    again = measure_memory(model, _images(2, 224), "cuda", batch_size=2)
+    assert many["peak_memory_mb"] == pytest.approx(few["peak_memory_mb"], abs=1.0)
+    assert few["peak_memory_mb"] == pytest.approx(again["peak_memory_mb"], abs=1.0)  # first or not: the same
+
+
+@pytest.mark.gpu
+@cuda
+def test_release_cached_memory_gives_the_cache_back():
+    from lwbench.measure.memory import release_cached_memory
+
+    x = torch.empty(2**28, device="cuda")  # 1 GiB
+    del x
+    assert torch.cuda.memory_reserved() >= 2**30  # freed, but still cached by this process
+    release_cached_memory()
+    assert torch.cuda.memory_reserved() < 2**30
+
+
+class _OutOfMemoryAbove(nn.Module):
+    """Raises a real CUDA out-of-memory error for batches above ``limit``; records the memory allocated when each
+    forward starts."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+        self.lin = nn.Linear(3, 2)
+        self.allocated_at_start: list[tuple[int, int]] = []
+
+    def forward(self, x):
+        self.allocated_at_start.append((x.shape[0], torch.cuda.memory_allocated()))
+        if x.shape[0] > self.limit:
+            torch.empty(2**45, dtype=torch.uint8, device=x.device)  # 32 TiB: out of memory on any GPU
+        return self.lin(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_out_of_memory_frees_the_batch_before_the_smaller_one():
+    model = _OutOfMemoryAbove(limit=64)
+    r = measure_throughput(model, _images(4, 256), "cuda", batch_size=256, **FAST)  # 256 images: 192 MiB
+    assert r["throughput_batch"] <= 64
+    (big, at_big), (smaller, at_smaller) = model.allocated_at_start[:2]
+    assert big == 256 and smaller < big
+    # the 256-image batch is gone when the next one is built: less is allocated, not both batches
+    assert at_smaller < at_big
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("method", lwbench.list_methods())
+def test_every_method_runs_forward_and_backward_on_cuda(method):
+    """What tests/test_fake_cuda.py checks on fake tensors, for real."""
+    from lwbench.precision import wrap
+
+    model = lwbench.create_model(method, "lw_vit_test_p8", (32, 48), None, num_classes=3).cuda()
+    x = _images(2, 32).repeat(1, 1, 1, 2)[..., :48].cuda()
+    for autocast in ("none", "bfloat16"):
+        net = wrap(model, autocast, "cuda")
+        with torch.inference_mode():
+            assert net.eval()(x).shape == (2, 3)
+        model.zero_grad()
+        net.train()(x).float().square().mean().backward()
+        assert any(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.gpu
@@ -75,8 +147,11 @@ def test_cuda_run_writes_a_row_that_says_how_it_was_timed(tmp_path, monkeypatch)
 
     row = json.loads(next(p for p in Path(os.environ["LWBENCH_RESULTS"]).rglob("*.json")
                           if not p.name.endswith("per_image.json")).read_text())
-    assert row["device"] == "cuda" and row["mem_kind"] == "cuda_max_allocated" and row["attention_backend"]
+    assert row["device"] == "cuda" and row["mem_kind"] == "cuda_allocated_growth" and row["attention_backend"]
     assert row["cuda_version"] and row["compile"] == "none" and row["autocast"] == "none"
+    # lwbench keeps PyTorch's numeric defaults and records them
+    assert row["float32_matmul_precision"] == "highest" and row["allow_tf32"] is False
+    assert row["cudnn_benchmark"] is False
 
 
 class _RefusesBigBatches(nn.Module):

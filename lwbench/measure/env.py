@@ -1,9 +1,21 @@
-"""Where a number was measured: hardware, versions, threads, dtype, attention backend, code version.
+"""Where a number was measured: hardware, versions, threads, dtype, attention backend, float32 matmul
+precision (TF32) and cuDNN autotuning, code version.
 
 Every result row carries this, so that points measured on different machines or code versions
 are never compared silently. ``git_sha``/``git_dirty`` describe the lwbench checkout itself: git
 runs in the package's own directory, not the current working directory (a user running lwbench
 from inside their own repository must not get that repository's commit).
+
+Numeric policy: lwbench leaves PyTorch's defaults for TF32 and cuDNN autotuning alone (float32 matmul
+precision ``"highest"``, i.e. no TF32 in matmuls; ``torch.backends.cudnn.benchmark`` False) unless the
+user sets them, and records in every row what was in force (``float32_matmul_precision``,
+``allow_tf32``, ``cudnn_benchmark``). TF32 can make float32 matmuls several times faster on Ampere and
+newer GPUs at a small cost in precision, so a TF32 row and a non-TF32 row are two numeric regimes, not
+one comparison. (PyTorch's default lets cuDNN *convolutions* use TF32, ``torch.backends.cudnn.allow_tf32``
+True: in a ViT that is only the patch embedding.) The values are read in the process that writes the
+row; the isolated timing worker is a fresh process, so a setting made through the Python API (rather
+than an environment variable such as ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1``) reaches it only if it is
+passed on explicitly.
 """
 
 from __future__ import annotations
@@ -81,6 +93,16 @@ def attention_backend(device: str | torch.device = "cpu") -> str:
     return "sdpa"
 
 
+def numerics() -> dict[str, Any]:
+    """The float32 matmul precision and cuDNN autotuning in force (process-wide flags; reading them does not
+    initialise CUDA). lwbench sets none of them: see the module docstring."""
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+    }
+
+
 def environment(
     device: str | torch.device = "cpu",
     threads: int | None = None,
@@ -107,6 +129,7 @@ def environment(
         "cpu_count": os.cpu_count(),
         "dtype": dtype_name,
         "attention_backend": attention_backend(device),
+        **numerics(),
         "platform": platform.platform(),
         "machine_id": machine_id(),
         **git_info(),
@@ -122,4 +145,5 @@ def _dist_version() -> str | None:
         return None
 
 
-__all__ = ["environment", "git_info", "machine_id", "device_name", "cpu_name", "attention_backend", "PACKAGE_DIR"]
+__all__ = ["environment", "git_info", "machine_id", "device_name", "cpu_name", "attention_backend", "numerics",
+           "PACKAGE_DIR"]

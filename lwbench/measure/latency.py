@@ -17,6 +17,7 @@ on one lucky image. Throughput times one fixed batch built from the same images.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 import timeit
@@ -154,6 +155,19 @@ def _fill_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
     return images.repeat(reps, 1, 1, 1)[:batch_size].contiguous()
 
 
+def _time_batch(model: nn.Module, images: torch.Tensor, bs: int, device: torch.device, threads: int, warmup: int,
+                min_run_time: float, min_runs: int) -> list[float]:
+    """:func:`_time` of the forward of one batch of ``bs`` images. The batch lives only in this frame (and the
+    step closure), so that an out-of-memory error frees it once its traceback is gone."""
+    batch = _fill_batch(images, bs)
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(batch)
+
+    return _time(step, device, threads, warmup, min_run_time, min_runs)
+
+
 def measure_throughput(
     model: nn.Module,
     images: torch.Tensor,
@@ -170,28 +184,24 @@ def measure_throughput(
     as timm's benchmark does; ``throughput_batch`` is the batch actually used. ``throughput_iqr``
     is the spread in img/s between the p25 and p75 measurements.
     """
+    from timm.utils import decay_batch_step
+
     device = as_device(device)
     model, images = _prepare(model, images, device)
     bs = int(batch_size)
     while True:
-        batch = _fill_batch(images, bs)
-
-        def step(batch=batch) -> None:
-            with torch.inference_mode():
-                model(batch)
-
         try:
-            times = _time(step, device, threads, warmup, min_run_time, min_runs)
+            times = _time_batch(model, images, bs, device, threads, warmup, min_run_time, min_runs)
             break
         except torch.cuda.OutOfMemoryError:  # only raised by the CUDA path; importing the class is harmless
-            from timm.utils import decay_batch_step
-
-            del batch
-            torch.cuda.empty_cache()
-            new_bs = decay_batch_step(bs)
-            if new_bs < 1:
+            if decay_batch_step(bs) < 1:
                 raise
-            bs = new_bs
+        # Out of memory. Only here, outside the ``except`` block, is the exception gone, and with its traceback the
+        # frames of _time_batch that held the batch, the step closure and the forward's partial activations: the
+        # cache can give their memory back before the smaller batch is built.
+        gc.collect()
+        torch.cuda.empty_cache()
+        bs = decay_batch_step(bs)
     p25, med, p75 = _quantiles(times)
     return {
         "throughput": bs / med,

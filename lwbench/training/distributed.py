@@ -31,13 +31,20 @@ from lwbench.errors import TrainingError
 
 
 def init_from_env(device: str = "cpu") -> int:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1), once; returns the world size."""
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1), once; returns the world size.
+
+    On CUDA the rank's GPU (``LOCAL_RANK``) is made current *before* joining and named to NCCL as ``device_id``, so
+    NCCL forms its communicator at once, on that GPU, and a bad setup fails here rather than at the first collective.
+    (Setting the device only after joining worked only because NCCL starts lazily: anything that started it
+    earlier would have put every rank on GPU 0.)"""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if str(device).startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if str(device).startswith("cuda"):
+            local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local)
+            dist.init_process_group(backend="nccl", device_id=local)
+        else:
+            dist.init_process_group(backend="gloo")
     return world_size()
 
 
