@@ -22,7 +22,9 @@ EXAMPLES = {
   lwbench flops --method random --backbone vit_small_patch16_224 --img-size 224 --budget k=49""",
     "plot": """examples:
   lwbench plot pareto --task traffic_signs
-  lwbench plot pareto --task billiards --x latency_ms --out billiards.png""",
+  lwbench plot pareto --task billiards --x latency_ms --out billiards.png
+  lwbench plot pareto --task traffic_signs --x speedup
+  lwbench plot conversion --task traffic_signs --out conversion.png""",
 }
 
 
@@ -238,8 +240,15 @@ def cmd_flops(args) -> int:
         rep.update(_random_weight_timing(args, opts))
     print(json.dumps(rep) if args.json else format_flops_report(rep))
     if args.latency and not args.json:
-        print(f"latency, batch 1: {rep['latency_ms']:.2f} ms (IQR {rep['latency_iqr_ms']:.2f}); throughput at batch "
-              f"{rep['throughput_batch']}: {rep['throughput']:.1f} img/s; random weights and random images, "
+        wide = "" if rep["speedup_reliable"] else " (interval too wide: the machine was busy)"
+        print(f"speed-up over full, batch 1: {rep['speedup']:.2f}x [{rep['speedup_ci_low']:.2f}, "
+              f"{rep['speedup_ci_high']:.2f}]{wide}, at batch {rep['throughput_batch']}: "
+              f"{rep['throughput_speedup']:.2f}x [{rep['throughput_speedup_ci_low']:.2f}, "
+              f"{rep['throughput_speedup_ci_high']:.2f}]; {rep['gmac_ratio']:.2f}x fewer GMACs, conversion "
+              f"{rep['conversion']:.2f}; attention kernel {rep['attention_kernel']}")
+        print(f"latency, batch 1: {rep['latency_ms']:.2f} ms (IQR {rep['latency_iqr_ms']:.2f}; full "
+              f"{rep['reference_latency_ms']:.2f} ms); throughput at batch {rep['throughput_batch']}: "
+              f"{rep['throughput']:.1f} img/s; random weights and random images, timed paired with full, "
               f"{rep['threads']} thread(s), {rep['device']}")
     return 0
 
@@ -257,13 +266,18 @@ def _random_weight_timing(args, opts: dict) -> dict:
     from lwbench.measure.flops import random_model
     from lwbench.runner import resolve_device
 
-    model, _, _, hw = random_model(args.method, args.backbone, _parse_hw(args.img_size), args.budget, opts=opts)
+    model, _, vit, hw = random_model(args.method, args.backbone, _parse_hw(args.img_size), args.budget, opts=opts)
+    # the reference: `full` on the same random backbone, timed paired with the method (lwbench/measure/paired.py)
+    reference = model if args.method == "full" else random_model("full", args.backbone, hw)[0]
     images = torch.randn(args.batch, 3, *hw, generator=torch.Generator().manual_seed(0))
     threads = args.threads or os.cpu_count() or 1
     device = resolve_device(args.device)
     m = measure(model, images, MeasureConfig(throughput_batch=args.batch, flops_images=1), device=device,
-                threads=threads, what=args.method)
-    keep = ("latency_ms", "latency_iqr_ms", "throughput", "throughput_iqr", "throughput_batch", "peak_mem_mb")
+                threads=threads, what=args.method, reference=reference)
+    keep = ("latency_ms", "latency_iqr_ms", "throughput", "throughput_iqr", "throughput_batch", "peak_mem_mb",
+            "speedup", "speedup_ci_low", "speedup_ci_high", "speedup_reliable", "throughput_speedup",
+            "throughput_speedup_ci_low", "throughput_speedup_ci_high", "gmac_ratio", "conversion",
+            "attention_kernel", "reference_latency_ms")
     return {**{k: getattr(m, k) for k in keep}, "peak_memory_mb": m.peak_mem_mb, "threads": threads, "device": device}
 
 
@@ -284,7 +298,7 @@ def cmd_results(args) -> int:
 
 def cmd_plot(args) -> int:
     from lwbench.paths import results_dir
-    from lwbench.plots import pareto_plot
+    from lwbench.plots import conversion_plot, pareto_plot
     from lwbench.results import ResultStore
 
     store = ResultStore(Path(args.results) if args.results else results_dir())
@@ -292,8 +306,12 @@ def cmd_plot(args) -> int:
     if df.empty:
         raise ConfigError(f"no results for task '{args.task}' in {store.root}; "
                           f"run `lwbench run --task {args.task} ...` first")
-    out = Path(args.out) if args.out else Path(store.root) / f"pareto_{args.task}_{args.x}.png"
-    path = pareto_plot(df, args.task, x=args.x, out=out, source=args.source)
+    if args.kind == "conversion":
+        out = Path(args.out) if args.out else Path(store.root) / f"conversion_{args.task}.png"
+        path = conversion_plot(df, args.task, out=out, source=args.source)
+    else:
+        out = Path(args.out) if args.out else Path(store.root) / f"pareto_{args.task}_{args.x}.png"
+        path = pareto_plot(df, args.task, x=args.x, out=out, source=args.source)
     print(path)
     return 0
 
@@ -469,11 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_results)
 
     p = sub.add_parser("plot", help="draw plots from stored results", epilog=EXAMPLES["plot"], formatter_class=fmt)
-    p.add_argument("kind", choices=["pareto"])
+    p.add_argument("kind", choices=["pareto", "conversion"],
+                   help="pareto: accuracy vs cost; conversion: speed-up over full vs its GMAC ratio, per batch")
     p.add_argument("--task", required=True)
-    p.add_argument("--x", default="gmacs", choices=["gmacs", "latency_ms", "throughput"])
+    p.add_argument("--x", default="gmacs", choices=["gmacs", "latency_ms", "throughput", "speedup"],
+                   help="pareto's cost axis (speedup: over full, timed paired; higher is better)")
     p.add_argument("--source", choices=["real", "synthetic"], help="which source to plot if both exist")
-    p.add_argument("--out", help="PNG path (default results/pareto_<task>_<x>.png)")
+    p.add_argument("--out", help="PNG path (default results/pareto_<task>_<x>.png, results/conversion_<task>.png)")
     p.add_argument("--results", help="results folder")
     _common(p)
     p.set_defaults(fn=cmd_plot)

@@ -163,6 +163,13 @@ class MeasureConfig:
     """The measurement protocol; every field is stored in the row (``lwbench/measure/contract.py``)."""
 
     throughput_batch: int = option(32, "batch size of the throughput measurement", min=1)
+    paired: bool = option(True, "time the method against the run's `full` reference in one process, in randomised "
+                          "alternating blocks, and report the speed-up with its interval (lwbench/measure/paired.py); "
+                          "false: the method alone, no speed-up")
+    batches: tuple[int, ...] = option((), "further batch sizes whose paired speed-up is timed besides 1 and "
+                                      "throughput_batch (the timing_batches column), e.g. [8, 128]")
+    max_run_time: float = option(20.0, "seconds a paired timing may go on while its speed-up interval is wider than "
+                                 "1.25x (a busy machine buys more rounds)", min=0, min_exclusive=True)
     warmup: int = option(5, "untimed warm-up calls before timing", min=0)
     min_run_time: float = option(1.0, "seconds each timed measurement lasts at least", min=0, min_exclusive=True)
     min_runs: int = option(10, "timed measurements of latency (throughput: min(min_runs, 5))", min=1)

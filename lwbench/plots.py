@@ -1,4 +1,5 @@
-"""Pareto plots: accuracy against cost for every method on one task, the frontier highlighted.
+"""Pareto plots (accuracy against cost for every method on one task, the frontier highlighted) and conversion plots
+(each method's speed-up over `full`, timed paired, against its MAC reduction: how much of it becomes time).
 
 Figures are drawn on a bare ``matplotlib.figure.Figure`` with the Agg canvas instead of pyplot, so
 plotting never switches the caller's backend or needs a display. A plot shows one data source
@@ -19,7 +20,14 @@ import numpy as np
 
 from lwbench.errors import ConfigError, LwbenchError
 from lwbench.paths import temp_beside
-from lwbench.results import SOURCES, metric_label
+from lwbench.results import (
+    APPROXIMATE_MEM_KINDS,
+    REFERENCE_METHOD,
+    SOURCES,
+    WIDE_RATIO,
+    metric_label,
+    speedup_is_wide,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -29,11 +37,18 @@ X_AXES = {
     "gmacs": "GMACs (multiply-accumulates, log scale)",
     "latency_ms": "latency, batch 1 (ms, log scale)",
     "throughput": "throughput (img/s, log scale)",
+    "speedup": "speed-up over full, batch 1, timed paired (×, log scale)",
 }
-X_HIGHER_BETTER = {"gmacs": False, "latency_ms": False, "throughput": True}
+X_HIGHER_BETTER = {"gmacs": False, "latency_ms": False, "throughput": True, "speedup": True}
 # The spread of a timing axis: the rows store the interquartile range's width (p75 - p25), not its ends.
 X_IQR = {"latency_ms": "latency_iqr_ms", "throughput": "throughput_iqr"}
-MEM_KINDS = {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss_delta": "CPU: weights + peak RSS growth"}
+# The interval of a ratio axis: the rows store its ends.
+X_INTERVAL = {"speedup": ("speedup_ci_low", "speedup_ci_high")}
+# Axes whose values are timings (never averaged across devices, precisions or compile modes).
+TIMED_X = ("latency_ms", "throughput", "speedup")
+MEM_KINDS = {"cuda_allocated_growth": "CUDA: weights + allocated growth of one warm forward",
+             "cuda_max_allocated": "CUDA max allocated (rows before 2026-12-06)",
+             "cpu_peak_rss_delta": "CPU: weights + peak RSS growth, approximate (allocator-dependent)"}
 # The PNG ``Software`` tag of every plot lwbench writes: how ``lwbench report`` tells its own plots from a user's
 # file of the same name, which it must not replace.
 PNG_SOFTWARE = "lwbench pareto_plot"
@@ -118,10 +133,9 @@ def _one(values: Any) -> list[str]:
     return [str(v) for v in dict.fromkeys(values) if isinstance(v, str) and v]
 
 
-def _select(df: pd.DataFrame, task: str, x: str, source: str | None) -> tuple[pd.DataFrame, str]:
-    """Rows of one task and one source with a usable x and metric; the source actually plotted."""
-    if x not in X_AXES:
-        raise ConfigError(f"unknown x axis '{x}' for a Pareto plot; use one of {', '.join(X_AXES)}")
+def _task_source(df: pd.DataFrame, task: str, source: str | None) -> tuple[pd.DataFrame, str]:
+    """Rows of one task and one source (default: real if it has any), with a notice when the other source is left
+    out; the source actually plotted."""
     if df is None or df.empty or "task" not in df.columns:
         raise LwbenchError("no results to plot; run `lwbench run ...` first or check --results-dir")
     d = df[df["task"] == task]
@@ -138,16 +152,28 @@ def _select(df: pd.DataFrame, task: str, x: str, source: str | None) -> tuple[pd
         if len(present) > 1:
             _notice(f"task '{task}' has {' and '.join(present)} results; plotting only {source} "
                     f"(ask for the other with source=..., e.g. --source {present[1]}); sources are never mixed")
-    d = d[d["source"] == source]
+    return d[d["source"] == source], source
+
+
+def _select(df: pd.DataFrame, task: str, x: str, source: str | None) -> tuple[pd.DataFrame, str]:
+    """Rows of one task and one source with a usable x and metric; the source actually plotted."""
+    if x not in X_AXES:
+        raise ConfigError(f"unknown x axis '{x}' for a Pareto plot; use one of {', '.join(X_AXES)}")
+    d, source = _task_source(df, task, source)
     metrics = list(dict.fromkeys(d["metric"]))
     if len(metrics) > 1:
         _notice(f"task '{task}' rows report several metrics {metrics}; plotting {metrics[0]}")
         d = d[d["metric"] == metrics[0]]
     xv = d[x].astype(float) if x in d.columns else np.full(len(d), np.nan)
+    if x == "speedup" and np.isfinite(xv).any():  # the reference is 1x itself, by definition
+        d = d.copy()
+        xv = xv.where(np.isfinite(xv) | (d["method"] != REFERENCE_METHOD), 1.0)
+        d[x] = xv
     ok = np.isfinite(xv) & (xv > 0) & np.isfinite(d["metric_value"].astype(float))
     if not ok.all():
         gone = d.loc[~ok, ["method", "budget"]].astype(str).agg(" ".join, axis=1)
-        _notice(f"{len(gone)} {source} row(s) of '{task}' have no {x} (not measured?) and are left out: "
+        why = "timed before paired timing?" if x == "speedup" else "not measured?"
+        _notice(f"{len(gone)} {source} row(s) of '{task}' have no {x} ({why}) and are left out: "
                 f"{', '.join(sorted(set(gone))[:6])}{' ...' if len(set(gone)) > 6 else ''}")
     d = d[ok]
     if d.empty:
@@ -178,8 +204,9 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
     Lines are methods, split by backbone/profile/size if those are mixed. Different configs at one budget of a
     line (different ``replicate_id``) stay separate points, with one notice naming them. Columns: ``line``,
     ``budget``, ``method``, ``x``, ``y`` (means), ``ylo``/``yhi`` (mean ± std over the seeds, else the 95%
-    interval), ``xiqr`` (mean interquartile range of a timing x, NaN for GMACs), ``mem``, ``bv``, ``n`` (rows) and
-    ``nseeds`` (distinct seeds; rows without a seed count one each).
+    interval), ``xiqr`` (mean interquartile range of a timing x, NaN for GMACs), ``xlo``/``xhi`` (mean interval
+    ends of a ratio x, NaN otherwise), ``mem``, ``bv``, ``n`` (rows) and ``nseeds`` (distinct seeds; rows without
+    a seed count one each).
     """
     import pandas as pd
 
@@ -187,7 +214,7 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
     label = d["method"].astype(str)
     # Timings taken compiled and eager, in another precision or on another device are different measurements:
     # on a timing axis they are never averaged or joined into one line, each is its own line, named.
-    timing = TIMING_MODE if x in ("latency_ms", "throughput") else ()
+    timing = TIMING_MODE if x in TIMED_X else ()
     for col in ("backbone", "profile", "img_size", *timing):
         if col in d.columns and d[col].astype(str).nunique() > 1:
             label = label + " · " + (f"{col} " if col in timing else "") + d[col].astype(str)
@@ -206,10 +233,13 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
         d["_" + col] = d[col].astype(float) if col in d.columns else np.nan
     iqr = X_IQR.get(x)
     d["_xiqr"] = d[iqr].astype(float) if iqr in d.columns else np.nan
+    for end, col in zip(("_xlo", "_xhi"), X_INTERVAL.get(x, ("", "")), strict=True):
+        d[end] = d[col].astype(float) if col in d.columns else np.nan
     g = d.groupby(["_line", "_budget", "_rep"], sort=False, dropna=False)
     agg = pd.DataFrame({
         "method": g["method"].first(), "x": g["_x"].mean(), "y": g["_y"].mean(), "ystd": g["_y"].std(ddof=1),
         "cilo": g["_metric_ci_low"].mean(), "cihi": g["_metric_ci_high"].mean(), "xiqr": g["_xiqr"].mean(),
+        "xlo": g["_xlo"].mean(), "xhi": g["_xhi"].mean(),
         "mem": g["_mem"].mean(), "bv": g["_bv"].first(), "n": g.size(), "nseeds": g["_seed"].nunique(),
     }).reset_index().rename(columns={"_line": "line", "_budget": "budget", "_rep": "replicate"})
     # The error bar of a point: mean ± std over its seeds when it has several, else its bootstrap interval over
@@ -270,13 +300,7 @@ def _title(d: pd.DataFrame, task: str, source: str, x: str, nseeds: Any = ()) ->
     profiles = _one(d.get("profile", []))
     if len(profiles) == 1:
         bits.append(f"profile {profiles[0]}")
-    devices = []
-    for _, r in d.drop_duplicates([c for c in ("device", "device_name") if c in d.columns]).iterrows():
-        name = r.get("device_name") if isinstance(r.get("device_name"), str) and r.get("device_name") else None
-        dev = r.get("device") if isinstance(r.get("device"), str) else None
-        text = f"{dev}: {name}" if dev and name else (name or dev)
-        if text and text not in devices:
-            devices.append(text)
+    devices = _devices(d)
     if devices:
         bits.append(" / ".join(devices))
         if len(devices) > 1 and x != "gmacs":
@@ -289,6 +313,22 @@ def _title(d: pd.DataFrame, task: str, source: str, x: str, nseeds: Any = ()) ->
         bits.append(note)
     effort = _effort_note(d)
     return head, " · ".join(bits) + (f"\n{effort}" if effort else "")
+
+
+def _devices(d: pd.DataFrame) -> list[str]:
+    """The distinct devices of the rows, ``cpu: <CPU model>`` / ``cuda: <GPU name>``."""
+    devices: list[str] = []
+    for _, r in d.drop_duplicates([c for c in ("device", "device_name") if c in d.columns]).iterrows():
+        text = _device(r)
+        if text and text not in devices:
+            devices.append(text)
+    return devices
+
+
+def _device(r: Any) -> str:
+    name = r.get("device_name") if isinstance(r.get("device_name"), str) and r.get("device_name") else None
+    dev = r.get("device") if isinstance(r.get("device"), str) else None
+    return (f"{dev}: {name}" if dev and name else (name or dev)) or ""
 
 
 def _effort_note(d: pd.DataFrame) -> str:
@@ -477,7 +517,12 @@ def pareto_plot(df: pd.DataFrame, task: str, x: str = "gmacs", out: str | os.Pat
     svg); default ``pareto_<task>_<x>.png``. The file is replaced atomically.
     """
     fig = pareto_figure(df, task, x=x, source=source)
-    out = Path(out) if out is not None else Path(f"pareto_{task}_{x}.png")
+    return save_figure(fig, Path(out) if out is not None else Path(f"pareto_{task}_{x}.png"), dpi)
+
+
+def save_figure(fig: Figure, out: Path, dpi: int = 150) -> Path:
+    """Write ``fig`` to ``out`` atomically (a temp file beside it, then ``os.replace``), in the format of ``out``'s
+    suffix; a PNG carries the :data:`PNG_SOFTWARE` tag, by which ``lwbench report`` knows its own files."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fmt = out.suffix.lstrip(".").lower() or "png"
     tmp = temp_beside(out.parent, out.stem, suffix=f".{fmt}.tmp")
@@ -521,7 +566,9 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
     Marker area encodes peak memory (a size legend in MB on the right); markers are labelled with their budget.
     Vertical bars: the 95% bootstrap interval, or ± std over seeds where rows that differ only in their seed
     (one ``replicate_id``) are averaged into one point; different configs at one budget stay separate points, with
-    a notice. Horizontal bars on a timing axis: the rows' interquartile range (its width, centred on the median).
+    a notice. Horizontal bars on a timing axis: the rows' interquartile range (its width, centred on the median);
+    on the ``speedup`` axis (the paired speed-up over ``full``, higher is better, ``full`` itself at 1 unless it has
+    its own self-paired figure) the speed-up's 95% interval, and the title counts rows whose interval is wide.
     Horizontal reference lines: ``full``'s accuracy per regime and chance (``chance`` %, default ``k /
     num_classes`` of the task for top-k metrics), labelled in the right margin. With both sources in ``df`` only
     ``source`` (default: the real one) is drawn, with a notice; the title says SYNTHETIC for synthetic data.
@@ -560,7 +607,7 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
 
     lines = list(dict.fromkeys(agg["line"]))
     variants: dict[tuple[str, bool], int] = {}
-    iqr_note = False
+    iqr_note = interval_note = False
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
         fig = Figure(figsize=(9.6, 6.0), layout="constrained")
         FigureCanvasAgg(fig)
@@ -605,6 +652,17 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
                 xs_lo.extend(timed["x"] - left)
                 xs_hi.extend(timed["x"] + half)
                 iqr_note = True
+            ranged = pts[np.isfinite(pts["xlo"]) & np.isfinite(pts["xhi"]) & (pts["xlo"] > 0)]
+            if len(ranged):  # a ratio's 95% interval (the speed-up's, over paired timing rounds): its own ends
+                bars = ax.errorbar(ranged["x"], ranged["y"], xerr=[np.maximum(ranged["x"] - ranged["xlo"], 0),
+                                                                   np.maximum(ranged["xhi"] - ranged["x"], 0)],
+                                   fmt="none", ecolor=color, elinewidth=1.0, capsize=2.5, capthick=1.0, alpha=0.6,
+                                   zorder=2.4)
+                for c in bars.lines[2]:
+                    c.set_gid(f"{x}_interval")
+                xs_lo.extend(ranged["xlo"])
+                xs_hi.extend(ranged["xhi"])
+                interval_note = True
             face = "white" if off else color
             ax.scatter(pts["x"], pts["y"], s=pts["area"], c=[face], marker=marker,
                        edgecolors=[color if off else "white"], linewidths=1.7 if off else 0.9, zorder=3,
@@ -675,6 +733,12 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
         head, sub = _title(d, task, source, x, agg["nseeds"])
         if iqr_note:
             sub += f" · horizontal bars: {x.split('_')[0]} IQR (p75−p25, centred on the median)"
+        if interval_note:
+            sub += " · horizontal bars: the speed-up's 95% interval over paired timing rounds"
+            wide = sum(bool(speedup_is_wide(r)) for _, r in d.iterrows())
+            if wide:
+                sub += (f" · {wide} row(s) with a wide speed-up interval (high/low > {WIDE_RATIO:g}: the machine was "
+                        f"too busy to time them)")
         # A figure title (not an axes title) so constrained layout keeps it clear of the legends; wrapped to fit.
         _fit_suptitle(fig, f"{head}\n{sub}" if sub else head, x=0.01, ha="left", fontsize=10.5,
                       color="firebrick" if source == "synthetic" else "black")
@@ -685,8 +749,9 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
                     title_fontsize=8.5, columnspacing=1.6)
         if has_mem:  # marker area = peak memory; the size legend decodes it
             values = [mlo] if mhi - mlo <= 1e-9 * max(abs(mhi), 1.0) else list(np.linspace(mlo, mhi, 3))
+            approx = "~" if set(_one(d.get("mem_kind", []))) <= APPROXIMATE_MEM_KINDS and mem_kinds else ""
             sizes = [Line2D([], [], ls="none", marker="o", markersize=float(np.sqrt(area(v))), markerfacecolor="0.65",
-                            markeredgecolor="0.35", label=f"{v:.3g} MB") for v in values]
+                            markeredgecolor="0.35", label=f"{approx}{v:.3g} MB") for v in values]
             if not np.isfinite(mem).all():
                 sizes.append(Line2D([], [], ls="none", marker="o", markersize=float(np.sqrt(_DEFAULT_AREA)),
                                     markerfacecolor="none", markeredgecolor="0.35", label="not measured"))
@@ -699,3 +764,291 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
         _spread_apart(fig, ax, notes)
 
     return fig
+
+
+# -- conversion: how much of a MAC saving becomes time ---------------------------------------------------------------
+
+# Lines of constant conversion (speed-up / GMAC ratio) drawn on a conversion plot; 1 is the diagonal.
+CONVERSION_LINES = (1.0, 0.5, 0.25)
+
+
+def _number(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def _timing_mode(r: Any) -> str:
+    """How a row was timed, for a panel title: its dtype, with autocast and torch.compile when used."""
+    bits = [str(r.get("dtype")) if isinstance(r.get("dtype"), str) and r.get("dtype") else "dtype ?"]
+    for col, name in (("autocast", "autocast"), ("compile", "compiled")):
+        v = r.get(col)
+        if isinstance(v, str) and v and v != "none":
+            bits.append(f"{name} {v}")
+    return ", ".join(bits)
+
+
+def _threads(r: Any) -> str:
+    t = r.get("threads")
+    try:
+        t = int(t)
+    except (TypeError, ValueError):
+        return ""
+    return f"{t} thread{'s' if t != 1 else ''}"
+
+
+def _batch_entries(r: Any) -> list[dict[str, Any]]:
+    """The speed-ups of one row, one per batch size: batch 1 (``speedup``), the throughput batch
+    (``throughput_speedup``) and every other batch of ``timing_batches`` with a speed-up (not those that ran out of
+    memory). Each: ``batch``, ``kind`` (latency / throughput / batch), ``speedup``, ``lo``, ``hi``, ``wide``."""
+    import json
+
+    out: list[dict[str, Any]] = []
+
+    def add(batch: int, kind: str, rec: dict[str, Any], prefix: str = "") -> None:
+        v = rec.get(f"{prefix}speedup")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v > 0):
+            return
+        if any(e["batch"] == batch for e in out):
+            return
+        lo, hi = rec.get(f"{prefix}speedup_ci_low"), rec.get(f"{prefix}speedup_ci_high")
+        lo = float(lo) if isinstance(lo, (int, float)) and math.isfinite(lo) else math.nan
+        hi = float(hi) if isinstance(hi, (int, float)) and math.isfinite(hi) else math.nan
+        out.append({"batch": batch, "kind": kind, "speedup": float(v), "lo": lo, "hi": hi,
+                    "wide": bool(speedup_is_wide(rec, prefix))})
+
+    add(1, "latency", r)
+    tb = r.get("throughput_batch")
+    if isinstance(tb, (int, float)) and not isinstance(tb, bool) and math.isfinite(tb):
+        add(int(tb), "throughput", r, "throughput_")
+    raw = r.get("timing_batches")
+    if isinstance(raw, str) and raw:
+        try:
+            batches = json.loads(raw)
+        except ValueError:
+            batches = {}
+        for key, e in (batches.items() if isinstance(batches, dict) else ()):
+            if isinstance(e, dict) and str(key).isdigit():
+                add(int(key), "batch", {"speedup": e.get("speedup"), "speedup_ci_low": e.get("ci_low"),
+                                        "speedup_ci_high": e.get("ci_high"), "speedup_reliable": e.get("reliable")})
+    return out
+
+
+def conversion_points(df: pd.DataFrame, task: str, source: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                                      str, int]:
+    """The points of the conversion plot of ``task``: ``(points, rows, source, left_out)``.
+
+    ``points`` has one row per (replicate group, batch size): rows that differ only in their seed are averaged
+    (their ``wide`` is true if any seed's interval is). Columns: ``method``, ``line`` (the method, ``(off the
+    shelf)`` appended for that regime), ``budget``, ``bv``, ``gmac_ratio``, ``batch``, ``kind``, ``speedup``,
+    ``lo``, ``hi``, ``wide``, ``device``, ``mode`` and ``panel`` (device, timing mode, batch). ``rows`` are the rows
+    of the task and source; ``left_out`` counts the non-reference rows without a paired speed-up or a GMAC ratio
+    (older rows, timed one model per process), which are not drawn.
+    """
+    import pandas as pd
+
+    d, source = _task_source(df, task, source)
+    keys = _replicate_keys(d)
+    recs, left_out = [], 0
+    for (_, r), rep in zip(d.iterrows(), keys, strict=True):
+        if r.get("method") == REFERENCE_METHOD:
+            continue  # the reference is (1, 1) by definition
+        g = r.get("gmac_ratio")
+        entries = _batch_entries(r) if isinstance(g, (int, float)) and math.isfinite(g) and g > 0 else []
+        if not entries:
+            left_out += 1
+            continue
+        line = str(r["method"]) + (f" {OFF_THE_SHELF}" if r.get("regime") == "off_the_shelf" else "")
+        device = ", ".join(b for b in (_device(r), _threads(r)) if b)
+        for e in entries:
+            recs.append({"rep": rep, "method": str(r["method"]), "line": line, "budget": str(r.get("budget", "-")),
+                         "bv": _number(r.get("budget_value")),
+                         "gmac_ratio": float(g), "device": device, "mode": _timing_mode(r), **e})
+    cols = ["method", "line", "budget", "bv", "gmac_ratio", "batch", "kind", "speedup", "lo", "hi", "wide", "device",
+            "mode"]
+    if not recs:
+        return pd.DataFrame(columns=[*cols, "panel"]), d, source, left_out
+    p = pd.DataFrame(recs)
+    g = p.groupby(["rep", "line", "device", "mode", "batch"], sort=False, dropna=False)
+    p = g.agg(method=("method", "first"), budget=("budget", "first"), bv=("bv", "first"),
+              gmac_ratio=("gmac_ratio", "mean"), kind=("kind", "first"), speedup=("speedup", "mean"),
+              lo=("lo", "mean"), hi=("hi", "mean"), wide=("wide", "any")).reset_index()
+    p["panel"] = list(zip(p["device"], p["mode"], p["batch"], strict=True))
+    return p[[*cols, "panel"]], d, source, left_out
+
+
+def _conversion_title(d: pd.DataFrame, task: str, source: str, pts: pd.DataFrame, left_out: int,
+                      devices: list[str], modes: list[str]) -> str:
+    head = (f"{task} · {'SYNTHETIC data' if source == 'synthetic' else f'{source} data'} · "
+            f"speed-up over {REFERENCE_METHOD} vs its MAC reduction (conversion)")
+    bits = []
+    backbones, sizes = _one(d.get("backbone", [])), _one(d.get("img_size", []))
+    if backbones:
+        bits.append(", ".join(backbones) + (f" @ {sizes[0]}" if len(sizes) == 1 else ""))
+    profiles = _one(d.get("profile", []))
+    if len(profiles) == 1:
+        bits.append(f"profile {profiles[0]}")
+    if len(devices) == 1:
+        bits.append(devices[0])
+    if len(modes) == 1:
+        bits.append(modes[0])
+    bits.append("bars: 95% bootstrap interval over paired timing rounds")
+    wide = int(pts["wide"].sum())
+    if wide:
+        bits.append(f"hollow, faded: {wide} point(s) whose interval is wide (high/low > {WIDE_RATIO:g}: the machine "
+                    f"was too busy to time them)")
+    if left_out:
+        bits.append(f"{left_out} row(s) without a paired speed-up (older protocol) left out")
+    return head + "\n" + " · ".join(bits)
+
+
+def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None) -> Figure:
+    """How much of each method's MAC saving becomes time on ``task`` (an Agg-backed ``Figure``, no pyplot state).
+
+    x: ``gmac_ratio`` (how many times fewer MACs than ``full``), y: the speed-up over ``full`` timed paired, with
+    its 95% interval as a vertical bar; both axes log-scaled over the same range, so the diagonal (speed-up = GMAC
+    ratio, conversion 1: all of the saving became time) runs at 45°, with fainter lines for conversion 0.5 and
+    0.25. One panel per (device, timing mode, batch size): batch 1 from ``speedup``, the throughput batch from
+    ``throughput_speedup``, more from ``timing_batches``. Every method in its own colour and marker
+    (:func:`method_style`, as on the Pareto plots), joined by a thin line over its budgets (dashed off the shelf);
+    points whose interval is wide (the machine was too busy) hollow and faded; ``full`` at (1, 1). Rows without
+    a paired speed-up are left out with one notice saying how many.
+    """
+    import seaborn as sns
+    from matplotlib import patheffects
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    pts, d, source, left_out = conversion_points(df, task, source)
+    if left_out:
+        _notice(f"{left_out} {source} row(s) of '{task}' have no paired speed-up (timed one model per process, "
+                f"before paired timing) and are left out of the conversion plot")
+    if pts.empty:
+        raise LwbenchError(f"no {source} results for task '{task}' have a paired speed-up to plot; rerun them "
+                           f"(lwbench run ... --force) to time them against {REFERENCE_METHOD}")
+    # A grid: one row per (device, timing mode), one column per batch size.
+    panels = sorted(dict.fromkeys(pts["panel"]), key=lambda k: (k[0], k[1], k[2]))
+    groups = list(dict.fromkeys((dev, mode) for dev, mode, _ in panels))
+    columns = sorted({b for _, _, b in panels})
+    devices, modes = list(dict.fromkeys(pts["device"])), list(dict.fromkeys(pts["mode"]))
+
+    vals = np.concatenate([pts["gmac_ratio"], pts["speedup"], pts["lo"], pts["hi"], [1.0]]).astype(float)
+    vals = vals[np.isfinite(vals) & (vals > 0)]
+    ticks, lim = log_ticks(float(vals.min()), float(vals.max()))
+    lim = (lim[0] / 1.06, lim[1] * 1.06)  # room for the reference's marker at (1, 1) in the corner
+    full_color, full_marker = method_style(REFERENCE_METHOD)
+    halo = [patheffects.withStroke(linewidth=2.5, foreground="white")]
+    nrows, ncols = len(groups), len(columns)
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.9):
+        fig = Figure(figsize=(max(7.5, 4.6 * ncols + 0.8), 4.6 * nrows + 2.4), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+        handles: dict[str, Any] = {}
+        for panel in panels:
+            row, col = groups.index(panel[:2]), columns.index(panel[2])
+            ax = axes[row][col]
+            ax.set_gid(f"panel:batch {panel[2]}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(*lim)
+            ax.set_ylim(*lim)
+            ax.set_aspect("equal", adjustable="box")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(FixedLocator(ticks))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_locator(NullLocator())
+                axis.set_minor_formatter(NullFormatter())
+            grid = np.array(lim)
+            for c in CONVERSION_LINES:  # lines of constant conversion: y = c * x
+                main = c == 1.0
+                ax.plot(grid, c * grid, color="0.25" if main else "0.55", lw=1.4 if main else 0.9,
+                        ls="-" if main else "--", alpha=0.9 if main else 0.6, zorder=1, gid=f"conversion_{c:g}")
+                xa = min(lim[1] / 1.5, lim[1] / c / 1.5)  # near the line's upper end inside the axes
+                ax.annotate("conversion 1: speed-up = GMAC ratio" if main else f"conversion {c:g}", (xa, c * xa),
+                            rotation=45, rotation_mode="anchor", ha="right", va="bottom", fontsize=7.5,
+                            color="0.25" if main else "0.5", xytext=(0, 2), textcoords="offset points",
+                            gid=f"conversion_label_{c:g}", path_effects=halo, transform_rotates_text=True)
+            ax.axhline(1.0, color="0.5", lw=0.8, ls=":", zorder=1, gid="no_speedup")
+            ax.scatter([1.0], [1.0], s=180, c=[full_color], marker=full_marker, edgecolors="white", linewidths=0.9,
+                       zorder=4, gid="reference")
+            handles.setdefault(REFERENCE_METHOD, Line2D([], [], ls="none", marker=full_marker, markersize=11,
+                                                        markerfacecolor=full_color, markeredgecolor="white",
+                                                        label=f"{REFERENCE_METHOD} (the reference, at 1, 1)"))
+            here = pts[pts["panel"] == panel]
+            labels, paths = [], []
+            for line in dict.fromkeys(here["line"]):
+                lp = here[here["line"] == line].sort_values(["gmac_ratio", "bv"])
+                method = str(lp["method"].iloc[0])
+                color, marker = method_style(method)
+                off = line.endswith(OFF_THE_SHELF)
+                ax.plot(lp["gmac_ratio"], lp["speedup"], color=color, lw=1.0, alpha=0.5, ls="--" if off else "-",
+                        zorder=2)
+                paths.append(lp[["gmac_ratio", "speedup"]].to_numpy())
+                bar = lp[np.isfinite(lp["lo"]) & np.isfinite(lp["hi"])]
+                if len(bar):
+                    eb = ax.errorbar(bar["gmac_ratio"], bar["speedup"],
+                                     yerr=[np.maximum(bar["speedup"] - bar["lo"], 0),
+                                           np.maximum(bar["hi"] - bar["speedup"], 0)],
+                                     fmt="none", ecolor=color, elinewidth=1.2, capsize=3, capthick=1.2, alpha=0.8,
+                                     zorder=2.5)
+                    for c in eb.lines[2]:
+                        c.set_gid("speedup_interval")
+                    paths.extend(np.array([[r.gmac_ratio, r.lo], [r.gmac_ratio, r.hi]]) for r in bar.itertuples())
+                ok, wide = lp[~lp["wide"]], lp[lp["wide"]]
+                if len(ok):
+                    ax.scatter(ok["gmac_ratio"], ok["speedup"], s=70, c=[color], marker=marker, edgecolors="white",
+                               linewidths=0.8, zorder=3, gid=f"points:{line}")
+                if len(wide):
+                    ax.scatter(wide["gmac_ratio"], wide["speedup"], s=70, facecolors="white", marker=marker,
+                               edgecolors=[color], linewidths=1.4, alpha=0.55, zorder=3, gid=f"wide:{line}")
+                keys = {b.partition("=")[0] for b in lp["budget"] if "=" in b}
+                key = keys.pop() if len(keys) == 1 else None
+                for r in lp.itertuples():
+                    if r.budget in ("-", "", "nan"):
+                        continue
+                    text = r.budget.partition("=")[2] if key else r.budget
+                    labels.append(ax.annotate(text, (r.gmac_ratio, r.speedup), xytext=(7, 6),
+                                              textcoords="offset points", fontsize=7.5, color=color, zorder=5,
+                                              path_effects=halo))
+                handles.setdefault(line, Line2D([], [], color=color, marker=marker, lw=1.0, markersize=8,
+                                                ls="--" if off else "-", markerfacecolor=color,
+                                                markeredgecolor="white", label=f"{line} ({key})" if key else line))
+            kind = str(here["kind"].iloc[0])
+            what = {"latency": "latency", "throughput": "throughput batch"}.get(kind, "")
+            ax.set_title(f"batch {panel[2]}" + (f" ({what})" if what else ""), fontsize=9.5)
+            if row == max(groups.index(q[:2]) for q in panels if q[2] == panel[2]):  # the column's lowest panel
+                ax.set_xlabel(f"GMAC ratio: × fewer MACs than {REFERENCE_METHOD} (log)")
+            if col == min(columns.index(q[2]) for q in panels if q[:2] == panel[:2]):  # the row's first panel
+                # several devices or timing modes: each row of panels names its own
+                group = f"{panel[0]} · {panel[1]}\n" if len(groups) > 1 else ""
+                ax.set_ylabel(f"{group}speed-up over {REFERENCE_METHOD} (×, log)")
+                ax.tick_params(labelleft=True)
+            ax.tick_params(labelbottom=True)
+            if labels:
+                _place_labels(fig, ax, labels, here[["gmac_ratio", "speedup"]].to_numpy(), paths)
+        for row, group in enumerate(groups):  # a batch not timed on this device / in this mode: no panel
+            for col, b in enumerate(columns):
+                if (*group, b) not in panels:
+                    axes[row][col].set_visible(False)
+
+        legend = [*handles.values()]
+        if bool(pts["wide"].any()):
+            legend.append(Line2D([], [], ls="none", marker="o", markersize=8, markerfacecolor="white",
+                                 markeredgecolor="0.3", markeredgewidth=1.4, alpha=0.55,
+                                 label=f"hollow, faded: interval wide (> {WIDE_RATIO:g}x), machine too busy"))
+        legend.append(Line2D([], [], color="0.25", lw=1.4, label="conversion 1 (speed-up = GMAC ratio)"))
+        legend.append(Line2D([], [], color="0.55", lw=0.9, ls="--", alpha=0.6,
+                             label="conversion " + ", ".join(f"{c:g}" for c in CONVERSION_LINES if c != 1.0)))
+        _fit_suptitle(fig, _conversion_title(d, task, source, pts, left_out, devices, modes), x=0.01, ha="left",
+                      fontsize=10.5, color="firebrick" if source == "synthetic" else "black")
+        _fit_legend(fig, legend, min(len(legend), 3), frameon=False, fontsize=8.5, title="method (budget key)",
+                    title_fontsize=8.5, columnspacing=1.6)
+    return fig
+
+
+def conversion_plot(df: pd.DataFrame, task: str, out: str | os.PathLike[str] | None = None,
+                    source: str | None = None, dpi: int = 150) -> Path:
+    """The conversion plot of ``task`` (:func:`conversion_figure`) written to ``out`` (default
+    ``conversion_<task>.png``), atomically; returns the path."""
+    fig = conversion_figure(df, task, source=source)
+    return save_figure(fig, Path(out) if out is not None else Path(f"conversion_{task}.png"), dpi)

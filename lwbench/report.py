@@ -7,7 +7,9 @@ It writes, from the rows alone (nothing is re-run):
   the results table with 95% intervals in both regimes, and each method's **paired** difference to ``full``
   in the same regime, seed and teacher (a paired bootstrap over the same test images, so "within X points"
   is a statement with a confidence level);
-* ``pareto_gmacs.png`` and ``pareto_latency_ms.png`` (error bars, tied points marked).
+* ``pareto_gmacs.png`` and ``pareto_latency_ms.png`` (error bars, tied points marked);
+* ``conversion.png`` when rows were timed paired against ``full``: each method's speed-up against its GMAC ratio,
+  one panel per batch size (:func:`lwbench.plots.conversion_plot`).
 
 Re-running a report into the same folder is the normal way to regenerate it (``benchmarks/reference/`` is made
 so), so the report replaces its own earlier files; a file of those names that it did not write is refused
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,9 +28,9 @@ from typing import Any
 from lwbench.errors import ConfigError
 from lwbench.paths import write_text_atomic
 from lwbench.plots import PNG_SOFTWARE
-from lwbench.results import ResultError, ResultStore, format_results, rows_to_frame
+from lwbench.results import REFERENCE_METHOD, ResultError, ResultStore, format_results, rows_to_frame
 
-REFERENCE = "full"
+REFERENCE = REFERENCE_METHOD
 _TABLE_HEADING = re.compile(r"# \S+: the reference comparison\s*$")
 
 
@@ -65,12 +68,24 @@ def provenance(rows: list[dict[str, Any]]) -> str:
         return ", ".join(vals)
 
     busy = [f"{r['method']} {r['budget']} ({r.get('regime', '-')})" for r in rows if r.get("machine_busy")]
+    timed = [r for r in rows if r["method"] != REFERENCE]
+    paired = sum(r.get("timing_protocol") == "paired" for r in timed)
+    if timed and paired == len(timed):
+        how = (f"each row timed paired with `{REFERENCE}` in one process (alternating blocks on the same images; "
+               f"speed-up with a 95% bootstrap interval over the rounds)")
+    elif paired:
+        how = (f"{paired} row(s) timed paired with `{REFERENCE}` in one process (with a speed-up), "
+               f"{len(timed) - paired} alone in a fresh process (older protocol: absolute times only)")
+    else:
+        how = "each point alone in a fresh process (older protocol: absolute times only, no speed-up)"
+    kernels = sorted({str(r.get("attention_kernel")) for r in rows if r.get("attention_kernel")})
     lines = [
         f"- machine: {one('device')} {one('device_name')}, {one('cpu_count')} logical CPUs; "
         f"torch {one('torch_version')}, timm {one('timm_version')}",
         f"- timing: {one('threads')} thread(s), dtype {one('dtype')}, autocast {one('autocast')}, "
-        f"torch.compile {one('compile')}, attention {one('attention_backend')}, "
-        f"batch 1 latency and batch {one('throughput_batch')} throughput, each point alone in a fresh process",
+        f"torch.compile {one('compile')}, attention {one('attention_backend')}"
+        + (f" (kernels that ran: {', '.join(kernels)})" if kernels else "")
+        + f", batch 1 latency and batch {one('throughput_batch')} throughput, {how}",
         f"- lwbench commit(s): {one('git_sha')} (uncommitted changes: {one('git_dirty')})",
         f"- teacher(s): {one('teacher_id')}, {one('teacher_steps')} steps; fine-tuning recipe(s): "
         f"{one('finetune_recipe')}",
@@ -112,8 +127,8 @@ def _written_by_report(path: Path, table_is_ours: bool) -> bool:
         return bool(_TABLE_HEADING.match(head.split(b"\n", 1)[0].decode("utf-8", "replace")))
     if path.name == "rows.csv":
         return head.startswith(b"run_id,config_hash,")
-    if path.suffix == ".png":
-        return b"Software\x00" + PNG_SOFTWARE.encode() in head or table_is_ours
+    if path.suffix == ".png":  # untagged: only Pareto plots, from before the tag (conversion.png came with it)
+        return b"Software\x00" + PNG_SOFTWARE.encode() in head or (table_is_ours and path.name.startswith("pareto_"))
     return False
 
 
@@ -135,7 +150,7 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
     Files of an earlier report there are replaced; any other file of the same name is refused with a
     :class:`ConfigError` before anything is written, unless ``overwrite``.
     """
-    from lwbench.plots import pareto_plot
+    from lwbench.plots import conversion_plot, conversion_points, pareto_plot
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -145,7 +160,10 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
         raise ResultError(f"no results for task '{task}' in {store.root}; run lwbench sweep first")
     df = rows_to_frame(rows)
     plots = [x for x in ("gmacs", "latency_ms") if df[x].notna().any()]
-    names = ["rows.csv", "table.md", *(f"pareto_{x}.png" for x in plots)]
+    with warnings.catch_warnings():  # which source is drawn is said once, by the plot itself
+        warnings.simplefilter("ignore")
+        speedups = not conversion_points(df, task)[0].empty
+    names = ["rows.csv", "table.md", *(f"pareto_{x}.png" for x in plots), *(["conversion.png"] if speedups else [])]
     folders = [out / n for n in names if (out / n).is_dir()]
     if folders:
         raise ConfigError(f"--out {out}: {folders[0]} is a folder, where the report writes a file; "
@@ -179,6 +197,8 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
     written.append(md)
     for x in plots:
         written.append(pareto_plot(df, task, x=x, out=out / f"pareto_{x}.png"))
+    if speedups:
+        written.append(conversion_plot(df, task, out=out / "conversion.png"))
     return written
 
 

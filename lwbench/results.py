@@ -115,7 +115,8 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
                                 "(attention written as matmuls), '+'-joined when several, 'none' when no attention"),
     ("reference_attention_kernel", "str", "the same for the reference"),
     ("peak_mem_mb", "float", "peak memory of inference (MiB, weights included), see mem_kind"),
-    ("mem_kind", "str", "'cuda_max_allocated' or 'cpu_peak_rss_delta'"),
+    ("mem_kind", "str", "'cuda_allocated_growth' ('cuda_max_allocated' in rows before 2026-12-06) or "
+                                 "'cpu_peak_rss_delta'"),
     ("memory_exact", "bool", "the peak belongs to this forward alone (peak counters reset / fresh process)"),
     ("measure_isolated", "bool", "timed and measured in a fresh subprocess"),
     ("isolation_error", "str", "why the subprocess measurement fell back to this process (empty: it did not)"),
@@ -143,6 +144,10 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
                        "'max-autotune'; accuracy and MACs are always eager"),
     ("compile_time_s", "float", "seconds torch.compile took before timing (NaN when eager)"),
     ("attention_backend", "str", "fused-attention kernel available (SDPA flash/mem-efficient/math)"),
+    ("float32_matmul_precision", "str", "torch.get_float32_matmul_precision(): 'highest' (PyTorch's default, no TF32), "
+                                        "'high' or 'medium'; lwbench leaves it as the user set it"),
+    ("allow_tf32", "bool", "torch.backends.cuda.matmul.allow_tf32: float32 CUDA matmuls may use TF32"),
+    ("cudnn_benchmark", "bool", "torch.backends.cudnn.benchmark: cuDNN autotunes convolution algorithms"),
     ("torch_version", "str", "torch.__version__"),
     ("timm_version", "str", "timm.__version__"),
     ("cuda_version", "str", "torch.version.cuda on CUDA, else null"),
@@ -533,23 +538,41 @@ def sort_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(keys, kind="stable", na_position="last").reset_index(drop=True)
 
 
-# Compact columns of table/md output: (column, header, decimals). The metric column's header is per group.
+# Compact columns of table/md output: (column, header, decimals), in this order. The metric column's header is per
+# group; ``{tb}`` is the block's throughput batch. The speed-up columns lead the timing (a ratio to `full` timed paired
+# in one process reproduces on a shared machine, an absolute time does not) and appear only in blocks that have them;
+# the absolute medians follow. The task is the block's heading, not a column.
 _COMPACT: tuple[tuple[str, str, int], ...] = (
     ("method", "method", -1),
     ("budget", "budget", -1),
     ("regime", "regime", -1),
-    ("task", "task", -1),
     ("source", "source", -1),
     ("metric_value", "", 2),
     ("finetune_steps", "ft steps", 0),
     ("object_recall", "object recall", 2),
     ("gmacs", "GMACs (MACs)", 3),
-    ("latency_ms", "latency bs1 (ms) [IQR]", 2),
-    ("throughput", "throughput (img/s)", 1),
+    ("speedup", "speed-up bs1 [95% CI]", 2),
+    ("conversion", "conv bs1", 2),
+    ("throughput_speedup", "speed-up {tb} [95% CI]", 2),
+    ("throughput_conversion", "conv {tb}", 2),
+    ("attention_kernel", "attn", -1),
+    ("latency_ms", "ms bs1 [IQR]", 2),
+    ("throughput", "img/s{tb}", 1),
     ("peak_mem_mb", "peak mem (MB)", 1),
     ("tokens_mean", "tokens", 1),
     ("method_train_time_s", "method train (s)", 1),
 )
+# Columns shown only in a block where some row has a value: (column, the column that decides).
+_ONLY_IF_ANY = {"speedup": "speedup", "conversion": "speedup", "throughput_speedup": "throughput_speedup",
+                "throughput_conversion": "throughput_speedup", "attention_kernel": "attention_kernel"}
+# A speed-up interval whose high end is more than this many times its low end is too wide to read. The row's
+# ``speedup_reliable`` says so; this is the same rule (lwbench.measure.paired.RELIABLE_RATIO, kept equal by a test)
+# for rows or frames that lack that field.
+WIDE_RATIO = 1.25
+# The method every speed-up is relative to.
+REFERENCE_METHOD = "full"
+# ``mem_kind`` values whose peak is approximate: CPU peak RSS moves with the allocator's state.
+APPROXIMATE_MEM_KINDS = frozenset({"cpu_peak_rss_delta"})
 # Settings that say nothing about how a row was obtained: left out of the "differs" column.
 _NOT_SETTINGS = ("results", "force", "quiet", "teacher_id")
 FORMATS = ("table", "csv", "md", "json")
@@ -591,6 +614,9 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
         for col in g.columns:
             if col in FLOAT_FIELDS:
                 first[col] = pd.to_numeric(g[col], errors="coerce").mean()
+            elif col.endswith("speedup_reliable"):  # the mean of the seeds' speed-ups is readable if each one was
+                known = [_flag(v) for v in g[col] if _flag(v) is not None]
+                first[col] = all(known) if known else None
         first["metric_std"] = float(g["metric_value"].std(ddof=1)) if len(g) > 1 else math.nan
         first["n_seeds"] = int(g["seed"].nunique()) if "seed" in g.columns else len(g)
         first["seeds"] = ",".join(str(int(v)) for v in sorted(g["seed"].dropna().unique())) if "seed" in g else ""
@@ -614,6 +640,133 @@ def metric_cell(r: Mapping[str, Any], decimals: int = 1) -> str:
     return f"{v:.{decimals}f} [{lo:.{decimals}f}, {hi:.{decimals}f}]"
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, NaN, text, a bool)."""
+    x = _as_float(value)
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _flag(value: Any) -> bool | None:
+    """A stored bool read back from JSON, a frame or a CSV (``True``, ``np.True_``, ``"false"``); None if unknown."""
+    if isinstance(value, str):
+        return {"true": True, "false": False}.get(value.strip().lower())
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        return bool(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def speedup_is_wide(r: Mapping[str, Any], prefix: str = "") -> bool | None:
+    """Whether the row's speed-up interval is too wide to read (the machine was too busy to time the row): its
+    ``{prefix}speedup_reliable`` field when set, else the interval's ends (high / low > :data:`WIDE_RATIO`). None
+    when the row has no speed-up; ``prefix`` is ``""`` for batch 1 and ``"throughput_"`` for the throughput batch."""
+    if _finite(r.get(f"{prefix}speedup")) is None:
+        return None
+    reliable = _flag(r.get(f"{prefix}speedup_reliable"))
+    if reliable is not None:
+        return not reliable
+    lo, hi = _finite(r.get(f"{prefix}speedup_ci_low")), _finite(r.get(f"{prefix}speedup_ci_high"))
+    if lo is None or hi is None:
+        return None  # no interval: nothing says it is wide
+    return not (lo > 0 and hi / lo <= WIDE_RATIO)
+
+
+def speedup_cell(r: Mapping[str, Any], prefix: str = "") -> str:
+    """``2.31x [2.20, 2.43]`` (the speed-up over the reference with its 95% interval), ``2.3x [0.9, 5.1] (wide)``
+    (one decimal fewer: the interval is too wide to read), ``2.31x`` without an interval, ``-`` without a
+    speed-up (rows timed before paired timing)."""
+    v = _finite(r.get(f"{prefix}speedup"))
+    if v is None:
+        return "-"
+    wide = bool(speedup_is_wide(r, prefix))
+    d = 1 if wide else 2
+    lo, hi = _finite(r.get(f"{prefix}speedup_ci_low")), _finite(r.get(f"{prefix}speedup_ci_high"))
+    text = f"{v:.{d}f}x" + (f" [{lo:.{d}f}, {hi:.{d}f}]" if lo is not None and hi is not None else "")
+    return text + (" (wide)" if wide else "")
+
+
+def conversion_of(r: Mapping[str, Any], prefix: str = "") -> float | None:
+    """``{prefix}conversion`` (speed-up / GMAC ratio: the share of the MAC saving that became time), computed from
+    the speed-up and ``gmac_ratio`` when the field is missing; None without a speed-up."""
+    c = _finite(r.get(f"{prefix}conversion"))
+    if c is not None:
+        return c
+    v, g = _finite(r.get(f"{prefix}speedup")), _finite(r.get("gmac_ratio"))
+    return v / g if v is not None and g is not None and g > 0 else None
+
+
+def attention_cell(r: Mapping[str, Any]) -> str:
+    """The attention kernel that ran (``cpu_flash``), with the reference's when it ran another (``math (ref
+    flash)``: part of that speed-up is the kernel's); ``-`` when not recorded."""
+    k, ref = r.get("attention_kernel"), r.get("reference_attention_kernel")
+    if not isinstance(k, str) or not k:
+        return "-"
+    return f"{k} (ref {ref})" if isinstance(ref, str) and ref and ref != k else k
+
+
+def mem_cell(r: Mapping[str, Any], decimals: int = 1) -> str:
+    """Peak memory, ``~``-prefixed when it is approximate (CPU peak RSS, which moves with the allocator's state)."""
+    v = _finite(r.get("peak_mem_mb"))
+    if v is None:
+        return "-"
+    return ("~" if r.get("mem_kind") in APPROXIMATE_MEM_KINDS else "") + f"{v:.{decimals}f}"
+
+
+def _batches(group: pd.DataFrame) -> list[int]:
+    """The throughput batch sizes of a block's rows that have a throughput figure."""
+    if "throughput_batch" not in group.columns:
+        return []
+    timed = [c for c in ("throughput", "throughput_speedup") if c in group.columns]
+    has = group[timed].apply(pd_numeric).notna().any(axis=1) if timed else group["throughput_batch"].notna()
+    return sorted({int(b) for b in pd_numeric(group.loc[has, "throughput_batch"]).dropna()})
+
+
+def _references(group: pd.DataFrame) -> set[int]:
+    """Positions of the block's reference rows: a row another row's speed-up is relative to (its run id is their
+    ``reference_run_id``), or a paired-timed `full` row without a speed-up of its own."""
+    refs = {v for v in group.get("reference_run_id", []) if isinstance(v, str) and v}
+    out = set()
+    for i, (_, r) in enumerate(group.iterrows()):
+        if _finite(r.get("speedup")) is not None:
+            continue
+        if r.get("run_id") in refs or (r.get("method") == REFERENCE_METHOD and r.get("timing_protocol") == "paired"):
+            out.add(i)
+    return out
+
+
+def speed_notes(group: pd.DataFrame, shown: set[str]) -> list[str]:
+    """The footnotes of a block's speed-up, attention and memory columns (``shown``: the columns in its table)."""
+    notes = []
+    rows = [r for _, r in group.iterrows()]
+    if "speedup" in shown or "throughput_speedup" in shown:
+        notes.append(f"speed-up: `{REFERENCE_METHOD}`'s median time / the row's, both timed paired in one process "
+                     f"(alternating blocks, same images), with a 95% bootstrap interval over the rounds; conv = "
+                     f"speed-up / GMAC ratio, the share of the MAC saving that became time (1: all of it); ms, "
+                     f"img/s: the absolute medians, which move with the machine's load")
+        wide = [r for r in rows if speedup_is_wide(r) or speedup_is_wide(r, "throughput_")]
+        if wide:
+            notes.append(f"(wide): the interval's ends are more than {WIDE_RATIO:g}x apart: the machine was too "
+                         f"busy to time this row ({len(wide)} row(s); their conv is ~, one decimal); read the "
+                         f"interval, not the ratio, or rerun it on a quiet machine")
+        refs = _references(group)
+        old = [r for i, r in enumerate(rows) if i not in refs and _finite(r.get("speedup")) is None
+               and _finite(r.get("throughput_speedup")) is None]
+        if old:
+            notes.append(f"speed-up '-': {len(old)} row(s) timed one model per process (before paired timing, "
+                         f"or not timed): no ratio to `{REFERENCE_METHOD}`, and their absolute times do not "
+                         f"reproduce on a shared machine; rerun them with --force for a speed-up")
+    if "attention_kernel" in shown and any("(ref " in attention_cell(r) for r in rows):
+        notes.append("attn (ref X): the reference ran another attention kernel, so part of that speed-up is the "
+                     "kernel's, not the method's")
+    if "peak_mem_mb" in shown and any(r.get("mem_kind") in APPROXIMATE_MEM_KINDS and _finite(r.get("peak_mem_mb"))
+                                      is not None for r in rows):
+        notes.append("peak mem ~: CPU, approximate, allocator-dependent (weights + the growth of peak RSS during "
+                     "one forward; it moves with the allocator's state)")
+    return notes
+
+
 def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
     """Render a results frame as ``table`` (terminal), ``md``, ``csv`` (all columns) or ``json`` (records).
 
@@ -621,7 +774,11 @@ def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
     mixed in one block, the source column is always shown, and synthetic rows say SYNTHETIC. The metric
     carries its 95% interval over test images; rows that differ only in their seed are aggregated into
     mean ± std over the seeds (:func:`aggregate_seeds`). The regime and the fine-tuning steps are columns,
-    and a block whose fine-tuned rows used different recipes says so under the table.
+    and a block whose fine-tuned rows used different recipes says so under the table. In a block with paired
+    timings the speed-up over `full` with its 95% interval (:func:`speedup_cell`, ``(wide)`` when the interval is
+    too wide to read) and the conversion (speed-up / GMAC ratio) lead the timing, at batch 1 and at the throughput
+    batch, with the attention kernel that ran; the absolute medians follow, and footnotes say what ``(wide)``,
+    ``-`` and ``~`` (approximate CPU memory) mean.
     """
     if fmt not in FORMATS:
         raise ResultError(f"unknown results format '{fmt}'; use one of {', '.join(FORMATS)}")
@@ -648,39 +805,84 @@ def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
     blocks = []
     for (task, source), group in df.groupby(["task", "source"], sort=False):
         metrics = list(dict.fromkeys(group["metric"]))
-        cols = [(c, h, d) for c, h, d in _COMPACT if c in group.columns]
+        cols = [(c, h, d) for c, h, d in _COMPACT if c in group.columns
+                and (c not in _ONLY_IF_ANY or _any_value(group[_ONLY_IF_ANY[c]]))]
         # Identity columns left out of the compact set come back when they vary inside a block.
         for extra in ("backbone", "img_size", "profile", "seed", "metric"):
             if extra in group.columns and group[extra].nunique(dropna=False) > 1:
                 cols.insert(2, (extra, extra, -1))
+        batches = _batches(group)
+        tb = f"bs{batches[0]}" if len(batches) == 1 else "thr."  # several: each cell names its batch
         headers, body = [], []
         for col, head, _ in cols:
             if col == "metric_value":
                 head = (metric_label(metrics[0]) if len(metrics) == 1 else "metric value") + " [95% CI]"
-            headers.append(head)
+            elif col == "throughput":
+                head = head.format(tb=f" {tb}" if len(batches) == 1 else "")
+            headers.append(head.format(tb=tb))
         group = _by_cost(group)
         differs = differing_settings(group)
         if differs:  # rows that would look identical: say what tells them apart
             cols = [*cols, ("run_id", "run id", -1), ("\0differs", "differs", -1)]
             headers += ["run id", "differs"]
+        refs = _references(group)
         for i, (_, r) in enumerate(group.iterrows()):
-            body.append([differs.get(i, "") if c == "\0differs" else source_label(r[c]) if c == "source"
-                         else metric_cell(r, d) if c == "metric_value" else _latency_cell(r) if c == "latency_ms"
-                         else _cell(r[c], d) for c, _, d in cols])
+            body.append([differs.get(i, "") if c == "\0differs" else _compact_cell(r, c, d, i in refs, len(batches) > 1)
+                         for c, _, d in cols])
         align = ["right" if d >= 0 else "left" for _, _, d in cols]
         table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True, colalign=align)
+        notes = []
         if "selection_warning" in group.columns:  # the distillation guard fired for these rows: say so under them
             fired = group["selection_warning"].map(lambda v: isinstance(v, str) and v != "")
             for _, r in group[fired].iterrows():
-                table += f"\nwarning: {r['method']} {r['budget']} seed {r.get('seed', '?')}: {r['selection_warning']}"
+                notes.append(f"warning: {r['method']} {r['budget']} seed {r.get('seed', '?')}: "
+                             f"{r['selection_warning']}")
+        notes += [f"note: {n}" for n in speed_notes(group, {c for c, _, _ in cols})]
         note = recipe_note(group)
         if note:
-            table += f"\nnote: {note}"
+            notes.append(f"note: {note}")
         teachers = teacher_note(group)
         if teachers:
-            table += f"\n{teachers}"
+            notes.append(teachers)
+        if notes:  # in markdown a blank line ends the table (the notes would be table rows) and "  " a line
+            table += "\n\n" + "  \n".join(notes) if fmt == "md" else "\n" + "\n".join(notes)
         blocks.append(_heading(task, source, group, fmt) + table)
     return "\n\n".join(blocks) + "\n"
+
+
+def _any_value(col: pd.Series) -> bool:
+    """Whether a column has a value in some row (a finite number, a non-empty text)."""
+    return any(_finite(v) is not None or (isinstance(v, str) and v != "") for v in col)
+
+
+def _compact_cell(r: Mapping[str, Any], col: str, decimals: int, reference: bool, several_batches: bool) -> str:
+    """One cell of a compact table."""
+    if col == "source":
+        return source_label(r[col])
+    if col == "metric_value":
+        return metric_cell(r, decimals)
+    if col == "latency_ms":
+        return _latency_cell(r)
+    if col == "peak_mem_mb":
+        return mem_cell(r, decimals)
+    if col == "attention_kernel":
+        return attention_cell(r)
+    if col in ("speedup", "throughput_speedup"):
+        prefix = col.removesuffix("speedup")
+        if reference and _finite(r.get(col)) is None:
+            return "1x (reference)"
+        text = speedup_cell(r, prefix)
+        b = _finite(r.get("throughput_batch"))
+        if prefix and several_batches and text != "-" and b is not None:
+            text += f" @bs{int(b)}"
+        return text
+    if col in ("conversion", "throughput_conversion"):
+        prefix = col.removesuffix("conversion")
+        c = conversion_of(r, prefix)
+        if c is None:
+            return "-"
+        return f"~{c:.1f}" if speedup_is_wide(r, prefix) else f"{c:.{decimals}f}"  # of a speed-up too wide to read
+    return _cell(r[col], decimals)
 
 
 def _by_cost(group: pd.DataFrame) -> pd.DataFrame:

@@ -80,7 +80,10 @@ def check_writable(folder: Path, what: str, need_bytes: int = 0) -> Path:
 
 # Settings added after rows and teachers existed, with the value that reproduces those: left out of the ids while
 # they hold it, so every earlier run id and teacher id (and the teachers lwbench ships) stay valid.
-_NEUTRAL = {"autocast": "none", "compile": "none", "probe_steps": 0, "probe_lr": 1e-3, "decoder": "linear"}
+_NEUTRAL = {"autocast": "none", "compile": "none", "probe_steps": 0, "probe_lr": 1e-3, "decoder": "linear",
+            # paired timing (2026-12-06): the training caches of earlier runs stay theirs; their rows, timed one
+            # model per process, carry no speed-up (timing_protocol ''), and `--force` re-times them from the cache
+            "paired": True, "batches": [], "max_run_time": 20.0}
 
 
 def _neutral(d: dict) -> dict:
@@ -473,13 +476,35 @@ def measure_images(plan: Plan, n: int) -> torch.Tensor:
 
 
 def measure_cost(plan: Plan, model):
-    """:func:`lwbench.measure.contract.measure` on real test images, with the run's measurement config."""
+    """:func:`lwbench.measure.contract.measure` on real test images, with the run's measurement config, timed
+    against :func:`reference_model` when ``measure.paired``."""
     from lwbench.measure.contract import measure
 
     ms = plan.cfg.measure
     images = measure_images(plan, max(ms.throughput_batch, ms.flops_images))
+    reference = reference_model(plan, model) if ms.paired else None
     return measure(model, images, ms, device=plan.device, threads=plan.threads,
-                   what=f"{plan.method.name} {plan.method.budget_str()}", autocast=plan.cfg.autocast)
+                   what=f"{plan.method.name} {plan.method.budget_str()}", autocast=plan.cfg.autocast,
+                   reference=reference)
+
+
+def reference_model(plan: Plan, model):
+    """What a row's speed is relative to: ``full``, i.e. the task-trained backbone with its head (the cached
+    teacher), on the same backbone, size, dtype, threads and device. Fine-tuning ``full`` changes its weights, not
+    its speed, so the teacher serves both regimes. For ``full`` itself it is the model: an A/A timing whose
+    interval shows the noise floor."""
+    if plan.method.name == "full":
+        return model
+    teacher, _, _ = build_teacher(plan)
+    return teacher.to(plan.device).eval()
+
+
+def reference_run_id(plan: Plan) -> str:
+    """The run id of the ``full`` point of ``plan``'s config and regime: the row its speed-up is relative to."""
+    if plan.method.name == "full":
+        return plan.run_id
+    cfg = dataclasses.replace(plan.cfg, method="full", budget=None, method_opts=None, regime=plan.regime)
+    return Plan(cfg).run_id
 
 
 def _teacher_source(plan: Plan) -> str:
@@ -521,6 +546,7 @@ def make_row(plan: Plan, metrics: dict, cost, teacher_time: float, stage_times: 
         "where_target_chance": metrics.get("where_target_chance", nan),
         "selection_warning": metrics.get("selection_warning", ""),
         **cost.row(),
+        "reference_run_id": reference_run_id(plan) if cost.timing_protocol == "paired" else "",
         "teacher_source": _teacher_source(plan),
         "teacher_train_time_s": teacher_time, "method_train_time_s": method_s,
         "train_time_s": teacher_time + method_s, "eval_time_s": eval_s, "wall_time_s": wall_s,

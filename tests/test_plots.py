@@ -126,7 +126,9 @@ def test_figure_content_gmacs():
     assert len(fig.axes) == 1 and len(fig.legends) == 2  # memory: marker area, decoded by a size legend
     sizes = fig.legends[1]  # the methods' legend is the first
     assert "peak memory" in sizes.get_title().get_text()
-    assert [t.get_text() for t in sizes.get_texts()] == ["11.4 MB", "17.2 MB", "23 MB"]  # 10 + 5 * gmacs
+    # 10 + 5 * gmacs; CPU peak RSS is approximate (it moves with the allocator's state), and says so
+    assert [t.get_text() for t in sizes.get_texts()] == ["~11.4 MB", "~17.2 MB", "~23 MB"]
+    assert "approximate" in sizes.get_title().get_text()
     # frontier rings sit exactly on the Pareto-optimal points
     rings = frontier_rings(fig)
     assert error_bars(fig) == []  # one seed per point: no spread to show

@@ -240,9 +240,12 @@ def test_report_writes_rows_table_with_paired_differences_and_plots(tmp_path):
                      *TINY]) == 0
     out = tmp_path / "report"
     assert main(["report", "--task", "traffic_signs", "--out", str(out), "--command-line", "lwbench sweep x"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["pareto_gmacs.png", "pareto_latency_ms.png", "rows.csv",
-                                                     "table.md"]
+    # rows timed paired against full carry a speed-up: the report draws their conversion plot and tables them
+    paired = bool(pd.read_csv(out / "rows.csv")["speedup"].notna().any())
+    assert sorted(p.name for p in out.iterdir()) == [*(["conversion.png"] if paired else []), "pareto_gmacs.png",
+                                                     "pareto_latency_ms.png", "rows.csv", "table.md"]
     text = (out / "table.md").read_text()
+    assert ("speed-up bs1 [95% CI]" in text) == paired
     assert "lwbench sweep x" in text and "[95% CI]" in text and "difference to full [95% CI, paired]" in text
     pair = [line for line in text.splitlines() if line.startswith("| tome")][-1]
     assert "off_the_shelf" in pair and "[" in pair and pair.rstrip(" |").endswith("x")

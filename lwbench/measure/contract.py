@@ -69,6 +69,26 @@ class Measurement(FlopCount):
     autocast: str = "none"
     compile: str = "none"
     omp_wait_policy: str = ""  # OpenMP's wait policy in the timing process (lwbench/openmp.py)
+    # Paired timing against the reference (lwbench/measure/paired.py; the columns are in results/README.md).
+    timing_protocol: str = ""
+    reference_gmacs: float = math.nan
+    gmac_ratio: float = math.nan
+    speedup: float = math.nan
+    speedup_ci_low: float = math.nan
+    speedup_ci_high: float = math.nan
+    speedup_reliable: bool | None = None
+    conversion: float = math.nan
+    reference_latency_ms: float = math.nan
+    throughput_speedup: float = math.nan
+    throughput_speedup_ci_low: float = math.nan
+    throughput_speedup_ci_high: float = math.nan
+    throughput_speedup_reliable: bool | None = None
+    throughput_conversion: float = math.nan
+    reference_throughput: float = math.nan
+    timing_rounds: int = 0
+    timing_batches: str = ""
+    attention_kernel: str = ""
+    reference_attention_kernel: str = ""
     compile_time_s: float = math.nan
     threads: int = 0
     device: str = "cpu"
@@ -155,22 +175,36 @@ def _own_cpu() -> float:
 
 
 def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: str = "cpu", threads: int = 1,
-            what: str = "model", autocast: str = "none") -> Measurement:
+            what: str = "model", autocast: str = "none", reference: nn.Module | None = None) -> Measurement:
     """:func:`count`, then memory, latency (batch 1) and throughput (``cfg.throughput_batch``) in a fresh
     process (``cfg.isolate``; in this one otherwise, flagged in the result). ``autocast`` (the run's mixed
-    precision) applies to the timed calls; MACs are counted on the float32 graph (the same multiply-adds)."""
+    precision) applies to the timed calls; MACs are counted on the float32 graph (the same multiply-adds).
+
+    With a ``reference`` (the run's ``full``; the same object for ``full`` itself, an A/A timing that shows the
+    noise floor) and ``cfg.paired``, speed is timed as a ratio to it, interleaved in the one process
+    (:mod:`lwbench.measure.paired`), and its MACs are counted too, for ``gmac_ratio`` and ``conversion``."""
     from lwbench.measure.env import attention_backend
+    from lwbench.measure.memory import release_cached_memory
     from lwbench.measure.worker import MeasureOptions, measure_all, measure_in_subprocess
     from lwbench.precision import wrap
 
+    release_cached_memory()  # what training left in this process's CUDA cache, for the measuring worker
     flops = count(model, images, cfg, what)
     options = MeasureOptions.from_config(cfg, device, int(threads))
+    ref = ref_flops = None
+    if reference is not None and cfg.paired:
+        same = reference is model  # full against itself: one object, counted once
+        ref_flops = flops if same else count(reference, images, cfg, f"{what} (reference)")
+        ref = None if same else wrap(reference, autocast, device)
     model = wrap(model, autocast, device)
+    if ref_flops is not None and ref is None:
+        ref = model
     with OtherLoad() as load:
         if cfg.isolate:
-            t = measure_in_subprocess(model, images, options=options)
+            t = measure_in_subprocess(model, images, options=options, reference=ref)
         else:
-            t = {**measure_all(model, images, options=options), "isolated": False, "memory_exact": False}
+            t = {**measure_all(model, images, options=options, reference=ref), "isolated": False,
+                 "memory_exact": False}
     busy = load.busy(int(threads))
     if busy:
         log.warning("%s: other processes kept %.1f cores busy while it was timed (%d threads on %d cores); "
@@ -183,16 +217,35 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
         throughput=float(t["throughput"]), throughput_iqr=float(t["throughput_iqr"]),
         throughput_batch=int(t["throughput_batch"]), throughput_runs=int(t.get("throughput_runs", 0)),
         peak_mem_mb=float(t["peak_memory_mb"]),
-        mem_kind="cuda_max_allocated" if device == "cuda" else "cpu_peak_rss_delta",
+        mem_kind="cuda_allocated_growth" if device == "cuda" else "cpu_peak_rss_delta",
         memory_exact=bool(t.get("memory_exact", False)), measure_isolated=bool(t.get("isolated", False)),
         isolation_error=str(t.get("isolation_error", "")),
         measure_warmup=int(cfg.warmup), measure_min_run_time=float(cfg.min_run_time),
         measure_min_runs=int(cfg.min_runs), memory_batch=int(cfg.memory_batch), other_load=load.cores,
         machine_busy=busy, dtype=cfg.dtype, autocast=autocast, compile=cfg.compile,
         omp_wait_policy=str(t.get("omp_wait_policy", "")),
+        **_speed_fields(t, flops, ref_flops),
         compile_time_s=float(t.get("compile_time_s", math.nan)),
         threads=int(threads), device=device, attention_backend=attention_backend(device),
     )
+
+
+def _speed_fields(t: dict[str, Any], flops: FlopCount, ref: FlopCount | None) -> dict[str, Any]:
+    """The paired-timing columns of a :class:`Measurement` from the timing result ``t`` (empty when unpaired)."""
+    if ref is None or t.get("timing_protocol") != "paired":
+        return {}
+    ratio = ref.gmacs / flops.gmacs if flops.gmacs > 0 else math.nan
+    keys = ("speedup", "speedup_ci_low", "speedup_ci_high", "reference_latency_ms", "throughput_speedup",
+            "throughput_speedup_ci_low", "throughput_speedup_ci_high", "reference_throughput")
+    out: dict[str, Any] = {k: float(t[k]) for k in keys}
+    out.update(timing_protocol="paired", reference_gmacs=ref.gmacs, gmac_ratio=ratio,
+               conversion=out["speedup"] / ratio, throughput_conversion=out["throughput_speedup"] / ratio,
+               speedup_reliable=bool(t["speedup_reliable"]),
+               throughput_speedup_reliable=bool(t["throughput_speedup_reliable"]),
+               timing_rounds=int(t["timing_rounds"]), timing_batches=str(t["timing_batches"]),
+               attention_kernel=str(t["attention_kernel"]),
+               reference_attention_kernel=str(t["reference_attention_kernel"]))
+    return out
 
 
 __all__ = ["FlopCount", "Measurement", "count", "measure", "FlopCountError"]

@@ -73,6 +73,9 @@ class MeasureOptions:
         dtype: one of float32, float16, bfloat16.
         memory_batch: batch size of the memory pass.
         compile: torch.compile mode of the timed calls ("none": eager); see :func:`measure_all`.
+        paired: with a reference model, time speed as a ratio to it (:mod:`lwbench.measure.paired`).
+        batches: further batch sizes of the paired timing.
+        max_run_time: seconds a paired timing may go on while its interval is too wide.
     """
 
     device: str = "cpu"
@@ -85,10 +88,14 @@ class MeasureOptions:
     dtype: str = _PROTOCOL.dtype
     memory_batch: int = _PROTOCOL.memory_batch
     compile: str = _PROTOCOL.compile
+    paired: bool = _PROTOCOL.paired
+    batches: tuple = _PROTOCOL.batches
+    max_run_time: float = _PROTOCOL.max_run_time
 
     def __post_init__(self) -> None:
+        kinds = {"str": str, "int": int, "float": float, "bool": bool, "tuple": lambda v: tuple(int(b) for b in v)}
         for f in dataclasses.fields(self):
-            kind = {"str": str, "int": int, "float": float}[f.type if isinstance(f.type, str) else f.type.__name__]
+            kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
             object.__setattr__(self, f.name, kind(getattr(self, f.name)))  # torch.device -> "cuda:0", "2" -> 2
         if self.dtype not in DTYPES:
             from lwbench.errors import ConfigError
@@ -118,10 +125,15 @@ class MeasureOptions:
 
 
 def measure_all(model: nn.Module, images: torch.Tensor, device: str | torch.device | None = None,
-                options: MeasureOptions | None = None, **overrides: Any) -> dict[str, Any]:
+                options: MeasureOptions | None = None, reference: nn.Module | None = None,
+                **overrides: Any) -> dict[str, Any]:
     """Memory, then latency (batch 1), then throughput, in this process. The model is put in eval
     mode, cast to ``dtype`` and moved to ``device`` (in place). Latency takes at least ``min_runs``
     measurements, throughput at least ``min(min_runs, 5)``, each at least ``min_run_time`` seconds.
+
+    With a ``reference`` (the run's ``full``) and ``paired`` options, latency and throughput are timed against
+    it, interleaved (:func:`lwbench.measure.paired.measure_paired`), and the result carries the speed-ups with
+    their intervals and the attention kernels that ran. Memory is always the model's alone, measured first.
 
     Settings come from ``options`` (default ``MeasureOptions()``); ``device`` and keyword ``overrides``
     (``threads=1``, ``warmup=2``, any :class:`MeasureOptions` field) that are not None override it."""
@@ -139,6 +151,18 @@ def measure_all(model: nn.Module, images: torch.Tensor, device: str | torch.devi
     out: dict[str, Any] = {"device": dev.type, "threads": o.threads, "dtype": o.dtype,
                            "omp_wait_policy": wait_policy()}
     out.update(measure_memory(model, images, dev, batch_size=o.memory_batch))
+    if reference is not None and o.paired:
+        from lwbench.measure.paired import measure_paired
+
+        reference = reference.eval().to(device=dev, dtype=_dtype(o.dtype))  # after the model's memory pass
+        if o.compile != "none":
+            model, out["compile_time_s"] = _compiled(model, images, dev, o)
+            reference, _ = _compiled(reference, images, dev, o)
+        cast = images.to(_dtype(o.dtype)) if images.is_floating_point() else images
+        out.update(measure_paired(model, reference, cast, dev, threads=o.threads, warmup=o.warmup,
+                                  min_run_time=o.min_run_time, min_runs=o.min_runs, max_run_time=o.max_run_time,
+                                  throughput_batch=o.throughput_batch, batches=o.batches))
+        return out
     if o.compile != "none":  # after the memory pass: compiling's own allocations are not the model's
         model, out["compile_time_s"] = _compiled(model, images, dev, o)
     kw = dict(threads=o.threads, warmup=o.warmup, min_run_time=o.min_run_time)
@@ -150,9 +174,10 @@ def measure_all(model: nn.Module, images: torch.Tensor, device: str | torch.devi
 
 
 def _compiled(model: nn.Module, images: torch.Tensor, dev: torch.device, o: MeasureOptions):
-    """``torch.compile(model, mode=o.compile)``, compiled for both timed shapes (batch 1 and the throughput batch)
-    by one untimed call each, so that no timed call (nor the warm-up that sizes the timing) pays for compiling.
-    Returns the model and the seconds compiling took."""
+    """``torch.compile(model, mode=o.compile)``, compiled for every timed input by untimed calls: each image at
+    batch 1 (content-adaptive methods, ATS, ALGM, threshold DynamicViT, LookWhere, change their token counts from
+    image to image, and each new count can recompile) and the throughput batch, so that no timed call (nor the
+    warm-up that sizes the timing) pays for compiling. Returns the model and the seconds compiling took."""
     import torch
 
     from lwbench.measure.latency import _fill_batch
@@ -161,7 +186,8 @@ def _compiled(model: nn.Module, images: torch.Tensor, dev: torch.device, o: Meas
     t0 = time.perf_counter()
     x = images.to(dev, _dtype(o.dtype))
     with torch.inference_mode():
-        compiled(x[:1])
+        for i in range(x.shape[0]):  # the slices latency times, one by one
+            compiled(x[i: i + 1])
         compiled(_fill_batch(x, o.throughput_batch))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -259,7 +285,7 @@ def remove_stale_folders(tmpdir: str | Path | None = None, min_age_s: float = 0.
 
 def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | torch.device | None = None,
                           timeout: float | None = 3600.0, options: MeasureOptions | None = None,
-                          **overrides: Any) -> dict[str, Any]:
+                          reference: nn.Module | None = None, **overrides: Any) -> dict[str, Any]:
     """:func:`measure_all` in a fresh process; ``"isolated": True`` in the result when it worked.
 
     Settings as for :func:`measure_all` (``options``; ``device`` and keyword overrides win). When the
@@ -276,7 +302,7 @@ def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | 
     payload = io.BytesIO()
     try:
         payload.write(opts.to_json().encode() + b"\n")
-        torch.save((model, images.detach().cpu()), payload)  # a model that cannot be pickled fails here
+        torch.save((model, reference, images.detach().cpu()), payload)  # an unpicklable model fails here
         cmd = [sys.executable, "-m", "lwbench.measure.worker", "--parent-pid", str(os.getpid())]
         proc = subprocess.run(cmd, input=payload.getbuffer(), capture_output=True, timeout=timeout,
                               env=_child_env(opts.threads))
@@ -294,7 +320,7 @@ def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | 
     del payload  # the model's bytes: not kept while it is measured here
     logging.getLogger("lwbench").warning("isolated measurement failed (%s); measuring in this process instead "
                                          "(the row says measure_isolated: false)", error)
-    result = measure_all(model, images, options=opts)
+    result = measure_all(model, images, options=opts, reference=reference)
     result["isolated"] = False
     result["isolation_error"] = error
     result["memory_exact"] = False  # this process's allocator already holds memory from earlier work
@@ -318,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         import lwbench.backbones  # noqa: F401  (registers lw_vit_* so pickled timm models resolve)
 
         payload = io.BytesIO(stdin.read())  # torch.load needs to seek: the whole payload, freed once loaded
-        model, images = torch.load(payload, map_location="cpu", weights_only=False)
+        model, reference, images = torch.load(payload, map_location="cpu", weights_only=False)
         del payload
-        result = measure_all(model, images, options=opts)
+        result = measure_all(model, images, options=opts, reference=reference)
         result["pid"] = os.getpid()
     print(json.dumps(result), file=real_stdout, flush=True)
     return 0

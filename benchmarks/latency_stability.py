@@ -1,0 +1,170 @@
+"""Does a speed-up reproduce? The old protocol (each model timed alone, one fresh process after the other) against
+paired timing (the model and its `full` reference interleaved in one process, lwbench/measure/paired.py), on a
+quiet machine and beside a CPU hog on every core.
+
+    python benchmarks/latency_stability.py                      # quick traffic-signs models, quiet then hog
+    python benchmarks/latency_stability.py --out benchmarks/results/latency_stability.md
+    python benchmarks/latency_stability.py --device cuda --quick    # benchmarks/gpu_check.sh: one paired pass
+
+The models are the quick traffic-signs profile's, built as `lwbench run` builds them: the shipped task-trained
+teacher (`full`), ToMe and EViT on it (off the shelf), and LookWhere with its selector as the profile sets it but
+an untrained where-head (k is fixed, so it does the same work as a trained one; timing does not depend on the
+weights). They are timed on the synthetic test images, in isolated worker processes, as rows are. The hog is
+`--hog N` single-threaded busy loops (default: one per core), started before and stopped after each condition.
+
+Old protocol: for each method, `full` then the method, each alone in a fresh worker (as rows were timed until
+2026-12-06), `--repeats` times; its speed-up is the ratio of the two medians. Paired: the method against `full` in
+one worker, `--repeats` times, each with its 95% interval. The targets (issue 28): a paired ratio measured quiet and
+beside the hog agrees within the intervals and within 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = (("lookwhere", "k=28"), ("tome", "r=38"), ("evit", "keep_rate=0.7"))
+HOG = "while True: pass"
+
+
+def build(methods, device: str):
+    """``{name: model}`` and the test images, from the quick profile's plan of each method."""
+    import dataclasses
+
+    from lwbench.config import resolve_config
+    from lwbench.heads import TaskModel
+    from lwbench.runner import Plan, build_teacher, measure_images
+
+    plan = Plan(resolve_config("full", "traffic_signs", None, profile="quick", quiet=True, device=device))
+    teacher, _, _ = build_teacher(plan)
+    models = {"full": teacher.eval()}
+    for method, budget in methods:
+        p = Plan(dataclasses.replace(plan.cfg, method=method, budget=budget, method_opts=None, regime="auto"))
+        encoder = p.method.build(teacher.encoder.vit)
+        models[f"{method} {budget}"] = TaskModel(encoder, teacher.head).eval()
+    images = measure_images(plan, plan.cfg.measure.throughput_batch)
+    return models, images, plan
+
+
+def measure(models, images, plan, repeats: int, old: bool):
+    from lwbench.measure.worker import MeasureOptions, measure_in_subprocess
+
+    opts = MeasureOptions.from_config(plan.cfg.measure, plan.device, plan.threads)
+    rows = []
+    for name, model in models.items():
+        if name == "full":
+            continue
+        for rep in range(repeats):
+            if old:
+                t0 = time.perf_counter()
+                ref = measure_in_subprocess(models["full"], images, options=opts)
+                got = measure_in_subprocess(model, images, options=opts)
+                rows.append({"method": name, "protocol": "old (one model per process)", "repeat": rep,
+                             "speedup": ref["latency_ms"] / got["latency_ms"], "ms": got["latency_ms"],
+                             "reference_ms": ref["latency_ms"],
+                             "throughput_speedup": got["throughput"] / ref["throughput"],
+                             "seconds": time.perf_counter() - t0})
+            else:
+                t0 = time.perf_counter()
+                got = measure_in_subprocess(model, images, options=opts, reference=models["full"])
+                rows.append({"method": name, "protocol": "paired", "repeat": rep, "speedup": got["speedup"],
+                             "ci_low": got["speedup_ci_low"], "ci_high": got["speedup_ci_high"],
+                             "reliable": got["speedup_reliable"], "rounds": got["timing_rounds"],
+                             "ms": got["latency_ms"], "reference_ms": got["reference_latency_ms"],
+                             "throughput_speedup": got["throughput_speedup"],
+                             "throughput_ci": [got["throughput_speedup_ci_low"], got["throughput_speedup_ci_high"]],
+                             "kernel": got["attention_kernel"], "reference_kernel": got["reference_attention_kernel"],
+                             "seconds": time.perf_counter() - t0})
+            print("   ", _line(rows[-1]), flush=True)
+    return rows
+
+
+def _line(r: dict) -> str:
+    ci = f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if "ci_low" in r else ""
+    return (f"{r['method']:20s} {r['protocol']:28s} {r['speedup']:.2f}x{ci} (ms {r['ms']:.2f} vs "
+            f"{r['reference_ms']:.2f}; throughput {r['throughput_speedup']:.2f}x; {r['seconds']:.0f} s)")
+
+
+def with_hog(n: int):
+    procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(n)]
+    time.sleep(1.0)
+    return procs
+
+
+def summary(rows: list[dict]) -> str:
+    from tabulate import tabulate
+
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for protocol in dict.fromkeys(r["protocol"] for r in rows):
+            for load in dict.fromkeys(r["load"] for r in rows):
+                sel = [r for r in rows if (r["method"], r["protocol"], r["load"]) == (method, protocol, load)]
+                if not sel:
+                    continue
+                cells = [f"{r['speedup']:.2f}" + (f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if "ci_low" in r else "")
+                         for r in sel]
+                spread = max(r["speedup"] for r in sel) / min(r["speedup"] for r in sel)
+                out.append([method, protocol, load, "; ".join(cells), f"{spread:.2f}x",
+                            "; ".join(f"{r['throughput_speedup']:.2f}" for r in sel)])
+    table = tabulate(out, headers=["method", "protocol", "machine", "batch-1 speed-up over full (each repeat)",
+                                   "max/min", "throughput speed-up"], tablefmt="github")
+    verdicts = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        paired = {load: [r for r in rows if r["method"] == method and r["protocol"] == "paired" and r["load"] == load]
+                  for load in dict.fromkeys(r["load"] for r in rows)}
+        if len(paired) < 2 or not all(paired.values()):
+            continue
+        (qa, qrows), (ha, hrows) = list(paired.items())[:2]
+        q, h = qrows[0], hrows[0]
+        overlap = q["ci_low"] <= h["ci_high"] and h["ci_low"] <= q["ci_high"]
+        within = abs(h["speedup"] / q["speedup"] - 1)
+        verdicts.append(f"- {method}: {qa} {q['speedup']:.2f} [{q['ci_low']:.2f}, {q['ci_high']:.2f}], {ha} "
+                        f"{h['speedup']:.2f} [{h['ci_low']:.2f}, {h['ci_high']:.2f}]: intervals "
+                        f"{'overlap' if overlap else 'DO NOT overlap'}, {within:.1%} apart "
+                        f"({'within' if within <= 0.10 else 'NOT within'} 10%)")
+    return table + ("\n\n" + "\n".join(verdicts) if verdicts else "")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hog", type=int, default=os.cpu_count() or 1, help="busy loops of the hog condition (0: none)")
+    p.add_argument("--quick", action="store_true", help="one paired pass on a quiet machine (gpu_check.sh)")
+    p.add_argument("--out", help="write the summary (markdown) here and the raw rows as JSON beside it")
+    args = p.parse_args()
+    models, images, plan = build(METHODS, args.device)
+    rows: list[dict] = []
+    conditions = [("quiet", 0)] + ([] if args.quick or args.hog <= 0 else [(f"{args.hog} busy loops", args.hog)])
+    for load, hogs in conditions:
+        print(f"== {load}", flush=True)
+        procs = with_hog(hogs) if hogs else []
+        try:
+            protocols = [False] if args.quick else [True, False]
+            for old in protocols:
+                for r in measure(models, images, plan, 1 if args.quick else args.repeats, old):
+                    rows.append({**r, "load": load})
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+    text = summary(rows)
+    from lwbench.measure.env import device_name
+
+    head = (f"`python benchmarks/latency_stability.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M')}, "
+            f"{device_name(plan.device)}, {os.cpu_count()} cores, {plan.threads} threads, torch "
+            f"{__import__('torch').__version__}, quick traffic-signs models at 240x320, fp32; latency at batch 1, "
+            f"throughput at batch {plan.cfg.measure.throughput_batch}\n\n")
+    print(head + text)
+    if args.out:
+        Path(args.out).write_text(head + text + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
