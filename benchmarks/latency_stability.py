@@ -32,7 +32,7 @@ METHODS = (("lookwhere", "k=28"), ("tome", "r=38"), ("evit", "keep_rate=0.7"))
 HOG = "while True: pass"
 
 
-def build(methods, device: str):
+def build(methods, device: str, threads: int | None = None):
     """``{name: model}`` and the test images, from the quick profile's plan of each method."""
     import dataclasses
 
@@ -40,7 +40,8 @@ def build(methods, device: str):
     from lwbench.heads import TaskModel
     from lwbench.runner import Plan, build_teacher, measure_images
 
-    plan = Plan(resolve_config("full", "traffic_signs", None, profile="quick", quiet=True, device=device))
+    sets = [f"threads={threads}"] if threads else []
+    plan = Plan(resolve_config("full", "traffic_signs", None, profile="quick", quiet=True, device=device, sets=sets))
     teacher, _, _ = build_teacher(plan)
     models = {"full": teacher.eval()}
     for method, budget in methods:
@@ -75,6 +76,7 @@ def measure(models, images, plan, repeats: int, old: bool):
                 rows.append({"method": name, "protocol": "paired", "repeat": rep, "speedup": got["speedup"],
                              "ci_low": got["speedup_ci_low"], "ci_high": got["speedup_ci_high"],
                              "reliable": got["speedup_reliable"], "rounds": got["timing_rounds"],
+                             "quiet_rounds": got["timing_quiet_rounds"], "contended": got["timing_contended"],
                              "ms": got["latency_ms"], "reference_ms": got["reference_latency_ms"],
                              "throughput_speedup": got["throughput_speedup"],
                              "throughput_ci": [got["throughput_speedup_ci_low"], got["throughput_speedup_ci_high"]],
@@ -84,8 +86,15 @@ def measure(models, images, plan, repeats: int, old: bool):
     return rows
 
 
+def _cell(r: dict) -> str:
+    if "ci_low" not in r:
+        return f"{r['speedup']:.2f}"
+    flag = "" if r["reliable"] else (" (contended)" if r["contended"] else " (wide)")
+    return f"{r['speedup']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]{flag}"
+
+
 def _line(r: dict) -> str:
-    ci = f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if "ci_low" in r else ""
+    ci = _cell(r)[len(f"{r['speedup']:.2f}"):]
     return (f"{r['method']:20s} {r['protocol']:28s} {r['speedup']:.2f}x{ci} (ms {r['ms']:.2f} vs "
             f"{r['reference_ms']:.2f}; throughput {r['throughput_speedup']:.2f}x; {r['seconds']:.0f} s)")
 
@@ -106,8 +115,7 @@ def summary(rows: list[dict]) -> str:
                 sel = [r for r in rows if (r["method"], r["protocol"], r["load"]) == (method, protocol, load)]
                 if not sel:
                     continue
-                cells = [f"{r['speedup']:.2f}" + (f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if "ci_low" in r else "")
-                         for r in sel]
+                cells = [_cell(r) for r in sel]
                 spread = max(r["speedup"] for r in sel) / min(r["speedup"] for r in sel)
                 out.append([method, protocol, load, "; ".join(cells), f"{spread:.2f}x",
                             "; ".join(f"{r['throughput_speedup']:.2f}" for r in sel)])
@@ -123,10 +131,11 @@ def summary(rows: list[dict]) -> str:
         q, h = qrows[0], hrows[0]
         overlap = q["ci_low"] <= h["ci_high"] and h["ci_low"] <= q["ci_high"]
         within = abs(h["speedup"] / q["speedup"] - 1)
-        verdicts.append(f"- {method}: {qa} {q['speedup']:.2f} [{q['ci_low']:.2f}, {q['ci_high']:.2f}], {ha} "
-                        f"{h['speedup']:.2f} [{h['ci_low']:.2f}, {h['ci_high']:.2f}]: intervals "
+        flagged = "" if h["reliable"] else "; the busy row is flagged unreliable (" + \
+            ("contended: no quiet rounds" if h["contended"] else "interval too wide") + ")"
+        verdicts.append(f"- {method}: {qa} {_cell(q)}, {ha} {_cell(h)}: intervals "
                         f"{'overlap' if overlap else 'DO NOT overlap'}, {within:.1%} apart "
-                        f"({'within' if within <= 0.10 else 'NOT within'} 10%)")
+                        f"({'within' if within <= 0.10 else 'NOT within'} 10%){flagged}")
     return table + ("\n\n" + "\n".join(verdicts) if verdicts else "")
 
 
@@ -136,16 +145,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hog", type=int, default=os.cpu_count() or 1, help="busy loops of the hog condition (0: none)")
     p.add_argument("--quick", action="store_true", help="one paired pass on a quiet machine (gpu_check.sh)")
+    p.add_argument("--paired-only", action="store_true", help="skip the old protocol")
+    p.add_argument("--threads", type=int, help="timing threads (default: the quick profile's, every core)")
     p.add_argument("--out", help="write the summary (markdown) here and the raw rows as JSON beside it")
     args = p.parse_args()
-    models, images, plan = build(METHODS, args.device)
+    from lwbench.openmp import prefer_passive
+
+    prefer_passive()  # as the lwbench command does, before torch loads
+    models, images, plan = build(METHODS, args.device, args.threads)
     rows: list[dict] = []
     conditions = [("quiet", 0)] + ([] if args.quick or args.hog <= 0 else [(f"{args.hog} busy loops", args.hog)])
     for load, hogs in conditions:
         print(f"== {load}", flush=True)
         procs = with_hog(hogs) if hogs else []
         try:
-            protocols = [False] if args.quick else [True, False]
+            protocols = [False] if args.quick or args.paired_only else [True, False]
             for old in protocols:
                 for r in measure(models, images, plan, 1 if args.quick else args.repeats, old):
                     rows.append({**r, "load": load})
@@ -157,7 +171,8 @@ def main() -> None:
     from lwbench.measure.env import device_name
 
     head = (f"`python benchmarks/latency_stability.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M')}, "
-            f"{device_name(plan.device)}, {os.cpu_count()} cores, {plan.threads} threads, torch "
+            f"{device_name(plan.device)}, {os.cpu_count()} cores, {plan.threads} threads, OMP_WAIT_POLICY "
+            f"{os.environ.get('OMP_WAIT_POLICY', 'default')}, torch "
             f"{__import__('torch').__version__}, quick traffic-signs models at 240x320, fp32; latency at batch 1, "
             f"throughput at batch {plan.cfg.measure.throughput_batch}\n\n")
     print(head + text)

@@ -98,7 +98,8 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
                          "randomised alternating blocks in one process on the same images"),
     ("speedup_ci_low", "float", "lower end of the 95% bootstrap interval of speedup (rounds of blocks resampled)"),
     ("speedup_ci_high", "float", "upper end of that interval"),
-    ("speedup_reliable", "bool", "that interval is narrow enough to read (ci_high / ci_low <= 1.25)"),
+    ("speedup_reliable", "bool", "that interval is narrow enough to read (ci_high / ci_low <= 1.25) and it was timed "
+                                 "on enough rounds free of other processes' load (not timing_contended)"),
     ("conversion", "float", "speedup / gmac_ratio: the share of the MAC saving that became batch-1 time"),
     ("reference_latency_ms", "float", "the reference's median batch-1 latency in the same pairing (ms)"),
     ("throughput_speedup", "float", "throughput / the reference's, at throughput_batch, timed the same way"),
@@ -108,6 +109,9 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("throughput_conversion", "float", "throughput_speedup / gmac_ratio"),
     ("reference_throughput", "float", "the reference's median throughput in the same pairing (images/s)"),
     ("timing_rounds", "int", "interleaved rounds (a block of each model, in random order) behind speedup"),
+    ("timing_quiet_rounds", "int", "of those, rounds in which no other process took cores the timed threads needed"),
+    ("timing_contended", "bool", "fewer than measure.min_runs quiet rounds: the speed-up comes from contended rounds "
+                                 "and may not be the quiet machine's (speedup_reliable is then false)"),
     ("timing_batches", "str", "JSON, every batch size timed: {\"8\": {\"speedup\", \"ci_low\", \"ci_high\", \"ms\", "
                               "\"reference_ms\", \"rounds\"} or {\"error\": \"out of memory\"}}"),
     ("attention_kernel", "str", "attention kernel(s) that ran in one timed batch-1 call, from the profiler's op names: "

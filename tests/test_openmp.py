@@ -1,5 +1,5 @@
-"""The ``lwbench`` command trains with OpenMP's passive wait policy and times with OpenMP's default
-(``lwbench/openmp.py``; measured in ``benchmarks/contention.py``)."""
+"""The ``lwbench`` command trains and times with OpenMP's passive wait policy (``lwbench/openmp.py``; measured in
+``benchmarks/contention.py`` and ``benchmarks/latency_stability.py``)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import subprocess
 import sys
 import textwrap
 
-from lwbench.openmp import timing_env
-
 
 def _python(code: str, **env: str) -> str:
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "LWBENCH_SET_OMP_WAIT_POLICY")}
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**base, **env}, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -41,11 +39,6 @@ def test_too_late_once_torch_is_loaded():
     assert _python(code) == "False None"
 
 
-def test_the_timing_worker_gets_openmps_default_back_unless_the_user_chose():
-    assert "OMP_WAIT_POLICY" not in timing_env({"OMP_WAIT_POLICY": "PASSIVE", "LWBENCH_SET_OMP_WAIT_POLICY": "1"})
-    assert timing_env({"OMP_WAIT_POLICY": "PASSIVE"})["OMP_WAIT_POLICY"] == "PASSIVE"  # the user's own
-
-
 def test_the_row_records_the_timing_process_policy():
     code = """
         import torch
@@ -54,5 +47,5 @@ def test_the_row_records_the_timing_process_policy():
                                   warmup=1, min_run_time=0.02, min_runs=2)
         print(r["isolated"], r["omp_wait_policy"])
     """
-    assert _python(code, OMP_WAIT_POLICY="PASSIVE", LWBENCH_SET_OMP_WAIT_POLICY="1") == "True default"
-    assert _python(code, OMP_WAIT_POLICY="PASSIVE") == "True PASSIVE"
+    assert _python(code, OMP_WAIT_POLICY="PASSIVE") == "True PASSIVE"  # the worker inherits the policy
+    assert _python(code) == "True default"

@@ -178,3 +178,17 @@ def test_measure_paired_false_times_the_method_alone(tmp_path):
     (row,) = ResultStore(tmp_path).rows()
     assert row["timing_protocol"] == "" and row["reference_run_id"] == "" and row["speedup"] != row["speedup"]
     assert row["latency_ms"] > 0
+
+
+def test_a_timing_interrupted_by_ctrl_c_writes_no_row(tmp_path, monkeypatch):
+    from lwbench import runner
+    from lwbench.cli import main
+    from lwbench.results import ResultStore
+
+    def interrupted(plan, model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "measure_cost", interrupted)
+    assert main(["run", "--method", "tome", "--task", "traffic_signs", "--budget", "r=2", *TINY,
+                 "--results", str(tmp_path)]) == 130
+    assert ResultStore(tmp_path).rows() == [] and not list(tmp_path.rglob("*.npz"))

@@ -86,6 +86,8 @@ class Measurement(FlopCount):
     throughput_conversion: float = math.nan
     reference_throughput: float = math.nan
     timing_rounds: int = 0
+    timing_quiet_rounds: int = 0
+    timing_contended: bool | None = None
     timing_batches: str = ""
     attention_kernel: str = ""
     reference_attention_kernel: str = ""
@@ -243,6 +245,7 @@ def _speed_fields(t: dict[str, Any], flops: FlopCount, ref: FlopCount | None) ->
                speedup_reliable=bool(t["speedup_reliable"]),
                throughput_speedup_reliable=bool(t["throughput_speedup_reliable"]),
                timing_rounds=int(t["timing_rounds"]), timing_batches=str(t["timing_batches"]),
+               timing_quiet_rounds=int(t["timing_quiet_rounds"]), timing_contended=bool(t["timing_contended"]),
                attention_kernel=str(t["attention_kernel"]),
                reference_attention_kernel=str(t["reference_attention_kernel"]))
     return out

@@ -10,7 +10,8 @@ the two measurements. Timed side by side, call block by call block, both models 
   per round (AB or BA: the ABBA... pattern of paired designs, so a drift within a round favours neither);
 * a block is as many calls as fill about ``min_run_time / min_runs`` seconds (one call for a big model), and
   both blocks of a round cycle through the same images (batch 1) or time the same fixed batch;
-* a round's speed-up is the reference's mean seconds per call over the model's, in that round; the speed-up is
+* a block's time is the median of its calls (a call that waited for a core lost to another process measures the
+  machine, not the model); a round's speed-up is the reference's block time over the model's; the speed-up is
   the **median over rounds** and its 95% interval a percentile bootstrap of that median, resampling rounds;
 * timing runs for at least ``min_runs`` rounds and ``2 * min_run_time`` seconds, then goes on while the interval
   is wider than :data:`RELIABLE_RATIO` (high / low), up to ``max_run_time`` seconds: a busy machine buys more
@@ -57,10 +58,15 @@ class PairedTiming:
     rounds: int
     calls_per_block: int
     seconds: float  # wall time the timing took
+    quiet_rounds: int = 0  # rounds no other process contended (all rounds for a one-thread timing)
+    other_load: float = math.nan  # mean cores other processes kept busy during the rounds
+    # Too few rounds (< min_runs) ran free of other processes' load, so the speed-up comes from contended rounds,
+    # where several threads waiting for each other slow the bigger model more: maybe not the quiet machine's.
+    contended: bool = False
 
     @property
     def reliable(self) -> bool:
-        return interval_is_reliable(self.ci_low, self.ci_high)
+        return interval_is_reliable(self.ci_low, self.ci_high) and not self.contended
 
     @property
     def iqr_ms(self) -> float:
@@ -104,17 +110,24 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 class _Clock:
-    """Seconds per call of a block: perf_counter on CPU; CUDA events per call, read after a synchronize."""
+    """A block's seconds per call, the median over its calls: perf_counter around each call on CPU; on CUDA an
+    event pair around each call, read after one synchronize at the end of the block.
+
+    The median, not the mean: on a shared CPU a call now and then waits for a core its partner thread lost (a
+    stall of a scheduler time slice), which says how busy the machine was, not how fast the model is; the
+    median of the block's calls is its speed between such stalls, the quantity a quiet machine shows."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
     def block(self, call: Callable[[int], None], indices: list[int]) -> float:
         if self.device.type != "cuda":
-            t0 = time.perf_counter()
+            times = []
             for i in indices:
+                t0 = time.perf_counter()
                 call(i)
-            return (time.perf_counter() - t0) / len(indices)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
         events = []
         for i in indices:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -123,7 +136,39 @@ class _Clock:
             end.record()
             events.append((start, end))
         torch.cuda.synchronize(self.device)
-        return sum(s.elapsed_time(e) for s, e in events) / 1e3 / len(indices)
+        return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+
+
+class _Contention:
+    """Cores other processes kept busy during a round: the machine's busy CPU time minus this process's, per second
+    of wall time (psutil's system counters; this process's CPU time counts all its threads)."""
+
+    def __init__(self, threads: int):
+        self.threads = int(threads)
+        self.idle = max(0, (os.cpu_count() or 1) - self.threads)
+
+    @staticmethod
+    def _now() -> tuple[float, float, float]:
+        import psutil
+
+        t = psutil.cpu_times()
+        busy = t.user + t.system + sum(getattr(t, f, 0.0) for f in ("nice", "irq", "softirq", "steal"))
+        return busy, time.process_time(), time.perf_counter()
+
+    def start(self) -> None:
+        self._t0 = self._now()
+
+    def others(self) -> float:
+        busy, own, wall = self._now()
+        b0, o0, w0 = self._t0
+        return max(0.0, ((busy - b0) - (own - o0)) / max(wall - w0, 1e-9))
+
+    def contends(self, others: float) -> bool:
+        """Others took cores this timing's threads needed. One thread is spared: its calls slow in proportion to
+        the share it gets, so the ratio holds (measured: 1.84x quiet, 1.79x beside two busy loops); several threads
+        wait for each other at every parallel region, and the bigger model loses more (1.46x quiet, 1.75x beside
+        two busy loops, on 2 cores: ``benchmarks/results/latency_stability.md``)."""
+        return self.threads > 1 and others > max(0.25, float(self.idle))
 
 
 def time_paired(model: nn.Module, reference: nn.Module, inputs: list[torch.Tensor], device: torch.device,
@@ -133,7 +178,9 @@ def time_paired(model: nn.Module, reference: nn.Module, inputs: list[torch.Tenso
 
     ``inputs`` are on ``device`` already: batch-1 images to cycle through, or one fixed batch. Both models must be
     in eval mode on ``device``. The round count grows past ``min_runs`` while the interval is wider than
-    :data:`RELIABLE_RATIO` and ``max_run_time`` seconds have not passed."""
+    :data:`RELIABLE_RATIO`, or fewer than ``min_runs`` rounds ran free of other processes' load, and
+    ``max_run_time`` seconds have not passed. The speed-up is read from the uncontended rounds when there are
+    ``min_runs`` of them, else from all (and :attr:`PairedTiming.contended` says so)."""
     models = {"model": model, "reference": reference}
     n = len(inputs)
     batch = int(inputs[0].shape[0])
@@ -161,13 +208,19 @@ def time_paired(model: nn.Module, reference: nn.Module, inputs: list[torch.Tenso
             k_calls = max(1, int(round(min_run_time / max(1, min_runs) / max(slow, 1e-9))))
             times: dict[str, list[float]] = {k: [] for k in models}
             ratios: list[float] = []
+            quiet: list[bool] = []
+            loads: list[float] = []
+            load = _Contention(threads)
             start = time.perf_counter()
             position = 0
             while True:
                 indices = [(position + j) % n for j in range(k_calls)]
                 position += k_calls
                 order = ["model", "reference"] if rng.random() < 0.5 else ["reference", "model"]
+                load.start()
                 got = {k: clock.block(calls[k], indices) for k in order}
+                loads.append(load.others())
+                quiet.append(not load.contends(loads[-1]))
                 for k in models:
                     times[k].append(got[k])
                 ratios.append(got["reference"] / got["model"])
@@ -176,18 +229,26 @@ def time_paired(model: nn.Module, reference: nn.Module, inputs: list[torch.Tenso
                     continue
                 if elapsed >= max_run_time:
                     break
-                _, low, high = median_ratio_interval(ratios, seed=seed)
+                usable = [r for r, q in zip(ratios, quiet, strict=True) if q]
+                if len(usable) < max(2, min_runs):
+                    continue
+                _, low, high = median_ratio_interval(usable, seed=seed)
                 if interval_is_reliable(low, high):
                     break
     finally:
         if device.type == "cpu":
             torch.set_num_threads(old_threads)
-    speedup, low, high = median_ratio_interval(ratios, seed=seed)
-    q = [1e3 * v for v in _quartiles(times["model"])]
-    r = [1e3 * v for v in _quartiles(times["reference"])]
+    n_quiet = sum(quiet)
+    contended = n_quiet < max(2, min_runs)
+    keep = [True] * len(ratios) if contended else quiet
+    used = [r for r, k in zip(ratios, keep, strict=True) if k]
+    speedup, low, high = median_ratio_interval(used, seed=seed)
+    q = [1e3 * v for v in _quartiles([t for t, k in zip(times["model"], keep, strict=True) if k])]
+    r = [1e3 * v for v in _quartiles([t for t, k in zip(times["reference"], keep, strict=True) if k])]
     return PairedTiming(batch=batch, speedup=speedup, ci_low=low, ci_high=high, ms=q[1], ms_p25=q[0], ms_p75=q[2],
                         reference_ms=r[1], reference_ms_p25=r[0], reference_ms_p75=r[2], rounds=len(ratios),
-                        calls_per_block=k_calls, seconds=time.perf_counter() - start)
+                        calls_per_block=k_calls, seconds=time.perf_counter() - start, quiet_rounds=n_quiet,
+                        other_load=statistics.fmean(loads) if loads else math.nan, contended=contended)
 
 
 # -- the paired pass of one point ----------------------------------------------------------------------------
@@ -225,7 +286,8 @@ def measure_paired(model: nn.Module, reference: nn.Module, images: torch.Tensor,
         "timing_protocol": "paired", "latency_ms": one.ms, "latency_iqr_ms": one.iqr_ms,
         "latency_runs": one.rounds * one.calls_per_block, "reference_latency_ms": one.reference_ms,
         "speedup": one.speedup, "speedup_ci_low": one.ci_low, "speedup_ci_high": one.ci_high,
-        "speedup_reliable": one.reliable, "timing_rounds": one.rounds,
+        "speedup_reliable": one.reliable, "timing_rounds": one.rounds, "timing_quiet_rounds": one.quiet_rounds,
+        "timing_contended": one.contended,
         "attention_kernel": attention_kernels(model, singles[0]),
         "reference_attention_kernel": attention_kernels(reference, singles[0]),
     }
@@ -264,7 +326,8 @@ def measure_paired(model: nn.Module, reference: nn.Module, images: torch.Tensor,
 
 def _batch_entry(t: PairedTiming) -> dict:
     return {"speedup": round(t.speedup, 4), "ci_low": round(t.ci_low, 4), "ci_high": round(t.ci_high, 4),
-            "ms": round(t.ms, 4), "reference_ms": round(t.reference_ms, 4), "rounds": t.rounds}
+            "ms": round(t.ms, 4), "reference_ms": round(t.reference_ms, 4), "rounds": t.rounds,
+            "quiet_rounds": t.quiet_rounds, "contended": t.contended}
 
 
 # -- which attention kernel ran --------------------------------------------------------------------------------

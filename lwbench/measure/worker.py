@@ -195,9 +195,7 @@ def _compiled(model: nn.Module, images: torch.Tensor, dev: torch.device, o: Meas
 
 
 def _child_env(threads: int) -> dict[str, str]:
-    from lwbench.openmp import timing_env
-
-    env = timing_env(dict(os.environ))  # timed under OpenMP's default wait policy (lwbench/openmp.py)
+    env = dict(os.environ)  # OMP_WAIT_POLICY included: timed passive like the parent (lwbench/openmp.py)
     # Whatever the parent can import (a plugin's model classes), the child must be able to unpickle.
     paths = [p for p in sys.path if p] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
