@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -122,20 +123,23 @@ def summary(rows: list[dict]) -> str:
     table = tabulate(out, headers=["method", "protocol", "machine", "batch-1 speed-up over full (each repeat)",
                                    "max/min", "throughput speed-up"], tablefmt="github")
     verdicts = []
+    loads = list(dict.fromkeys(r["load"] for r in rows))
     for method in dict.fromkeys(r["method"] for r in rows):
         paired = {load: [r for r in rows if r["method"] == method and r["protocol"] == "paired" and r["load"] == load]
-                  for load in dict.fromkeys(r["load"] for r in rows)}
+                  for load in loads}
         if len(paired) < 2 or not all(paired.values()):
             continue
         (qa, qrows), (ha, hrows) = list(paired.items())[:2]
-        q, h = qrows[0], hrows[0]
-        overlap = q["ci_low"] <= h["ci_high"] and h["ci_low"] <= q["ci_high"]
-        within = abs(h["speedup"] / q["speedup"] - 1)
-        flagged = "" if h["reliable"] else "; the busy row is flagged unreliable (" + \
-            ("contended: no quiet rounds" if h["contended"] else "interval too wide") + ")"
-        verdicts.append(f"- {method}: {qa} {_cell(q)}, {ha} {_cell(h)}: intervals "
-                        f"{'overlap' if overlap else 'DO NOT overlap'}, {within:.1%} apart "
-                        f"({'within' if within <= 0.10 else 'NOT within'} 10%){flagged}")
+        q_med = statistics.median(r["speedup"] for r in qrows)
+        h_med = statistics.median(r["speedup"] for r in hrows)
+        covered = sum(r["ci_low"] <= q_med <= r["ci_high"] for r in hrows)
+        flagged = sum(not r["reliable"] for r in hrows)
+        thr_q = statistics.median(r["throughput_speedup"] for r in qrows)
+        thr_h = statistics.median(r["throughput_speedup"] for r in hrows)
+        verdicts.append(f"- {method}: batch 1, median of the repeats {q_med:.2f} ({qa}) and {h_med:.2f} ({ha}), "
+                        f"{abs(h_med / q_med - 1):.1%} apart; {covered} of {len(hrows)} {ha} intervals hold the {qa} "
+                        f"value; {flagged} of {len(hrows)} {ha} rows flagged not reliable. Throughput: {thr_q:.2f} "
+                        f"and {thr_h:.2f}, {abs(thr_h / thr_q - 1):.1%} apart.")
     return table + ("\n\n" + "\n".join(verdicts) if verdicts else "")
 
 
@@ -148,7 +152,12 @@ def main() -> None:
     p.add_argument("--paired-only", action="store_true", help="skip the old protocol")
     p.add_argument("--threads", type=int, help="timing threads (default: the quick profile's, every core)")
     p.add_argument("--out", help="write the summary (markdown) here and the raw rows as JSON beside it")
+    p.add_argument("--summarize", metavar="ROWS.json", help="print the summary of an earlier run's rows (its --out "
+                   "JSON) and exit")
     args = p.parse_args()
+    if args.summarize:
+        print(summary(json.loads(Path(args.summarize).read_text())))
+        return
     from lwbench.openmp import prefer_passive
 
     prefer_passive()  # as the lwbench command does, before torch loads
