@@ -100,6 +100,28 @@ def _line(r: dict) -> str:
             f"{r['reference_ms']:.2f}; throughput {r['throughput_speedup']:.2f}x; {r['seconds']:.0f} s)")
 
 
+def memory_repeats(models, images, plan, n: int) -> str:
+    """Each model's peak memory measured ``n`` times, each time in a fresh worker as a row is: the spread says
+    how far the figure can be trusted (on CPU it moves with the allocator's state)."""
+    import dataclasses
+
+    from tabulate import tabulate
+
+    from lwbench.measure.worker import MeasureOptions, measure_in_subprocess
+
+    opts = dataclasses.replace(MeasureOptions.from_config(plan.cfg.measure, plan.device, plan.threads),
+                               min_run_time=0.05, warmup=1, min_runs=2, throughput_batch=2)
+    out = []
+    for name, model in models.items():
+        got = [measure_in_subprocess(model, images, options=opts) for _ in range(n)]
+        mb = [g["peak_memory_mb"] for g in got]
+        out.append([name, got[0].get("param_mb", float("nan")), "; ".join(f"{v:.2f}" for v in mb),
+                    f"{max(mb) - min(mb):.2f}", f"{(max(mb) - min(mb)) / min(mb):.1%}",
+                    got[0].get("memory_method", "")])
+    return tabulate(out, headers=["model", "weights MB", f"peak MB, {n} fresh workers", "max - min", "relative",
+                                  "method"], tablefmt="github", floatfmt=".2f")
+
+
 def with_hog(n: int):
     procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(n)]
     time.sleep(1.0)
@@ -152,6 +174,9 @@ def main() -> None:
     p.add_argument("--paired-only", action="store_true", help="skip the old protocol")
     p.add_argument("--threads", type=int, help="timing threads (default: the quick profile's, every core)")
     p.add_argument("--out", help="write the summary (markdown) here and the raw rows as JSON beside it")
+    p.add_argument("--memory-repeats", type=int, default=0, metavar="N",
+                   help="instead: measure each model's peak memory N times, each in a fresh worker (how reproducible "
+                        "the CPU figure is), and exit")
     p.add_argument("--summarize", metavar="ROWS.json", help="print the summary of an earlier run's rows (its --out "
                    "JSON) and exit")
     args = p.parse_args()
@@ -162,6 +187,9 @@ def main() -> None:
 
     prefer_passive()  # as the lwbench command does, before torch loads
     models, images, plan = build(METHODS, args.device, args.threads)
+    if args.memory_repeats:
+        print(memory_repeats(models, images, plan, args.memory_repeats))
+        return
     rows: list[dict] = []
     conditions = [("quiet", 0)] + ([] if args.quick or args.hog <= 0 else [(f"{args.hog} busy loops", args.hog)])
     for load, hogs in conditions:
