@@ -73,8 +73,12 @@ class Overhead(nn.Module):
     """Marker base for submodules whose cost is selection overhead (selector, scorer, matcher).
 
     ``lwbench flops`` reports the MACs of every ``Overhead`` submodule on their own line, so a
-    method's extra cost is never hidden inside "backbone".
+    method's extra cost is never hidden inside "backbone". A module whose work is elementwise (a pixel statistic,
+    no matrix products) sets ``counts_elementwise = True`` so that work is counted too, not reported as free
+    (:mod:`lwbench.measure.flops`).
     """
+
+    counts_elementwise: bool = False
 
 
 class Method(abc.ABC):
@@ -174,6 +178,11 @@ class Method(abc.ABC):
 
     def check_budget(self) -> None:
         """Raise :class:`BudgetError` naming the valid range when the budget cannot be honoured."""
+        return None
+
+    def check_task(self, task: Any) -> None:
+        """Raise :class:`ConfigError` in one line when the method cannot run on ``task`` (e.g. ``oracle`` needs
+        object annotations). Called when a run is planned, before any teacher or training work."""
         return None
 
     @abc.abstractmethod

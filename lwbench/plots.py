@@ -74,6 +74,10 @@ METHOD_STYLES: dict[str, tuple[str, str]] = {
     "dtem": ("#1b9e77", r"$\spadesuit$"),  # every filled letter marker is taken; a filled mathtext glyph
     "algm": ("#dd1c77", r"$\clubsuit$"),  # a filled mathtext glyph (the filled letter markers are all taken)
     "repshift": ("#ad494a", "8"),
+    "saliency": ("#b8860b", "1"),  # unfilled tri markers: the two reference selectors read as brackets, not methods
+    "oracle": ("#000000", "2"),
+    "evit_random": ("#98df8a", "D"),  # the light shade of its method's colour, the same marker
+    "topk_random": ("#dbdb8d", "d"),
 }
 _FALLBACK_COLORS = ("#8c6d31", "#7b4173", "#17a589", "#c49c94", "#5254a3", "#b5cf6b", "#e7969c", "#de9ed6",
                     "#6b6ecf", "#9c9ede", "#cedb9c", "#e7cb94")

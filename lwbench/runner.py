@@ -52,9 +52,19 @@ def resolve_regime(method_cls, regime: str) -> str:
     if regime in (None, "auto"):
         return "off_the_shelf" if free else "finetuned"
     if regime == "off_the_shelf" and not free:
+        from lwbench.registry import METHODS
+
+        free_names = ", ".join(n for n in METHODS.names() if _training_of(n) == "none")
         raise ConfigError(f"method '{method_cls.name}' needs training ({method_cls.training}); regime off_the_shelf is "
-                          f"for training-free methods (full, tome, evit, topk, ats): use --regime finetuned")
+                          f"for training-free methods ({free_names}): use --regime finetuned")
     return regime
+
+
+def _training_of(name: str) -> str:
+    try:
+        return get_method(name).training
+    except Exception:  # a plugin that fails to import does not spoil the message
+        return "?"
 
 
 def check_writable(folder: Path, what: str, need_bytes: int = 0) -> Path:
@@ -116,6 +126,7 @@ class Plan:
                               "nothing to read; use --set head.pool=avg (or max)")
         opts = cfg.method_opts if cfg.method_opts is not None else self.method_cls.resolve_options({}, cfg.train)
         self.method = self.method_cls(self.spec, resolve_budget(self.method_cls, cfg.budget), opts=opts)
+        self.method.check_task(self.task)
         self.regime = resolve_regime(self.method_cls, cfg.regime)
         self.weights = cfg.weights
         self.weights_sha256 = file_sha256(cfg.weights) if cfg.weights else None

@@ -19,6 +19,11 @@ attention rotates them (the CLS query is a prefix token, never rotated; patch ke
 kept tokens keep their cells' RoPE, the fused token has no cell and gets the identity rotation, like a
 prefix token (:mod:`lwbench.eva`). Training-free by default; ``finetune=true`` fine-tunes the pruned model
 with the task loss, as the EViT paper does.
+
+``evit_random`` and ``topk_random`` are each method's own random-pruning baseline: the same blocks, the same
+number of tokens kept at each, (for EViT) the same fusion of the rest by attention; only *which* tokens are kept is
+uniformly random (fixed seed in evaluation). Their rows say whether ranking by CLS attention beats dropping as many
+tokens at random (arXiv:2510.07143 finds many reducers do not), at identical GMACs.
 """
 
 from __future__ import annotations
@@ -49,11 +54,12 @@ from ._reduction import (
 
 
 def select_attentive(
-    x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor, keep: int, fuse: bool
+    x: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor, keep: int, fuse: bool,
+    rank: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the ``keep`` tokens of ``x`` ``(B, n, D)`` with the highest ``attn`` ``(B, n)``, in index order; with
-    ``fuse`` append ``sum a_i x_i`` over the rest (position -1)."""
-    idx = attn.topk(keep, dim=1, largest=True, sorted=False).indices.sort(dim=1).values
+    """Keep the ``keep`` tokens of ``x`` ``(B, n, D)`` with the highest ``attn`` ``(B, n)`` (or ``rank`` when given),
+    in index order; with ``fuse`` append ``sum a_i x_i`` over the rest (position -1, ``a`` = ``attn``)."""
+    idx = (attn if rank is None else rank).topk(keep, dim=1, largest=True, sorted=False).indices.sort(dim=1).values
     kept, pos = gather_tokens(x, idx), positions.gather(1, idx)
     if not fuse:
         return kept, pos
@@ -67,11 +73,14 @@ def select_attentive(
 
 
 class AttentivePruner(Overhead):
-    """CLS attention row of one block (on the side) and EViT's keep/fuse step."""
+    """CLS attention row of one block (on the side) and EViT's keep/fuse step. ``random_seed`` set: which tokens
+    are kept is drawn uniformly at random instead (the same number at the same block; EViT still fuses the rest by
+    their attention), the per-method random-pruning baseline; in evaluation the draw is fixed by the seed."""
 
-    def __init__(self, scale: float, num_prefix: int, keep_rate: float, fuse: bool):
+    def __init__(self, scale: float, num_prefix: int, keep_rate: float, fuse: bool, random_seed: int | None = None):
         super().__init__()
         self.scale, self.num_prefix, self.keep_rate, self.fuse = float(scale), int(num_prefix), keep_rate, fuse
+        self.random_seed = random_seed
 
     def cls_row(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Head-averaged CLS attention over the non-prefix tokens ``(B, n)`` (softmax over all keys, as EViT)."""
@@ -79,19 +88,25 @@ class AttentivePruner(Overhead):
 
     def forward(self, x, q, k, positions):
         row = self.cls_row(q, k)
-        return (*select_attentive(x, row, positions, num_kept(self.keep_rate, x.shape[1]), self.fuse), row)
+        rank = None
+        if self.random_seed is not None:
+            gen = None if self.training else torch.Generator().manual_seed(self.random_seed)
+            rank = torch.rand(row.shape, generator=gen).to(row.device)
+        keep = num_kept(self.keep_rate, x.shape[1])
+        return (*select_attentive(x, row, positions, keep, self.fuse, rank=rank), row)
 
 
 class EViTEncoder(nn.Module):
-    def __init__(self, vit: nn.Module, keep_rate: float, layers: list[int], fuse: bool):
+    def __init__(self, vit: nn.Module, keep_rate: float, layers: list[int], fuse: bool, random_seed: int | None = None):
         super().__init__()
         self.vit = vit
         self.keep_rate = float(keep_rate)
         self.layers = list(layers)
         p = num_prefix(vit)
-        self.pruners = nn.ModuleDict(
-            {str(i): AttentivePruner(vit.blocks[i].attn.scale, p, keep_rate, fuse) for i in self.layers}
-        )
+        self.pruners = nn.ModuleDict({
+            str(i): AttentivePruner(vit.blocks[i].attn.scale, p, keep_rate, fuse,
+                                    None if random_seed is None else random_seed + i)
+            for i in self.layers})
 
     def forward(self, x: torch.Tensor):
         vit = self.vit
@@ -124,6 +139,7 @@ class EViT(Method):
     dense_output = True
     variable_length = False
     fuse = True
+    random_ranking = False  # True: keep random tokens instead (evit_random, topk_random)
     families = ("vit", "eva")
     families_note = "it ranks patch tokens by the CLS token's attention"
 
@@ -139,7 +155,8 @@ class EViT(Method):
     def build(self, vit):
         vit = detach_copy(vit)
         check_blocks(vit, self.name)
-        return EViTEncoder(vit, self.budget, self.layers, fuse=self.fuse)
+        seed = 0 if self.random_ranking else None
+        return EViTEncoder(vit, self.budget, self.layers, fuse=self.fuse, random_seed=seed)
 
 
 
@@ -147,3 +164,15 @@ class EViT(Method):
 class TopK(EViT):
     description = "keep the top keep_rate tokens by CLS attention at 3 blocks, drop the rest (EViT without fusion)"
     fuse = False
+
+
+@register_method("evit_random")
+class EViTRandom(EViT):
+    description = "EViT's schedule and fusion with the kept tokens drawn at random (EViT's random-pruning baseline)"
+    random_ranking = True
+
+
+@register_method("topk_random")
+class TopKRandom(TopK):
+    description = "top-k's schedule with the kept tokens drawn at random (random pruning at the same blocks)"
+    random_ranking = True

@@ -130,6 +130,8 @@ NOOP: dict[str, NoOp | NoNoOp] = {
     "lowres": NoOp(lambda spec: spec.img_size[0]),  # "downsampled" to the high-res height: no resize at all
     "random": ALL_PATCHES,
     "grid": ALL_PATCHES,  # k = all cells is every cell in order
+    "saliency": ALL_PATCHES,  # k = all cells: every cell, sorted
+    "oracle": ALL_PATCHES,  # k = all cells: every cell, sorted (no lookup needed)
     "dps": ALL_PATCHES,
     "ips": ALL_PATCHES,  # the aggregator's summary enters CLS through a zero-initialised projection
     "lookwhere": NoNoOp(
@@ -146,6 +148,8 @@ NOOP: dict[str, NoOp | NoNoOp] = {
     "algm": NoOp(lambda spec: 1.0),  # threshold 1: neither the local nor the global stage runs
     "evit": KEEP_ALL,
     "topk": KEEP_ALL,
+    "evit_random": KEEP_ALL,
+    "topk_random": KEEP_ALL,
     "ats": KEEP_ALL,
     "dynamicvit": KEEP_ALL,  # keep rho^s = 1 at every stage: the predictors are never called
     "repshift": KEEP_ALL,  # keep every token at every pruning block: no block is split

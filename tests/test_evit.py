@@ -146,3 +146,22 @@ def test_scoring_cost_is_counted_as_overhead():
     mlp_per_token = 2 * 32 * 64
     assert full.parts["backbone"] - topk.parts["backbone"] == 17 * mlp_per_token  # dropped before block 1's MLP
     assert full.parts["backbone"] - evit.parts["backbone"] == 16 * mlp_per_token  # the fused token pays its MLP
+
+
+@pytest.mark.parametrize("method", ["evit", "topk"])
+def test_random_pruning_baseline_keeps_as_many_tokens_at_the_same_blocks(case, method):
+    """``<method>_random``: the same schedule (tokens per block), other tokens than the method's, the same draw on
+    every evaluation call, and a different one in training."""
+    vit, spec, size = case
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = get_method(method)(spec, 0.5).build(vit).eval()(x)
+        enc = get_method(f"{method}_random")(spec, 0.5).build(vit).eval()
+        a, b = enc(x), enc(x)
+    assert torch.equal(a.aux["tokens_per_layer"], ref.aux["tokens_per_layer"])
+    assert a.positions.shape == ref.positions.shape and not torch.equal(a.positions, ref.positions)
+    assert torch.equal(a.positions, b.positions)  # fixed seed in evaluation
+    enc.train()
+    with torch.no_grad():
+        draws = {tuple(enc(x).positions[0].tolist()) for _ in range(4)}
+    assert len(draws) > 1

@@ -44,7 +44,7 @@ FAMILIES = {
     "eva02_tiny_patch14_224": ("eva", (28, 42)),  # absolute + RoPE, SwiGLU
 }
 METHOD_NAMES = sorted(METHODS.names())
-NEED_CLS = {"evit", "topk", "ats", "ips", "lookwhere"}  # read or write the class token
+NEED_CLS = {"evit", "topk", "evit_random", "topk_random", "ats", "ips", "lookwhere"}  # read or write the class token
 # (family, method) pairs refused at planning time
 REFUSED = {(fam, m) for fam in ("vit-noclass", "eva-noclass") for m in NEED_CLS}
 NUM_CLASSES = 3
@@ -101,7 +101,7 @@ def test_noop_macs_are_the_closed_form(family, method):
     assert r.unsupported_ops == [], r.unsupported_ops
     closed = closed_form_for(vit, spec.img_size, num_classes=NUM_CLASSES)
     assert r.parts["backbone"] + r.parts["head"] == closed, (method, name, r.parts, closed)
-    if method not in ("lookwhere", "dps", "ips"):  # the others have no selector at their no-op budget
+    if method not in ("lookwhere", "dps", "ips", "saliency"):  # the others have no selector at their no-op budget
         assert r.macs == closed
 
 

@@ -7,6 +7,13 @@ attention. Normalisations, activations, softmax, residual adds and interpolation
 elementwise, cost well under 1 % of a ViT, and are left uncounted as usual in the field; every
 such op that ran is listed in the report so nothing is dropped silently.
 
+One exception, so that a cheap selector is never free: an :class:`~lwbench.method.Overhead` module whose work
+*is* elementwise (a pixel statistic: ``saliency``'s variance or edge energy per patch) says so with
+``counts_elementwise = True``, and its elementwise ops are counted, one MAC per element of the op's largest
+operand. Other modules, the backbone and learned selectors and matchers included, keep the field's convention, so
+their GMACs stay comparable with published numbers (and the two counters, which attribute ops to modules
+differently, agree exactly on them).
+
 Why three counters:
 
 - :func:`count_macs` (fvcore, with extra handles) is the reported number. Stock fvcore counts
@@ -230,19 +237,63 @@ def _parts(total: int, module_total, model: nn.Module) -> dict[str, int]:
     return {"backbone": total - overhead - head, "overhead": overhead, "head": head}
 
 
-def _count_fvcore(model: nn.Module, inputs: Inputs) -> tuple[int, dict[str, int], dict, list[str], list[str]]:
+#: ``by_operator`` key of the elementwise work counted inside Overhead modules (see the module docstring).
+OVERHEAD_ELEMENTWISE = "elementwise in overhead"
+
+
+def _elementwise_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """One MAC per element of the op's largest tensor operand (inputs or outputs). Zero-dim operands are shape
+    arithmetic the tracer records (``h // p * w // p``), not work: they count 0, as the torch counter never sees
+    them."""
+    get_shape = _fvcore().jit_handles.get_shape
+    sizes = [math.prod(s) for v in list(inputs) + list(outputs) if (s := get_shape(v))]
+    return max(sizes, default=0)
+
+
+def _add_overhead(total: int, parts: dict[str, int], by_op: dict, extra: int) -> int:
+    if extra:
+        parts["overhead"] += extra
+        by_op[OVERHEAD_ELEMENTWISE] = by_op.get(OVERHEAD_ELEMENTWISE, 0) + extra
+    return total + extra
+
+
+def _fvcore_analysis(model: nn.Module, inputs: Inputs, handles: dict[str, Any]):
     fca = _fvcore().FlopCountAnalysis(model, inputs)
     fca.clear_op_handles()
-    fca.set_op_handle(**_fvcore_handles())
+    fca.set_op_handle(**handles)
     fca.unsupported_ops_warnings(False)
     fca.uncalled_modules_warnings(False)
     fca.tracer_warnings("none")
+    return fca
+
+
+def _elementwise_overhead_modules(model: nn.Module) -> list[str]:
+    """Outermost Overhead modules that declare their elementwise work (``counts_elementwise``)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, Overhead) and getattr(m, "counts_elementwise", False)]
+    return [n for n in names if not any(n != o and (o == "" or n.startswith(o + ".")) for o in names)]
+
+
+def _overhead_elementwise_fvcore(model: nn.Module, inputs: Inputs) -> int:
+    """Elementwise MACs inside the Overhead modules that count them (a second trace, only when there are any)."""
+    names = _elementwise_overhead_modules(model)
+    if not names:
+        return 0
+    fca = _fvcore_analysis(model, inputs, {op: _elementwise_handle for op in ELEMENTWISE_OPS})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sum(int(fca.total(n)) for n in names)
+
+
+def _count_fvcore(model: nn.Module, inputs: Inputs) -> tuple[int, dict[str, int], dict, list[str], list[str]]:
+    fca = _fvcore_analysis(model, inputs, _fvcore_handles())
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         total = int(fca.total())
         parts = _parts(total, fca.total, model)
         uncounted, unsupported = _split_ops(fca.unsupported_ops())
-        return total, parts, {k: int(v) for k, v in fca.by_operator().items()}, uncounted, unsupported
+        by_op = {k: int(v) for k, v in fca.by_operator().items()}
+    total = _add_overhead(total, parts, by_op, _overhead_elementwise_fvcore(model, inputs))
+    return total, parts, by_op, uncounted, unsupported
 
 
 # Dispatcher-level names (what FlopCounterMode sees) of ops fvcore sees under their public names.
@@ -310,7 +361,47 @@ def _count_torch(model: nn.Module, inputs: Inputs) -> tuple[int, dict[str, int],
     by_op = {str(k): int(v) // 2 for k, v in counts.get("Global", {}).items()}
     counted = {"aten::" + getattr(k, "__name__", str(k)) for k in counter.flop_registry}
     uncounted, unsupported = _classify_dispatch_ops(rec.ops, counted)
-    return total, _parts(total, module_total, model), by_op, uncounted, unsupported
+    parts = _parts(total, module_total, model)
+    total = _add_overhead(total, parts, by_op, _overhead_elementwise_torch(model, inputs))
+    return total, parts, by_op, uncounted, unsupported
+
+
+def _elementwise_flops(*args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode formula (FLOPs = 2 x MACs): one MAC per element of the largest operand."""
+    sizes: list[int] = []
+
+    def walk(v: Any) -> None:  # pytree would flatten a torch.Size (a tuple) into its ints
+        if isinstance(v, torch.Size):
+            sizes.append(math.prod(v) if len(v) else 0)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                walk(item)
+        elif isinstance(v, dict):
+            for item in v.values():
+                walk(item)
+
+    walk((args, kwargs, out_shape))
+    return 2 * max(sizes, default=0)
+
+
+def _overhead_elementwise_torch(model: nn.Module, inputs: Inputs) -> int:
+    """:func:`_overhead_elementwise_fvcore` with FlopCounterMode: a counter that knows only elementwise ops, read
+    at those modules (modules on the call stack, as the torch counter attributes everything)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    names = _elementwise_overhead_modules(model)
+    if not names:
+        return 0
+    aten = torch.ops.aten
+    ops = {getattr(aten, op.removeprefix("aten::")) for op in ELEMENTWISE_OPS | _DISPATCH_ELEMENTWISE
+           if hasattr(aten, op.removeprefix("aten::"))}
+    mapping = {op: _elementwise_flops for op in ops}
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with counter, torch.no_grad():
+        model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    return sum(int(v) for n in names for op, v in counts.get(f"{root}.{n}", {}).items() if op in ops) // 2
 
 
 def _batch(inputs: Inputs) -> int:

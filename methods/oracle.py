@@ -1,0 +1,132 @@
+"""``oracle``: the annotated object cells first, then random cells, through the backbone. Budget = k.
+
+The ceiling of *where to look*: a selector that knows where the objects are (the task's boxes, the same cells
+``object_recall`` counts) and spends the rest of its k cells at random. Beside ``saliency`` (no learning) it
+brackets every learned selector: read from ``object_recall``, a selector sits between the two, and the accuracy
+gap between ``oracle`` and ``full`` is what the extractor loses by seeing only k cells even when they are the
+right ones. It is a measurement, not a deployable method: it reads annotations no real input has.
+
+How it knows the boxes. A model sees only pixels, so :meth:`Oracle.fit` looks up every test image of the task
+(``Task.objects``) once and keys its object cells by a fingerprint of the image tensor (256 fixed pixel values,
+exact floats); the encoder finds each input's cells by the same fingerprint. An input that is not a test image
+(an augmented training image, a photo of your own) has no entry: its k cells are random, and in evaluation
+lwbench warns once. So in the ``finetuned`` regime the extractor is fine-tuned on random cells (the training
+images are augmented, so their boxes cannot be looked up), then evaluated with the annotated ones.
+
+Order: object cells before all others, in random order among themselves when there are more than k (a fixed
+seed in evaluation, as ``random``); indices sorted, so k = all patches is the plain model exactly. Refused in one
+line on tasks that annotate no objects (ImageNet, ADE20K, an image folder). Cost: no arithmetic (a gather and a
+top-k), counted as 0 MACs of overhead; the lookup's time is in its latency.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lwbench.errors import ConfigError
+from lwbench.method import PatchSelectionMethod, detach_copy
+from lwbench.options import option
+from lwbench.registry import register_method
+from lwbench.tokens import TokenOutput
+from lwbench.vit import grid_of, run_selected
+
+log = logging.getLogger("lwbench")
+
+#: Pixel values per fingerprint: enough that two different images of a split never share one.
+FINGERPRINT_VALUES = 256
+
+
+def _positions(numel: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    n = min(FINGERPRINT_VALUES, numel)
+    return torch.randperm(numel, generator=gen)[:n].to(device)
+
+
+def fingerprint(image: torch.Tensor) -> bytes:
+    """A key for one ``(C, H, W)`` image: the exact float32 bytes of 256 fixed pixel positions (fixed per shape)."""
+    flat = image.reshape(-1)
+    values = flat[_positions(flat.numel(), flat.device)].detach().float().cpu()
+    return bytes(str(tuple(image.shape)), "ascii") + values.numpy().tobytes()
+
+
+class OracleEncoder(nn.Module):
+    """k cells per image: its annotated object cells first (looked up by fingerprint), then random ones."""
+
+    def __init__(self, vit: nn.Module, k: int, seed: int = 0):
+        super().__init__()
+        self.vit = vit
+        self.k = k
+        self.seed = seed
+        self.object_cells: dict[bytes, torch.Tensor] = {}  # fingerprint -> (N,) bool, set by Oracle.fit
+        self._warned = False
+
+    def forward(self, x: torch.Tensor) -> TokenOutput:
+        grid = grid_of(self.vit, x)
+        n = grid[0] * grid[1]
+        gen = None
+        if not self.training:  # deterministic evaluation: the same draw for the same batch position
+            gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        scores = torch.rand(x.shape[0], n, generator=gen)
+        missed = 0
+        for i in range(x.shape[0] if self.object_cells else 0):  # no table (built, not fitted): random cells
+            cells = self.object_cells.get(fingerprint(x[i]))
+            if cells is not None and cells.numel() == n:
+                scores[i] += 2.0 * cells.float()  # every object cell ranks above every other cell
+            else:
+                missed += 1
+        if missed and not self.training and self.object_cells and not self._warned:
+            self._warned = True
+            log.warning("oracle: %d of %d images are not test images of the task it was fitted on; their cells are "
+                        "random", missed, x.shape[0])
+        idx = scores.to(x.device).topk(self.k, dim=1).indices.sort(dim=1).values
+        return run_selected(self.vit, x, idx)
+
+
+@register_method("oracle")
+class Oracle(PatchSelectionMethod):
+    description = "k high-res patches: the annotated object cells first, then random (a ceiling; reads the boxes)"
+    training = "none"  # off the shelf as it is; the finetuned regime fine-tunes it at k (on random cells, see above)
+
+    @dataclass(frozen=True)
+    class Options:
+        seed: int = option(0, "seed of the random cells after the object cells", min=0)
+
+    def check_task(self, task) -> None:
+        from lwbench.diagnostics import has_objects
+
+        if not has_objects(task):
+            raise ConfigError(f"oracle: task '{task.name}' ({task.source} source) annotates no object boxes, so there "
+                              "is nothing to look up; it runs on tasks with objects (traffic_signs, billiards)")
+
+    def build(self, vit):
+        return OracleEncoder(detach_copy(vit), int(self.budget), seed=self.opts.seed)
+
+    def fit(self, ctx):
+        model = super().fit(ctx)
+        model.encoder.object_cells = object_cells_by_fingerprint(ctx.task, self.spec.grid, self.spec.patch)
+        return model
+
+
+def object_cells_by_fingerprint(task, grid: tuple[int, int], patch: int,
+                                split: str = "test") -> dict[bytes, torch.Tensor]:
+    """``{fingerprint(image): (N,) bool object cells}`` over ``split`` (the cells ``object_recall`` counts)."""
+    from lwbench.diagnostics import object_mask
+
+    ds = task.dataset(split)
+    table: dict[bytes, torch.Tensor] = {}
+    clashes: set[bytes] = set()
+    for i in range(len(ds)):
+        key = fingerprint(ds[i][0])
+        if key in table:
+            clashes.add(key)
+        table[key] = object_mask(task, split, i, grid, patch)
+    for key in clashes:  # two different images with one fingerprint: neither can be told apart, both get random
+        del table[key]
+    if clashes:
+        log.warning("oracle: %d fingerprints are shared by several %s images of %s; those images get random cells",
+                    len(clashes), split, task.name)
+    return table
