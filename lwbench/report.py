@@ -6,7 +6,8 @@ It writes, from the rows alone (nothing is re-run):
 * ``table.md``: where and how the rows were obtained (machine, threads, dtype, kernel, commit, busy rows),
   the results table with 95% intervals in both regimes, and each method's **paired** difference to ``full``
   in the same regime, seed and teacher (a paired bootstrap over the same test images, so "within X points"
-  is a statement with a confidence level);
+  is a statement with a confidence level), and every method's accuracy on the **hard subset**, the test images
+  ``lowres`` at its default size gets wrong (:func:`hard_subset_rows`);
 * ``pareto_gmacs.png`` and ``pareto_latency_ms.png`` (error bars, tied points marked);
 * ``conversion.png`` when rows were timed paired against ``full``: each method's speed-up against its GMAC ratio,
   one panel per batch size (:func:`lwbench.plots.conversion_plot`).
@@ -58,6 +59,80 @@ def paired_rows(store: ResultStore, rows: list[dict[str, Any]], reference: str =
                     "diff": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": len(a),
                     "gmacs_ratio": ref["gmacs"] / r["gmacs"] if r.get("gmacs") else math.nan})
     return out
+
+
+#: The method whose mistakes define the hard subset (VTC-Bench's filter, arXiv:2510.07143): the test images that
+#: plain downsampling to its default size gets wrong are the ones where looking at high resolution must matter.
+HARD_FILTER = "lowres"
+
+
+def _default_size(row: dict[str, Any]) -> float | None:
+    """``lowres``'s default size (its ``--budget`` when none is given) for the row's backbone and image size."""
+    from lwbench.backbones import spec_of
+    from lwbench.registry import get_method
+
+    try:
+        return float(get_method(HARD_FILTER).default_budget(spec_of(row["backbone"], row["img_size"])))
+    except Exception:  # a backbone this install cannot describe: fall back to the rows' own sizes
+        return None
+
+
+def _size(row: dict[str, Any]) -> float:
+    try:
+        return float(str(row.get("budget", "")).partition("=")[2])
+    except ValueError:
+        return math.nan
+
+
+def hard_subset_rows(store: ResultStore, rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[dict]]:
+    """``(filter_row, results)``: each row's metric, with its 95% bootstrap interval, on the test images that the
+    ``lowres`` row at its default size got wrong (same seed, teacher and test set; classification only).
+
+    The filter row is ``lowres`` at its default size, fine-tuned when both regimes ran (it is trained for that
+    size there); without one at that size, the ``lowres`` row whose size is nearest. ``(None, [])`` when the
+    rows have no ``lowres`` row with per-image outcomes, or their metric has no per-image correctness."""
+    import numpy as np
+
+    from lwbench.stats import bootstrap_ci
+
+    metric = rows[0]["metric"] if rows else ""
+    if metric not in ("top1", "top5"):
+        return None, []
+    candidates = [r for r in rows if r["method"] == HARD_FILTER and store.per_image(r).get(metric) is not None]
+    if not candidates:
+        return None, []
+    default = _default_size(candidates[0])
+
+    def preference(r: dict[str, Any]) -> tuple:
+        gap = abs(_size(r) - default) if default is not None else _size(r)
+        return (gap if math.isfinite(gap) else math.inf, r.get("regime") != "finetuned", str(r.get("run_id")))
+
+    flt = min(candidates, key=preference)
+    wrong = np.asarray(store.per_image(flt)[metric]) == 0
+    if not wrong.any():
+        return flt, []
+    key = (flt.get("seed"), flt.get("teacher_id"), flt.get("n_eval"))
+    out = []
+    for r in rows:
+        a = store.per_image(r).get(metric)
+        if (r.get("seed"), r.get("teacher_id"), r.get("n_eval")) != key or a is None or len(a) != len(wrong):
+            continue
+        ci = bootstrap_ci(np.asarray(a)[wrong], metric, n_resamples=int(r.get("bootstrap_resamples") or 1000),
+                          seed=int(r.get("bootstrap_seed") or 0))
+        out.append({"method": r["method"], "budget": r["budget"], "regime": r.get("regime", "-"),
+                    "value": r["metric_value"], "hard": ci["value"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
+                    "n": int(wrong.sum()), "gmacs": r.get("gmacs", math.nan)})
+    return flt, out
+
+
+def hard_subset_table(flt: dict[str, Any], results: list[dict[str, Any]], metric: str) -> str:
+    from tabulate import tabulate
+
+    body = [[h["method"], h["budget"], h["regime"], f"{h['gmacs']:.3g}", f"{h['value']:.1f}",
+             f"{h['hard']:.1f} [{h['ci_low']:.1f}, {h['ci_high']:.1f}]"]
+            for h in sorted(results, key=lambda h: (h["regime"], -h["hard"], h["method"], h["budget"]))]
+    return tabulate(body, headers=["method", "budget", "regime", "GMACs", f"{metric} (all)",
+                                   f"{metric} on the hard subset [95% CI]"], tablefmt="github", disable_numparse=True)
 
 
 def provenance(rows: list[dict[str, Any]]) -> str:
@@ -192,6 +267,13 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
              format_results(df, "md").strip(), "",
              f"## Paired difference to `{REFERENCE}` (same regime, seed, teacher and test images)", "",
              paired_table(pairs, metric) if pairs else "(no pairs: no full row or no per-image outcomes)", ""]
+    flt, hard = hard_subset_rows(store, rows)
+    if flt is not None and hard:
+        text += [f"## Hard subset: the {hard[0]['n']} of {flt.get('n_eval')} test images `{HARD_FILTER} "
+                 f"{flt['budget']}` ({flt.get('regime', '-')}) gets wrong", "",
+                 "Plain downsampling fails on these, so they are the images where looking at high resolution has to "
+                 "matter (VTC-Bench's filter). That row itself scores 0 here by construction.", "",
+                 hard_subset_table(flt, hard, metric), ""]
     md = out / "table.md"
     write_text_atomic(md, "\n".join(text))
     written.append(md)
@@ -202,4 +284,5 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
     return written
 
 
-__all__ = ["write_report", "foreign_files", "paired_rows", "paired_table", "provenance"]
+__all__ = ["write_report", "foreign_files", "paired_rows", "paired_table", "provenance", "hard_subset_rows",
+           "hard_subset_table"]

@@ -1,0 +1,57 @@
+"""The hard subset (VTC-Bench's filter): each method's accuracy on the test images ``lowres`` gets wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_results import make_row
+
+from lwbench.report import hard_subset_rows, write_report
+from lwbench.results import ResultStore
+
+OUTCOMES = {  # 8 test images; lowres size=24 (the default for lw_vit_test_p8 at 64x64) misses images 0-3
+    ("lowres", 24): [0, 0, 0, 0, 1, 1, 1, 1],
+    ("lowres", 32): [0, 1, 1, 1, 1, 1, 1, 1],
+    ("full", None): [1, 1, 1, 0, 1, 1, 1, 1],
+    ("saliency", 8): [1, 0, 0, 0, 1, 1, 1, 1],
+}
+
+
+def _store(tmp_path, outcomes=OUTCOMES):
+    store = ResultStore(tmp_path / "res")
+    for (method, budget), top1 in outcomes.items():
+        row = make_row(method=method, k=None if budget is None else budget, acc=100.0 * np.mean(top1),
+                       n_eval=len(top1), regime="finetuned", teacher_id="t0", bootstrap_resamples=200)
+        if method == "lowres":
+            row.update(budget=f"size={budget}", budget_key="size")
+        store.write(row)
+        store.write_per_image(row, {"top1": np.asarray(top1, np.uint8)})
+    return store
+
+
+def test_hard_subset_known_answer(tmp_path):
+    store = _store(tmp_path)
+    flt, hard = hard_subset_rows(store, store.rows(task="traffic_signs"))
+    assert (flt["method"], flt["budget"]) == ("lowres", "size=24")  # the default size, not the nearest to full
+    got = {(h["method"], h["budget"]): h for h in hard}
+    assert got[("full", "-")]["hard"] == pytest.approx(75.0) and got[("full", "-")]["n"] == 4
+    assert got[("saliency", "k=8")]["hard"] == pytest.approx(25.0)
+    assert got[("lowres", "size=24")]["hard"] == 0.0
+    assert got[("lowres", "size=32")]["hard"] == pytest.approx(75.0)
+    lo, hi = got[("full", "-")]["ci_low"], got[("full", "-")]["ci_high"]
+    assert lo <= 75.0 <= hi and hi - lo > 0
+
+
+def test_report_has_the_hard_subset_section(tmp_path):
+    store = _store(tmp_path)
+    write_report(store, "traffic_signs", tmp_path / "rep")
+    text = (tmp_path / "rep" / "table.md").read_text()
+    assert "## Hard subset: the 4 of 8 test images `lowres size=24` (finetuned) gets wrong" in text
+    assert "75.0 [" in text
+
+
+def test_no_lowres_row_means_no_section(tmp_path):
+    store = _store(tmp_path, {k: v for k, v in OUTCOMES.items() if k[0] != "lowres"})
+    assert hard_subset_rows(store, store.rows(task="traffic_signs")) == (None, [])
+    write_report(store, "traffic_signs", tmp_path / "rep")
+    assert "Hard subset" not in (tmp_path / "rep" / "table.md").read_text()
