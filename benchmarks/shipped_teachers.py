@@ -24,19 +24,20 @@ from pathlib import Path
 import torch
 
 
-def plan_for(task: str, threads: int | None):
+def plan_for(task: str, threads: int | None, sets: list[str] | None = None):
     from lwbench.config import resolve_config
     from lwbench.runner import Plan
 
-    cfg = resolve_config("full", task, None, profile="quick", sets=[f"threads={threads}"] if threads else [])
+    sets = [*(sets or []), *([f"threads={threads}"] if threads else [])]
+    cfg = resolve_config("full", task, None, profile="quick", sets=sets)
     return Plan(cfg.replace(retrain_teacher=True))
 
 
-def train(task: str, cache: Path, threads: int | None) -> tuple[Path, float]:
+def train(task: str, cache: Path, threads: int | None, sets: list[str] | None = None) -> tuple[Path, float]:
     os.environ["LWBENCH_CACHE"] = str(cache)
     from lwbench.runner import build_teacher
 
-    plan = plan_for(task, threads)
+    plan = plan_for(task, threads, sets)
     torch.set_num_threads(plan.threads)
     t0 = time.perf_counter()
     _, _, tdir = build_teacher(plan)
@@ -63,20 +64,23 @@ def main(argv=None) -> int:
     ap.add_argument("--write", metavar="TASK")
     ap.add_argument("--from-cache", help="ship the finished teacher from this cache instead of training it")
     ap.add_argument("--threads", type=int, help="torch threads (default: all cores; the shipped ones used 2)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override the teacher depends on, e.g. task.scenes=hard (repeatable)")
     args = ap.parse_args(argv)
     from lwbench.shipping import ship, shipped_folder
 
     task = args.check or args.write
     if not task:
         ap.error("give --check TASK or --write TASK")
-    plan = plan_for(task, args.threads)
+    plan = plan_for(task, args.threads, args.set)
+    sets = "".join(f" --set {s}" for s in args.set)
     if args.check:
         shipped = shipped_folder(plan.teacher_id)
         if shipped is None:
             print(f"no shipped teacher for {task} (teacher id {plan.teacher_id})")
             return 1
         with tempfile.TemporaryDirectory(prefix="lwbench-teacher-check-") as tmp:
-            tdir, secs = train(task, Path(tmp), args.threads)
+            tdir, secs = train(task, Path(tmp), args.threads, args.set)
             verdict = compare(shipped / "model.safetensors", tdir / "model.safetensors")
         print(f"{task}: teacher {plan.teacher_id} retrained in {secs:.0f} s with {plan.threads} threads on "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}: {verdict}")
@@ -84,11 +88,11 @@ def main(argv=None) -> int:
     cache = Path(args.from_cache) if args.from_cache else Path(tempfile.mkdtemp(prefix="lwbench-teacher-"))
     tdir = cache / "teachers" / plan.teacher_id
     if not (tdir / "done.json").is_file():
-        tdir, _ = train(task, cache, args.threads)
-    cmd = f"lwbench run --method full --task {task} --retrain-teacher"
+        tdir, _ = train(task, cache, args.threads, args.set)
+    cmd = f"lwbench run --method full --task {task}{sets} --retrain-teacher"
     where = (f"{platform.processor() or platform.machine()}, {plan.threads} threads, python "
              f"{sys.version.split()[0]}, torch {torch.__version__}")
-    dest = ship(tdir, cmd, where, "not yet checked: run benchmarks/shipped_teachers.py --check " + task)
+    dest = ship(tdir, cmd, where, f"not yet checked: run benchmarks/shipped_teachers.py --check {task}{sets}")
     print(f"shipped {tdir} -> {dest}")
     return 0
 

@@ -35,6 +35,11 @@ CLASS_NAMES = ("EMPTY", "50", "70", "80")
 SPEED_LIMITS = ("50_SIGN", "70_SIGN", "80_SIGN")  # STS names of the three classes after EMPTY
 VISIBILITIES = ("VISIBLE", "BLURRED", "SIDE_ROAD", "OCCLUDED")  # best first, as ATS ranks them
 SPLITS = ("train", "val", "test")
+# The synthetic scene sets (task option ``scenes``): the task version each one is, and how it is drawn.
+SCENES: dict[str, dict[str, Any]] = {
+    "easy": {"version": 1, "sign_frac": (0.14, 0.18), "textures": (0, 0), "decoys": (0, 2)},
+    "hard": {"version": 2, "sign_frac": (0.11, 0.20), "textures": (6, 10), "decoys": (1, 3)},
+}
 NATIVE_SIZE = (960, 1280)  # (H, W) of every STS frame
 _LEADING_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)")
 
@@ -225,7 +230,12 @@ class TrafficSigns(Task):
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
         return {
-            "sign_frac": (0.14, 0.18),  # synthetic: sign diameter / image height (34-43 px at 240), uniform
+            # synthetic: "easy" = the scenes of task version 1 (street clutter, 0-2 sign-shaped decoys); "hard" =
+            # version 2, where high-contrast distractors at the sign's scale (striped barriers, text boards,
+            # chequered panels, dappled foliage; 6-10 per scene), 1-3 decoys and a wider range of sign sizes mean a
+            # pixel statistic cannot find the sign (see SCENES)
+            "scenes": "easy",
+            "sign_frac": "auto",  # synthetic: sign diameter / image height, uniform; auto: the scenes' own range
             "clutter": 12,  # synthetic: clutter items per scene
             "n_train": 6000,  # synthetic split sizes
             "n_val": 500,
@@ -237,6 +247,17 @@ class TrafficSigns(Task):
 
     def _validate_opts(self) -> None:
         o = self.opts
+        scenes = str(o.pop("scenes"))
+        if scenes not in SCENES:
+            raise ConfigError(f"traffic_signs: scenes must be one of {', '.join(SCENES)}, got {scenes!r}")
+        self.scenes = scenes
+        if scenes != "easy" and self.source == "synthetic":
+            # Only the hard scenes name themselves: easy scenes keep version 1's options, so its teacher id, its
+            # shipped teacher and its scene cache stay valid; the real source has no scenes.
+            o["scenes"] = scenes
+            self.version = SCENES[scenes]["version"]
+        if o["sign_frac"] == "auto":
+            o["sign_frac"] = SCENES[scenes]["sign_frac"]
         try:
             frac = tuple(float(v) for v in (o["sign_frac"] if isinstance(o["sign_frac"], (list, tuple))
                                              else str(o["sign_frac"]).split(",")))
@@ -279,8 +300,9 @@ class TrafficSigns(Task):
 
     # -- data --------------------------------------------------------------------------------------
     def _scene_config(self) -> traffic_scene.SceneConfig:
+        sc = SCENES[self.scenes]
         return traffic_scene.SceneConfig(size=self.img_size, sign_frac=self.opts["sign_frac"],
-                                         clutter=self.opts["clutter"])
+                                         clutter=self.opts["clutter"], textures=sc["textures"], decoys=sc["decoys"])
 
     def real_frames(self) -> dict[str, list[Frame]]:
         """Filtered frames per split. "val" is the last ``val_frac`` of each class of Set1 in file order:

@@ -33,6 +33,11 @@ class SceneConfig:
     size: tuple[int, int]  # (H, W)
     sign_frac: tuple[float, float] = (0.14, 0.18)  # sign diameter / image height
     clutter: int = 12
+    # High-contrast distractors at the sign's scale (striped barriers, text boards, chequered panels, dappled
+    # foliage): a patch statistic (variance, edges) ranks them with or above the sign, so "where to look" must be
+    # learned. 0 keeps the scenes of task version 1 pixel for pixel (no random draws are added).
+    textures: tuple[int, int] = (0, 0)  # (min, max) per scene, uniform
+    decoys: tuple[int, int] = (0, 2)  # (min, max) sign-shaped decoys per scene, uniform
 
 
 def rng_for(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
@@ -78,7 +83,12 @@ def render(cfg: SceneConfig, seed: int, split: str, index: int) -> Image.Image:
     lo, hi = cfg.sign_frac
     for _ in range(cfg.clutter):
         _clutter_item(draw, rng, h, w, horizon)
-    for _ in range(int(rng.integers(0, 3))):  # 0-2 decoy signs, same odds in every class
+    if cfg.textures[1] > 0:  # its own stream: the rest of the scene draws what it drew in version 1
+        trng = rng_for(seed, split, index, 2)
+        for _ in range(int(trng.integers(cfg.textures[0], cfg.textures[1] + 1))):
+            _texture_item(img, trng, h, w, 0.5 * (lo + hi) * h)
+        draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(cfg.decoys[0], cfg.decoys[1] + 1))):  # decoy signs, same odds in every class
         d = rng.uniform(lo, hi) * h * rng.uniform(0.85, 1.2)
         d = min(d, 0.9 * min(h, w))
         cx, cy = rng.uniform(d / 2, w - d / 2), rng.uniform(d / 2, h - d / 2)
@@ -172,6 +182,52 @@ def _clutter_item(draw: ImageDraw.ImageDraw, rng: np.random.Generator, h: int, w
         bw, bh = w * rng.uniform(0.03, 0.12), h * rng.uniform(0.03, 0.12)
         x0, y0 = rng.uniform(-bw / 2, w - bw / 2), rng.uniform(0, h - bh)
         draw.rectangle([x0, y0, x0 + bw, y0 + bh], fill=_color(rng, 10, 250))
+
+
+_LETTERS = "ABCDEFGHIJKLMNPRSTUVWXYZ"  # no digits: a board must never read as a speed limit
+
+
+def _texture_item(img: Image.Image, rng: np.random.Generator, h: int, w: int, d: float) -> None:
+    """One high-contrast distractor about the sign's size ``d`` (0.8-1.8x), anywhere in the frame: near-black against
+    near-white, so its patches' variance and edge energy match or beat the sign's."""
+    kind = int(rng.choice(4))
+    bw = int(d * rng.uniform(0.8, 1.8) * (1.4 if kind == 1 else 1.0))
+    bh = int(d * rng.uniform(0.8, 1.5) * (0.8 if kind == 1 else 1.0))
+    bw, bh = max(4, min(bw, w - 1)), max(4, min(bh, h - 1))
+    x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+    if kind == 0:  # striped barrier board: red/white or black/yellow diagonals
+        a, b = [((200, 20, 30), (245, 245, 240)), ((15, 15, 15), (240, 200, 30)), ((15, 15, 15), (245, 245, 240))][
+            int(rng.integers(3))]
+        period = max(3, int(d * rng.uniform(0.12, 0.25)))
+        yy, xx = np.mgrid[0:bh, 0:bw]
+        stripe = ((xx + (yy if rng.random() < 0.5 else -yy)) // period) % 2 == 0
+        arr = np.where(stripe[..., None], np.array(a, np.uint8), np.array(b, np.uint8))
+    elif kind == 1:  # text board: black letters on a light board
+        board = Image.new("RGB", (bw, bh), tuple(int(v) for v in rng.integers(215, 256, size=3)))
+        bd = ImageDraw.Draw(board)
+        lines = int(rng.integers(1, 4))
+        size = max(6, int(bh / (lines + 0.3)))
+        for i in range(lines):
+            text = "".join(rng.choice(list(_LETTERS), size=int(rng.integers(3, 7))))
+            bd.text((2, i * size), text, font=_font(size), fill=_BLACK, stroke_width=max(1, size // 8),
+                    stroke_fill=_BLACK)
+        img.paste(board, (x0, y0))
+        return
+    elif kind == 2:  # chequered panel
+        cell = max(2, int(d * rng.uniform(0.06, 0.14)))
+        yy, xx = np.mgrid[0:bh, 0:bw]
+        on = ((yy // cell) + (xx // cell)) % 2 == 0
+        dark, light = _color(rng, 0, 40), _color(rng, 215, 256)
+        arr = np.where(on[..., None], np.array(dark, np.uint8), np.array(light, np.uint8))
+    else:  # dappled foliage in hard sunlight: binary light/shade noise in greens
+        grain = int(rng.integers(1, 3))
+        mask = rng.random((bh // grain + 1, bw // grain + 1)) < rng.uniform(0.35, 0.65)
+        mask = np.kron(mask, np.ones((grain, grain), bool))[:bh, :bw]
+        shade = np.array([int(rng.integers(0, 30)), int(rng.integers(15, 50)), int(rng.integers(0, 25))], np.uint8)
+        sun = np.array([int(rng.integers(200, 256)), int(rng.integers(230, 256)), int(rng.integers(150, 220))],
+                       np.uint8)
+        arr = np.where(mask[..., None], sun, shade)
+    img.paste(Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8))), (x0, y0))
 
 
 def _decoy(draw: ImageDraw.ImageDraw, cx: float, cy: float, d: float, rng: np.random.Generator) -> None:
