@@ -190,7 +190,7 @@ class _SyntheticScenes(Dataset):
     def pixels(self):
         if self._pixels is None:
             cfg, seed, split = self.cfg, self.seed, self.split
-            key = {"generator": "traffic_scene", "task_version": self.version, "cfg": repr(cfg), "seed": seed,
+            key = {"generator": "traffic_scene", "task_version": self.version, "cfg": cfg.cache_repr(), "seed": seed,
                    "split": split, "n": self.n}
             self._pixels = scene_cache.scenes(key, self.n, tuple(cfg.size),
                                               lambda i: traffic_scene.render(cfg, seed, split, i),

@@ -55,3 +55,11 @@ def test_a_pixel_statistic_finds_the_sign_in_easy_scenes_and_not_in_hard_ones(st
     easy = _top_recall(TrafficSigns(source="synthetic", img_size=(240, 320), **small), statistic)
     hard = _top_recall(TrafficSigns(source="synthetic", img_size=(240, 320), scenes="hard", **small), statistic)
     assert easy > 0.8 and hard < easy - 0.25, (easy, hard)
+
+
+def test_easy_scenes_keep_the_version_1_cache_key():
+    """Caches drawn before hard scenes existed stay valid: the key is version 1's repr of the config."""
+    cfg = TrafficSigns(source="synthetic", img_size=(240, 320))._scene_config()
+    assert cfg.cache_repr() == "SceneConfig(size=(240, 320), sign_frac=(0.14, 0.18), clutter=12)"
+    hard = TrafficSigns(source="synthetic", img_size=(240, 320), scenes="hard")._scene_config()
+    assert "textures=(6, 10)" in hard.cache_repr()

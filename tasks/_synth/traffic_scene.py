@@ -39,6 +39,13 @@ class SceneConfig:
     textures: tuple[int, int] = (0, 0)  # (min, max) per scene, uniform
     decoys: tuple[int, int] = (0, 2)  # (min, max) sign-shaped decoys per scene, uniform
 
+    def cache_repr(self) -> str:
+        """The scene cache's key for this config: version 1's repr when the version-2 fields are at their
+        defaults, so caches drawn before they existed stay valid (the pixels are the same)."""
+        if (self.textures, self.decoys) == (SceneConfig.textures, SceneConfig.decoys):
+            return f"SceneConfig(size={self.size!r}, sign_frac={self.sign_frac!r}, clutter={self.clutter!r})"
+        return repr(self)
+
 
 def rng_for(seed: int, split: str, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) % 2**63, SPLIT_CODES[split], int(index), stream])
