@@ -10,8 +10,10 @@ How it knows the boxes. A model sees only pixels, so :meth:`Oracle.fit` looks up
 (``Task.objects``) once and keys its object cells by a fingerprint of the image tensor (256 fixed pixel values,
 exact floats); the encoder finds each input's cells by the same fingerprint. An input that is not a test image
 (an augmented training image, a photo of your own) has no entry: its k cells are random, and in evaluation
-lwbench warns once. So in the ``finetuned`` regime the extractor is fine-tuned on random cells (the training
-images are augmented, so their boxes cannot be looked up), then evaluated with the annotated ones.
+lwbench warns once. In the ``finetuned`` regime the extractor is fine-tuned on the training images' annotated cells,
+so on the *un-augmented* training images (an augmented image cannot be looked up): the one recipe difference from
+the other fine-tuned rows, which see light augmentation. (Version 1 fine-tuned on augmented images, hence on random
+cells, and then scored 67.9% against 95.6% off the shelf.)
 
 Order: object cells before all others, in random order among themselves when there are more than k (a fixed
 seed in evaluation, as ``random``); indices sorted, so k = all patches is the plain model exactly. Refused in one
@@ -72,7 +74,10 @@ class OracleEncoder(nn.Module):
             gen = torch.Generator(device="cpu").manual_seed(self.seed)
         scores = torch.rand(x.shape[0], n, generator=gen)
         missed = 0
-        for i in range(x.shape[0] if self.object_cells else 0):  # no table (built, not fitted): random cells
+        # No table (built, not fitted), or a jit trace (FLOP counting, where the lookup's bytes are not the
+        # input's): random cells; the count is the same for any k cells
+        lookup = bool(self.object_cells) and not torch.jit.is_tracing()
+        for i in range(x.shape[0] if lookup else 0):
             cells = self.object_cells.get(fingerprint(x[i]))
             if cells is not None and cells.numel() == n:
                 scores[i] += 2.0 * cells.float()  # every object cell ranks above every other cell
@@ -89,7 +94,8 @@ class OracleEncoder(nn.Module):
 @register_method("oracle")
 class Oracle(PatchSelectionMethod):
     description = "k high-res patches: the annotated object cells first, then random (a ceiling; reads the boxes)"
-    training = "none"  # off the shelf as it is; the finetuned regime fine-tunes it at k (on random cells, see above)
+    training = "none"  # off the shelf as it is; the finetuned regime fine-tunes it at k on un-augmented images
+    version = 2  # 2: fine-tuned on the annotated cells of un-augmented training images (1: augmented, so random cells)
 
     @dataclass(frozen=True)
     class Options:
@@ -106,8 +112,22 @@ class Oracle(PatchSelectionMethod):
         return OracleEncoder(detach_copy(vit), int(self.budget), seed=self.opts.seed)
 
     def fit(self, ctx):
-        model = super().fit(ctx)
-        model.encoder.object_cells = object_cells_by_fingerprint(ctx.task, self.spec.grid, self.spec.patch)
+        grid, patch = self.spec.grid, self.spec.patch
+        if ctx.regime != "finetuned":
+            model = self.task_model(ctx)
+        else:
+            # Fine-tuned on the annotated cells of the training images, un-augmented (an augmented image has no
+            # entry: its cells would be random, and an extractor tuned on random cells is not the oracle's)
+            from lwbench.training.loop import EpochStream
+
+            model = self.task_model(ctx, trainable=True)
+            model.encoder.object_cells = object_cells_by_fingerprint(ctx.task, grid, patch, split="train")
+            stage = ctx.stage(None)
+            batches = EpochStream(ctx.task.dataset("train"), int(stage.batch_size),
+                                  seed=int(getattr(ctx.task, "seed", 0)), num_workers=int(stage.workers or 0))
+            ctx.finetune(model, tag=f"{self.name}-{self.budget_str()}-finetune", batches=batches)
+            model.eval()
+        model.encoder.object_cells = object_cells_by_fingerprint(ctx.task, grid, patch)
         return model
 
 

@@ -157,3 +157,30 @@ def test_cli_runs_both_and_the_oracle_sees_the_objects(tmp_path, monkeypatch, ca
     assert oracle["object_recall"] >= 0.9 > oracle["object_recall_chance"]
     assert oracle["object_recall"] >= sal["object_recall"]
     assert sal["gmacs_overhead"] > 0 == oracle["gmacs_overhead"]
+
+
+def test_oracle_finetunes_on_the_annotated_cells_of_unaugmented_training_images():
+    """In the finetuned regime the training batches are un-augmented training images, and each one's object
+    cells are among the processed ones (version 1 trained on augmented images, so on random cells)."""
+    from types import SimpleNamespace
+
+    vit, spec = make(TINY, SIZE)
+    task = _ObjectTask()
+    seen: dict = {}
+
+    def finetune(model, tag, batches=None, **kw):
+        x, _ = next(iter(batches))
+        model.train()
+        kept = model.encoder(x).positions
+        images = task.dataset("train").tensors[0]
+        index = [next(j for j in range(6) if torch.equal(images[j], x[i])) for i in range(x.shape[0])]
+        seen["ok"] = all(set(_object_cells(j)) <= set(kept[i].tolist()) for i, j in enumerate(index))
+        seen["tag"] = tag
+        return model
+
+    ctx = SimpleNamespace(teacher=SimpleNamespace(encoder=SimpleNamespace(vit=vit), head=torch.nn.Linear(32, 3)),
+                          regime="finetuned", task=task, finetune=finetune,
+                          stage=lambda s: SimpleNamespace(batch_size=4, workers=0))
+    model = Oracle(spec, 6).fit(ctx)
+    assert seen == {"ok": True, "tag": "oracle-k=6-finetune"}
+    assert len(model.encoder.object_cells) == 6  # then the test images' table, for evaluation
