@@ -74,8 +74,8 @@ METHOD_STYLES: dict[str, tuple[str, str]] = {
     "dtem": ("#1b9e77", r"$\spadesuit$"),  # every filled letter marker is taken; a filled mathtext glyph
     "algm": ("#dd1c77", r"$\clubsuit$"),  # a filled mathtext glyph (the filled letter markers are all taken)
     "repshift": ("#ad494a", "8"),
-    "saliency": ("#b8860b", "1"),  # unfilled tri markers: the two reference selectors read as brackets, not methods
-    "oracle": ("#000000", "2"),
+    "saliency": ("#b8860b", r"$\mathbf{S}$"),  # the two reference selectors are letters: S(aliency), O(racle)
+    "oracle": ("#000000", r"$\mathbf{O}$"),
     "evit_random": ("#98df8a", "D"),  # the light shade of its method's colour, the same marker
     "topk_random": ("#dbdb8d", "d"),
 }

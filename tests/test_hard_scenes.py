@@ -63,3 +63,4 @@ def test_easy_scenes_keep_the_version_1_cache_key():
     assert cfg.cache_repr() == "SceneConfig(size=(240, 320), sign_frac=(0.14, 0.18), clutter=12)"
     hard = TrafficSigns(source="synthetic", img_size=(240, 320), scenes="hard")._scene_config()
     assert "textures=(6, 10)" in hard.cache_repr()
+
