@@ -290,6 +290,8 @@ def test_every_shipped_sweep_file_is_valid():
     paper = validate_sweep(load_yaml(files[[f.name for f in files].index("paper.yaml")]), "paper.yaml")
     from lwbench.registry import METHODS
 
-    assert set(paper["methods"]) == set(METHODS._builtins)  # every built-in method
+    # every built-in method, except those that run on some tasks only (a sweep plans every method on every task)
+    task_limited = {"oracle": "needs annotated object boxes (traffic_signs, billiards), not imagenet/ade20k/cub"}
+    assert set(paper["methods"]) == set(METHODS._builtins) - set(task_limited)
     assert len(paper["tasks"]) == 5 and paper["seeds"] == [0, 1, 2]
     assert paper["launch"]["gpus_per_job"] == 1
