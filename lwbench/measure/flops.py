@@ -205,9 +205,11 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _overhead_modules(model: nn.Module) -> list[str]:
-    """Names of outermost ``Overhead`` submodules (a nested one is already inside its parent)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, Overhead)]
+def _overhead_modules(model: nn.Module, elementwise_only: bool = False) -> list[str]:
+    """Names of outermost ``Overhead`` submodules (a nested one is already inside its parent); with
+    ``elementwise_only``, of those that declare their elementwise work (``counts_elementwise``)."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, Overhead) and (not elementwise_only or m.counts_elementwise)]
     return [n for n in names if not any(n != o and (o == "" or n.startswith(o + ".")) for o in names)]
 
 
@@ -267,15 +269,9 @@ def _fvcore_analysis(model: nn.Module, inputs: Inputs, handles: dict[str, Any]):
     return fca
 
 
-def _elementwise_overhead_modules(model: nn.Module) -> list[str]:
-    """Outermost Overhead modules that declare their elementwise work (``counts_elementwise``)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, Overhead) and getattr(m, "counts_elementwise", False)]
-    return [n for n in names if not any(n != o and (o == "" or n.startswith(o + ".")) for o in names)]
-
-
 def _overhead_elementwise_fvcore(model: nn.Module, inputs: Inputs) -> int:
     """Elementwise MACs inside the Overhead modules that count them (a second trace, only when there are any)."""
-    names = _elementwise_overhead_modules(model)
+    names = _overhead_modules(model, elementwise_only=True)
     if not names:
         return 0
     fca = _fvcore_analysis(model, inputs, {op: _elementwise_handle for op in ELEMENTWISE_OPS})
@@ -389,7 +385,7 @@ def _overhead_elementwise_torch(model: nn.Module, inputs: Inputs) -> int:
     at those modules (modules on the call stack, as the torch counter attributes everything)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    names = _elementwise_overhead_modules(model)
+    names = _overhead_modules(model, elementwise_only=True)
     if not names:
         return 0
     aten = torch.ops.aten
