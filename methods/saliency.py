@@ -29,17 +29,14 @@ from lwbench.method import Overhead, PatchSelectionMethod, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
-from lwbench.vit import patch_size, run_selected
+from lwbench.vit import patch_cells, patch_size, run_selected
 
 STATISTICS = ("variance", "edges")
 
 
 def _cells(x: torch.Tensor, p: int) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B, H/p * W/p, C, p, p)``: the grid's patches, row-major (a view and one copy)."""
-    b, c, h, w = x.shape
-    gh, gw = h // p, w // p
-    cells = x[:, :, : gh * p, : gw * p].reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
-    return cells.reshape(b, gh * gw, c, p, p)
+    """``(B, C, H, W)`` -> ``(B, H/p * W/p, C, p, p)``: the grid's patches, row-major (one copy)."""
+    return patch_cells(x, p).flatten(1, 2)
 
 
 def patch_variance(x: torch.Tensor, p: int) -> torch.Tensor:
