@@ -31,10 +31,9 @@ from torch import nn
 
 from lwbench.errors import ConfigError
 from lwbench.method import PatchSelectionMethod, detach_copy
+from lwbench.methods.random import RandomPatchEncoder
 from lwbench.options import option
 from lwbench.registry import register_method
-from lwbench.tokens import TokenOutput
-from lwbench.vit import grid_of, run_selected
 
 log = logging.getLogger("lwbench")
 
@@ -55,24 +54,16 @@ def fingerprint(image: torch.Tensor) -> bytes:
     return bytes(str(tuple(image.shape)), "ascii") + values.numpy().tobytes()
 
 
-class OracleEncoder(nn.Module):
-    """k cells per image: its annotated object cells first (looked up by fingerprint), then random ones."""
+class OracleEncoder(RandomPatchEncoder):
+    """k cells per image: its annotated object cells first (looked up by fingerprint), then ``random``'s draw."""
 
     def __init__(self, vit: nn.Module, k: int, seed: int = 0):
-        super().__init__()
-        self.vit = vit
-        self.k = k
-        self.seed = seed
+        super().__init__(vit, k, seed=seed)
         self.object_cells: dict[bytes, torch.Tensor] = {}  # fingerprint -> (N,) bool, set by Oracle.fit
         self._warned = False
 
-    def forward(self, x: torch.Tensor) -> TokenOutput:
-        grid = grid_of(self.vit, x)
-        n = grid[0] * grid[1]
-        gen = None
-        if not self.training:  # deterministic evaluation: the same draw for the same batch position
-            gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        scores = torch.rand(x.shape[0], n, generator=gen)
+    def cell_scores(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        scores = super().cell_scores(x, n)
         missed = 0
         # No table (built, not fitted), or a jit trace (FLOP counting, where the lookup's bytes are not the
         # input's): random cells; the count is the same for any k cells
@@ -87,8 +78,7 @@ class OracleEncoder(nn.Module):
             self._warned = True
             log.warning("oracle: %d of %d images are not test images of the task it was fitted on; their cells are "
                         "random", missed, x.shape[0])
-        idx = scores.to(x.device).topk(self.k, dim=1).indices.sort(dim=1).values
-        return run_selected(self.vit, x, idx)
+        return scores
 
 
 @register_method("oracle")

@@ -26,13 +26,16 @@ class RandomPatchEncoder(nn.Module):
         self.k = k
         self.seed = seed
 
-    def forward(self, x: torch.Tensor) -> TokenOutput:
-        grid = grid_of(self.vit, x)
-        n = grid[0] * grid[1]
+    def cell_scores(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """``(B, n)`` on the CPU: the k highest are kept. Uniform draws (``oracle`` raises its object cells)."""
         gen = None
         if not self.training:  # deterministic evaluation: same draw for the same batch position
             gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        scores = torch.rand(x.shape[0], n, generator=gen).to(x.device)
+        return torch.rand(x.shape[0], n, generator=gen)
+
+    def forward(self, x: torch.Tensor) -> TokenOutput:
+        grid = grid_of(self.vit, x)
+        scores = self.cell_scores(x, grid[0] * grid[1]).to(x.device)
         idx = scores.topk(self.k, dim=1).indices.sort(dim=1).values
         return run_selected(self.vit, x, idx)
 
