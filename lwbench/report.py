@@ -98,7 +98,14 @@ def hard_subset_rows(store: ResultStore, rows: list[dict[str, Any]]) -> tuple[di
     metric = rows[0]["metric"] if rows else ""
     if metric not in ("top1", "top5"):
         return None, []
-    candidates = [r for r in rows if r["method"] == HARD_FILTER and store.per_image(r).get(metric) is not None]
+    read: dict[int, Any] = {}
+
+    def outcome(r: dict[str, Any]):  # each row's per-image file read once, and only when needed
+        if id(r) not in read:
+            read[id(r)] = store.per_image(r).get(metric)
+        return read[id(r)]
+
+    candidates = [r for r in rows if r["method"] == HARD_FILTER and outcome(r) is not None]
     if not candidates:
         return None, []
     default = _default_size(candidates[0])
@@ -108,13 +115,13 @@ def hard_subset_rows(store: ResultStore, rows: list[dict[str, Any]]) -> tuple[di
         return (gap if math.isfinite(gap) else math.inf, r.get("regime") != "finetuned", str(r.get("run_id")))
 
     flt = min(candidates, key=preference)
-    wrong = np.asarray(store.per_image(flt)[metric]) == 0
+    wrong = np.asarray(outcome(flt)) == 0
     if not wrong.any():
         return flt, []
     key = (flt.get("seed"), flt.get("teacher_id"), flt.get("n_eval"))
     out = []
     for r in rows:
-        a = store.per_image(r).get(metric)
+        a = outcome(r)
         if (r.get("seed"), r.get("teacher_id"), r.get("n_eval")) != key or a is None or len(a) != len(wrong):
             continue
         ci = bootstrap_ci(np.asarray(a)[wrong], metric, n_resamples=int(r.get("bootstrap_resamples") or 1000),
