@@ -126,10 +126,37 @@ def hard_subset_rows(store: ResultStore, rows: list[dict[str, Any]]) -> tuple[di
             continue
         ci = bootstrap_ci(np.asarray(a)[wrong], metric, n_resamples=int(r.get("bootstrap_resamples") or 1000),
                           seed=int(r.get("bootstrap_seed") or 0))
-        out.append({"method": r["method"], "budget": r["budget"], "regime": r.get("regime", "-"),
-                    "value": r["metric_value"], "hard": ci["value"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
+        out.append({"run_id": r.get("run_id"), "method": r["method"], "budget": r["budget"],
+                    "regime": r.get("regime", "-"), "value": r["metric_value"], "hard": ci["value"],
+                    "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
                     "n": int(wrong.sum()), "gmacs": r.get("gmacs", math.nan)})
     return flt, out
+
+
+def with_hard_subset(store: ResultStore, df):
+    """``df`` (a results frame) with the hard-subset columns ``hard_value``, ``hard_ci_low`` and ``hard_ci_high``
+    for every row that has one, so ``lwbench results`` and the report's table show it beside the metric.
+
+    The subset is chosen per task, source, seed and teacher (:func:`hard_subset_rows` on each such group of the
+    store's rows of the frame's tasks, so a frame filtered to one method still has its filter); rows without
+    per-image outcomes, or in a group with no ``lowres`` row, get NaN."""
+    if df.empty or "run_id" not in df.columns:
+        return df
+    tasks = set(df["task"]) if "task" in df.columns else None
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in store.rows():  # every row of the frame's tasks: the filter row may be one the frame left out
+        if tasks is None or r.get("task") in tasks:
+            key = (r.get("task"), r.get("source"), r.get("seed"), r.get("teacher_id"))
+            groups.setdefault(key, []).append(r)
+    found: dict[Any, dict[str, Any]] = {}
+    for rows in groups.values():
+        found.update({h["run_id"]: h for h in hard_subset_rows(store, rows)[1]})
+    if not found:
+        return df
+    df = df.copy()
+    for col, key in (("hard_value", "hard"), ("hard_ci_low", "ci_low"), ("hard_ci_high", "ci_high")):
+        df[col] = [found[i][key] if i in found else math.nan for i in df["run_id"]]
+    return df
 
 
 def hard_subset_table(flt: dict[str, Any], results: list[dict[str, Any]], metric: str) -> str:
@@ -240,7 +267,7 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
     rows = store.rows(task=task)
     if not rows:
         raise ResultError(f"no results for task '{task}' in {store.root}; run lwbench sweep first")
-    df = rows_to_frame(rows)
+    df = with_hard_subset(store, rows_to_frame(rows))  # rows.csv and the table carry it too
     plots = [x for x in ("gmacs", "latency_ms") if df[x].notna().any()]
     with warnings.catch_warnings():  # which source is drawn is said once, by the plot itself
         warnings.simplefilter("ignore")
@@ -292,4 +319,4 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
 
 
 __all__ = ["write_report", "foreign_files", "paired_rows", "paired_table", "provenance", "hard_subset_rows",
-           "hard_subset_table"]
+           "hard_subset_table", "with_hard_subset"]

@@ -552,6 +552,7 @@ _COMPACT: tuple[tuple[str, str, int], ...] = (
     ("regime", "regime", -1),
     ("source", "source", -1),
     ("metric_value", "", 2),
+    ("hard_value", "hard subset [95% CI]", 1),
     ("finetune_steps", "ft steps", 0),
     ("object_recall", "object recall", 2),
     ("gmacs", "GMACs (MACs)", 3),
@@ -566,8 +567,12 @@ _COMPACT: tuple[tuple[str, str, int], ...] = (
     ("tokens_mean", "tokens", 1),
     ("method_train_time_s", "method train (s)", 1),
 )
+# The metric on the hard subset (the test images lowres at its default size gets wrong), added to a frame by
+# lwbench.report.with_hard_subset; averaged over seeds like the metric.
+HARD_SUBSET_FIELDS = ("hard_value", "hard_ci_low", "hard_ci_high")
 # Columns shown only in a block where some row has a value: (column, the column that decides).
-_ONLY_IF_ANY = {"speedup": "speedup", "conversion": "speedup", "throughput_speedup": "throughput_speedup",
+_ONLY_IF_ANY = {"hard_value": "hard_value", "speedup": "speedup", "conversion": "speedup",
+                "throughput_speedup": "throughput_speedup",
                 "throughput_conversion": "throughput_speedup", "attention_kernel": "attention_kernel"}
 # A speed-up interval whose high end is more than this many times its low end is too wide to read. The row's
 # ``speedup_reliable`` says so; this is the same rule (lwbench.measure.paired.RELIABLE_RATIO, kept equal by a test)
@@ -616,7 +621,7 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
     for _, g in df.groupby(key, sort=False):
         first = g.iloc[0].copy()
         for col in g.columns:
-            if col in FLOAT_FIELDS:
+            if col in FLOAT_FIELDS or col in HARD_SUBSET_FIELDS:
                 first[col] = pd.to_numeric(g[col], errors="coerce").mean()
             elif col.endswith("speedup_reliable"):  # the mean of the seeds' speed-ups is readable if each one was
                 known = [_flag(v) for v in g[col] if _flag(v) is not None]
@@ -640,6 +645,21 @@ def metric_cell(r: Mapping[str, Any], decimals: int = 1) -> str:
         return f"{v:.{decimals}f} ± {r.get('metric_std', math.nan):.{decimals}f} ({n} seeds)"
     lo, hi = r.get("metric_ci_low", math.nan), r.get("metric_ci_high", math.nan)
     if lo is None or hi is None or lo != lo or hi != hi:
+        return f"{v:.{decimals}f}"
+    return f"{v:.{decimals}f} [{lo:.{decimals}f}, {hi:.{decimals}f}]"
+
+
+def hard_subset_cell(r: Mapping[str, Any], decimals: int = 1) -> str:
+    """The metric on the hard subset (``lwbench.report.with_hard_subset``) with its 95% interval, the mean over
+    seeds when several were aggregated, ``-`` when the row has none."""
+    v = _finite(r.get("hard_value"))
+    if v is None:
+        return "-"
+    n = r.get("n_seeds", 1)
+    if n is not None and n == n and int(n) > 1:
+        return f"{v:.{decimals}f} ({int(n)} seeds)"
+    lo, hi = _finite(r.get("hard_ci_low")), _finite(r.get("hard_ci_high"))
+    if lo is None or hi is None:
         return f"{v:.{decimals}f}"
     return f"{v:.{decimals}f} [{lo:.{decimals}f}, {hi:.{decimals}f}]"
 
@@ -865,6 +885,8 @@ def _compact_cell(r: Mapping[str, Any], col: str, decimals: int, reference: bool
         return source_label(r[col])
     if col == "metric_value":
         return metric_cell(r, decimals)
+    if col == "hard_value":
+        return hard_subset_cell(r, decimals)
     if col == "latency_ms":
         return _latency_cell(r)
     if col == "peak_mem_mb":

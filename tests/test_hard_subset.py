@@ -55,3 +55,28 @@ def test_no_lowres_row_means_no_section(tmp_path):
     assert hard_subset_rows(store, store.rows(task="traffic_signs")) == (None, [])
     write_report(store, "traffic_signs", tmp_path / "rep")
     assert "Hard subset" not in (tmp_path / "rep" / "table.md").read_text()
+
+
+def test_results_table_has_the_hard_subset_column_even_for_one_method(tmp_path):
+    """``lwbench results`` shows each row's hard-subset accuracy beside its metric; filtering the frame to one
+    method keeps it (the lowres row that defines the subset is read from the store)."""
+    from lwbench.report import with_hard_subset
+    from lwbench.results import format_results
+
+    store = _store(tmp_path)
+    table = format_results(with_hard_subset(store, store.frame(task="traffic_signs")), "md")
+    assert "hard subset [95% CI]" in table
+    line = next(ln for ln in table.splitlines() if ln.startswith("| saliency"))
+    assert " 25.0 [0.0, 75.0] |" in line
+    only_full = with_hard_subset(store, store.frame(task="traffic_signs", method="full"))
+    assert list(only_full["hard_value"]) == [pytest.approx(75.0)]
+    assert " 75.0 [" in format_results(only_full, "md")
+
+
+def test_results_table_has_no_hard_column_without_a_lowres_row(tmp_path):
+    from lwbench.report import with_hard_subset
+    from lwbench.results import format_results
+
+    store = _store(tmp_path, {k: v for k, v in OUTCOMES.items() if k[0] != "lowres"})
+    df = with_hard_subset(store, store.frame(task="traffic_signs"))
+    assert "hard_value" not in df.columns and "hard subset" not in format_results(df, "md")
