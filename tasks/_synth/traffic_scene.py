@@ -40,7 +40,7 @@ class SceneConfig:
     decoys: tuple[int, int] = (0, 2)  # (min, max) sign-shaped decoys per scene, uniform
 
     def cache_repr(self) -> str:
-        """The scene cache's key for this config: version 1's repr when the version-2 fields are at their
+        """The scene cache's key for this config: version 1's repr when the later fields (textures, decoys) are at their
         defaults, so caches drawn before they existed stay valid (the pixels are the same)."""
         if (self.textures, self.decoys) == (SceneConfig.textures, SceneConfig.decoys):
             return f"SceneConfig(size={self.size!r}, sign_frac={self.sign_frac!r}, clutter={self.clutter!r})"
