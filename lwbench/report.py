@@ -35,18 +35,23 @@ REFERENCE = REFERENCE_METHOD
 _TABLE_HEADING = re.compile(r"# \S+: the reference comparison\s*$")
 
 
-def paired_rows(store: ResultStore, rows: list[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
-    """Each row against the ``reference`` row of the same regime, seed, teacher and test set: the paired
-    bootstrap difference of their metric (rows whose per-image outcomes are missing are left out)."""
+def paired_rows(store: ResultStore, rows: list[dict[str, Any]], reference: str = REFERENCE,
+                same_budget: bool = False) -> list[dict[str, Any]]:
+    """Each row against the ``reference`` row of the same regime, seed, teacher and test set (and budget, with
+    ``same_budget``: a selector against ``saliency`` at the same k): the paired bootstrap difference of their
+    metric (rows whose per-image outcomes are missing are left out)."""
     from lwbench.stats import paired_bootstrap
 
-    refs = {(r.get("regime"), r.get("seed"), r.get("teacher_id"), r.get("n_eval")): r
-            for r in rows if r["method"] == reference}
+    def key(r: dict[str, Any]) -> tuple:
+        return (r.get("regime"), r.get("seed"), r.get("teacher_id"), r.get("n_eval"),
+                r.get("budget") if same_budget else None)
+
+    refs = {key(r): r for r in rows if r["method"] == reference}
     out = []
     for r in rows:
         if r["method"] == reference:
             continue
-        ref = refs.get((r.get("regime"), r.get("seed"), r.get("teacher_id"), r.get("n_eval")))
+        ref = refs.get(key(r))
         if ref is None:
             continue
         a, b = store.per_image(r).get(r["metric"]), store.per_image(ref).get(r["metric"])
@@ -60,6 +65,9 @@ def paired_rows(store: ResultStore, rows: list[dict[str, Any]], reference: str =
                     "gmacs_ratio": ref["gmacs"] / r["gmacs"] if r.get("gmacs") else math.nan})
     return out
 
+
+#: The "no learning" floor of where to look: every selector at the same budget is paired against it in the report.
+NO_LEARNING = "saliency"
 
 #: The method whose mistakes define the hard subset (VTC-Bench's filter, arXiv:2510.07143): the test images that
 #: plain downsampling to its default size gets wrong are the ones where looking at high resolution must matter.
@@ -205,14 +213,14 @@ def provenance(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def paired_table(pairs: list[dict[str, Any]], metric: str) -> str:
+def paired_table(pairs: list[dict[str, Any]], metric: str, reference: str = REFERENCE) -> str:
     from tabulate import tabulate
 
     body = [[p["method"], p["budget"], p["regime"], p["seed"], f"{p['value']:.1f}", f"{p['reference']:.1f}",
              f"{p['diff']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]", f"{p['gmacs_ratio']:.1f}x"]
             for p in sorted(pairs, key=lambda p: (p["regime"], p["method"], p["budget"]))]
-    return tabulate(body, headers=["method", "budget", "regime", "seed", metric, f"{REFERENCE} {metric}",
-                                   f"difference to {REFERENCE} [95% CI, paired]", f"fewer GMACs than {REFERENCE}"],
+    return tabulate(body, headers=["method", "budget", "regime", "seed", metric, f"{reference} {metric}",
+                                   f"difference to {reference} [95% CI, paired]", f"fewer GMACs than {reference}"],
                     tablefmt="github", disable_numparse=True)
 
 
@@ -301,6 +309,12 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
              format_results(df, "md").strip(), "",
              f"## Paired difference to `{REFERENCE}` (same regime, seed, teacher and test images)", "",
              paired_table(pairs, metric) if pairs else "(no pairs: no full row or no per-image outcomes)", ""]
+    floor = paired_rows(store, rows, reference=NO_LEARNING, same_budget=True)
+    if floor:
+        text += [f"## Paired difference to `{NO_LEARNING}` at the same budget (what learning where to look buys)", "",
+                 f"`{NO_LEARNING}` picks the patches by a pixel statistic, with no learning: a selector that does not "
+                 "beat it here has learned nothing a heuristic could not do.", "",
+                 paired_table(floor, metric, NO_LEARNING), ""]
     flt, hard = hard_subset_rows(store, rows)
     if flt is not None and hard:
         text += [f"## Hard subset: the {hard[0]['n']} of {flt.get('n_eval')} test images `{HARD_FILTER} "

@@ -80,3 +80,18 @@ def test_results_table_has_no_hard_column_without_a_lowres_row(tmp_path):
     store = _store(tmp_path, {k: v for k, v in OUTCOMES.items() if k[0] != "lowres"})
     df = with_hard_subset(store, store.frame(task="traffic_signs"))
     assert "hard_value" not in df.columns and "hard subset" not in format_results(df, "md")
+
+
+def test_report_pairs_selectors_with_saliency_at_the_same_budget(tmp_path):
+    """Known answer: oracle k=8 is right on 7 of 8 images, saliency k=8 on 5; saliency k=32 (another budget) is
+    not oracle's reference."""
+    from lwbench.report import paired_rows
+
+    outcomes = {**OUTCOMES, ("oracle", 8): [1, 1, 1, 0, 1, 1, 1, 1], ("saliency", 32): [1, 1, 1, 1, 1, 1, 1, 1]}
+    store = _store(tmp_path, outcomes)
+    pairs = paired_rows(store, store.rows(task="traffic_signs"), reference="saliency", same_budget=True)
+    assert [(p["method"], p["budget"]) for p in pairs] == [("oracle", "k=8")]
+    assert pairs[0]["diff"] == pytest.approx(25.0) and pairs[0]["reference"] == pytest.approx(62.5)
+    write_report(store, "traffic_signs", tmp_path / "rep")
+    text = (tmp_path / "rep" / "table.md").read_text()
+    assert "## Paired difference to `saliency` at the same budget" in text and "+25.0 [" in text
