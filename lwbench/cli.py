@@ -288,14 +288,13 @@ def cmd_results(args) -> int:
     store = ResultStore(Path(args.results) if args.results else results_dir())
     # tables name the settings that tell otherwise identical rows apart, so they need the whole config
     df = store.frame(task=args.task, method=args.method, keep_config=args.format in ("table", "md"))
-    if not df.empty:
-        from lwbench.report import with_hard_subset
-
-        df = with_hard_subset(store, df)
     if df.empty:
         print("no results yet" + (f" for task {args.task}" if args.task else "") +
               "; run e.g. `lwbench run --method full --task traffic_signs`", file=sys.stderr)
         return 0
+    from lwbench.report import with_hard_subset
+
+    df = with_hard_subset(store, df)
     print(format_results(df, args.format))
     return 0
 
