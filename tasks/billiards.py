@@ -150,10 +150,23 @@ class Billiards(Task):
             "n_balls": (3, 6),  # synthetic: balls per image, inclusive range
             "ball_frac": (0.10, 0.12),  # synthetic: ball diameter / image height
             "balanced": True,  # synthetic: numbers drawn so that max-left-right is uniform over 1-9
+            # synthetic: how the numbers are painted, "small" (task version 1) or "large" (version 2: a larger
+            # number disc, heavier digits; see billiards_scene.NUMBERS)
+            "numbers": "small",
         }
 
     def _validate_opts(self) -> None:
         o = self.opts
+        numbers = str(o.pop("numbers"))
+        if numbers not in billiards_scene.NUMBERS:
+            raise ConfigError(f"billiards: numbers must be one of {', '.join(billiards_scene.NUMBERS)}, "
+                              f"got {numbers!r}")
+        self.numbers = numbers
+        if numbers != "small" and self.source == "synthetic":
+            # Only the large numbers name themselves: version 1's options stay as they were, so its teacher id,
+            # its shipped teacher and its cached dataset stay valid; the real source paints nothing.
+            o["numbers"] = numbers
+            self.version = billiards_scene.NUMBERS[numbers]["version"]
         if o["label_fn"] not in LABEL_FNS:
             raise ConfigError(f"billiards: unknown label_fn '{o['label_fn']}'; use one of {', '.join(LABEL_FNS)}")
         for key in ("n_train", "n_val", "n_test"):
@@ -199,7 +212,8 @@ class Billiards(Task):
     def generator_config(self) -> BilliardsConfig:
         o = self.opts
         return BilliardsConfig(size=self.img_size, n_train=o["n_train"], n_val=o["n_val"], n_test=o["n_test"],
-                               n_balls=o["n_balls"], ball_frac=o["ball_frac"], balanced=o["balanced"], seed=self.seed)
+                               n_balls=o["n_balls"], ball_frac=o["ball_frac"], balanced=o["balanced"], seed=self.seed,
+                               numbers=self.numbers)
 
     def synthetic_root(self) -> Path:
         """The generated dataset for these settings and seed, written on first use (atomically)."""
@@ -243,7 +257,11 @@ class Billiards(Task):
 
     def objects(self, split: str, index: int) -> list[dict]:
         """Balls of item ``index`` as ``{"box": (x0, y0, x1, y1), "label": number - 1, "color": str}`` in
-        pixels of the un-augmented ``img_size`` image. Needs ``radius`` in the JSON (ours has it)."""
+        pixels of the un-augmented ``img_size`` image. Needs ``radius`` in the JSON (ours has it).
+
+        With ``numbers=large`` (version 2) each ball also has ``read_box``, the box of its number disc: the
+        teacher's per-patch losses label those cells, the ones that show the number, instead of the whole ball,
+        whose rim cells show only its colour (``lwbench.training.teacher.cell_targets``)."""
         paths, balls = self._split(split)
         h0, w0 = _imageio.image_size(paths[index])
         sy, sx = self.img_size[0] / h0, self.img_size[1] / w0
@@ -253,8 +271,12 @@ class Billiards(Task):
                 raise DataError(f"billiards: {paths[index].with_suffix('.json')} has no ball radius / y position; "
                                 "objects() needs them")
             (x, y), r = b["position"][:2], b["radius"]
-            out.append({"box": ((x - r) * sx, (y - r) * sy, (x + r) * sx, (y + r) * sy), "label": b["number"] - 1,
-                        "color": b["color"]})
+            obj = {"box": ((x - r) * sx, (y - r) * sy, (x + r) * sx, (y + r) * sy), "label": b["number"] - 1,
+                   "color": b["color"]}
+            if self.version >= 2:
+                rd = billiards_scene.number_disc_radius(b, self.numbers)
+                obj["read_box"] = ((x - rd) * sx, (y - rd) * sy, (x + rd) * sx, (y + rd) * sy)
+            out.append(obj)
         return out
 
 

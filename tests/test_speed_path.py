@@ -141,8 +141,12 @@ def test_a_damaged_shipped_teacher_is_refused_and_trained_instead(tmp_path, monk
 def test_the_quick_profile_ships_its_current_teachers():
     """A config change that moves the quick teacher's id must ship the new teacher (benchmarks/shipped_teachers.py
     --write), or every newcomer silently trains for 25 minutes again."""
-    for task in ("traffic_signs", "billiards"):  # the two synthetic tasks of the quick sweep
-        plan = Plan(resolve_config("full", task, None, profile="quick", sets=[]))
+    # the two synthetic tasks of the quick sweep as the profile gives them, and their earlier scenes (the committed
+    # references of the easy traffic signs and the small-number billiards)
+    for task, sets in (("traffic_signs", []), ("billiards", []),
+                       ("traffic_signs", ["task.scenes=easy", "teacher.steps=1000"]),
+                       ("billiards", ["task.numbers=small", "teacher.steps=1000"])):
+        plan = Plan(resolve_config("full", task, None, profile="quick", sets=sets))
         folder = shipping.shipped_folder(plan.teacher_id)
         assert folder is not None, f"no shipped teacher for {task} (id {plan.teacher_id})"
         meta = json.loads((folder / "shipped.json").read_text())
@@ -152,12 +156,13 @@ def test_the_quick_profile_ships_its_current_teachers():
 
 
 def test_the_shipped_traffic_signs_teacher_is_the_accurate_one():
-    """Real forward passes of the shipped weights on the first 128 synthetic test images (the full test set
-    gave 95.6%, benchmarks/reference)."""
+    """Real forward passes of the shipped weights on the first 128 synthetic test images of the default (hard)
+    scenes (the full test set gave 95.8%, benchmarks/reference/traffic_signs)."""
     from lwbench.runner import build_teacher, evaluate
 
     cfg = resolve_config("full", "traffic_signs", None, profile="quick", sets=["eval.limit=128", "eval.bootstrap=0"])
     plan = Plan(cfg)
+    assert plan.task.version == 3  # the hard scenes
     model, _, tdir = build_teacher(plan)
     assert shipping.is_shipped_copy(tdir)
     assert evaluate(plan, model)["top1"] >= 90.0

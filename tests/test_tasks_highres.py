@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lwbench.errors import DataError, DataNotFoundError
+from lwbench.errors import ConfigError, DataError, DataNotFoundError
 from lwbench.registry import get_task
 from lwbench.tasks import billiards as bmod
 from lwbench.tasks import traffic_signs as tmod
@@ -270,6 +270,38 @@ def test_billiards_synthetic_written_in_dps_format_deterministically(tmp_path, m
     torch.manual_seed(0)
     xa, ya = task.dataset("train", train=True)[0]
     assert xa.shape == x1.shape and ya == y1
+
+
+def test_billiards_large_numbers_are_version_2_and_small_ones_stay_version_1(tmp_path):
+    """``numbers=large`` paints a larger number disc (task version 2, named in the options, so in the teacher id
+    and the row); ``numbers=small`` keeps version 1's options and dataset digest, so its shipped teacher and
+    cached datasets stay valid (the digest below is the one version 1 wrote before the option existed)."""
+    small = bmod.Billiards(source="synthetic", img_size=(256, 384), n_balls=(2, 4), ball_frac=(0.14, 0.18))
+    large = bmod.Billiards(source="synthetic", img_size=(256, 384), n_balls=(2, 4), ball_frac=(0.14, 0.18),
+                           numbers="large")
+    assert small.version == 1 and "numbers" not in small.opts
+    assert small.generator_config().digest() == "7faf6af802ea6fd4"
+    assert large.version == 2 and large.opts["numbers"] == "large"
+    assert large.generator_config().digest() != small.generator_config().digest()
+    with pytest.raises(ConfigError, match="numbers must be one of small, large"):
+        bmod.Billiards(source="synthetic", numbers="huge")
+    # the same balls, painted both ways: the large disc covers more white pixels around the same centre
+    cfg_s, cfg_l = small.generator_config(), large.generator_config()
+    balls = billiards_scene.sample_balls(cfg_s, np.random.default_rng([0, 0, 0]))
+    white = [(np.asarray(billiards_scene.render(c, balls, np.random.default_rng(1))).min(-1) > 200).sum()
+             for c in (cfg_s, cfg_l)]
+    assert white[1] > 1.4 * white[0]
+
+
+def test_billiards_large_numbers_give_each_ball_its_number_disc_as_read_box(tmp_path):
+    task = bmod.Billiards(source="synthetic", seed=1, numbers="large", **SMALL_BB)
+    balls = json.loads((task.synthetic_root() / "train" / "0.json").read_text())
+    for obj, ball in zip(task.objects("train", 0), balls, strict=True):
+        (x0, y0, x1, y1), (r0, s0, r1, s1) = obj["box"], obj["read_box"]
+        assert x0 < r0 < r1 < x1 and y0 < s0 < s1 < y1  # inside the ball
+        assert (r1 - r0) == pytest.approx(2 * 0.75 * ball["radius"], rel=1e-6)
+        assert (r0 + r1) / 2 == pytest.approx(ball["position"][0])
+    assert all("read_box" not in o for o in bmod.Billiards(source="synthetic", seed=1, **SMALL_BB).objects("train", 0))
 
 
 # -- billiards: real DPS layout ----------------------------------------------------------------------

@@ -15,6 +15,13 @@ def test_cell_targets_mark_cells_whose_centre_is_in_the_box():
     assert shifted.tolist() == [0, 0, 3, 0, 0, 3]
 
 
+def test_cell_targets_label_the_read_box_when_an_object_has_one():
+    """A billiard ball's number disc (``read_box``), not its whole box, names the cells the dense loss labels."""
+    ball = {"box": (0, 0, 30, 20), "read_box": (10, 0, 20, 10), "label": 4}
+    assert cell_targets([ball], (2, 3), 10).tolist() == [0, 5, 0, 0, 0, 0]
+    assert cell_targets([{k: v for k, v in ball.items() if k != "read_box"}], (2, 3), 10).tolist() == [5] * 6
+
+
 def test_object_cells_shift_moves_image_and_cells_together():
     from lwbench.tasks.traffic_signs import TrafficSigns
 

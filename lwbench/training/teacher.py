@@ -59,13 +59,15 @@ def cell_targets(objects: list[dict], grid: tuple[int, int], patch: int, shift: 
                  ) -> torch.Tensor:
     """``(H*W,)`` long: ``1 + label`` of the object whose box holds the cell centre, ``0`` elsewhere.
 
-    ``shift`` = (dy, dx) pixels the image content moved by (boxes move with it)."""
+    An object's ``read_box``, when the task gives one, replaces its box: the part that shows what the label is
+    (a billiard ball's number disc, not its rim). ``shift`` = (dy, dx) pixels the image content moved by (boxes
+    move with it)."""
     h, w = grid
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) * patch
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) * patch
     cells = torch.zeros(h, w, dtype=torch.long)
     for obj in objects:
-        x0, y0, x1, y1 = obj["box"]
+        x0, y0, x1, y1 = obj.get("read_box", obj["box"])
         x0, x1, y0, y1 = x0 + shift[1], x1 + shift[1], y0 + shift[0], y1 + shift[0]
         inside = ((ys[:, None] >= y0) & (ys[:, None] < y1)) & ((xs[None] >= x0) & (xs[None] < x1))
         cells[inside] = 1 + int(obj["label"])

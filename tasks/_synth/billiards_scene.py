@@ -30,6 +30,14 @@ from PIL import Image, ImageDraw, ImageFont
 from lwbench.errors import ConfigError
 
 VERSION = 1  # bump when the images change, so cached datasets are regenerated
+# How the number is painted (task option ``numbers``): the task version each style is. "small" (version 1): a white
+# disc of 0.57 x the ball radius, digits about 12 px tall on the quick profile's balls; the 1000-step quick teacher
+# read 18% of them (chance 11%). "large" (version 2): a disc of 0.75 x the radius and heavier strokes, digits about
+# 16-20 px, about one 16-px patch, still a few pixels at the selector's 0.3x resolution.
+NUMBERS: dict[str, dict] = {
+    "small": {"version": 1, "disc": 0.57, "stroke": (0.0, 0.05)},
+    "large": {"version": 2, "disc": 0.75, "stroke": (0.04, 0.08)},
+}
 COLORS = {
     "green": (30, 140, 60),
     "blue": (30, 70, 190),
@@ -52,9 +60,13 @@ class BilliardsConfig:
     ball_frac: tuple[float, float] = (0.10, 0.12)  # ball diameter / image height
     balanced: bool = True
     seed: int = 0
+    numbers: str = "small"  # a key of NUMBERS
 
     def digest(self) -> str:
-        blob = json.dumps({"version": VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["numbers"] == "small":  # version 1's digest, so its cached datasets stay valid
+            del fields["numbers"]
+        blob = json.dumps({"version": VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -112,7 +124,7 @@ def render(cfg: BilliardsConfig, balls: list[dict], rng: np.random.Generator) ->
     h, w = cfg.size
     img = _table(cfg, rng)
     for b in balls:
-        _paste_ball(img, b, rng)
+        _paste_ball(img, b, rng, NUMBERS[cfg.numbers])
     gains = rng.uniform(0.9, 1.1) * rng.uniform(0.95, 1.05, size=3)
     lut = np.clip(np.arange(256)[None, :] * gains[:, None], 0, 255).astype(np.uint8).ravel().tolist()
     return img.point(lut)
@@ -146,7 +158,12 @@ def _table(cfg: BilliardsConfig, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def _paste_ball(img: Image.Image, ball: dict, rng: np.random.Generator) -> None:
+def number_disc_radius(ball: dict, numbers: str) -> float:
+    """Radius in pixels of the white disc that carries the ball's number (the part of the ball one reads)."""
+    return NUMBERS[numbers]["disc"] * ball["radius"]
+
+
+def _paste_ball(img: Image.Image, ball: dict, rng: np.random.Generator, style: dict) -> None:
     """A shaded ball with its number, painted at 4x and box-filtered down (PIL draws no anti-aliasing)."""
     s = _SUPERSAMPLE
     (x, y), r = ball["position"], ball["radius"]
@@ -163,10 +180,10 @@ def _paste_ball(img: Image.Image, ball: dict, rng: np.random.Generator) -> None:
         rr = R * (1 - 0.55 * t)
         ox, oy = -0.25 * R * t, -0.25 * R * t
         d.ellipse([cx + ox - rr, cy + oy - rr, cx + ox + rr, cy + oy + rr], fill=c)
-    rw = 0.57 * R
+    rw = style["disc"] * R
     d.ellipse([cx - rw, cy - rw, cx + rw, cy + rw], fill=(245, 245, 238))
     size = round(0.85 * 2 * rw)
-    weight = rng.uniform(0.0, 0.05)  # varies, so the amount of ink is a weak cue to the number
+    weight = rng.uniform(*style["stroke"])  # varies, so the amount of ink is a weak cue to the number
     d.text((cx, cy + 0.04 * R), str(ball["number"]), font=_font(size), fill=(10, 10, 10), anchor="mm",
            stroke_width=round(weight * size), stroke_fill=(10, 10, 10))
     hr = 0.16 * R
