@@ -3,6 +3,7 @@ relation between balls (``max-left-right``: the larger number of the leftmost an
 
     python benchmarks/billiards_reading.py                                   # the quick profile's teacher
     python benchmarks/billiards_reading.py --set task.ball_frac=0.18,0.22    # another scene setting
+    python benchmarks/billiards_reading.py --set task.numbers=small --set teacher.steps=1000   # task version 1
 
 For the task's teacher (trained, or loaded from the cache exactly as ``lwbench run`` would) it reports, on test
 scenes:
@@ -10,7 +11,8 @@ scenes:
 * ``top-1``: the teacher's task accuracy;
 * ``ball read``: the share of balls whose number the teacher's per-patch object head (trained beside it by the
   dense loss, ``lwbench/training/teacher.py``) gets right, from the mean of its logits over the ball's cells
-  (chance 1/9);
+  (the cells the dense loss labels: the whole ball with ``numbers=small``, its number disc with ``large``;
+  chance 1/9);
 * ``label from reads``: the label computed from those reads with the true positions (what reading alone allows);
 * ``max of all (true)``: the label's agreement with the largest number on the table, i.e. what a model that reads
   perfectly but ignores where the balls are would score.

@@ -46,9 +46,9 @@ def test_every_method_gets_the_same_finetuning_recipe_and_the_row_says_so():
     assert recipes == {"steps=37 lr=0.001 batch=32 warmup=10"}, efforts
     assert all(e["finetune_steps"] == 37 and e["regime"] == "finetuned" for e in efforts.values())
     assert efforts["lookwhere"]["pretrain_steps"] == 400 and efforts["tome"]["pretrain_steps"] == 0
-    assert all(e["teacher_steps"] == 1000 for e in efforts.values())
+    assert all(e["teacher_steps"] == 2000 for e in efforts.values())  # the hard scenes' teacher (quick profile)
     off = _plan("tome", **train).effort()
-    assert off == {"regime": "off_the_shelf", "init": "scratch", "teacher_steps": 1000, "teacher_probe_steps": 0,
+    assert off == {"regime": "off_the_shelf", "init": "scratch", "teacher_steps": 2000, "teacher_probe_steps": 0,
                    "pretrain_steps": 0, "finetune_steps": 0, "finetune_recipe": "-"}
     # a method's own override is honoured and visible, so the comparison can say it is not equal-effort
     own = _plan("random", "finetuned", **train, **{"method.finetune.steps": 5}).effort()
