@@ -138,6 +138,19 @@ def test_a_damaged_shipped_teacher_is_refused_and_trained_instead(tmp_path, monk
     assert _rows(Path(os.environ["LWBENCH_RESULTS"]), "full")[0]["teacher_source"] == "trained"
 
 
+def test_a_teacher_folder_without_its_state_file_is_refused_not_loaded_as_random_weights(tmp_path, capsys):
+    """A finished teacher folder whose state.json is gone (a partial copy) once loaded nothing and left the
+    backbone at its random initialisation, silently: every method then scored chance."""
+    plan = _tiny_plan()
+    assert main(["run", "--method", "full", "--task", "traffic_signs", *TINY]) == 0
+    tdir = Path(os.environ["LWBENCH_CACHE"]) / "teachers" / plan.teacher_id
+    (tdir / "state.json").unlink()
+    capsys.readouterr()
+    assert main(["run", "--method", "random", "--task", "traffic_signs", "--budget", "k=6", *TINY]) != 0
+    err = capsys.readouterr().err
+    assert "state.json" in err and "damaged" in err and "Traceback" not in err
+
+
 def test_the_quick_profile_ships_its_current_teachers():
     """A config change that moves the quick teacher's id must ship the new teacher (benchmarks/shipped_teachers.py
     --write), or every newcomer silently trains for 25 minutes again."""

@@ -42,8 +42,10 @@ from lwbench.attention import BlockInputs
 from lwbench.config import TeacherConfig
 from lwbench.training.distributed import mean_over_ranks
 from lwbench.training.loop import (
+    STATE,
     EpochStream,
     check_weights,
+    damaged,
     is_done,
     load_checkpoint,
     task_loss,
@@ -218,6 +220,8 @@ def load_teacher(model: nn.Module, ckpt_dir: Path) -> nn.Module:
 
     weights = Path(ckpt_dir) / "model.safetensors"
     check_weights(weights)  # a truncated file is one CheckpointError line, not a safetensors traceback
+    if not (Path(ckpt_dir) / STATE).is_file():  # load_checkpoint would load nothing and leave the weights random
+        raise damaged(Path(ckpt_dir) / STATE, "missing: a finished teacher folder holds it beside its weights")
     with safe_open(str(weights), framework="pt") as f:
         shape = f.get_slice("cells.weight").get_shape() if "cells.weight" in f.keys() else None
     if shape is not None:
