@@ -46,7 +46,7 @@ def test_paths_and_verbosity_are_not_in_the_run_id(tmp_path):
 def test_equal_numbers_hash_alike():
     assert run_id(sets=["train.lr=1e-5"]) == run_id(sets=["train.lr=0.00001"])
     assert run_id(sets=["method.finetune.lr=1e-5"]) == run_id(sets=["method.finetune.lr=0.00001"])
-    assert run_id(sets=["teacher.steps=2000"]) == run_id(sets=["teacher.steps=2000.0"]) == run_id()  # the profile's steps
+    assert run_id(sets=["teacher.steps=2000"]) == run_id(sets=["teacher.steps=2000.0"]) == run_id()
 
 
 def test_stage_defaults_resolve_before_hashing():
