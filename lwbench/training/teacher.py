@@ -220,14 +220,11 @@ def load_teacher(model: nn.Module, ckpt_dir: Path) -> nn.Module:
 
     weights = Path(ckpt_dir) / "model.safetensors"
     check_weights(weights)  # a truncated file is one CheckpointError line, not a safetensors traceback
-    if not (Path(ckpt_dir) / STATE).is_file():  # load_checkpoint would load nothing and leave the weights random
-        raise damaged(Path(ckpt_dir) / STATE, "missing: a finished teacher folder holds it beside its weights")
     with safe_open(str(weights), framework="pt") as f:
         shape = f.get_slice("cells.weight").get_shape() if "cells.weight" in f.keys() else None
-    if shape is not None:
-        load_checkpoint(DenseTrainer(model, int(shape[0])), ckpt_dir)
-    else:
-        load_checkpoint(model, ckpt_dir)
+    state = load_checkpoint(DenseTrainer(model, int(shape[0])) if shape is not None else model, ckpt_dir)
+    if state is None:  # no state.json: nothing was loaded, and the weights would stay random
+        raise damaged(Path(ckpt_dir) / STATE, "missing: a finished teacher folder holds it beside its weights")
     return model
 
 
