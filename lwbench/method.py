@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -28,6 +29,31 @@ if TYPE_CHECKING:
     from lwbench.training.context import FitContext
 
 Training = Literal["none", "finetune", "pretrain+finetune"]
+
+# A plugin's plot style (``Method.plot_style``): colours and markers no built-in method uses, picked by its name.
+PLUGIN_COLORS = ("#8c6d31", "#7b4173", "#17a589", "#c49c94", "#5254a3", "#b5cf6b", "#e7969c", "#de9ed6", "#6b6ecf",
+                 "#9c9ede", "#cedb9c", "#e7cb94")
+PLUGIN_MARKERS = (">", "8", "o", "s", "D", "^", "v", "<")
+
+
+def name_style(name: str) -> tuple[str, str]:
+    """``(colour, marker)`` of a method that declares no ``style``, from its name alone: md5, not Python's salted
+    ``hash()``, so it is the same in every process, and a figure of results whose method is not registered here (a
+    plugin not loaded) draws it as a figure with the plugin loaded does."""
+    h = int(hashlib.md5(name.encode()).hexdigest(), 16)
+    return PLUGIN_COLORS[h % len(PLUGIN_COLORS)], PLUGIN_MARKERS[(h // 97) % len(PLUGIN_MARKERS)]
+
+
+class classproperty:  # lower case, like the built-in ``property`` it extends
+    """A read-only property of a class and its instances alike, for metadata derived from class attributes
+    (``Method.training_free``), so ``METHODS.get(name).training_free`` needs no instance."""
+
+    def __init__(self, fget: Any) -> None:
+        self.fget = fget
+        self.__doc__ = fget.__doc__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self.fget(owner if owner is not None else type(obj))
 
 
 @dataclass(frozen=True)
@@ -99,6 +125,34 @@ class Method(abc.ABC):
     # constructed, in one line naming these. ``families_note`` says why (e.g. "it ranks tokens by CLS attention").
     families: ClassVar[tuple[str, ...]] = ("vit", "vit-noclass", "eva", "eva-noclass")
     families_note: ClassVar[str] = ""
+    # -- presentation: how figures and listings show the method ----------------------------------------------
+    # ``(colour, marker)`` in every figure (matplotlib colour and marker). Not inherited: a subclass is another
+    # method (a plugin's variant of ToMe) and must not be drawn as its parent; one that declares none gets
+    # ``name_style`` (see ``plot_style``).
+    style: ClassVar[tuple[str, str] | None] = None
+    # Why no budget makes the method the plain backbone, when none does (``noop_budget`` is then the closest one).
+    noop_note: ClassVar[str] = ""
+
+    @classproperty
+    def training_free(cls) -> bool:
+        """Whether the method runs off the shelf on the task-trained backbone (``training == "none"``)."""
+        return cls.training == "none"
+
+    @classmethod
+    def plot_style(cls) -> tuple[str, str]:
+        """``(colour, marker)`` of the method in every lwbench figure: its own ``style``, else one from its name."""
+        own = cls.__dict__.get("style")
+        return own if own is not None else name_style(cls.name)
+
+    @classmethod
+    def noop_budget(cls, spec: BackboneSpec) -> float | None:
+        """The budget at which the method is the plain backbone, bit for bit (k = all patches, r = 0, keep_rate = 1):
+        the reference every reduction is measured from, checked for every registered method by the contract tests.
+        ``None`` for a method without a budget knob (its only setting). A method whose every budget changes the model
+        returns the closest one and says why in ``noop_note``; one with a knob must override this."""
+        if cls.budget_key is None:
+            return None
+        raise NotImplementedError(f"method '{cls.name}' does not declare its no-op budget (Method.noop_budget)")
 
     def __init__(self, spec: BackboneSpec, budget: float | None = None, opts: Any = None, **kw: Any) -> None:
         self.spec = spec
@@ -268,6 +322,10 @@ class PatchSelectionMethod(Method):
         n = spec.num_patches
         return sorted({max(1, round(n * f)) for f in cls.grid_fractions})
 
+    @classmethod
+    def noop_budget(cls, spec: BackboneSpec) -> float | None:
+        return spec.num_patches  # every patch, in grid order
+
     def check_budget(self) -> None:
         n = self.spec.num_patches
         self._require(1 <= self.budget <= n, f"k=1..{n}")
@@ -309,4 +367,4 @@ def detach_copy(vit: nn.Module) -> nn.Module:
 
 
 __all__ = ["BackboneSpec", "Method", "Overhead", "PatchSelectionMethod", "parse_budget", "resolve_budget", "freeze",
-           "detach_copy"]
+           "detach_copy", "name_style", "classproperty"]

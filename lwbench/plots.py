@@ -8,7 +8,6 @@ only: synthetic and real numbers answer different questions and are never drawn 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import textwrap
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lwbench.errors import ConfigError, LwbenchError
+from lwbench.errors import ConfigError, LwbenchError, UnknownNameError
 from lwbench.paths import temp_beside
 from lwbench.results import (
     APPROXIMATE_MEM_KINDS,
@@ -53,43 +52,18 @@ MEM_KINDS = {"cuda_allocated_growth": "CUDA: weights + allocated growth of one w
 # file of the same name, which it must not replace.
 PNG_SOFTWARE = "lwbench pareto_plot"
 
-# One colour and marker per method, the same in every figure: a fixed table for the built-in methods, and for any
-# other (a plugin) a pick from the colours and markers the table does not use, by a hash of its name (md5, not
-# Python's salted hash()), so adding a method to the results never re-colours the others.
-METHOD_STYLES: dict[str, tuple[str, str]] = {
-    "full": ("#3a3a3a", "*"),
-    "lookwhere": ("#1f77b4", "o"),
-    "tome": ("#d62728", "s"),
-    "evit": ("#2ca02c", "D"),
-    "topk": ("#bcbd22", "d"),
-    "ats": ("#ff7f0e", "^"),
-    "dynamicvit": ("#9467bd", "P"),
-    "dps": ("#e377c2", "h"),
-    "ips": ("#17becf", "<"),
-    "random": ("#8c8c8c", "X"),
-    "lowres": ("#8c564b", "v"),
-    "grid": ("#393b79", "p"),
-    "pitome": ("#637939", "H"),
-    "mctf": ("#843c39", ">"),
-    "dtem": ("#1b9e77", r"$\spadesuit$"),  # every filled letter marker is taken; a filled mathtext glyph
-    "algm": ("#dd1c77", r"$\clubsuit$"),  # a filled mathtext glyph (the filled letter markers are all taken)
-    "repshift": ("#ad494a", "8"),
-    "saliency": ("#b8860b", r"$\mathbf{S}$"),  # the two reference selectors are letters: S(aliency), O(racle)
-    "oracle": ("#000000", r"$\mathbf{O}$"),
-    "evit_random": ("#98df8a", "D"),  # the light shade of its method's colour, the same marker
-    "topk_random": ("#dbdb8d", "d"),
-}
-_FALLBACK_COLORS = ("#8c6d31", "#7b4173", "#17a589", "#c49c94", "#5254a3", "#b5cf6b", "#e7969c", "#de9ed6",
-                    "#6b6ecf", "#9c9ede", "#cedb9c", "#e7cb94")
-_FALLBACK_MARKERS = (">", "8", "o", "s", "D", "^", "v", "<")
-
-
 def method_style(method: str) -> tuple[str, str]:
-    """``(colour, marker)`` of ``method`` in every lwbench figure; depends on the method's name only."""
-    if method in METHOD_STYLES:
-        return METHOD_STYLES[method]
-    h = int(hashlib.md5(method.encode()).hexdigest(), 16)
-    return _FALLBACK_COLORS[h % len(_FALLBACK_COLORS)], _FALLBACK_MARKERS[(h // 97) % len(_FALLBACK_MARKERS)]
+    """``(colour, marker)`` of ``method`` in every lwbench figure: its class's ``plot_style`` (a built-in method's
+    own ``style``; a plugin's, by default, a pick from the colours and markers no built-in uses, by its name), so
+    adding a method to the results never re-colours the others. A name the registry does not know (a plugin not
+    loaded in this process) gets the same pick from its name as it gets with the plugin loaded."""
+    from lwbench.method import name_style  # here: it imports torch, which a plot of stored rows does not need
+    from lwbench.registry import METHODS
+
+    try:
+        return METHODS.get(method).plot_style()
+    except UnknownNameError:
+        return name_style(method)
 
 
 def pareto_front(points: Any, x_higher_better: bool = False, y_higher_better: bool = True) -> np.ndarray:

@@ -185,3 +185,17 @@ def get_method(name: str):
 
 def get_task(name: str):
     return TASKS.get(name)
+
+
+def training_free_methods() -> list[str]:
+    """Names of the registered methods that run off the shelf (``Method.training_free``), read from their classes so
+    a new method or plugin is listed without anyone keeping a list; a plugin that fails to import is left out."""
+    free = []
+    for name in METHODS.names():
+        try:
+            cls = METHODS.get(name)
+        except Exception:  # a broken plugin must not break a listing
+            continue
+        if cls.training_free:
+            free.append(name)
+    return free

@@ -76,7 +76,7 @@ import torch
 from torch import nn
 
 from lwbench.errors import ConfigError
-from lwbench.method import Method, Overhead, detach_copy
+from lwbench.method import BackboneSpec, Method, Overhead, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
@@ -315,6 +315,7 @@ class ALGMEncoder(nn.Module):
 class ALGM(Method):
     description = ("ALGM: local 2x2-window merging above a similarity threshold in the first block, then global "
                    "bipartite merging above an adaptive threshold mid-network (dense baseline)")
+    style = ("#dd1c77", r"$\clubsuit$")  # a filled mathtext glyph (the filled letter markers are all taken)
     kind = "reduction"
     budget_key = "threshold"
     budget_type = float
@@ -332,6 +333,10 @@ class ALGM(Method):
         window: int = option(2, "side of the square local merging window (official 2 x 2)", min=2)
         prop_attn: bool = option(False, "proportional attention, log(size) added to the logits (official: off, the "
                                         "sizes reach TurboAttention but are unused)")
+
+    @classmethod
+    def noop_budget(cls, spec: BackboneSpec) -> float | None:
+        return 1.0  # threshold 1: neither the local nor the global stage merges
 
     def check_budget(self):
         depth = self.spec.depth

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lwbench.method import Method, Overhead, detach_copy
+from lwbench.method import BackboneSpec, Method, Overhead, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
@@ -204,6 +204,7 @@ class ATSEncoder(nn.Module):
 @register_method("ats")
 class ATS(Method):
     description = "Adaptive Token Sampling: inverse-transform sampling of tokens by CLS attention x value norm"
+    style = ("#ff7f0e", "^")
     kind = "reduction"
     budget_key = "keep_rate"
     budget_type = float
@@ -224,6 +225,10 @@ class ATS(Method):
                               "(keep_rate=1 = plain model); initial: K = ceil(keep_rate x initial patches) at "
                               "every stage, as published (keep_rate=1 with stages=published: official ATS)",
                               choices=SAMPLES)
+
+    @classmethod
+    def noop_budget(cls, spec: BackboneSpec) -> float | None:
+        return 1.0  # K = every current token at every stage (the default samples=current): no sampling
 
     def check_budget(self):
         if self.opts.stages == "published":

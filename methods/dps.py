@@ -207,6 +207,7 @@ def make_dps_loss(entropy_weight: float):
 @register_method("dps")
 class DPS(PatchSelectionMethod):
     description = "CNN scorer on a downscaled image + perturbed top-k (Berthet) picks k high-res patches"
+    style = ("#e377c2", "h")
     training = "finetune"
     version = 2  # 2: the official (diagonal) gradient, 500 samples, scorer input a multiple of the grid (no ties)
 

@@ -263,6 +263,7 @@ class DTEM(ToMe):
     """ToMe's budget (r per block, its grid and range); DTEM's learned merging metric."""
 
     description = "DTEM: ToMe merging on a learned per-block decoupled embedding, trained by soft merging"
+    style = ("#1b9e77", r"$\spadesuit$")  # every filled letter marker is taken; a filled mathtext glyph
     training = "pretrain+finetune"
 
     @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from torch import nn
 
 from lwbench.config import Stage
 from lwbench.errors import ConfigError
-from lwbench.method import Method, Overhead, detach_copy
+from lwbench.method import BackboneSpec, Method, Overhead, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
@@ -212,6 +212,7 @@ def parse_locs(value: Any) -> list[int] | None:
 @register_method("dynamicvit")
 class DynamicViT(Method):
     description = "learned MLP predictors prune patch tokens at 3 stages (keep rho, rho^2, rho^3); Gumbel training"
+    style = ("#9467bd", "P")
     version = 2  # 2: floor(N rho^s) tokens kept per stage, as the official code (1 kept ceil)
     kind = "reduction"
     budget_key = "keep_rate"
@@ -229,6 +230,10 @@ class DynamicViT(Method):
         predictor_warmup: float = option(5 / 30, "fraction of steps training the predictors alone (official: 5 "
                                                  "of 30 epochs)", min=0, max=0.999)
         finetune: Stage = option(default_factory=Stage, help="predictor warm-up then joint training")
+
+    @classmethod
+    def noop_budget(cls, spec: BackboneSpec) -> float | None:
+        return 1.0  # keep rho^s = 1 at every stage: the predictors are never called
 
     def prune_locs(self) -> list[int]:
         locs = parse_locs(self.opts.prune_locs)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lwbench.method import Method, Overhead, detach_copy
+from lwbench.method import BackboneSpec, Method, Overhead, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
@@ -131,6 +131,7 @@ class EViTEncoder(nn.Module):
 @register_method("evit")
 class EViT(Method):
     description = "EViT: keep the top keep_rate tokens by CLS attention at 3 blocks, fuse the rest into one"
+    style = ("#2ca02c", "D")
     kind = "reduction"
     budget_key = "keep_rate"
     budget_type = float
@@ -148,6 +149,10 @@ class EViT(Method):
         keep_layers: str | list[int] | None = option(None, "0-based blocks that prune, e.g. 3,6,9 (null: depth/4, "
                                                            "depth/2, 3 depth/4)")
 
+    @classmethod
+    def noop_budget(cls, spec: BackboneSpec) -> float | None:
+        return 1.0  # keep every token at every pruning block
+
     def check_budget(self):
         self.layers = parse_layers(self.opts.keep_layers, self.spec.depth, self.name, "keep_layers")
         self._require(0 < self.budget <= 1, "keep_rate in (0, 1] (fraction of tokens kept at each pruning block)")
@@ -163,16 +168,19 @@ class EViT(Method):
 @register_method("topk")
 class TopK(EViT):
     description = "keep the top keep_rate tokens by CLS attention at 3 blocks, drop the rest (EViT without fusion)"
+    style = ("#bcbd22", "d")
     fuse = False
 
 
 @register_method("evit_random")
 class EViTRandom(EViT):
     description = "EViT's schedule and fusion with the kept tokens drawn at random (EViT's random-pruning baseline)"
+    style = ("#98df8a", "D")  # the light shade of EViT's colour, the same marker
     random_ranking = True
 
 
 @register_method("topk_random")
 class TopKRandom(TopK):
     description = "top-k's schedule with the kept tokens drawn at random (random pruning at the same blocks)"
+    style = ("#dbdb8d", "d")  # the light shade of top-k's colour, the same marker
     random_ranking = True

@@ -14,6 +14,7 @@ from lwbench.vit import FullEncoder
 @register_method("full")
 class Full(Method):
     description = "whole high-res image through the backbone (reference)"
+    style = ("#3a3a3a", "*")
     kind = "baseline"
     budget_key = None
     training = "none"  # the task-trained backbone itself (trained once per task and cached)

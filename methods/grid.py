@@ -70,6 +70,7 @@ class GridPatchEncoder(nn.Module):
 @register_method("grid")
 class GridPatches(PatchSelectionMethod):
     description = "k high-res patches on a regular lattice (uniform sampling, the same cells for every image)"
+    style = ("#393b79", "p")
     training = "finetune"
 
     @dataclass(frozen=True)

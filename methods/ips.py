@@ -152,6 +152,7 @@ class IPSEncoder(nn.Module):
 @register_method("ips")
 class IPS(PatchSelectionMethod):
     description = "no-grad iterative top-M patch memory scored by a cross-attention aggregator; grad pass on M"
+    style = ("#17becf", "<")
     training = "finetune"
     families = ("vit", "eva")
     families_note = "its aggregator's summary enters the backbone through the class token"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lwbench.config import Stage
-from lwbench.method import Method, detach_copy
+from lwbench.method import BackboneSpec, Method, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.tokens import TokenOutput
@@ -50,6 +50,7 @@ class LowResEncoder(nn.Module):
 @register_method("lowres")
 class LowRes(Method):
     description = "whole image downsampled to the budget height (aspect kept)"
+    style = ("#8c564b", "v")
     kind = "baseline"
     budget_key = "size"
     training = "finetune"
@@ -58,6 +59,10 @@ class LowRes(Method):
     @dataclass(frozen=True)
     class Options:
         finetune: Stage = option(default_factory=Stage, help="fine-tuning at this size (steps=0: none)")
+
+    @classmethod
+    def noop_budget(cls, spec: BackboneSpec) -> float | None:
+        return spec.img_size[0]  # "downsampled" to the high-res height: no resize at all
 
     @classmethod
     def default_budget(cls, spec):

@@ -87,7 +87,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lwbench import eva
-from lwbench.method import Method, Overhead, detach_copy
+from lwbench.method import BackboneSpec, Method, Overhead, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
@@ -359,6 +359,7 @@ class MCTF(Method):
         "MCTF: r tokens fused per block by bipartite matching on similarity x informativeness x size, "
         "one-step-ahead attention"
     )
+    style = ("#843c39", ">")
     kind = "reduction"
     budget_key = "r"
     budget_type = int
@@ -385,6 +386,10 @@ class MCTF(Method):
             "attention", "fusion weights: attention received x size (official), size, or mean", choices=POOLINGS
         )
         prop_attn: bool = option(True, "proportional attention (log of fused sizes added to the logits)")
+
+    @classmethod
+    def noop_budget(cls, spec: BackboneSpec) -> float | None:
+        return 0  # r = 0: no block fuses tokens
 
     def fusing_layers(self) -> list[int]:
         if self.opts.layers is None or self.opts.layers in ("", "default"):

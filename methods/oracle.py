@@ -84,6 +84,7 @@ class OracleEncoder(RandomPatchEncoder):
 @register_method("oracle")
 class Oracle(PatchSelectionMethod):
     description = "k high-res patches: the annotated object cells first, then random (a ceiling; reads the boxes)"
+    style = ("#000000", r"$\mathbf{O}$")
     training = "none"  # off the shelf as it is; the finetuned regime fine-tunes it at k on un-augmented images
     version = 2  # 2: fine-tuned on the annotated cells of un-augmented training images (1: augmented, so random cells)
 

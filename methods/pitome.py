@@ -140,6 +140,7 @@ class PiToMe(ToMe):
     """ToMe's budget (r per block, its grid and range); PiToMe's energy-guided choice of what merges."""
 
     description = "PiToMe: merge the 2r highest-energy (most redundant) tokens per block, protect the rest"
+    style = ("#637939", "H")
 
     version = 2  # 2: the official per-block margin, BSM in the first half of the blocks, no proportional attention
 

@@ -43,6 +43,7 @@ class RandomPatchEncoder(nn.Module):
 @register_method("random")
 class RandomPatches(PatchSelectionMethod):
     description = "k uniformly random high-res patches through the backbone"
+    style = ("#8c8c8c", "X")
     training = "finetune"
     version = 2  # 2: one fine-tuning at the budget (1 ran the default train.* fine-tuning and then its own again)
 

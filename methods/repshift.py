@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from lwbench import eva
-from lwbench.method import Method, Overhead, detach_copy
+from lwbench.method import BackboneSpec, Method, Overhead, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
@@ -182,6 +182,7 @@ class RepShiftEncoder(nn.Module):
 class RepShift(Method):
     description = ("Representation Shift: after 3 blocks keep the top keep_rate tokens by ||MLP(LN(x)) - x|| (no "
                    "attention map, fused attention kept)")
+    style = ("#ad494a", "8")
     kind = "reduction"
     budget_key = "keep_rate"
     budget_type = float
@@ -196,6 +197,10 @@ class RepShift(Method):
                                                            "(null: round(depth x {0, 1/4, 1/2}), short of the last)")
         shift: str = option("mlp", "the change scored: mlp ||MLP(LN(x')) - x'||, mlp_branch ||x_out - x'||, attn "
                                    "||Attn(LN(x)) - x||, block ||Block(x) - x||", choices=SHIFTS)
+
+    @classmethod
+    def noop_budget(cls, spec: BackboneSpec) -> float | None:
+        return 1.0  # keep every token at every pruning block: no block is split
 
     @classmethod
     def default_budget(cls, spec):

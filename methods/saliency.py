@@ -89,6 +89,7 @@ class SaliencyEncoder(nn.Module):
 @register_method("saliency")
 class SaliencyPatches(PatchSelectionMethod):
     description = "k high-res patches with the highest pixel variance or edge energy (no learning; a floor)"
+    style = ("#b8860b", r"$\mathbf{S}$")  # the two reference selectors are letters: S(aliency), O(racle)
     training = "none"  # off the shelf as it is; the finetuned regime fine-tunes it at k like every training-free one
 
     @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lwbench.method import Method, Overhead, detach_copy
+from lwbench.method import BackboneSpec, Method, Overhead, detach_copy
 from lwbench.options import option
 from lwbench.registry import register_method
 from lwbench.vit import num_prefix, to_output
@@ -159,6 +159,7 @@ class ToMeEncoder(nn.Module):
 @register_method("tome")
 class ToMe(Method):
     description = "Token Merging: r patch tokens merged per block by bipartite key matching (training-free)"
+    style = ("#d62728", "s")
     kind = "reduction"
     budget_key = "r"
     budget_type = int
@@ -171,6 +172,10 @@ class ToMe(Method):
     class Options:
         schedule: str = option("constant", "r per block: constant, or decreasing from 2r to 0", choices=SCHEDULES)
         prop_attn: bool = option(True, "proportional attention (log of merged sizes added to the logits)")
+
+    @classmethod
+    def noop_budget(cls, spec: BackboneSpec) -> float | None:
+        return 0  # r = 0: no block merges
 
     @classmethod
     def max_r(cls, spec, schedule: str = "constant") -> int:

@@ -10,9 +10,9 @@ For every method:
   ``torch.equal``: at a no-op budget a method must take timm's own modules in timm's order (each method
   documents this), so there is no rounding to allow for, and a tolerance would hide a real difference (e.g. a
   subset-embedding path taken when every patch is kept). A method without a meaningful no-op says so in
-  :data:`NOOP` with its reason, and the part of it that must still be the backbone is checked instead. The
-  library has no way to ask a method for its no-op budget, so :data:`NOOP` is written here; a new method
-  without an entry fails until it gets one.
+  its ``noop_note``, and the part of it that must still be the backbone (:data:`BACKBONE_PARTS`) is checked
+  instead. The no-op budget is the method's own (``Method.noop_budget``): a new method with a budget knob fails
+  until it declares one.
 * **FLOP parts sum to the total** on a tiny config (``lwbench flops``' own path), are non-negative, and the
   two counters split the total the same way.
 * **An impossible budget fails before any work**: ``cls(spec, budget)`` raises ``BudgetError``/``ConfigError``
@@ -116,45 +116,23 @@ class NoNoOp:
     part: Callable[[nn.Module, torch.Tensor], TokenOutput]
 
 
-ALL_PATCHES = NoOp(lambda spec: spec.num_patches)
-KEEP_ALL = NoOp(lambda spec: 1.0)
-
-
 def _lookwhere_extractor(enc: nn.Module, x: torch.Tensor) -> TokenOutput:
     vit = enc.extractor.vit
     return enc.extractor(x, all_positions(x.shape[0], grid_of(vit, x), x.device), prefix_tokens(vit, x.shape[0]))
 
 
-NOOP: dict[str, NoOp | NoNoOp] = {
-    "full": NoOp(lambda spec: None),  # no budget knob: its only setting
-    "lowres": NoOp(lambda spec: spec.img_size[0]),  # "downsampled" to the high-res height: no resize at all
-    "random": ALL_PATCHES,
-    "grid": ALL_PATCHES,  # k = all cells is every cell in order
-    "saliency": ALL_PATCHES,  # k = all cells: every cell, sorted
-    "oracle": ALL_PATCHES,  # k = all cells: every cell, sorted (no lookup needed)
-    "dps": ALL_PATCHES,
-    "ips": ALL_PATCHES,  # the aggregator's summary enters CLS through a zero-initialised projection
-    "lookwhere": NoNoOp(
-        lambda spec: spec.num_patches,
-        reason="even at k = all patches the extractor's CLS and register tokens are the selector's (its low-res, "
-        "truncated copy of the backbone, final-normed), by design; only the extractor, given the backbone's own "
-        "prefix tokens, is the backbone",
-        part=_lookwhere_extractor,
-    ),
-    "tome": NoOp(lambda spec: 0),
-    "pitome": NoOp(lambda spec: 0),
-    "mctf": NoOp(lambda spec: 0),
-    "dtem": NoOp(lambda spec: 0),  # r=0: no block merges, the embedding modules are never called
-    "algm": NoOp(lambda spec: 1.0),  # threshold 1: neither the local nor the global stage runs
-    "evit": KEEP_ALL,
-    "topk": KEEP_ALL,
-    "evit_random": KEEP_ALL,
-    "topk_random": KEEP_ALL,
-    "ats": KEEP_ALL,
-    "dynamicvit": KEEP_ALL,  # keep rho^s = 1 at every stage: the predictors are never called
-    "repshift": KEEP_ALL,  # keep every token at every pruning block: no block is split
-    PLUGIN: ALL_PATCHES,
-}
+# For a method without a no-op (its ``noop_note`` says why): the part of its encoder that must still be the backbone.
+BACKBONE_PARTS: dict[str, Callable[[nn.Module, torch.Tensor], TokenOutput]] = {"lookwhere": _lookwhere_extractor}
+
+
+def noop_of(cls) -> NoOp | NoNoOp:
+    """The method's own ``noop_budget`` (and ``noop_note``), as the entry the no-op tests check."""
+    if cls.noop_note:
+        return NoNoOp(cls.noop_budget, reason=cls.noop_note, part=BACKBONE_PARTS[cls.name])
+    return NoOp(cls.noop_budget)
+
+
+NOOP: dict[str, NoOp | NoNoOp] = {name: noop_of(METHODS.get(name)) for name in METHODS.names()}
 
 # (method, case id) -> reason, for cases that fail today because of a library defect (xfail, strict).
 KNOWN_DEFECTS: dict[tuple[str, str], str] = {}
@@ -201,18 +179,23 @@ def _assert_is_backbone(out: TokenOutput, ref: TokenOutput, what: str) -> None:
 
 
 # -- 1. no-op budget -----------------------------------------------------------------------------------------
-def test_noop_table_names_only_registered_methods():
-    assert set(NOOP) <= set(NAMES), f"stale NOOP entries: {sorted(set(NOOP) - set(NAMES))}"
+def test_every_method_declares_its_noop(methods, tiny):
+    """A method with a budget knob says at which budget it is the backbone (``Method.noop_budget``); one without a
+    no-op says why (``noop_note``) and names the part that must still be the backbone here (BACKBONE_PARTS)."""
+    _, spec = tiny
+    for name in NAMES:
+        cls = methods.get(name)
+        budget = cls.noop_budget(spec)
+        assert (budget is None) == (cls.budget_key is None), f"{name}: no-op budget {budget!r}"
+        assert not cls.noop_note or name in BACKBONE_PARTS, f"{name}: noop_note without a part to check"
 
 
 @pytest.mark.parametrize("name", NAMES)
 @torch.no_grad()
 def test_noop_budget_reproduces_backbone(methods, backbone, name):
-    entry = NOOP.get(name)
-    if entry is None:
-        pytest.fail(f"{name}: no entry in NOOP; add its no-op budget, or a NoNoOp saying why it has none")
     vit, spec = backbone
     cls = methods.get(name)
+    entry = noop_of(cls)
     x = torch.randn(2, 3, *spec.img_size, generator=torch.Generator().manual_seed(0))
     ref = _reference(vit, spec, x)
     enc = cls(spec, entry.budget(spec)).build(vit).eval()

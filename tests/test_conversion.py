@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lwbench.plots import METHOD_STYLES, conversion_figure, conversion_plot, method_style, pareto_figure
+from lwbench.plots import conversion_figure, conversion_plot, method_style, pareto_figure
+from lwbench.registry import METHODS
 from lwbench.results import format_results, speedup_cell
 
 FULL_ID = "fullref00000"
@@ -243,7 +244,7 @@ def test_conversion_styles_are_the_pareto_styles():
         colour, marker = method_style(method)
         assert to_hex(coll.get_facecolors()[0]) == colour == to_hex(pareto[method].get_facecolors()[0])
         assert (coll.get_paths()[0].vertices == pareto[method].get_paths()[0].vertices).all()  # the same marker
-        assert METHOD_STYLES[method] == (colour, marker)
+        assert METHODS.get(method).style == (colour, marker)  # the style the method's class declares
 
 
 def test_conversion_plot_without_any_speedup_says_so():

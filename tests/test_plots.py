@@ -282,7 +282,7 @@ def point_colors(fig):
 
 
 def test_method_colours_are_stable_whatever_else_is_plotted():
-    from lwbench.plots import METHOD_STYLES, method_style
+    from lwbench.plots import method_style
 
     df = frame()
     alone = point_colors(pareto_figure(df[df["method"] == "tome"], "traffic_signs"))
@@ -291,11 +291,20 @@ def test_method_colours_are_stable_whatever_else_is_plotted():
     assert alone["tome"] == more["tome"] and more["lookwhere"] == point_colors(pareto_figure(df, "traffic_signs"))[
         "lookwhere"]
     assert len(set(more.values())) == 4  # every method its own colour
-    # the table of built-in methods: distinct colours and markers; a plugin's style is a function of its name alone
-    assert len({c for c, _ in METHOD_STYLES.values()}) == len(METHOD_STYLES)
-    assert len(set(METHOD_STYLES.values())) == len(METHOD_STYLES)
-    assert method_style("my_plugin") == method_style("my_plugin") and method_style("tome") == METHOD_STYLES["tome"]
-    assert method_style("my_plugin")[0] not in {c for c, _ in METHOD_STYLES.values()}
+    # the styles the built-in methods declare: distinct colours and markers; a plugin's is a function of its name alone
+    declared = declared_styles()
+    assert len({c for c, _ in declared.values()}) == len(declared)
+    assert len(set(declared.values())) == len(declared)
+    assert method_style("my_plugin") == method_style("my_plugin") and method_style("tome") == declared["tome"]
+    assert method_style("my_plugin")[0] not in {c for c, _ in declared.values()}
+
+
+def declared_styles() -> dict[str, tuple[str, str]]:
+    """``Method.style`` of every built-in method that declares one (read from the registry, not a list)."""
+    from lwbench.registry import METHODS
+
+    classes = {name: METHODS.get(name) for name in METHODS.names()}
+    return {name: cls.style for name, cls in classes.items() if cls.__dict__.get("style") is not None}
 
 
 def with_full(df):

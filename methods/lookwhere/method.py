@@ -85,11 +85,15 @@ def default_selector_size(img_size: tuple[int, int], patch: int) -> tuple[int, i
 @register_method("lookwhere")
 class LookWhere(PatchSelectionMethod):
     description = "low-res selector picks top-k high-res patches for a distilled extractor (flagship)"
+    style = ("#1f77b4", "o")
     grid_fractions = (1 / 16, PAPER_K_FRACTION, 1 / 4)
     training = "pretrain+finetune"
     dense_output = True
     families = ("vit", "eva")
     families_note = "the selector hands the extractor its class token and distillation matches the teacher's"
+    noop_note = ("even at k = all patches the extractor's CLS and register tokens are the selector's (its low-res, "
+                 "truncated copy of the backbone, final-normed), by design; only the extractor, given the backbone's "
+                 "own prefix tokens, is the backbone")
 
     @dataclass(frozen=True)
     class Options:

@@ -47,6 +47,10 @@ class DropLastPatches(Method):
     def default_budget(cls, spec) -> int:
         return max(1, spec.num_patches // 2)
 
+    @classmethod
+    def noop_budget(cls, spec) -> int:
+        return spec.num_patches  # the first k = all patches: every patch, in grid order
+
     def check_budget(self) -> None:
         n = self.spec.num_patches
         self._require(1 <= self.budget <= n, f"k=1..{n}")
