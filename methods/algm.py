@@ -338,25 +338,30 @@ class ALGM(Method):
     def noop_budget(cls, spec: BackboneSpec) -> float | None:
         return 1.0  # threshold 1: neither the local nor the global stage merges
 
-    def check_budget(self):
+    def merge_blocks(self) -> tuple[int, int | None]:
+        """``(local block, global block)`` from the options (global ``None``: no block follows the local one, so
+        only local merging runs); a ``ConfigError`` when either is not a block of the backbone in that order."""
         depth = self.spec.depth
         lb = self.opts.local_block
         if lb >= depth:
             raise ConfigError(f"algm: option local_block={lb} must be a block index in 0..{depth - 1}")
         gb = self.opts.global_block
         if gb is None:
-            gb = default_global_block(depth, lb)
-        elif not lb < gb < depth:
+            return lb, default_global_block(depth, lb)
+        if not lb < gb < depth:
             raise ConfigError(f"algm: option global_block={gb} must be a block after local_block={lb}, in "
                               f"{lb + 1}..{depth - 1}")
-        self.blocks = (lb, gb)
+        return lb, gb
+
+    def check_budget(self):
+        self.merge_blocks()
         self._require(-1 <= self.budget <= 1, "threshold in [-1, 1] (cosine similarity of a 2x2 window's tokens; "
                                               "1 = nothing merged, the plain backbone)")
 
     def build(self, vit):
         vit = detach_copy(vit)
         check_blocks(vit, "algm")
-        lb, gb = self.blocks
+        lb, gb = self.merge_blocks()
         return ALGMEncoder(vit, self.budget, lb, gb, self.opts.window, self.opts.prop_attn)
 
 

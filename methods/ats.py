@@ -230,11 +230,15 @@ class ATS(Method):
     def noop_budget(cls, spec: BackboneSpec) -> float | None:
         return 1.0  # K = every current token at every stage (the default samples=current): no sampling
 
-    def check_budget(self):
+    def sampling_stages(self) -> list[int]:
+        """The 0-based blocks that sample (option ``stages``; ``published``: depth/4 .. depth-1); a ``ConfigError``
+        when one is not a block of the backbone."""
         if self.opts.stages == "published":
-            self.stages = list(range(round(self.spec.depth / 4), self.spec.depth))
-        else:
-            self.stages = parse_layers(self.opts.stages, self.spec.depth, "ats", "stages")
+            return list(range(round(self.spec.depth / 4), self.spec.depth))
+        return parse_layers(self.opts.stages, self.spec.depth, "ats", "stages")
+
+    def check_budget(self):
+        self.sampling_stages()
         self._require(
             0 < self.budget <= 1,
             "keep_rate in (0, 1] (K = ceil(keep_rate * tokens) samples per stage; 1 = no sampling)",
@@ -243,4 +247,4 @@ class ATS(Method):
     def build(self, vit):
         vit = detach_copy(vit)
         check_blocks(vit, "ats")
-        return ATSEncoder(vit, self.budget, self.stages, self.opts.samples)
+        return ATSEncoder(vit, self.budget, self.sampling_stages(), self.opts.samples)

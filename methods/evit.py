@@ -153,15 +153,20 @@ class EViT(Method):
     def noop_budget(cls, spec: BackboneSpec) -> float | None:
         return 1.0  # keep every token at every pruning block
 
+    def pruning_layers(self) -> list[int]:
+        """The 0-based blocks that prune (option ``keep_layers``, default depth/4, depth/2, 3 depth/4); a
+        ``ConfigError`` when one is not a block of the backbone."""
+        return parse_layers(self.opts.keep_layers, self.spec.depth, self.name, "keep_layers")
+
     def check_budget(self):
-        self.layers = parse_layers(self.opts.keep_layers, self.spec.depth, self.name, "keep_layers")
+        self.pruning_layers()
         self._require(0 < self.budget <= 1, "keep_rate in (0, 1] (fraction of tokens kept at each pruning block)")
 
     def build(self, vit):
         vit = detach_copy(vit)
         check_blocks(vit, self.name)
         seed = 0 if self.random_ranking else None
-        return EViTEncoder(vit, self.budget, self.layers, fuse=self.fuse, random_seed=seed)
+        return EViTEncoder(vit, self.budget, self.pruning_layers(), fuse=self.fuse, random_seed=seed)
 
 
 

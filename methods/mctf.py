@@ -392,6 +392,8 @@ class MCTF(Method):
         return 0  # r = 0: no block fuses tokens
 
     def fusing_layers(self) -> list[int]:
+        """The 0-based blocks that fuse tokens (option ``layers``, default ``default_layers``); a ``ConfigError``
+        when one is not a block of the backbone."""
         if self.opts.layers is None or self.opts.layers in ("", "default"):
             return default_layers(self.spec.depth)
         return parse_layers(self.opts.layers, self.spec.depth, self.name, "layers")
@@ -414,7 +416,7 @@ class MCTF(Method):
         return grid[(len(grid) - 1) // 2]
 
     def check_budget(self):
-        self.layers = self.fusing_layers()
+        self.fusing_layers()
         hi = self.max_r(self.spec)
         self._require(
             0 <= self.budget <= hi, f"r=0..{hi} (bipartite matching fuses at most half the tokens of a block)"
@@ -427,7 +429,7 @@ class MCTF(Method):
         return MCTFEncoder(
             vit,
             int(self.budget),
-            self.layers,
+            self.fusing_layers(),
             (o.tau_sim, o.tau_info, o.tau_size),
             one_step_ahead=o.one_step_ahead,
             bidirection=o.bidirection,

@@ -206,14 +206,19 @@ class RepShift(Method):
     def default_budget(cls, spec):
         return 0.8  # the official setting (drop_r = 0.2 at each pruning block)
 
-    def check_budget(self):
+    def pruning_layers(self) -> list[int]:
+        """The 0-based blocks after which tokens are pruned (option ``keep_layers``, default ``default_layers``); a
+        ``ConfigError`` when one is not a block of the backbone."""
         layers = self.opts.keep_layers
-        self.layers = parse_layers(default_layers(self.spec.depth) if layers in (None, "", "default") else layers,
-                                   self.spec.depth, self.name, "keep_layers")
+        return parse_layers(default_layers(self.spec.depth) if layers in (None, "", "default") else layers,
+                            self.spec.depth, self.name, "keep_layers")
+
+    def check_budget(self):
+        self.pruning_layers()
         self._require(0 < self.budget <= 1, "keep_rate in (0, 1] (fraction of patch tokens kept at each pruning "
                                             "block)")
 
     def build(self, vit):
         vit = detach_copy(vit)
         check_blocks(vit, self.name)
-        return RepShiftEncoder(vit, self.budget, self.layers, self.opts.shift)
+        return RepShiftEncoder(vit, self.budget, self.pruning_layers(), self.opts.shift)

@@ -231,7 +231,7 @@ def test_matches_official_algorithm_one_image_at_a_time():
         sims = window_similarity(h[:, 1:], window_cells((6, 7), 2))[0].sort().values
         tau = float(sims[4] + sims[5]) / 2  # halfway between two windows' similarities: no tie at the threshold
         m = ALGM(spec, tau, global_block=2)
-        assert m.blocks == (0, 2)
+        assert m.merge_blocks() == (0, 2)
         out = m.build(vit).eval()(x)
         dense = densify(out)
         counts = out.aux["tokens_per_layer"]
@@ -302,7 +302,7 @@ def test_blocks_and_budgets():
     assert default_global_block(12) == 4 and default_global_block(24) == 6  # --selected-layers 1 5 / 1 7
     assert default_global_block(4) == 1 and default_global_block(6) == 2 and default_global_block(1) is None
     spec = BackboneSpec("lw_vit_test_p8", (40, 56), 8, 2, 32, 2, 5)
-    assert ALGM(spec).budget == 0.88 and ALGM(spec).blocks == (0, 1)
+    assert ALGM(spec).budget == 0.88 and ALGM(spec).merge_blocks() == (0, 1)
     for ok in (-1.0, 0.5, 1.0):
         ALGM(spec, ok)
     for bad in (1.01, -1.5):
@@ -313,7 +313,7 @@ def test_blocks_and_budgets():
     with pytest.raises(ConfigError, match="local_block"):
         ALGM(spec, 0.9, local_block=2)
     one = BackboneSpec("lw_vit_test_p8", (40, 56), 8, 1, 32, 2, 5)
-    assert ALGM(one, 0.9).blocks == (0, None)  # one block: local merging only
+    assert ALGM(one, 0.9).merge_blocks() == (0, None)  # one block: local merging only
 
 
 # (timm name, image size): RoPE (Eva: DINOv3, EVA-02) and no class token (SigLIP, no prefix at all)

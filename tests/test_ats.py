@@ -138,14 +138,15 @@ def test_published_stages_and_sampling_on_a_peaked_model():
     vit = _peaked(create_backbone("lw_vit_test_p14", (70, 98)).eval())
     spec = BackboneSpec.of(vit, "lw_vit_test_p14", (70, 98))
     m = get_method("ats")(spec, 1.0, stages="published", samples="initial")
-    assert m.stages == list(range(round(spec.depth / 4), spec.depth))
+    assert m.sampling_stages() == list(range(round(spec.depth / 4), spec.depth))
     with torch.no_grad():
         out = m.build(vit).eval()(torch.randn(2, 3, 70, 98))
     kept = out.aux["tokens_per_layer"]
     assert int(kept[:, -1].max()) < spec.num_patches  # ATS as published samples even at keep_rate 1
     d12 = BackboneSpec("deit_small_patch16_224", (224, 224), patch=16, depth=12, embed_dim=384, num_heads=6,
                        num_prefix=1)
-    assert get_method("ats")(d12, 1.0, stages="published").stages == list(range(3, 12))  # official DeiT-S 3-11
+    published = get_method("ats")(d12, 1.0, stages="published")
+    assert published.sampling_stages() == list(range(3, 12))  # official DeiT-S 3-11
 
 
 def test_keep_rate_1_is_the_plain_backbone(case):
@@ -229,7 +230,7 @@ def test_budget_and_option_errors():
             ATS(spec, bad)
     with pytest.raises(ConfigError, match="stages"):
         ATS(spec, 0.5, stages=[5])
-    assert ATS(spec, 0.5, stages=[0]).stages == [0]
+    assert ATS(spec, 0.5, stages=[0]).sampling_stages() == [0]
     assert ATS.variable_length and ATS.kind == "reduction"
 
 

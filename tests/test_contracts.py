@@ -18,7 +18,8 @@ For every method:
 * **An impossible budget fails before any work**: ``cls(spec, budget)`` raises ``BudgetError``/``ConfigError``
   with a one-line message and no ``nn.Module`` is constructed.
 * **Metadata**: description, ``kind``, ``training``, ``budget_key`` are valid and every ``budget_grid``
-  value (and the default budget) passes ``check_budget``.
+  value (and the default budget) passes ``check_budget``, which only checks: it leaves the method's ``__dict__``
+  as it found it.
 
 Known library defects are ``xfail(strict=True)`` cases listed in :data:`KNOWN_DEFECTS`: fixing the library
 turns them into XPASS failures, which is the cue to delete the entry.
@@ -356,6 +357,25 @@ def test_default_budget_is_valid(methods, spec_id, name):
         assert default is None
     m = cls(spec)
     assert m.budget == (None if default is None else cls(spec, default).budget)
+
+
+@pytest.mark.parametrize("spec_id,name", _spec_params())
+def test_check_budget_only_checks(methods, spec_id, name, monkeypatch):
+    """``check_budget`` validates and sets nothing: at every budget of the default grid (and the default budget) the
+    method's ``__dict__`` is the same object for object after it as before. What ``build`` needs (pruning blocks,
+    stages) is computed where it is needed, so a method is never half-configured by its validator."""
+    spec = SPECS[spec_id]
+    cls = methods.get(name)
+    for budget in [*cls.budget_grid(spec), None]:
+        with monkeypatch.context() as patched:  # the instance as __init__ leaves it, without check_budget's doing
+            patched.setattr(cls, "check_budget", lambda self: None)
+            m = cls(spec, budget)
+        before = dict(m.__dict__)
+        m.check_budget()
+        after = m.__dict__
+        assert after.keys() == before.keys(), f"{name} at {m.budget_str()}: check_budget set {set(after) - set(before)}"
+        assert all(after[k] is v for k, v in before.items()), f"{name} at {m.budget_str()}: check_budget replaced " \
+            f"{[k for k, v in before.items() if after[k] is not v]}"
 
 
 def test_plugin_loads_from_its_file(methods):

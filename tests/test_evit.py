@@ -114,7 +114,7 @@ def test_budget_and_option_errors():
         TopK(spec, 2.0)
     with pytest.raises(ConfigError, match="0..1"):
         EViT(spec, 0.5, keep_layers=[2])
-    assert EViT(spec, 0.5, keep_layers="0,1").layers == [0, 1]
+    assert EViT(spec, 0.5, keep_layers="0,1").pruning_layers() == [0, 1]
 
 
 @pytest.mark.parametrize("regime", ["off_the_shelf", "finetuned"])

@@ -226,8 +226,8 @@ def test_budget_and_option_errors():
         RepShift(spec, 0.5, keep_layers=[2])
     with pytest.raises(ConfigError, match="shift"):
         RepShift(spec, 0.5, shift="cosine")
-    assert RepShift(spec, 0.5, keep_layers="0,1").layers == [0, 1]
-    assert RepShift(spec).budget == 0.8 and RepShift(spec, 0.5).layers == [0]
+    assert RepShift(spec, 0.5, keep_layers="0,1").pruning_layers() == [0, 1]
+    assert RepShift(spec).budget == 0.8 and RepShift(spec, 0.5).pruning_layers() == [0]
 
 
 @pytest.mark.parametrize("regime", ["off_the_shelf", "finetuned"])
