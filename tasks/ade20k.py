@@ -41,8 +41,8 @@ from lwbench.errors import ConfigError, DataError, DataNotFoundError
 from lwbench.heads import DECODERS
 from lwbench.registry import register_task
 from lwbench.task import Task, normalize
+from lwbench.tasks._folders import check_split
 from lwbench.tasks._imageio import read_image
-from lwbench.tasks.imagenet import check_split
 
 IGNORE = 255
 NUM_CLASSES = 150

@@ -27,7 +27,7 @@ from torchvision import transforms as T
 from lwbench.errors import ConfigError, DataError, DataNotFoundError
 from lwbench.registry import register_task
 from lwbench.task import IMAGENET_MEAN, IMAGENET_STD, Task
-from lwbench.tasks.imagenet import ImageListDataset, check_split
+from lwbench.tasks._folders import ImageListDataset, check_split
 
 FILES = ("images.txt", "train_test_split.txt", "image_class_labels.txt", "classes.txt")
 

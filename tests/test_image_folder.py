@@ -129,3 +129,22 @@ def test_a_16_bit_png_keeps_its_grey_levels(tmp_path):
     with pytest.raises(DataError, match=r"f32\.tif: 32-bit float pixels") as exc:
         read_image(tmp_path / "f32.tif")
     assert "\n" not in str(exc.value)
+
+
+def test_imagenet_is_an_image_folder_with_wnid_classes(tmp_path):
+    """ImageNet reads its layout through the image_folder task (one scan, one set of checks); what is its own: the
+    wnid messages, test = val, and timm's fixed recipe (no resize/augment options: its stored config is unchanged)."""
+    from lwbench.tasks.image_folder import ImageFolderTask
+    from lwbench.tasks.imagenet import ImageNet
+
+    root = make_imagenet(tmp_path / "in", classes=2, per_class=2, val_per_class=1)
+    (root / "test" / "unlabelled").mkdir(parents=True)  # as in the Kaggle copy: never read as the test split
+    inet = ImageNet(data_root=root, img_size=32)
+    folder = get_task("image_folder")(source="real", data_root=root, img_size=32)
+    assert issubclass(ImageNet, ImageFolderTask) and inet.classes == folder.classes
+    assert all(c.startswith("n") and len(c) == 9 for c in inet.class_names)  # the wnids
+    assert inet.dataset("val").samples == inet.dataset("test").samples == folder.dataset("val").samples
+    assert set(ImageNet.option_defaults()) == {"crop_pct", "interpolation"}
+    (root / "train" / "n99999999").mkdir()  # an empty wnid folder would be a class no image trains
+    with pytest.raises(DataError, match=r"train/n99999999 holds no images"):
+        ImageNet(data_root=root)
