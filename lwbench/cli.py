@@ -124,16 +124,23 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _flags(args) -> dict:
+    """The run flags the user gave (None: not given), for :func:`~lwbench.config.resolve_config` and a sweep's
+    :func:`~lwbench.sweeps.expand`, which decide precedence."""
+    return {"profile": args.profile, "seed": args.seed, "regime": getattr(args, "regime", None),
+            "autocast": getattr(args, "autocast", None),
+            "retrain_teacher": getattr(args, "retrain_teacher", False) or None, "source": args.source,
+            "data_root": args.data_root, "device": args.device, "backbone": args.backbone, "weights": args.weights,
+            "img_size": _parse_hw(args.img_size), "results": args.results, "force": args.force or None,
+            "quiet": args.quiet or None}
+
+
 def _config(args, method: str, task: str, budget: str | None):
     """The :class:`~lwbench.config.RunConfig` of one point: profile < flags < ``--set``."""
     from lwbench.config import resolve_config
 
-    return resolve_config(method, task, budget, profile=args.profile, sets=args.set, seed=args.seed,
-                          regime=getattr(args, "regime", None), autocast=getattr(args, "autocast", None),
-                          retrain_teacher=getattr(args, "retrain_teacher", False) or None, source=args.source,
-                          data_root=args.data_root, device=args.device, backbone=args.backbone,
-                          weights=args.weights, img_size=_parse_hw(args.img_size), results=args.results,
-                          force=args.force or None, quiet=args.quiet or None)
+    flags = _flags(args)
+    return resolve_config(method, task, budget, profile=flags.pop("profile") or "quick", sets=args.set, **flags)
 
 
 def cmd_run(args) -> int:
@@ -185,8 +192,8 @@ def _show_config(cfg) -> int:
     """The resolved config as YAML, the run id and the teacher id; nothing is built or trained."""
     import yaml
 
-    from lwbench.results import HASH_EXCLUDE, _jsonable
     from lwbench.runner import Plan
+    from lwbench.results import HASH_EXCLUDE, _jsonable
 
     plan = Plan(cfg)
     print(yaml.safe_dump(_jsonable(plan.config), sort_keys=False, default_flow_style=None, width=110).rstrip())
@@ -214,22 +221,28 @@ def cmd_config(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from lwbench.sweep import run_sweep
+    from lwbench.sweeps import run_sweep
+    from lwbench.sweeps.spec import parse_slurm_opts
 
     if args.status:
-        from lwbench.sweep import sweep_status
-        from lwbench.sweep_status import format_status
+        from lwbench.sweeps import expand, load_spec
+        from lwbench.sweeps.status import format_status, sweep_status
 
-        statuses = sweep_status(args.file, args, _config, shard=args.shard)
+        statuses = sweep_status(expand(load_spec(args.file), _flags(args), args.set, shard=args.shard))
         print(format_status(statuses))
         return 0 if all(s.state == "done" for s in statuses) else 1
-    failures = run_sweep(args.file, args, _config, shard=args.shard, phase=args.phase, launcher=args.launcher)
+    launch = {"partition": args.slurm_partition, "gpus_per_job": args.gpus_per_job, "cpus_per_job": args.cpus_per_job,
+              "timeout_min": args.timeout_min, "array_parallelism": args.slurm_array_parallelism,
+              "slurm_opts": parse_slurm_opts(args.slurm_opt)}
+    failures = run_sweep(args.file, _flags(args), args.set, shard=args.shard, phase=args.phase,
+                         launcher=args.launcher, launch=launch, plugins=args.plugin, dry_run=args.dry_run,
+                         debug=args.debug)
     return 1 if failures else 0
 
 
 def cmd_flops(args) -> int:
     from lwbench.config import split_sets
-    from lwbench.measure.flops import flops_report, format_flops_report
+    from lwbench.flops_report import flops_report, format_flops_report, random_weight_timing
     from lwbench.registry import get_method
 
     sets = [s if s.split("=")[0].startswith(("method.", "methods.")) else f"method.{s}" for s in args.set or []]
@@ -237,7 +250,8 @@ def cmd_flops(args) -> int:
     opts = get_method(args.method).resolve_options(mopts)
     rep = flops_report(args.method, args.backbone, _parse_hw(args.img_size), budget=args.budget, opts=opts)
     if args.latency:
-        rep.update(_random_weight_timing(args, opts))
+        rep.update(random_weight_timing(args.method, args.backbone, _parse_hw(args.img_size), args.budget, opts,
+                                        batch=args.batch, threads=args.threads, device=args.device))
     print(json.dumps(rep) if args.json else format_flops_report(rep))
     if args.latency and not args.json:
         wide = "" if rep["speedup_reliable"] else " (interval too wide: the machine was busy)"
@@ -251,34 +265,6 @@ def cmd_flops(args) -> int:
               f"{rep['throughput']:.1f} img/s; random weights and random images, timed paired with full, "
               f"{rep['threads']} thread(s), {rep['device']}")
     return 0
-
-
-def _random_weight_timing(args, opts: dict) -> dict:
-    """Latency/throughput of the random-weight model on seeded random images, in a fresh process.
-
-    For comparing budgets of one method on one backbone; ``lwbench run`` times real task images."""
-    import os
-
-    import torch
-
-    from lwbench.config import MeasureConfig
-    from lwbench.measure.contract import measure
-    from lwbench.measure.flops import random_model
-    from lwbench.runner import resolve_device
-
-    model, _, vit, hw = random_model(args.method, args.backbone, _parse_hw(args.img_size), args.budget, opts=opts)
-    # the reference: `full` on the same random backbone, timed paired with the method (lwbench/measure/paired.py)
-    reference = model if args.method == "full" else random_model("full", args.backbone, hw)[0]
-    images = torch.randn(args.batch, 3, *hw, generator=torch.Generator().manual_seed(0))
-    threads = args.threads or os.cpu_count() or 1
-    device = resolve_device(args.device)
-    m = measure(model, images, MeasureConfig(throughput_batch=args.batch, flops_images=1), device=device,
-                threads=threads, what=args.method, reference=reference)
-    keep = ("latency_ms", "latency_iqr_ms", "throughput", "throughput_iqr", "throughput_batch", "peak_mem_mb",
-            "speedup", "speedup_ci_low", "speedup_ci_high", "speedup_reliable", "throughput_speedup",
-            "throughput_speedup_ci_low", "throughput_speedup_ci_high", "gmac_ratio", "conversion",
-            "attention_kernel", "reference_latency_ms")
-    return {**{k: getattr(m, k) for k in keep}, "peak_memory_mb": m.peak_mem_mb, "threads": threads, "device": device}
 
 
 def cmd_results(args) -> int:
@@ -384,7 +370,8 @@ def _run_args(p: argparse.ArgumentParser, with_method: bool = True) -> None:
         p.add_argument("--task", required=True, help="task name (lwbench list tasks)")
         p.add_argument("--budget", help="budget as key=value, e.g. k=64, r=8, keep_rate=0.7, size=96")
     g = p.add_argument_group("data and model")
-    g.add_argument("--profile", default="quick", help="quick (CPU-sized, default) | paper | path to a profile YAML")
+    g.add_argument("--profile", help="quick (CPU-sized, default; a sweep file's own profile: line otherwise) | paper | "
+                   "path to a profile YAML")
     g.add_argument("--source", choices=["auto", "real", "synthetic"],
                    help="real dataset, in-tree synthetic source, or auto (real when found)")
     g.add_argument("--data-root", help="folder holding the real dataset")

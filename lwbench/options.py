@@ -58,7 +58,7 @@ def type_name(hint: Any) -> str:
     if dataclasses.is_dataclass(hint):
         return "section"
     origin = typing.get_origin(hint)
-    if origin in (tuple, list):
+    if origin in (tuple, list, dict):
         return f"{origin.__name__}[{', '.join(type_name(a) for a in typing.get_args(hint) if a is not Ellipsis)}]"
     return getattr(hint, "__name__", str(hint))
 
@@ -67,7 +67,7 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
-    """``value`` as type ``hint`` (int, float, bool, str, None, unions, tuple/list of them, a dataclass from a
+    """``value`` as type ``hint`` (int, float, bool, str, None, unions, tuple/list/dict of them, a dataclass from a
     mapping), or :class:`ConfigError` naming ``key``. Never silently changes a value's meaning: ``5.5`` is not
     an int, ``True`` is not an int, ``"abc"`` is not a float, NaN and infinities are refused."""
     args = _union_args(hint)
@@ -122,6 +122,11 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: {value!r} is not a string")
     origin = typing.get_origin(hint)
+    if origin is dict:
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: {_short(value)} is not a mapping")
+        return {coerce(k, key_hint, key): coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()}
     if origin in (tuple, list):
         items = typing.get_args(hint)
         if isinstance(value, str):
@@ -148,9 +153,19 @@ def _number(value: Any, key: str, what: str) -> float:
     return number
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_range(value: Any, f: dataclasses.Field, key: str) -> None:
+    """A field's range and choices hold for its value, or for each item of a list (``seeds[1]: -1 must be >= 0``)."""
     meta = f.metadata
     if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_range(item, f, f"{key}[{i}]")
         return
     choices = meta.get("choices")
     if choices and value not in choices:

@@ -122,15 +122,15 @@ class _FakeJob:
     ("UNKNOWN", ("pending", "no state")),
 ])
 def test_slurm_job_states_are_the_points_states(tmp_path, monkeypatch, state, expect):
-    from lwbench import launch
+    from lwbench.sweeps import jobs
 
-    monkeypatch.setattr(launch, "_job", lambda record: _FakeJob(tmp_path, state))
-    got, detail = launch.job_status({"job_id": "77_1", "cluster": "slurm"})
+    monkeypatch.setattr(jobs, "_job", lambda record: _FakeJob(tmp_path, state))
+    got, detail = jobs.job_status({"job_id": "77_1", "cluster": "slurm"})
     assert got == expect[0] and expect[1] in detail and "submitit" not in detail
 
 
 def test_a_failed_jobs_reason_is_its_error_line_never_a_submitit_log_line(tmp_path, monkeypatch):
-    from lwbench import launch
+    from lwbench.sweeps import jobs
 
     log = textwrap.dedent("""\
         submitit INFO (2026-12-06 16:17:00,503) - Starting with JobEnvironment(job_id=77_1, hostname=n1)
@@ -140,12 +140,12 @@ def test_a_failed_jobs_reason_is_its_error_line_never_a_submitit_log_line(tmp_pa
         ModuleNotFoundError: No module named 'my_plugin'
         submitit ERROR (2026-12-06 16:17:01,000) - Submitted job triggered an exception
     """)
-    assert launch.error_line(log) == "ModuleNotFoundError: No module named 'my_plugin'"
-    assert launch.error_line(log + "lwbench: error: the dataset is missing\n") == \
+    assert jobs.error_line(log) == "ModuleNotFoundError: No module named 'my_plugin'"
+    assert jobs.error_line(log + "lwbench: error: the dataset is missing\n") == \
         "lwbench: error: the dataset is missing"
-    assert launch.error_line("submitit INFO (2026-12-06 16:17:00,503) - Loading pickle: /x.pkl\n") == ""
-    monkeypatch.setattr(launch, "_job", lambda record: _FakeJob(tmp_path, "FAILED", log))
-    assert launch.job_status({"job_id": "77_1", "cluster": "slurm"}) == \
+    assert jobs.error_line("submitit INFO (2026-12-06 16:17:00,503) - Loading pickle: /x.pkl\n") == ""
+    monkeypatch.setattr(jobs, "_job", lambda record: _FakeJob(tmp_path, "FAILED", log))
+    assert jobs.job_status({"job_id": "77_1", "cluster": "slurm"}) == \
         ("failed", "ModuleNotFoundError: No module named 'my_plugin' (SLURM job 77_1: FAILED)")
 
 
@@ -157,8 +157,14 @@ def test_bad_launch_options_are_refused_before_any_job(tmp_path, capsys):
     assert main(["sweep", str(sweep), "--launcher", "submitit", "--slurm-opt", "nodashes", *TINY]) == 2
     assert "--slurm-opt must be key=value" in capsys.readouterr().err
     sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  random: [k=3]\n"
-                     "launch: {gpus: 1, timeout_min: 0}\n")
+                     "launch: {gpus: 1}\n")
     assert main(["sweep", str(sweep), "--launcher", "submitit", *TINY]) == 2
-    err = capsys.readouterr().err
-    assert "launch: unknown key 'gpus'" in err and "timeout_min must be a whole number >= 1" in err
+    assert "unknown key 'launch.gpus'; did you mean 'launch.gpus_per_job'?" in capsys.readouterr().err
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  random: [k=3]\n"
+                     "launch: {timeout_min: 0}\n")
+    assert main(["sweep", str(sweep), "--launcher", "submitit", *TINY]) == 2
+    assert "launch.timeout_min: 0 must be >= 1" in capsys.readouterr().err
+    sweep.write_text("source: synthetic\ntasks: [traffic_signs]\nmethods:\n  random: [k=3]\n")
+    assert main(["sweep", str(sweep), "--launcher", "submitit", "--timeout-min", "0", *TINY]) == 2
+    assert "launch.timeout_min: 0 must be >= 1" in capsys.readouterr().err  # a flag is checked as the file is
     assert not _rows(Path(os.environ["LWBENCH_RESULTS"]))

@@ -86,29 +86,26 @@ def test_sweep_expands_regimes_and_trains_everything_before_timing_anything(tmp_
     path = tmp_path / "s.yaml"
     path.write_text("source: synthetic\ntasks: [traffic_signs]\nregimes: [off_the_shelf, finetuned]\n"
                     "methods:\n  full: null\n  random: [k=8]\n")
-    from lwbench.cli import _config
-    from lwbench.sweep import run_sweep
+    from lwbench.sweeps import run_sweep
 
-    args = argparse.Namespace(profile="quick", source=None, set=[], seed=None, data_root=None, device=None,
-                              backbone=None, weights=None, img_size=None, results=None, force=False, quiet=True,
-                              regime=None)
-    assert run_sweep(str(path), args, _config) == []
+    flags = {"quiet": True}
+    assert run_sweep(str(path), flags) == []
     points = [("full", "off_the_shelf"), ("full", "finetuned"), ("random", "finetuned")]  # random: no off-the-shelf
     assert calls == [("train", *p) for p in points] + [("measure", *p) for p in points]
     calls.clear()
-    assert run_sweep(str(path), args, _config, phase="measure") == []
+    assert run_sweep(str(path), flags, phase="measure") == []
     assert [c[0] for c in calls] == ["measure"] * 3
     with pytest.raises(ConfigError, match="--phase must be one of"):
-        run_sweep(str(path), args, _config, phase="timing")
+        run_sweep(str(path), flags, phase="timing")
 
 
 def test_sweep_regimes_are_validated(tmp_path):
-    from lwbench.sweep import validate_sweep
+    from lwbench.sweeps import parse_spec
 
-    with pytest.raises(ConfigError, match="unknown regime 'fine_tuned'.*did you mean 'finetuned'"):
-        validate_sweep({"tasks": ["traffic_signs"], "methods": {"full": None}, "regimes": ["fine_tuned"]}, "s.yaml")
-    spec = validate_sweep({"tasks": ["traffic_signs"], "methods": {"full": None}}, "s.yaml")
-    assert spec["regimes"] == ["auto"]
+    with pytest.raises(ConfigError, match="regimes\\[0\\]: 'fine_tuned' is not one of .*did you mean 'finetuned'"):
+        parse_spec({"tasks": ["traffic_signs"], "methods": {"full": None}, "regimes": ["fine_tuned"]}, "s.yaml")
+    spec = parse_spec({"tasks": ["traffic_signs"], "methods": {"full": None}}, "s.yaml")
+    assert spec.regimes == ["auto"]
 
 
 # -- tables ---------------------------------------------------------------------------------------------------

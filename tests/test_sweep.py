@@ -3,7 +3,6 @@ are refused up front with every problem in one error."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from pathlib import Path
@@ -13,7 +12,8 @@ from test_cli import TINY
 
 from lwbench.cli import main
 from lwbench.errors import ConfigError
-from lwbench.sweep import MAX_PROBLEMS, run_sweep, validate_sweep
+from lwbench.sweeps import expand, parse_spec
+from lwbench.sweeps.spec import MAX_PROBLEMS
 
 
 def test_sweep_refuses_a_point_that_cannot_run_before_any_work(tmp_path, capsys):
@@ -129,7 +129,7 @@ def test_status_tells_done_running_failed_pending_and_a_killed_point(tmp_path, c
         f.unlink()
     assert _status(sweep, capsys)[1][k6][0] == "pending"
     child = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from lwbench.sweep_status import attempt\n"
+        "import sys, time; from lwbench.sweeps.status import attempt\n"
         f"with attempt({str(results)!r}, {run_id!r}, 'random k=6', 'measure'):\n"
         "    print('in', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
     try:
@@ -151,7 +151,7 @@ def test_status_tells_done_running_failed_pending_and_a_killed_point(tmp_path, c
 
 def test_a_failing_point_records_its_error_line(tmp_path):
     from lwbench.results import ResultStore
-    from lwbench.sweep_status import attempt, point_status
+    from lwbench.sweeps.status import attempt, point_status
 
     with pytest.raises(RuntimeError), attempt(tmp_path, "abc123", "p", "train"):
         raise RuntimeError("out of patience\nsecond line")
@@ -172,7 +172,8 @@ def runs(monkeypatch):
     calls = []
     monkeypatch.setattr("lwbench.runner.run", lambda req: calls.append(req) or {})
     monkeypatch.setattr("lwbench.runner.train_only", lambda req: True)  # the first pass: nothing to record
-    monkeypatch.setattr("lwbench.sweep._run_id", lambda req: f"fake{id(req)}")  # no Plan to build
+    for where in ("points", "status"):  # no Plan to build
+        monkeypatch.setattr(f"lwbench.sweeps.{where}.run_id", lambda req: f"fake{id(req)}")
     return calls
 
 
@@ -186,15 +187,22 @@ def _sweep(tmp_path, text: str) -> str:
     ("tasks: [traffic_signs]\nmethods: [full, tome]\n",
      "'methods' must be a mapping of method name to budgets, not a list; write e.g. "
      "methods: {full: null, tome: default}"),
-    ("tasks: [traffic_signs]\nseeds: [zero]\nmethods: {full: null}\n", "seeds: entry 'zero' is not an integer"),
-    ("tasks: [traffic_signs]\nseeds: [0, true]\nmethods: {full: null}\n", "seeds: entry true is not an integer"),
+    # one field's type or range: the words of --set (lwbench.options)
+    ("tasks: [traffic_signs]\nseeds: [zero]\nmethods: {full: null}\n", "seeds[0]: 'zero' is not an integer"),
+    ("tasks: [traffic_signs]\nseeds: [0, true]\nmethods: {full: null}\n", "seeds[1]: True is not an integer"),
+    ("tasks: [traffic_signs]\nseeds: [0, -1]\nmethods: {full: null}\n", "seeds[1]: -1 must be >= 0"),
     ("sourse: synthetic\ntasks: [traffic_signs]\nmethods: {full: null}\n",
-     "unknown key 'sourse'; did you mean 'source'? Valid keys: profile, source, tasks, seeds, methods, set"),
+     "unknown key 'sourse'; did you mean 'source'?"),
     ("source: synth\ntasks: [traffic_signs]\nmethods: {full: null}\n",
-     "'source' must be one of auto, real, synthetic, got 'synth'; did you mean 'synthetic'?"),
+     "source: 'synth' is not one of auto, real, synthetic; did you mean 'synthetic'?"),
+    ("tasks: [traffic_signs]\nmethods: {full: null}\nlaunch: {gpus_per_job: two}\n",
+     "launch.gpus_per_job: 'two' is not an integer"),
+    ("tasks: [traffic_signs]\nmethods: {full: null}\nlaunch: {array_parallelism: 0}\n",
+     "launch.array_parallelism: 0 must be >= 1"),
+    # what needs the registry or spans fields
     ("tasks: trafic_signs\nmethods: {full: null}\n",
      "tasks: unknown task 'trafic_signs'. Did you mean: traffic_signs?"),
-    ("tasks: []\nmethods: {full: null}\n", "'tasks' must be a non-empty list of task names"),
+    ("tasks: []\nmethods: {full: null}\n", "'tasks' is missing or empty"),
     ("methods: {full: null}\n", "'tasks' is missing or empty"),
     ("tasks: [traffic_signs]\nmethods: {tomee: default}\n", "methods: unknown method 'tomee'. Did you mean: tome"),
     ("tasks: [traffic_signs]\nmethods: {random: [8, 16]}\n",
@@ -219,7 +227,7 @@ def test_all_problems_are_reported_together(tmp_path, capsys, runs):
     assert main(["sweep", path, *TINY]) == 2
     err = capsys.readouterr().err
     assert f"lwbench: error: sweep file {path} has 5 problems (nothing was run):" in err
-    for part in ("unknown key 'sourse'", "seeds: entry 'zero'", "unknown task 'trafic_signs'", "unknown task 'cubb'",
+    for part in ("unknown key 'sourse'", "seeds[0]: 'zero'", "unknown task 'trafic_signs'", "unknown task 'cubb'",
                  "unknown method 'tomee'"):
         assert part in err
     assert "Traceback" not in err and runs == []
@@ -228,19 +236,21 @@ def test_all_problems_are_reported_together(tmp_path, capsys, runs):
 def test_problem_list_is_capped():
     bad = {f"extra{i}": 1 for i in range(14)}
     with pytest.raises(ConfigError) as info:
-        validate_sweep({**bad, "tasks": ["traffic_signs"], "methods": {"full": None}}, "s.yaml")
+        parse_spec({**bad, "tasks": ["traffic_signs"], "methods": {"full": None}}, "s.yaml")
     lines = str(info.value).splitlines()
     assert lines[0] == "sweep file s.yaml has 14 problems (nothing was run):"
     assert len(lines) == 1 + MAX_PROBLEMS + 1 and lines[-1] == "  ... and 4 more"
 
 
-def test_validate_normalises_and_is_idempotent():
-    spec = validate_sweep({"tasks": "traffic_signs", "seeds": 3, "methods": {"full": "default", "random": "k=4"},
-                           "set": "teacher.steps=4"}, "s.yaml")
-    assert spec == {"profile": None, "source": None, "tasks": ["traffic_signs"], "seeds": [3],
-                    "methods": {"full": None, "random": ["k=4"]}, "set": ["teacher.steps=4"], "regimes": ["auto"],
-                    "launch": {}}
-    assert validate_sweep(spec, "s.yaml") == spec
+def test_the_spec_is_normalised_and_parsing_it_again_changes_nothing():
+    spec = parse_spec({"tasks": "traffic_signs", "seeds": 3, "methods": {"full": "default", "random": "k=4"},
+                       "set": "teacher.steps=4"}, "s.yaml")
+    assert (spec.profile, spec.source, spec.tasks, spec.seeds, spec.set, spec.regimes) == \
+        (None, None, ["traffic_signs"], [3], ["teacher.steps=4"], ["auto"])
+    assert spec.methods == {"full": None, "random": ["k=4"]}  # no knob: one point; one budget: a list of one
+    assert spec.launch.gpus_per_job == 0 and spec.launch.timeout_min == 240
+    assert parse_spec(spec, "s.yaml") == spec
+    assert parse_spec(dataclasses.asdict(spec), "s.yaml") == spec
 
 
 def test_task_string_expands_to_the_right_points(tmp_path, capsys, runs):
@@ -257,25 +267,42 @@ def test_task_string_expands_to_the_right_points(tmp_path, capsys, runs):
     assert "sweep done: " in capsys.readouterr().err
 
 
-@dataclasses.dataclass(frozen=True)
-class _Req:
-    method: str
-    task: str
-    budget: str | None
-    seed: int
-    sets: tuple[str, ...]
-    regime: str = "auto"
-    results: str | None = None
+def test_file_set_applies_to_every_point_and_the_callers_set_wins():
+    spec = parse_spec({"tasks": ["traffic_signs", "billiards"], "methods": {"random": ["k=3"]},
+                       "set": ["teacher.steps=9", "eval.limit=4"]})
+    sets = ["teacher.steps=2"]
+    points = expand(spec, {}, sets)
+    assert [(p.task, p.teacher.steps, p.eval.limit) for p in points] == [("traffic_signs", 2, 4), ("billiards", 2, 4)]
+    assert sets == ["teacher.steps=2"] and spec.set == ["teacher.steps=9", "eval.limit=4"]  # nothing is changed
 
 
-def test_file_set_applies_to_every_point_and_the_command_line_wins(tmp_path, runs):
-    path = _sweep(tmp_path, "tasks: [traffic_signs, billiards]\nmethods: {random: [k=3]}\n"
-                            "set: [teacher.steps=9, eval.limit=4]\n")
-    args = argparse.Namespace(profile="quick", source="auto", set=["teacher.steps=2"])
-    assert run_sweep(path, args, lambda a, m, t, b: _Req(m, t, b, 0, tuple(a.set))) == []
-    assert [(r.task, r.sets) for r in runs] == [(t, ("teacher.steps=9", "eval.limit=4", "teacher.steps=2"))
-                                              for t in ("traffic_signs", "billiards")]
-    assert args.set == ["teacher.steps=2"]  # the caller's namespace is left alone
+def test_the_profile_given_wins_over_the_files_whoever_calls(tmp_path, runs):
+    """The file's ``profile:`` applies unless the caller gives one: the command line, the Python API or a script
+    of one's own, whatever its own ``sys.argv`` holds (it was read from there once)."""
+    import lwbench
+
+    spec = parse_spec({"profile": "paper", "tasks": ["traffic_signs"], "methods": {"full": None}})
+    assert [p.profile for p in expand(spec)] == ["paper"]
+    assert [p.profile for p in expand(spec, {"profile": "quick"})] == ["quick"]
+    path = _sweep(tmp_path, "profile: paper\nsource: synthetic\ntasks: [traffic_signs]\nmethods: {full: null}\n")
+    assert main(["sweep", path, "--profile", "quick", *TINY]) == 0
+    assert [r.profile for r in runs] == ["quick"]
+    runs.clear()
+    assert lwbench.sweep(path, profile="quick", quiet=True) == []
+    assert [r.profile for r in runs] == ["quick"]
+    runs.clear()
+    assert lwbench.sweep(path, quiet=True) == []
+    assert [r.profile for r in runs] == ["paper"]
+
+
+def test_seed_and_regime_given_by_the_caller_replace_the_files_lists():
+    spec = parse_spec({"tasks": ["traffic_signs"], "seeds": [0, 1], "regimes": ["off_the_shelf", "finetuned"],
+                       "methods": {"full": None}})
+    assert [(p.seed, p.regime) for p in expand(spec)] == [(0, "off_the_shelf"), (0, "finetuned"),
+                                                          (1, "off_the_shelf"), (1, "finetuned")]
+    assert [(p.seed, p.regime) for p in expand(spec, {"seed": 5, "regime": "finetuned"})] == [(5, "finetuned")]
+    with pytest.raises(ConfigError, match="unknown flag 'sed'"):
+        expand(spec, {"sed": 1})
 
 
 def test_every_shipped_sweep_file_is_valid():
@@ -285,13 +312,13 @@ def test_every_shipped_sweep_file_is_valid():
     files = sorted((Path(__file__).parents[1] / "configs" / "sweeps").glob("*.yaml"))
     assert {f.name for f in files} >= {"quick.yaml", "paper.yaml"}
     for f in files:
-        spec = validate_sweep(load_yaml(f), str(f))
-        assert spec["methods"] and spec["tasks"], f.name
-    paper = validate_sweep(load_yaml(files[[f.name for f in files].index("paper.yaml")]), "paper.yaml")
+        spec = parse_spec(load_yaml(f), str(f))
+        assert spec.methods and spec.tasks, f.name
+    paper = parse_spec(load_yaml(files[[f.name for f in files].index("paper.yaml")]), "paper.yaml")
     from lwbench.registry import METHODS
 
     # every built-in method, except those that run on some tasks only (a sweep plans every method on every task)
     task_limited = {"oracle": "needs annotated object boxes (traffic_signs, billiards), not imagenet/ade20k/cub"}
-    assert set(paper["methods"]) == set(METHODS._builtins) - set(task_limited)
-    assert len(paper["tasks"]) == 5 and paper["seeds"] == [0, 1, 2]
-    assert paper["launch"]["gpus_per_job"] == 1
+    assert set(paper.methods) == set(METHODS._builtins) - set(task_limited)
+    assert len(paper.tasks) == 5 and paper.seeds == [0, 1, 2]
+    assert paper.launch.gpus_per_job == 1

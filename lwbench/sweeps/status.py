@@ -1,4 +1,5 @@
-"""Where each point of a sweep stands: done, running, failed or pending (``lwbench sweep FILE --status``).
+"""Where each point of a sweep stands: done, running, failed or pending (``lwbench sweep FILE --status``), and the
+attempt record that a point's work runs under.
 
 A point is **done** when its row is in the results store; nothing else counts, so a point is never reported done
 from a half-written state (rows are written atomically). While a sweep works on a point it holds a lock on
@@ -12,7 +13,7 @@ pass, and where its log is. The attempt ends in one of two ways:
 A re-run of the sweep retries failed and died points and skips done ones, as every lwbench run does. The same files
 serve a sweep in one shell, several shards, or a job array. A job of ``--launcher submitit`` also leaves its id in
 ``.job.json`` beside them: a point without an attempt record whose job is queued, starting or already dead (killed
-before it got to the point) is pending, running or failed as :func:`lwbench.launch.job_status` says.
+before it got to the point) is pending, running or failed as :func:`lwbench.sweeps.jobs.job_status` says.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 
 from lwbench.locks import is_held, stage_lock
 from lwbench.paths import write_text_atomic
+from lwbench.sweeps.jobs import job_status
+from lwbench.sweeps.points import point_name, results_of, run_id
 
 STATE_DIR = ".sweep"
 ATTEMPT = ".attempt.json"
@@ -52,7 +55,7 @@ def _read(file: Path) -> dict | None:
 
 
 def record_job(results: Path, run_id: str, job: dict) -> None:
-    """Keep the submitit job of a point (id, cluster, folder, log) for ``--status``; see :mod:`lwbench.launch`."""
+    """Keep the submitit job of a point (id, cluster, folder, log) for ``--status``; see :mod:`lwbench.sweeps.jobs`."""
     folder = point_dir(results, run_id)
     folder.mkdir(parents=True, exist_ok=True)
     _write(folder, job, JOB)
@@ -101,14 +104,10 @@ def point_status(store, point: str, run_id: str) -> PointStatus:
     if record is None and job is None:
         return PointStatus(point, run_id, "pending")
     if record is None:  # submitted, and its job has not got to the point (yet, or ever)
-        from lwbench.launch import job_status
-
         return PointStatus(point, run_id, *job_status(job), job.get("stdout", ""))
     if record.get("state") == "failed":
         return PointStatus(point, run_id, "failed", str(record.get("error", "")), record.get("log", ""))
     if job and job.get("stdout") and job.get("stdout") == record.get("log"):  # died in this job: what its job says
-        from lwbench.launch import job_status
-
         state, detail = job_status(job)
         if state == "failed":
             return PointStatus(point, run_id, "failed", detail, record.get("log", ""))
@@ -116,6 +115,31 @@ def point_status(store, point: str, run_id: str) -> PointStatus:
                        f"the process ({record.get('host', '?')} pid {record.get('pid', '?')}, {record.get('phase')} "
                        f"pass) ended without a row or an error: killed, out of memory or out of time",
                        record.get("log", ""))
+
+
+def attempted(cfg, phase: str, step) -> None:
+    """``step(cfg)`` under the point's attempt record, so ``--status`` sees it running, failed or dead: the one way
+    a local sweep and a submitit job both run a point."""
+    with attempt(results_of(cfg), run_id(cfg), point_name(cfg), phase):
+        step(cfg)
+
+
+def sweep_status(points: list) -> list[PointStatus]:
+    """Every point's :class:`PointStatus`, in the sweep's order; reads, never runs."""
+    from lwbench.errors import LwbenchError
+    from lwbench.results import ResultStore
+
+    stores: dict = {}
+    out = []
+    for cfg in points:
+        store = stores.setdefault(results_of(cfg), ResultStore(results_of(cfg)))
+        try:
+            rid = run_id(cfg)
+        except LwbenchError as exc:  # the point cannot even be planned: a sweep run fails it the same way
+            out.append(PointStatus(point_name(cfg), "-", "failed", str(exc).splitlines()[0]))
+            continue
+        out.append(point_status(store, point_name(cfg), rid))
+    return out
 
 
 def format_status(statuses: list[PointStatus]) -> str:
@@ -128,4 +152,5 @@ def format_status(statuses: list[PointStatus]) -> str:
     return f"{table}\n\n{len(statuses)} points: {summary}"
 
 
-__all__ = ["attempt", "point_status", "format_status", "PointStatus", "STATES", "point_dir", "record_job"]
+__all__ = ["attempt", "attempted", "point_status", "sweep_status", "format_status", "PointStatus", "STATES",
+           "point_dir", "record_job"]
