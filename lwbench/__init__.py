@@ -4,6 +4,7 @@ The Python API mirrors the command line::
 
     import lwbench
     row = lwbench.run(method="lookwhere", task="traffic_signs", budget="k=28", seed=1, **{"eval.limit": 64})
+    failures = lwbench.sweep("configs/sweeps/quick.yaml", profile="quick", results="out/")
     lwbench.list_methods()
     cfg = lwbench.configure("lookwhere", "traffic_signs", "k=28", **{"train.lr": 1e-4})  # no run
     model = lwbench.create_model("tome", "vit_small_patch16_224", 224, "r=8")
@@ -53,6 +54,21 @@ def run(method: str, task: str, budget: str | None = None, profile: str = "quick
     return run_config(cfg)
 
 
+def sweep(file: str, profile: str | None = None, shard: str | None = None, phase: str = "all",
+          **overrides: Any) -> list[tuple[str, str]]:
+    """Run a sweep file (as ``lwbench sweep FILE``) and return its failures as (point, one-line reason).
+    ``profile`` (when given) wins over the file's ``profile:`` line; ``overrides`` as for :func:`configure`
+    (flags such as ``results="out/"``, dotted keys such as ``**{"eval.limit": 64}``) win over its ``set:``."""
+    from lwbench.config import FLAGS
+    from lwbench.logs import setup
+    from lwbench.sweeps import run_sweep
+
+    flags = {"profile": profile, **{k: v for k, v in overrides.items() if k in FLAGS}}
+    sets = [f"{k}={_text(v)}" for k, v in overrides.items() if k not in FLAGS]
+    setup(quiet=bool(overrides.get("quiet")))
+    return run_sweep(file, flags, sets, shard=shard, phase=phase)
+
+
 def list_methods() -> list[str]:
     """Registered method names (built-ins and plugins)."""
     return METHODS.names()
@@ -67,18 +83,10 @@ def create_model(method: str, backbone: str, img_size, budget: str | None = None
     """``method`` at ``budget`` around a timm ``backbone`` (random init, or a local ``weights`` file) with a
     linear classifier: an ``nn.Module`` mapping images to logits (``.encoder`` returns a ``TokenOutput``).
     Untrained: use it to count FLOPs, time, or wrap your own training; ``lwbench.run`` trains and evaluates."""
-    from lwbench.backbones import create_backbone
-    from lwbench.heads import ClassifierHead, TaskModel, default_pool
-    from lwbench.method import BackboneSpec, resolve_budget
-    from lwbench.sizes import as_hw
+    from lwbench.models import build_model
 
-    hw = as_hw(img_size)
-    cls = METHODS.get(method)
-    value = resolve_budget(cls, budget)
-    vit = create_backbone(backbone, hw, weights=weights).eval()
-    m = cls(BackboneSpec.of(vit, backbone, hw), value, **opts)
-    return TaskModel(m.build(vit), ClassifierHead(vit.embed_dim, num_classes, default_pool(vit))).eval()
+    return build_model(method, backbone, img_size, budget, num_classes, weights=weights, opts=opts).model
 
 
-__all__ = ["__version__", "run", "configure", "list_methods", "list_tasks", "create_model", "METHODS", "TASKS",
+__all__ = ["__version__", "run", "sweep", "configure", "list_methods", "list_tasks", "create_model", "METHODS", "TASKS",
            "register_method", "register_task"]

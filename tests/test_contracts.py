@@ -40,8 +40,9 @@ from _toy import make
 from torch import nn
 
 from lwbench.errors import BudgetError, ConfigError
+from lwbench.flops_report import flops_report, random_model
 from lwbench.heads import ClassifierHead, LinearSegHead, TaskModel
-from lwbench.measure.flops import count_macs, flops_report, random_model
+from lwbench.measure.flops import count_macs
 from lwbench.method import BackboneSpec, Training, resolve_budget
 from lwbench.registry import METHODS
 from lwbench.tokens import TokenOutput

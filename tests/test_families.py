@@ -176,7 +176,7 @@ def test_classifier_pool_token_on_a_backbone_without_class_token_is_one_line():
 
 def test_flops_and_create_model_pool_patches_on_a_backbone_without_class_token():
     import lwbench
-    from lwbench.measure.flops import flops_report
+    from lwbench.flops_report import flops_report
 
     rep = flops_report("tome", "vit_base_patch16_siglip_224", (32, 32), budget="r=1")
     assert rep["gmacs"] > 0 and not rep["unsupported_ops"]

@@ -10,12 +10,11 @@ from torch import nn
 
 from lwbench.backbones import create_backbone
 from lwbench.errors import BudgetError
+from lwbench.flops_report import flops_report, format_flops_report
 from lwbench.measure.flops import (
     closed_form_for,
     closed_form_vit_macs,
     count_macs,
-    flops_report,
-    format_flops_report,
     mean_macs_over,
     torch_counter_macs,
 )

@@ -12,7 +12,8 @@ from _toy import BACKBONE_CASES, check_no_op_budget, cls_only_vit, make
 from timm.models.vision_transformer import VisionTransformer
 
 from lwbench.errors import BudgetError, ConfigError
-from lwbench.measure.flops import count_macs, random_model
+from lwbench.flops_report import random_model
+from lwbench.measure.flops import count_macs
 from lwbench.method import BackboneSpec
 from lwbench.methods._reduction import split_qkv
 from lwbench.methods.mctf import (

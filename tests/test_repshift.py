@@ -13,8 +13,9 @@ from torch import nn
 
 from lwbench.backbones import create_backbone
 from lwbench.errors import BudgetError, ConfigError
+from lwbench.flops_report import flops_report
 from lwbench.heads import ClassifierHead, TaskModel
-from lwbench.measure.flops import count_macs, flops_report
+from lwbench.measure.flops import count_macs
 from lwbench.method import BackboneSpec
 from lwbench.methods._reduction import embed
 from lwbench.methods.repshift import RepShift, ShiftPruner, default_layers, select_shifted

@@ -10,7 +10,8 @@ import torch
 from _toy import make
 
 from lwbench.errors import ConfigError
-from lwbench.measure.flops import OVERHEAD_ELEMENTWISE, count_macs, random_model
+from lwbench.flops_report import random_model
+from lwbench.measure.flops import OVERHEAD_ELEMENTWISE, count_macs
 from lwbench.methods.oracle import Oracle, OracleEncoder, fingerprint, object_cells_by_fingerprint
 from lwbench.methods.saliency import SaliencyEncoder, patch_edge_energy, patch_variance
 

@@ -113,8 +113,6 @@ def environment(
     Only a CUDA ``device`` queries the CUDA runtime."""
     import timm
 
-    import lwbench
-
     device = torch.device(device) if not isinstance(device, torch.device) else device
     dtype_name = str(dtype).replace("torch.", "")
     return {
@@ -124,7 +122,7 @@ def environment(
         "timm_version": timm.__version__,
         "cuda_version": torch.version.cuda if device.type == "cuda" else None,
         "python_version": platform.python_version(),
-        "lwbench_version": getattr(lwbench, "__version__", None) or _dist_version(),
+        "lwbench_version": _dist_version(),  # as lwbench.__version__ reads it; the package face is not imported here
         "threads": int(threads) if threads is not None else torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "dtype": dtype_name,
