@@ -144,8 +144,8 @@ def _config(args, method: str, task: str, budget: str | None):
 
 
 def cmd_run(args) -> int:
-    from lwbench.results import format_results
     from lwbench.runner import run
+    from lwbench.tables import format_results
 
     seeds = _parse_seeds(args.seeds) if args.seeds else [args.seed]
     cfgs = [_config(args, args.method, args.task, args.budget) if s is None else
@@ -193,10 +193,10 @@ def _show_config(cfg) -> int:
     import yaml
 
     from lwbench.runner import Plan
-    from lwbench.results import HASH_EXCLUDE, _jsonable
+    from lwbench.schema import HASH_EXCLUDE, jsonable
 
     plan = Plan(cfg)
-    print(yaml.safe_dump(_jsonable(plan.config), sort_keys=False, default_flow_style=None, width=110).rstrip())
+    print(yaml.safe_dump(jsonable(plan.config), sort_keys=False, default_flow_style=None, width=110).rstrip())
     print(f"# run id {plan.run_id} (hash of the above without {', '.join(sorted(HASH_EXCLUDE & set(plan.config)))})")
     print(f"# teacher id {plan.teacher_id}; replicate id {plan.replicate_id} (the run id without the seed)")
     return 0
@@ -269,7 +269,8 @@ def cmd_flops(args) -> int:
 
 def cmd_results(args) -> int:
     from lwbench.paths import results_dir
-    from lwbench.results import ResultStore, format_results
+    from lwbench.results import ResultStore
+    from lwbench.tables import format_results
 
     store = ResultStore(Path(args.results) if args.results else results_dir())
     # tables name the settings that tell otherwise identical rows apart, so they need the whole config

@@ -8,7 +8,7 @@ closest valid one. Every stage (teacher, the method's fit, evaluation, measureme
 this object; nothing reads a raw profile dict.
 
 The run id is the hash of the whole resolved config (:meth:`lwbench.runner.Plan.identity`) minus the
-short list :data:`lwbench.results.HASH_EXCLUDE` (output paths, verbosity, the weights *path*, whose
+short list :data:`lwbench.schema.HASH_EXCLUDE` (output paths, verbosity, the weights *path*, whose
 content enters as ``weights_sha256`` instead), so a field added here is part of the identity by default.
 """
 
@@ -224,7 +224,7 @@ class RunConfig:
     measure: MeasureConfig = option(default_factory=MeasureConfig)
     task_opts: dict = option(default_factory=dict, help="the task's options (task.<key>=...)")
     method_opts: Any = option(None, help="the method's typed options (method.<key>=...)")
-    # Not part of the identity (lwbench.results.HASH_EXCLUDE):
+    # Not part of the identity (lwbench.schema.HASH_EXCLUDE):
     results: str | None = option(None, "results folder")
     force: bool = option(False, "rerun even when the run id has a row")
     quiet: bool = option(False, "no progress or notices")

@@ -19,10 +19,10 @@ import numpy as np
 
 from lwbench.errors import ConfigError, LwbenchError, UnknownNameError
 from lwbench.paths import temp_beside
-from lwbench.results import (
+from lwbench.schema import SOURCES
+from lwbench.tables import (
     APPROXIMATE_MEM_KINDS,
     REFERENCE_METHOD,
-    SOURCES,
     WIDE_RATIO,
     metric_label,
     speedup_is_wide,
@@ -317,7 +317,7 @@ def _effort_note(d: pd.DataFrame) -> str:
     if len(teachers) > 1:
         bits.append(f"{len(teachers)} different teachers")
     if "regime" in d.columns and d["regime"].notna().all():
-        from lwbench.results import recipe_note
+        from lwbench.tables import recipe_note
 
         note = recipe_note(d.assign(teacher_id=d.get("teacher_id", "")).drop(columns="teacher_id"))
         if note:

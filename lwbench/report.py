@@ -29,7 +29,9 @@ from typing import Any
 from lwbench.errors import ConfigError
 from lwbench.paths import write_text_atomic
 from lwbench.plots import PNG_SOFTWARE
-from lwbench.results import REFERENCE_METHOD, ResultError, ResultStore, format_results, rows_to_frame
+from lwbench.results import ResultStore, rows_to_frame
+from lwbench.schema import ResultError
+from lwbench.tables import REFERENCE_METHOD, format_results
 
 REFERENCE = REFERENCE_METHOD
 _TABLE_HEADING = re.compile(r"# \S+: the reference comparison\s*$")

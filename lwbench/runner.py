@@ -5,7 +5,7 @@ Validation (names, budget, image size, data layout, writable output folders) hap
 training, so a bad command fails in a second. Every expensive stage is cached and resumable: the
 teacher per teacher id, the method's training per run id, and the row itself is written atomically
 only when everything succeeded. The run id is the hash of :meth:`Plan.identity`: the whole resolved
-config, the weights and the data by content, minus :data:`lwbench.results.HASH_EXCLUDE`.
+config, the weights and the data by content, minus :data:`lwbench.schema.HASH_EXCLUDE`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lwbench.method import resolve_budget
 from lwbench.options import to_dict
 from lwbench.paths import cache_dir, free_bytes, results_dir, write_text_atomic
 from lwbench.registry import get_method, get_task
-from lwbench.results import _jsonable, config_hash
+from lwbench.schema import config_hash, jsonable
 from lwbench.seeding import seed_everything
 
 
@@ -152,7 +152,7 @@ class Plan:
 
     def identity(self) -> dict[str, Any]:
         """The whole resolved config (what ``auto`` and ``null`` became included), stored in the row; its hash
-        without :data:`~lwbench.results.HASH_EXCLUDE` is the run id, so a new RunConfig field counts by default."""
+        without :data:`~lwbench.schema.HASH_EXCLUDE` is the run id, so a new RunConfig field counts by default."""
         d = self.cfg.to_dict()
         d.update(
             budget=self.method.budget_str(), method_version=self.method.version,
@@ -223,7 +223,7 @@ def build_teacher(plan: Plan, lock: bool = True):
     log.info("training the task backbone ('teacher') %s on %s (%s) for %d steps; cached in %s", plan.backbone_name,
              task.name, task.source, steps, tdir)
     tdir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(tdir / "config.json", json.dumps(_jsonable(plan.teacher_config), indent=1))
+    write_text_atomic(tdir / "config.json", json.dumps(jsonable(plan.teacher_config), indent=1))
     train_teacher(model, task, cfg.teacher, tdir, plan.device, cfg.quiet)
     return model.eval(), _teacher_seconds(tdir), tdir
 
@@ -356,7 +356,7 @@ def store_row(store, row: dict, per_image: dict) -> Path:
         why = (f"no space left on its disk, {format_size(free_bytes(store.root) or 0)} free" if full else
                f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
         if kept is None:
-            print(json.dumps(_jsonable(row)), file=sys.stderr)
+            print(json.dumps(jsonable(row)), file=sys.stderr)
             where = "it could not be kept anywhere else either: the row is the JSON line above; save it"
         else:
             where = f"the row is kept in {kept}; free space and rerun the same command to store it (no recomputing)"
@@ -531,7 +531,7 @@ def _teacher_source(plan: Plan) -> str:
 def make_row(plan: Plan, metrics: dict, cost, teacher_time: float, stage_times: dict[str, float], eval_s: float,
              wall_s: float) -> dict:
     """The result row: identity, metrics, the whole :class:`Measurement`, times, environment, config. Every
-    key is declared in :data:`lwbench.results.FIELDS` (a test holds them equal)."""
+    key is declared in :data:`lwbench.schema.FIELDS` (a test holds them equal)."""
     from lwbench.measure.env import environment
 
     task = plan.task

@@ -194,7 +194,7 @@ def test_python_api():
 
 def test_every_row_key_is_declared(tmp_path):
     """One schema: the runner writes no column the schema does not declare."""
-    from lwbench.results import FIELD_NAMES
+    from lwbench.schema import FIELD_NAMES
 
     row = lwbench.run("full", "traffic_signs", source="synthetic", img_size=(32, 48), backbone="lw_vit_test_p8",
                       quiet=True, **{"teacher.steps": 2, "teacher.batch_size": 4, "eval.limit": 4,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from lwbench.plots import conversion_figure, conversion_plot, method_style, pareto_figure
 from lwbench.registry import METHODS
-from lwbench.results import format_results, speedup_cell
+from lwbench.tables import format_results, speedup_cell
 
 FULL_ID = "fullref00000"
 
@@ -63,7 +63,8 @@ def speed_frame(**kw) -> pd.DataFrame:
 def store_speed_rows(root, **kw):
     """``speed_rows`` written to a :class:`ResultStore` at ``root`` as valid rows (config, hashes), so the CLI and
     the report read them back; the reference ids point at the stored `full` row."""
-    from lwbench.results import ResultStore, config_hash
+    from lwbench.results import ResultStore
+    from lwbench.schema import config_hash
 
     store = ResultStore(root)
     rows = speed_rows(**kw)
@@ -99,7 +100,7 @@ def test_speedup_cells_reliable_wide_and_missing():
 
 def test_wide_rule_is_the_measurements_own():
     paired = pytest.importorskip("lwbench.measure.paired")
-    from lwbench.results import WIDE_RATIO
+    from lwbench.tables import WIDE_RATIO
 
     assert WIDE_RATIO == paired.RELIABLE_RATIO
 

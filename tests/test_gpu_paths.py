@@ -152,7 +152,7 @@ def test_measure_releases_cached_memory_first(monkeypatch):
 # -- 4. TF32 and cudnn.benchmark are recorded ----------------------------------------------------------------------
 def test_rows_record_tf32_and_cudnn_benchmark(monkeypatch):
     from lwbench.measure.env import environment
-    from lwbench.results import FIELDS
+    from lwbench.schema import FIELDS
 
     e = environment("cpu")
     assert e["float32_matmul_precision"] == torch.get_float32_matmul_precision()

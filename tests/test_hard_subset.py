@@ -61,7 +61,7 @@ def test_results_table_has_the_hard_subset_column_even_for_one_method(tmp_path):
     """``lwbench results`` shows each row's hard-subset accuracy beside its metric; filtering the frame to one
     method keeps it (the lowres row that defines the subset is read from the store)."""
     from lwbench.report import with_hard_subset
-    from lwbench.results import format_results
+    from lwbench.tables import format_results
 
     store = _store(tmp_path)
     table = format_results(with_hard_subset(store, store.frame(task="traffic_signs")), "md")
@@ -75,7 +75,7 @@ def test_results_table_has_the_hard_subset_column_even_for_one_method(tmp_path):
 
 def test_results_table_has_no_hard_column_without_a_lowres_row(tmp_path):
     from lwbench.report import with_hard_subset
-    from lwbench.results import format_results
+    from lwbench.tables import format_results
 
     store = _store(tmp_path, {k: v for k, v in OUTCOMES.items() if k[0] != "lowres"})
     df = with_hard_subset(store, store.frame(task="traffic_signs"))

@@ -16,8 +16,9 @@ from test_cli import TINY
 from lwbench.cli import main
 from lwbench.config import resolve_config
 from lwbench.errors import ConfigError
-from lwbench.results import ResultStore, aggregate_seeds, format_results, metric_cell, recipe_note
+from lwbench.results import ResultStore
 from lwbench.runner import Plan, resolve_regime
+from lwbench.tables import aggregate_seeds, format_results, metric_cell, recipe_note
 
 
 # -- regimes and effort ---------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def test_report_writes_rows_table_with_paired_differences_and_plots(tmp_path):
     assert "off_the_shelf" in pair and "[" in pair and pair.rstrip(" |").endswith("x")
     assert len(pd.read_csv(out / "rows.csv")) == 2
     from lwbench.report import write_report
-    from lwbench.results import ResultError
+    from lwbench.schema import ResultError
 
     with pytest.raises(ResultError, match="no results for task 'billiards'"):
         write_report(ResultStore(os.environ["LWBENCH_RESULTS"]), "billiards", out)

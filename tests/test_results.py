@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 
 from lwbench import results as R
-from lwbench.results import FIELD_NAMES, ResultError, ResultStore, config_hash, format_results
+from lwbench.results import ResultStore
+from lwbench.schema import FIELD_NAMES, FIELDS, REQUIRED, ResultError, config_hash, jsonable
+from lwbench.tables import format_results
 
 README = Path(__file__).resolve().parents[1] / "results" / "README.md"
 
@@ -57,7 +59,7 @@ def test_config_hash_stable_under_order_tuples_and_runtime_keys():
     # numpy scalars and Paths hash like their plain values; a JSON round trip keeps the hash
     assert config_hash({**a, "seed": np.int64(0)}) == config_hash(a)
     assert config_hash({"p": Path("/d/x")}) == config_hash({"p": "/d/x"})
-    assert config_hash(json.loads(json.dumps(R._jsonable(a)))) == config_hash(a)
+    assert config_hash(json.loads(json.dumps(jsonable(a)))) == config_hash(a)
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def test_leftover_temp_file_from_killed_writer_is_ignored(tmp_path):
         "R.os.replace = lambda *a: os._exit(9)\n"
         "R.ResultStore(sys.argv[1]).write(json.loads(sys.argv[2]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", src, str(tmp_path), json.dumps(R._jsonable(row))],
+    proc = subprocess.run([sys.executable, "-c", src, str(tmp_path), json.dumps(jsonable(row))],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
     folder = tmp_path / "traffic_signs" / "lookwhere"
@@ -324,9 +326,9 @@ def test_readme_documents_every_field():
     missing = [f for f in FIELD_NAMES if f"| `{f}` |" not in text]
     assert not missing, f"results/README.md does not document {missing}"
     documented = dict(re.findall(r"^\| `(\w+)` \| (\w+) \|", text, re.M))
-    declared = {name: kind for name, kind, _ in R.FIELDS}
+    declared = {name: kind for name, kind, _ in FIELDS}
     assert documented == declared
-    for name in R.REQUIRED:
+    for name in REQUIRED:
         assert re.search(rf"\| `{name}` \| \w+ \| \*\*required\*\*", text), name
 
 

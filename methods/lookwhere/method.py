@@ -193,7 +193,7 @@ class LookWhere(PatchSelectionMethod):
     def distill_tag(self, stage: Stage | None = None) -> str:
         """The shared distillation folder's name: everything the distilled weights depend on, the stage's
         training settings included (as a short hash), so two settings never reuse each other's result."""
-        from lwbench.results import config_hash
+        from lwbench.schema import config_hash
 
         (h, w), o = self.selector_size(), self.opts
         key = config_hash(to_dict(stage if stage is not None else o.distill))[:8]
