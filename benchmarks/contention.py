@@ -38,7 +38,7 @@ def worker(steps: int, warmup: int) -> dict:
     import torch
 
     from lwbench.backbones import create_backbone
-    from lwbench.config import resolve_config
+    from lwbench.config import TrainConfig, resolve_config
     from lwbench.heads import TaskModel
     from lwbench.runner import Plan
     from lwbench.seeding import seed_everything
@@ -63,7 +63,7 @@ def worker(steps: int, warmup: int) -> dict:
         stamps.append((time.perf_counter(), time.process_time()))
         return m.loss(x, t, s.dense_weight)
 
-    train_loop(trainer, loss, data, steps=warmup + steps + 1, lr=s.lr, quiet=True)
+    train_loop(trainer, loss, data, TrainConfig(steps=warmup + steps + 1, lr=s.lr, grad_clip=None), quiet=True)
     timed = stamps[warmup:]
     per_step = [b[0] - a[0] for a, b in zip(timed[:-1], timed[1:], strict=True)]
     wall, cpu = timed[-1][0] - timed[0][0], timed[-1][1] - timed[0][1]

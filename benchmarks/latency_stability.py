@@ -54,9 +54,9 @@ def build(methods, device: str, threads: int | None = None):
 
 
 def measure(models, images, plan, repeats: int, old: bool):
-    from lwbench.measure.worker import MeasureOptions, measure_in_subprocess
+    from lwbench.measure.worker import measure_in_subprocess
 
-    opts = MeasureOptions.from_config(plan.cfg.measure, plan.device, plan.threads)
+    where = dict(device=plan.device, threads=plan.threads)
     rows = []
     for name, model in models.items():
         if name == "full":
@@ -64,8 +64,8 @@ def measure(models, images, plan, repeats: int, old: bool):
         for rep in range(repeats):
             if old:
                 t0 = time.perf_counter()
-                ref = measure_in_subprocess(models["full"], images, options=opts)
-                got = measure_in_subprocess(model, images, options=opts)
+                ref = measure_in_subprocess(models["full"], images, plan.cfg.measure, **where)
+                got = measure_in_subprocess(model, images, plan.cfg.measure, **where)
                 rows.append({"method": name, "protocol": "old (one model per process)", "repeat": rep,
                              "speedup": ref["latency_ms"] / got["latency_ms"], "ms": got["latency_ms"],
                              "reference_ms": ref["latency_ms"],
@@ -73,7 +73,7 @@ def measure(models, images, plan, repeats: int, old: bool):
                              "seconds": time.perf_counter() - t0})
             else:
                 t0 = time.perf_counter()
-                got = measure_in_subprocess(model, images, options=opts, reference=models["full"])
+                got = measure_in_subprocess(model, images, plan.cfg.measure, **where, reference=models["full"])
                 rows.append({"method": name, "protocol": "paired", "repeat": rep, "speedup": got["speedup"],
                              "ci_low": got["speedup_ci_low"], "ci_high": got["speedup_ci_high"],
                              "reliable": got["speedup_reliable"], "rounds": got["timing_rounds"],
@@ -107,13 +107,12 @@ def memory_repeats(models, images, plan, n: int) -> str:
 
     from tabulate import tabulate
 
-    from lwbench.measure.worker import MeasureOptions, measure_in_subprocess
+    from lwbench.measure.worker import measure_in_subprocess
 
-    opts = dataclasses.replace(MeasureOptions.from_config(plan.cfg.measure, plan.device, plan.threads),
-                               min_run_time=0.05, warmup=1, min_runs=2, throughput_batch=2)
+    quick = dataclasses.replace(plan.cfg.measure, min_run_time=0.05, warmup=1, min_runs=2, throughput_batch=2)
     out = []
     for name, model in models.items():
-        got = [measure_in_subprocess(model, images, options=opts) for _ in range(n)]
+        got = [measure_in_subprocess(model, images, quick, device=plan.device, threads=plan.threads) for _ in range(n)]
         mb = [g["peak_memory_mb"] for g in got]
         out.append([name, got[0].get("param_mb", float("nan")), "; ".join(f"{v:.2f}" for v in mb),
                     f"{max(mb) - min(mb):.2f}", f"{(max(mb) - min(mb)) / min(mb):.1%}",

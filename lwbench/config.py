@@ -15,7 +15,11 @@ content enters as ``weights_sha256`` instead), so a field added here is part of 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import re
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -112,20 +116,34 @@ class TrainConfig:
     workers: int = option(0, "DataLoader worker processes", min=0)
 
 
-@dataclass(frozen=True)
-class Stage:
-    """A method's training stage: any field left null inherits the run's ``train`` section (resolved before
-    hashing, so the stored config always holds the numbers that were used)."""
+def _inheriting(base: type, section: str) -> Callable[[type], type]:
+    """Class decorator: the decorated class becomes a frozen dataclass with every field of ``base``, in its order,
+    each optional and None by default ("inherit ``<section>.<field>``"), with ``base``'s range and help.
 
-    steps: int | None = option(None, "optimizer steps (null: train.steps)", min=0)
-    batch_size: int | None = option(None, "images per step (null: train.batch_size)", min=1)
-    lr: float | None = option(None, "peak learning rate (null: train.lr)", min=0, min_exclusive=True)
-    weight_decay: float | None = option(None, "weight decay (null: train.weight_decay)", min=0)
-    warmup_steps: int | None = option(None, "warm-up steps (null: train.warmup_steps)", min=0)
-    grad_clip: float | None = option(None, "gradient clip (null: train.grad_clip)", min=0, min_exclusive=True)
-    workers: int | None = option(None, "DataLoader workers (null: train.workers)", min=0)
+    Derived rather than written out so the overriding class cannot drift from the section it overrides: a field
+    added to ``base`` is settable here too, with the same checks. The dict :func:`lwbench.options.to_dict` makes
+    of an instance (hashed into every run id through the method's options) has ``base``'s keys in ``base``'s order.
+    """
+
+    def derive(cls: type) -> type:
+        hints = typing.get_type_hints(base)
+        cls.__annotations__ = {f.name: hints[f.name] | None for f in dataclasses.fields(base)}
+        for f in dataclasses.fields(base):
+            meaning = re.sub(r"\s*\(null: [^)]*\)", "", f.metadata.get("help", ""))  # None says "inherit" here
+            help_text = f"{meaning} (null: {section}.{f.name})"
+            setattr(cls, f.name, dataclasses.field(default=None, metadata={**f.metadata, "help": help_text}))
+        return dataclass(frozen=True)(cls)
+
+    return derive
+
+
+@_inheriting(TrainConfig, "train")
+class Stage:
+    """A method's training stage: :class:`TrainConfig`'s fields, any left null inheriting the run's ``train``
+    section (resolved before hashing, so the stored config always holds the numbers that were used)."""
 
     def resolved(self, base: TrainConfig) -> Stage:
+        """This stage with every unset value taken from ``base`` (the run's ``train`` section)."""
         return Stage(**{k: (v if v is not None else getattr(base, k)) for k, v in to_dict(self).items()})
 
 

@@ -101,6 +101,7 @@ class _RankNoisyLoss:
 def _train_toy(ckpt: Path, loss: _RankNoisyLoss, seed: int = 0) -> nn.Module:
     from torch.utils.data import TensorDataset
 
+    from lwbench.config import TrainConfig
     from lwbench.training.loop import EpochStream, train_loop
 
     g = torch.Generator().manual_seed(1)
@@ -108,7 +109,8 @@ def _train_toy(ckpt: Path, loss: _RankNoisyLoss, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)  # every rank builds the same model, as after seed_everything
     model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.3), nn.Linear(16, 2))
     batches = EpochStream(TensorDataset(x, (x.sum(1) > 0).long()), 8, seed=3)  # the global batch of 8: 4 a rank
-    return train_loop(model, loss, batches, steps=8, lr=1e-2, ckpt_dir=ckpt, ckpt_every_s=0, quiet=True)
+    return train_loop(model, loss, batches, TrainConfig(steps=8, lr=1e-2, grad_clip=None), ckpt_dir=ckpt,
+                      ckpt_every_s=0, quiet=True)
 
 
 def _ranks_kill_and_resume(out: Path) -> None:

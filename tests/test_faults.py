@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from lwbench import cache
+from lwbench.config import MeasureConfig, TrainConfig
 from lwbench.errors import CheckpointError, ConfigError, TrainingError
 from lwbench.locks import is_held, stage_lock
 from lwbench.paths import cache_dir
@@ -42,6 +43,11 @@ def _batches():
     while True:
         x = torch.randn(8, 4, generator=g)
         yield x, (x.sum(1) > 0).long()
+
+
+def _steps(n: int) -> TrainConfig:
+    """``n`` steps at lr 0.01 with no gradient clip: what these tests trained with before train_loop took a config."""
+    return TrainConfig(steps=n, lr=1e-2, grad_clip=None)
 
 
 def _python(script: str, **kw) -> subprocess.Popen:
@@ -115,7 +121,7 @@ def test_second_process_waits_for_the_stage_lock_then_reuses_the_result(tmp_path
             return _loss(m, x, y)
 
         model = nn.Linear(4, 2)
-        train_loop(model, counting, _batches(), steps=5, lr=1e-2, ckpt_dir=folder, desc="stage x", quiet=False)
+        train_loop(model, counting, _batches(), _steps(5), ckpt_dir=folder, desc="stage x", quiet=False)
     finally:
         holder.wait(timeout=60)
     assert holder.returncode == 0
@@ -174,7 +180,7 @@ def _model(seed):
 
 def _run(ckpt, loss, seed=0):
     model = _model(seed)
-    return train_loop(model, loss, EpochStream(_Noisy(), 4, seed=3), steps=8, lr=1e-2, ckpt_dir=ckpt,
+    return train_loop(model, loss, EpochStream(_Noisy(), 4, seed=3), _steps(8), ckpt_dir=ckpt,
                       ckpt_every_s=0, quiet=True)
 
 
@@ -243,7 +249,7 @@ def test_lookwhere_loss_state_round_trips():
 # -- 4. damaged caches, cache ls/drop, the NaN message --------------------------------------------------------------
 def _stage(kind="runs", entry="r1", tag="finetune", done=True):
     folder = cache_dir() / kind / entry / tag if tag else cache_dir() / kind / entry
-    train_loop(nn.Linear(4, 2), _loss, _batches(), steps=1 if done else 0, lr=1e-2, ckpt_dir=folder, quiet=True)
+    train_loop(nn.Linear(4, 2), _loss, _batches(), _steps(1 if done else 0), ckpt_dir=folder, quiet=True)
     if not done:
         (folder / "done.json").unlink()
     return folder
@@ -259,7 +265,7 @@ def test_truncated_checkpoint_file_is_one_line_naming_it_and_cache_drop(name):
     msg = str(e.value)
     assert "\n" not in msg and str(f) in msg and f"lwbench cache drop {folder}" in msg
     with pytest.raises(CheckpointError, match="lwbench cache drop"):  # the loop resumes through it too
-        train_loop(nn.Linear(4, 2), _loss, _batches(), steps=3, lr=1e-2, ckpt_dir=folder, quiet=True)
+        train_loop(nn.Linear(4, 2), _loss, _batches(), _steps(3), ckpt_dir=folder, quiet=True)
 
 
 def test_truncated_teacher_weights_are_one_line(tmp_path):
@@ -274,7 +280,7 @@ def test_truncated_teacher_weights_are_one_line(tmp_path):
 
 def test_damaged_checkpoint_outside_the_cache_says_delete_the_folder(tmp_path):
     folder = tmp_path / "pretrain-out"
-    train_loop(nn.Linear(4, 2), _loss, _batches(), steps=1, lr=1e-2, ckpt_dir=folder, quiet=True)
+    train_loop(nn.Linear(4, 2), _loss, _batches(), _steps(1), ckpt_dir=folder, quiet=True)
     (folder / "state.json").write_text('{"step": ')
     with pytest.raises(CheckpointError, match=f"delete the folder {folder}"):
         load_checkpoint(nn.Linear(4, 2), folder)
@@ -346,12 +352,12 @@ def _nan(m, x, y):
 
 def test_nan_message_names_the_lr_key_and_only_a_real_checkpoint(tmp_path):
     with pytest.raises(TrainingError) as e:
-        train_loop(nn.Linear(4, 2), _nan, _batches(), steps=3, lr=1e-2, ckpt_dir=tmp_path / "a", quiet=True,
+        train_loop(nn.Linear(4, 2), _nan, _batches(), _steps(3), ckpt_dir=tmp_path / "a", quiet=True,
                    lr_key="teacher.lr")
     msg = str(e.value)
     assert "--set teacher.lr=..." in msg and "checkpoint" not in msg  # none was written before step 0
     with pytest.raises(TrainingError, match="lower the learning rate of this stage"):
-        train_loop(nn.Linear(4, 2), _nan, _batches(), steps=3, lr=1e-2, quiet=True)
+        train_loop(nn.Linear(4, 2), _nan, _batches(), _steps(3), quiet=True)
     calls = []
 
     def late_nan(m, x, y):
@@ -359,7 +365,7 @@ def test_nan_message_names_the_lr_key_and_only_a_real_checkpoint(tmp_path):
         return _nan(m, x, y) if len(calls) > 1 else _loss(m, x, y)
 
     with pytest.raises(TrainingError, match=f"last good checkpoint is kept in {tmp_path / 'b'}"):
-        train_loop(nn.Linear(4, 2), late_nan, _batches(), steps=3, lr=1e-2, ckpt_dir=tmp_path / "b", quiet=True,
+        train_loop(nn.Linear(4, 2), late_nan, _batches(), _steps(3), ckpt_dir=tmp_path / "b", quiet=True,
                    ckpt_every_s=0)
 
 
@@ -412,8 +418,9 @@ def test_a_parent_killed_mid_measurement_takes_its_worker_and_leaves_nothing(tmp
         from torch import nn
         from marked import Marked
         from lwbench.measure.worker import measure_in_subprocess
-        measure_in_subprocess(Marked(nn.Flatten(), nn.Linear(48, 2)), torch.rand(2, 3, 4, 4), "cpu",
-                              threads=1, throughput_batch=2, warmup=1, min_run_time=120, min_runs=1)
+        from lwbench.config import MeasureConfig
+        measure_in_subprocess(Marked(nn.Flatten(), nn.Linear(48, 2)), torch.rand(2, 3, 4, 4),
+                              MeasureConfig(throughput_batch=2, warmup=1, min_run_time=120, min_runs=1), threads=1)
     """, env={"TMPDIR": str(tmp), "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -429,7 +436,7 @@ def test_a_parent_killed_mid_measurement_takes_its_worker_and_leaves_nothing(tmp
 
 
 def test_stale_measure_folders_of_dead_owners_are_removed(tmp_path, monkeypatch):
-    from lwbench.measure.worker import MeasureOptions, measure_in_subprocess
+    from lwbench.measure.worker import measure_in_subprocess
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.Popen(["true"])
@@ -448,8 +455,7 @@ def test_stale_measure_folders_of_dead_owners_are_removed(tmp_path, monkeypatch)
     stale, young, alive = folder("stale", dead.pid, old), folder("young", dead.pid), folder("alive", os.getppid(), old)
     (tmp_path / "lwbench-measure-unowned").mkdir()  # being created: its owner.pid is not written yet
     r = measure_in_subprocess(nn.Sequential(nn.Flatten(), nn.Linear(48, 2)), torch.rand(2, 3, 4, 4),
-                              options=MeasureOptions(threads=1, throughput_batch=2, warmup=1, min_run_time=0.05,
-                                                     min_runs=2))
+                              MeasureConfig(throughput_batch=2, warmup=1, min_run_time=0.05, min_runs=2), threads=1)
     assert r["isolated"] is True and r["throughput_batch"] == 2 and r["threads"] == 1
     assert not stale.exists() and not young.exists() and alive.exists()  # a dead owner's folder goes at any age
     assert sorted(p.name for p in tmp_path.glob("lwbench-measure-*")) == ["lwbench-measure-alive",

@@ -15,6 +15,7 @@ from torch import nn
 
 import lwbench
 from lwbench.backbones import create_backbone
+from lwbench.config import MeasureConfig
 from lwbench.measure.latency import measure_latency, measure_throughput
 from lwbench.measure.memory import measure_memory
 from lwbench.measure.worker import measure_all
@@ -128,7 +129,8 @@ def test_every_method_runs_forward_and_backward_on_cuda(method):
 @cuda
 def test_cuda_measure_all_with_bfloat16_and_compile():
     model = create_backbone("lw_vit_test_p8", 32)
-    r = measure_all(model, _images(4, 32), "cuda", throughput_batch=4, dtype="bfloat16", compile="default", **FAST)
+    bf16 = MeasureConfig(throughput_batch=4, dtype="bfloat16", compile="default", **FAST)
+    r = measure_all(model, _images(4, 32), bf16, device="cuda")
     assert r["device"] == "cuda" and r["dtype"] == "bfloat16" and r["compile_time_s"] > 0
     assert r["latency_ms"] > 0 and r["throughput"] > 0 and r["peak_memory_mb"] > 0
 

@@ -177,7 +177,8 @@ def test_rows_record_tf32_and_cudnn_benchmark(monkeypatch):
 
 # -- 5. torch.compile sees every timed shape before the timing -----------------------------------------------------
 def test_compile_is_warmed_on_every_image_and_the_throughput_batch(monkeypatch):
-    from lwbench.measure.worker import MeasureOptions, _compiled
+    from lwbench.config import MeasureConfig
+    from lwbench.measure.worker import _compiled
 
     seen: list[torch.Tensor] = []
 
@@ -190,7 +191,7 @@ def test_compile_is_warmed_on_every_image_and_the_throughput_batch(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     images = torch.rand(5, 3, 8, 8)
-    o = MeasureOptions(compile="default", throughput_batch=3)
+    o = MeasureConfig(compile="default", throughput_batch=3)
     _compiled(nn.Conv2d(3, 2, 8), images, torch.device("cpu"), o)
     singles = [x for x in seen if x.shape[0] == 1]
     for i in range(images.shape[0]):  # content-adaptive methods change their token counts image by image

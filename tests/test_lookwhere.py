@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from lwbench.backbones import create_backbone
+from lwbench.config import TrainConfig
 from lwbench.errors import BudgetError, CheckpointError, ConfigError, TrainingError
 from lwbench.method import BackboneSpec
 from lwbench.methods.lookwhere.checkpoint import encoder_from_official, encoder_from_pretrain_dir, export_official
@@ -230,7 +231,7 @@ def test_distill_loss_decreases_on_fixed_batch():
     first, logs = loss(enc, x, torch.zeros(4))
     assert set(logs) == {"cls", "patch", "kl", "k"} and logs["k"] == 6
     batches = iter([(x, torch.zeros(4))] * 30)
-    train_loop(enc, loss, batches, steps=30, lr=3e-3, weight_decay=0.0, quiet=True)
+    train_loop(enc, loss, batches, TrainConfig(steps=30, lr=3e-3, weight_decay=0.0, grad_clip=None), quiet=True)
     enc.train()
     last, _ = loss(enc, x, torch.zeros(4))
     assert last.item() < 0.5 * first.item()
@@ -329,7 +330,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     loss = WhatWhereLoss(teacher, DistillStudent(enc), 4, 8)
     x = torch.randn(2, 3, 32, 32)
     ckpt = tmp_path / "distill"
-    train_loop(enc, loss, iter([(x, x[:, 0, 0, 0])] * 3), steps=3, lr=1e-3, ckpt_dir=ckpt, quiet=True)
+    train_loop(enc, loss, iter([(x, x[:, 0, 0, 0])] * 3), TrainConfig(steps=3, lr=1e-3, grad_clip=None), ckpt_dir=ckpt,
+               quiet=True)
     saved = (ckpt / "model.safetensors").read_bytes()
     calls = {"n": 0}
 
@@ -339,7 +341,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
         return (value * float("nan") if calls["n"] >= 2 else value), logs
 
     with pytest.raises(TrainingError) as e:
-        train_loop(enc, poisoned, iter([(x, x[:, 0, 0, 0])] * 10), steps=8, lr=1e-3, ckpt_dir=ckpt, quiet=True)
+        train_loop(enc, poisoned, iter([(x, x[:, 0, 0, 0])] * 10), TrainConfig(steps=8, lr=1e-3, grad_clip=None),
+                   ckpt_dir=ckpt, quiet=True)
     assert "nan" in _one_line(e) and str(ckpt) in str(e.value)
     assert (ckpt / "model.safetensors").read_bytes() == saved
     assert json.loads((ckpt / "state.json").read_text())["step"] == 3
@@ -372,8 +375,6 @@ def test_fit_distills_once_and_finetunes_each_k(tmp_path):
     for p in teacher.parameters():
         p.requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    from lwbench.config import TrainConfig
-
     defaults = TrainConfig(steps=3, batch_size=4, lr=1e-3, weight_decay=0.05, warmup_steps=0)
 
     def ctx(k):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lwbench.backbones import create_backbone
+from lwbench.config import MeasureConfig
 from lwbench.measure import env as env_mod
 from lwbench.measure.env import environment, git_info
 from lwbench.measure.latency import measure_latency, measure_throughput
@@ -83,7 +84,7 @@ def test_cpu_path_never_touches_cuda(monkeypatch):
                  "max_memory_allocated", "empty_cache", "device", "device_count"):
         monkeypatch.setattr(torch.cuda, name, boom)
     model = create_backbone("lw_vit_test_p8", 32)
-    r = measure_all(model, _images(2, 32), "cpu", threads=1, throughput_batch=2, **FAST)
+    r = measure_all(model, _images(2, 32), MeasureConfig(throughput_batch=2, **FAST), threads=1)
     assert r["latency_ms"] > 0 and r["throughput"] > 0 and r["peak_memory_mb"] > 0
     assert environment("cpu")["device_name"]
 
@@ -99,8 +100,9 @@ def test_memory_counts_weights_plus_growth():
 def test_subprocess_worker_returns_the_same_fields_isolated():
     model = create_backbone("lw_vit_test_p8", 32)
     imgs = _images(3, 32)
-    iso = measure_in_subprocess(model, imgs, "cpu", threads=1, throughput_batch=4, **FAST)
-    local = measure_all(create_backbone("lw_vit_test_p8", 32), imgs, "cpu", threads=1, throughput_batch=4, **FAST)
+    quick = MeasureConfig(throughput_batch=4, **FAST)
+    iso = measure_in_subprocess(model, imgs, quick, threads=1)
+    local = measure_all(create_backbone("lw_vit_test_p8", 32), imgs, quick, threads=1)
     assert iso["isolated"] is True
     assert set(local) <= set(iso)
     assert iso["throughput_batch"] == 4 and iso["threads"] == 1 and iso["dtype"] == "float32"
@@ -120,7 +122,8 @@ class _Unpicklable(nn.Module):
 
 
 def test_subprocess_falls_back_in_process_and_says_so(capsys):
-    r = measure_in_subprocess(_Unpicklable(), torch.rand(2, 3, 4, 4), "cpu", threads=1, throughput_batch=2, **FAST)
+    quick = MeasureConfig(throughput_batch=2, **FAST)
+    r = measure_in_subprocess(_Unpicklable(), torch.rand(2, 3, 4, 4), quick, threads=1)
     assert r["isolated"] is False and r["isolation_error"]
     assert r["latency_ms"] > 0 and r["memory_exact"] is False
     assert "isolated measurement failed" in capsys.readouterr().err
@@ -165,11 +168,11 @@ def test_compiled_timing_is_its_own_measurement(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", spy)
     model = create_backbone("lw_vit_test_p8", 32)
-    eager = measure_all(model, _images(2, 32), "cpu", threads=1, throughput_batch=2, **FAST)
+    eager = measure_all(model, _images(2, 32), MeasureConfig(throughput_batch=2, **FAST), threads=1)
     assert calls == [] and "compile_time_s" not in eager
-    r = measure_all(model, _images(2, 32), "cpu", threads=1, throughput_batch=2, compile="max-autotune", **FAST)
+    r = measure_all(model, _images(2, 32), MeasureConfig(throughput_batch=2, compile="max-autotune", **FAST), threads=1)
     assert calls == ["max-autotune"] and r["compile_time_s"] > 0 and r["latency_ms"] > 0 and r["throughput"] > 0
-    measure_all(model, _images(2, 32), "cpu", threads=1, throughput_batch=2, compile="default", **FAST)
+    measure_all(model, _images(2, 32), MeasureConfig(throughput_batch=2, compile="default", **FAST), threads=1)
     assert calls[-1] is None  # torch.compile's own default mode
 
 

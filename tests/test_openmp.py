@@ -42,9 +42,10 @@ def test_too_late_once_torch_is_loaded():
 def test_the_row_records_the_timing_process_policy():
     code = """
         import torch
+        from lwbench.config import MeasureConfig
         from lwbench.measure.worker import measure_in_subprocess
-        r = measure_in_subprocess(torch.nn.Linear(4, 2), torch.rand(2, 4), "cpu", threads=1, throughput_batch=2,
-                                  warmup=1, min_run_time=0.02, min_runs=2)
+        quick = MeasureConfig(throughput_batch=2, warmup=1, min_run_time=0.02, min_runs=2)
+        r = measure_in_subprocess(torch.nn.Linear(4, 2), torch.rand(2, 4), quick, threads=1)
         print(r["isolated"], r["omp_wait_policy"])
     """
     assert _python(code, OMP_WAIT_POLICY="PASSIVE") == "True PASSIVE"  # the worker inherits the policy

@@ -131,16 +131,17 @@ def test_an_out_of_memory_batch_is_reported_and_the_others_kept(monkeypatch):
 
 
 def test_measure_all_pairs_with_a_reference_and_full_against_itself_is_about_one():
+    from lwbench.config import MeasureConfig
     from lwbench.measure.worker import measure_all
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 8))
-    out = measure_all(model, torch.rand(4, 3, 4, 4), "cpu", threads=1, warmup=1, min_run_time=0.05, min_runs=5,
-                      throughput_batch=4, reference=model)
+    quick = MeasureConfig(warmup=1, min_run_time=0.05, min_runs=5, throughput_batch=4)
+    out = measure_all(model, torch.rand(4, 3, 4, 4), quick, threads=1, reference=model)
     assert out["timing_protocol"] == "paired" and out["attention_kernel"] == "none"
     assert 0.5 < out["speedup"] < 2.0 and out["speedup_ci_low"] <= out["speedup"] <= out["speedup_ci_high"]
     assert set(json.loads(out["timing_batches"])) == {"1", "4"}
-    alone = measure_all(model, torch.rand(4, 3, 4, 4), "cpu", threads=1, warmup=1, min_run_time=0.05, min_runs=2,
-                        throughput_batch=4)
+    alone = measure_all(model, torch.rand(4, 3, 4, 4), MeasureConfig(warmup=1, min_run_time=0.05, min_runs=2,
+                                                                      throughput_batch=4), threads=1)
     assert "speedup" not in alone and alone["latency_ms"] > 0
 
 

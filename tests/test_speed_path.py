@@ -14,7 +14,7 @@ from torch import nn
 
 from lwbench import shipping
 from lwbench.cli import main
-from lwbench.config import resolve_config
+from lwbench.config import TrainConfig, resolve_config
 from lwbench.precision import Autocast, wrap
 from lwbench.runner import Plan
 from lwbench.training.loop import train_loop
@@ -59,7 +59,8 @@ def test_training_under_autocast_keeps_float32_weights_and_learns():
         assert out.dtype == torch.bfloat16  # the forward ran under autocast
         return ((out.float() - y) ** 2).mean(), {}
 
-    train_loop(model, loss, batches, steps=60, lr=0.05, weight_decay=0.0, quiet=True, autocast="bfloat16")
+    train_loop(model, loss, batches, TrainConfig(steps=60, lr=0.05, weight_decay=0.0, grad_clip=None), quiet=True,
+               autocast="bfloat16")
     assert model.weight.dtype == torch.float32
     assert ((model(xs) - ys) ** 2).mean().item() < 0.2 * before
 

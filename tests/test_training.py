@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lwbench.config import TrainConfig
 from lwbench.errors import TrainingError
 from lwbench.training.loop import is_done, load_checkpoint, lr_at, param_groups, train_loop
 
@@ -19,6 +20,11 @@ def _batches():
 
 def _loss(model, x, y):
     return nn.functional.cross_entropy(model(x), y), {}
+
+
+def _steps(n: int) -> TrainConfig:
+    """``n`` steps at lr 0.01 with no gradient clip: what these tests trained with before train_loop took a config."""
+    return TrainConfig(steps=n, lr=1e-2, grad_clip=None)
 
 
 class Killed(Exception):
@@ -37,7 +43,7 @@ def test_resume_after_kill(tmp_path):
         return _loss(m, x, y)
 
     with pytest.raises(Killed):
-        train_loop(model, dying_loss, _batches(), steps=6, lr=1e-2, ckpt_dir=tmp_path, ckpt_every_s=0, quiet=True)
+        train_loop(model, dying_loss, _batches(), _steps(6), ckpt_dir=tmp_path, ckpt_every_s=0, quiet=True)
     assert not is_done(tmp_path)
     fresh = nn.Linear(4, 2)
     state = load_checkpoint(fresh, tmp_path)
@@ -49,20 +55,20 @@ def test_resume_after_kill(tmp_path):
         seen.append(len(seen))
         return _loss(m, x, y)
 
-    train_loop(fresh, counting_loss, _batches(), steps=6, lr=1e-2, ckpt_dir=tmp_path, ckpt_every_s=0, quiet=True)
+    train_loop(fresh, counting_loss, _batches(), _steps(6), ckpt_dir=tmp_path, ckpt_every_s=0, quiet=True)
     assert len(seen) == 3 and is_done(tmp_path)  # steps 3, 4, 5 only
 
 
 def test_nan_keeps_last_good_checkpoint(tmp_path):
     model = nn.Linear(4, 2)
-    train_loop(model, _loss, _batches(), steps=2, lr=1e-2, ckpt_dir=tmp_path / "a", quiet=True)
+    train_loop(model, _loss, _batches(), _steps(2), ckpt_dir=tmp_path / "a", quiet=True)
     good = model.weight.detach().clone()
 
     def nan_loss(m, x, y):
         return m(x).sum() * float("nan"), {}
 
     with pytest.raises(TrainingError, match="NaN|nan") as e:
-        train_loop(nn.Linear(4, 2), nan_loss, _batches(), steps=3, lr=1e-2, ckpt_dir=tmp_path / "b", quiet=True,
+        train_loop(nn.Linear(4, 2), nan_loss, _batches(), _steps(3), ckpt_dir=tmp_path / "b", quiet=True,
                    ckpt_every_s=0)
     assert "lower the learning rate" in str(e.value)
     again = nn.Linear(4, 2)
@@ -100,10 +106,10 @@ def test_a_stage_says_what_it_trains_and_how_long_it_will_take(capfd):
     def loss(model, x, y):
         return nn.functional.cross_entropy(model(x), y), {}
 
-    train_loop(nn.Linear(4, 2), loss, batches(), steps=10, lr=1e-2, desc="stage e", quiet=False)
+    train_loop(nn.Linear(4, 2), loss, batches(), _steps(10), desc="stage e", quiet=False)
     text = capfd.readouterr().err
     assert "stage e: training 10 steps (lr 0.01, 0 warm-up)" in text
     assert f"s/step over steps 2-{ESTIMATE_AFTER + 1}, so about" in text
     assert f"for the remaining {10 - ESTIMATE_AFTER - 1} steps" in text
-    train_loop(nn.Linear(4, 2), loss, batches(), steps=10, lr=1e-2, desc="stage q", quiet=True)
+    train_loop(nn.Linear(4, 2), loss, batches(), _steps(10), desc="stage q", quiet=True)
     assert "stage q" not in capfd.readouterr().err

@@ -187,12 +187,11 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
     (:mod:`lwbench.measure.paired`), and its MACs are counted too, for ``gmac_ratio`` and ``conversion``."""
     from lwbench.measure.env import attention_backend
     from lwbench.measure.memory import release_cached_memory
-    from lwbench.measure.worker import MeasureOptions, measure_all, measure_in_subprocess
+    from lwbench.measure.worker import measure_all, measure_in_subprocess
     from lwbench.precision import wrap
 
     release_cached_memory()  # what training left in this process's CUDA cache, for the measuring worker
     flops = count(model, images, cfg, what)
-    options = MeasureOptions.from_config(cfg, device, int(threads))
     ref = ref_flops = None
     if reference is not None and cfg.paired:
         same = reference is model  # full against itself: one object, counted once
@@ -203,10 +202,10 @@ def measure(model: nn.Module, images: torch.Tensor, cfg: MeasureConfig, device: 
         ref = model
     with OtherLoad() as load:
         if cfg.isolate:
-            t = measure_in_subprocess(model, images, options=options, reference=ref)
+            t = measure_in_subprocess(model, images, cfg, device=device, threads=int(threads), reference=ref)
         else:
-            t = {**measure_all(model, images, options=options, reference=ref), "isolated": False,
-                 "memory_exact": False}
+            t = {**measure_all(model, images, cfg, device=device, threads=int(threads), reference=ref),
+                 "isolated": False, "memory_exact": False}
     busy = load.busy(int(threads))
     if busy:
         log.warning("%s: other processes kept %.1f cores busy while it was timed (%d threads on %d cores); "

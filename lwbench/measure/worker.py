@@ -4,12 +4,13 @@ Why a subprocess per point (as timm's ``bulk_runner`` and optimum-benchmark do):
 a fresh process belongs to this model alone, no allocator cache or thread pool state carries
 over from the previous method, and a crash or OOM loses one point, not the sweep.
 
-The parent hands everything to the child through its stdin pipe, never through the disk: one line of
-options (a :class:`MeasureOptions` as JSON), then one ``torch.save`` of the whole module and the image
-batch. The child loads them (``weights_only=False``: we wrote them ourselves) and frees the bytes,
-measures memory first (the first full-size forward of the process), then latency and throughput, and
-prints one JSON line on stdout. Anything else the model prints goes to stderr. So a ``kill -9`` of either
-process leaves no file behind: the pipe goes with them.
+The parent hands everything to the child through its stdin pipe, never through the disk: one JSON line (the
+run's ``measure`` section as :func:`lwbench.options.to_dict` writes it, rebuilt by :func:`lwbench.options.build`,
+and the device and threads), then one ``torch.save`` of the whole module and the image batch. The child loads
+them (``weights_only=False``: we wrote them ourselves) and frees the bytes, measures memory first (the first
+full-size forward of the process), then latency and throughput, and prints one JSON line on stdout. Anything
+else the model prints goes to stderr. So a ``kill -9`` of either process leaves no file behind: the pipe goes
+with them.
 
 A parent killed with ``kill -9`` runs no cleanup, so the child sees to its own end: on Linux the kernel
 sends it SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), and everywhere a thread polls the parent's
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lwbench.config import DTYPES, MeasureConfig  # no torch: the parent watch starts before torch loads
+from lwbench.options import build, to_dict
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-_PROTOCOL = MeasureConfig()
 TEMP_PREFIX = "lwbench-measure-"  # the folders of older versions (see remove_stale_folders)
 OWNER = "owner.pid"
 
@@ -59,96 +59,45 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-@dataclasses.dataclass(frozen=True)
-class MeasureOptions:
-    """How one point is timed; the same object in this process and, as ``options.json``, in the worker.
-
-    Attributes:
-        device: "cpu", "cuda", "cuda:1", ...
-        threads: intra-op threads on CPU (also OMP/MKL_NUM_THREADS of the worker).
-        throughput_batch: batch size of the throughput pass.
-        warmup: warm-up iterations before each timing.
-        min_run_time: seconds each timed measurement runs at least.
-        min_runs: latency measurements (throughput takes ``min(min_runs, 5)``).
-        dtype: one of float32, float16, bfloat16.
-        memory_batch: batch size of the memory pass.
-        compile: torch.compile mode of the timed calls ("none": eager); see :func:`measure_all`.
-        paired: with a reference model, time speed as a ratio to it (:mod:`lwbench.measure.paired`).
-        batches: further batch sizes of the paired timing.
-        max_run_time: seconds a paired timing may go on while its interval is too wide.
-    """
-
-    device: str = "cpu"
-    threads: int = 1
-    # The protocol's defaults are MeasureConfig's (lwbench/config.py): one place, not one per caller.
-    throughput_batch: int = _PROTOCOL.throughput_batch
-    warmup: int = _PROTOCOL.warmup
-    min_run_time: float = _PROTOCOL.min_run_time
-    min_runs: int = _PROTOCOL.min_runs
-    dtype: str = _PROTOCOL.dtype
-    memory_batch: int = _PROTOCOL.memory_batch
-    compile: str = _PROTOCOL.compile
-    paired: bool = _PROTOCOL.paired
-    batches: tuple = _PROTOCOL.batches
-    max_run_time: float = _PROTOCOL.max_run_time
-
-    def __post_init__(self) -> None:
-        kinds = {"str": str, "int": int, "float": float, "bool": bool, "tuple": lambda v: tuple(int(b) for b in v)}
-        for f in dataclasses.fields(self):
-            kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
-            object.__setattr__(self, f.name, kind(getattr(self, f.name)))  # torch.device -> "cuda:0", "2" -> 2
-        if self.dtype not in DTYPES:
-            from lwbench.errors import ConfigError
-
-            raise ConfigError(f"unknown dtype '{self.dtype}'; use one of {', '.join(DTYPES)}")
-
-    @classmethod
-    def from_config(cls, cfg: MeasureConfig, device: str, threads: int) -> MeasureOptions:
-        """The worker's part of a run's ``measure`` section, on ``device`` with ``threads``."""
-        return cls(device=device, threads=threads, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)
-                                                      if f.name not in ("device", "threads")})
-
-    @classmethod
-    def of(cls, options: MeasureOptions | None = None, **overrides: Any) -> MeasureOptions:
-        """``options`` (default: the defaults) with every override that is not None applied."""
-        base = options if options is not None else cls()
-        return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> MeasureOptions:
-        data = json.loads(text)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+def _options_json(measure: MeasureConfig, device: str | torch.device, threads: int) -> str:
+    """The first line the worker reads: the ``measure`` section (as :func:`lwbench.options.to_dict` writes it) and
+    the device and threads it runs on."""
+    return json.dumps({"device": str(device), "threads": int(threads), "measure": to_dict(measure)})
 
 
-def measure_all(model: nn.Module, images: torch.Tensor, device: str | torch.device | None = None,
-                options: MeasureOptions | None = None, reference: nn.Module | None = None,
-                **overrides: Any) -> dict[str, Any]:
+def _read_options(line: str) -> tuple[MeasureConfig, str, int]:
+    """The worker's side of :func:`_options_json`: the section rebuilt and checked by :func:`lwbench.options.build`,
+    so the child measures with exactly the typed values the parent had."""
+    data = json.loads(line)
+    return build(MeasureConfig, data["measure"], where="measure"), str(data["device"]), int(data["threads"])
+
+
+def measure_all(model: nn.Module, images: torch.Tensor, measure: MeasureConfig | None = None, *,
+                device: str | torch.device = "cpu", threads: int = 1,
+                reference: nn.Module | None = None) -> dict[str, Any]:
     """Memory, then latency (batch 1), then throughput, in this process. The model is put in eval
     mode, cast to ``dtype`` and moved to ``device`` (in place). Latency takes at least ``min_runs``
     measurements, throughput at least ``min(min_runs, 5)``, each at least ``min_run_time`` seconds.
 
-    With a ``reference`` (the run's ``full``) and ``paired`` options, latency and throughput are timed against
+    With a ``reference`` (the run's ``full``) and ``measure.paired``, latency and throughput are timed against
     it, interleaved (:func:`lwbench.measure.paired.measure_paired`), and the result carries the speed-ups with
     their intervals and the attention kernels that ran. Memory is always the model's alone, measured first.
 
-    Settings come from ``options`` (default ``MeasureOptions()``); ``device`` and keyword ``overrides``
-    (``threads=1``, ``warmup=2``, any :class:`MeasureOptions` field) that are not None override it."""
+    The protocol is the run's ``measure`` section (default: :class:`~lwbench.config.MeasureConfig`'s defaults);
+    ``device`` and ``threads`` (intra-op threads on CPU) are where it runs, which that section does not say."""
     import torch
 
     from lwbench.measure.latency import as_device, measure_latency, measure_throughput
     from lwbench.measure.memory import measure_memory
     from lwbench.openmp import wait_policy
 
-    o = MeasureOptions.of(options, device=device, **overrides)
-    dev = as_device(o.device)
+    o = measure if measure is not None else MeasureConfig()
+    threads = int(threads)
+    dev = as_device(device)
     if dev.type == "cpu":
-        torch.set_num_threads(o.threads)
+        torch.set_num_threads(threads)
     model = model.eval().to(device=dev, dtype=_dtype(o.dtype))
-    out: dict[str, Any] = {"device": dev.type, "threads": o.threads, "dtype": o.dtype,
+    out: dict[str, Any] = {"device": dev.type, "threads": threads, "dtype": o.dtype,
                            "omp_wait_policy": wait_policy()}
     out.update(measure_memory(model, images, dev, batch_size=o.memory_batch))
     if reference is not None and o.paired:
@@ -159,13 +108,13 @@ def measure_all(model: nn.Module, images: torch.Tensor, device: str | torch.devi
             model, out["compile_time_s"] = _compiled(model, images, dev, o)
             reference, _ = _compiled(reference, images, dev, o)
         cast = images.to(_dtype(o.dtype)) if images.is_floating_point() else images
-        out.update(measure_paired(model, reference, cast, dev, threads=o.threads, warmup=o.warmup,
+        out.update(measure_paired(model, reference, cast, dev, threads=threads, warmup=o.warmup,
                                   min_run_time=o.min_run_time, min_runs=o.min_runs, max_run_time=o.max_run_time,
                                   throughput_batch=o.throughput_batch, batches=o.batches))
         return out
     if o.compile != "none":  # after the memory pass: compiling's own allocations are not the model's
         model, out["compile_time_s"] = _compiled(model, images, dev, o)
-    kw = dict(threads=o.threads, warmup=o.warmup, min_run_time=o.min_run_time)
+    kw = dict(threads=threads, warmup=o.warmup, min_run_time=o.min_run_time)
     out.update(measure_latency(model, images, dev, min_runs=o.min_runs, **kw))
     # A big batch on CPU takes seconds per call: a median of 5 calls is enough there.
     out.update(measure_throughput(model, images, dev, batch_size=o.throughput_batch, min_runs=min(o.min_runs, 5),
@@ -173,7 +122,7 @@ def measure_all(model: nn.Module, images: torch.Tensor, device: str | torch.devi
     return out
 
 
-def _compiled(model: nn.Module, images: torch.Tensor, dev: torch.device, o: MeasureOptions):
+def _compiled(model: nn.Module, images: torch.Tensor, dev: torch.device, o: MeasureConfig):
     """``torch.compile(model, mode=o.compile)``, compiled for every timed input by untimed calls: each image at
     batch 1 (content-adaptive methods, ATS, ALGM, threshold DynamicViT, LookWhere, change their token counts from
     image to image, and each new count can recompile) and the throughput batch, so that no timed call (nor the
@@ -281,12 +230,12 @@ def remove_stale_folders(tmpdir: str | Path | None = None, min_age_s: float = 0.
     return removed
 
 
-def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | torch.device | None = None,
-                          timeout: float | None = 3600.0, options: MeasureOptions | None = None,
-                          reference: nn.Module | None = None, **overrides: Any) -> dict[str, Any]:
+def measure_in_subprocess(model: nn.Module, images: torch.Tensor, measure: MeasureConfig | None = None, *,
+                          device: str | torch.device = "cpu", threads: int = 1, reference: nn.Module | None = None,
+                          timeout: float | None = 3600.0) -> dict[str, Any]:
     """:func:`measure_all` in a fresh process; ``"isolated": True`` in the result when it worked.
 
-    Settings as for :func:`measure_all` (``options``; ``device`` and keyword overrides win). When the
+    Settings as for :func:`measure_all`; the worker gets them as one JSON line. When the
     model cannot be pickled or the worker fails (e.g. a class defined in ``__main__``), the measurement is
     repeated in this process, a warning is logged, and the result says ``"isolated": False`` with the
     reason in ``"isolation_error"`` (its peak memory then includes this process's history, see
@@ -294,16 +243,16 @@ def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | 
     """
     import torch
 
-    opts = MeasureOptions.of(options, device=device, **overrides)
+    measure = measure if measure is not None else MeasureConfig()
     remove_stale_folders()
     error: str
     payload = io.BytesIO()
     try:
-        payload.write(opts.to_json().encode() + b"\n")
+        payload.write(_options_json(measure, device, threads).encode() + b"\n")
         torch.save((model, reference, images.detach().cpu()), payload)  # an unpicklable model fails here
         cmd = [sys.executable, "-m", "lwbench.measure.worker", "--parent-pid", str(os.getpid())]
         proc = subprocess.run(cmd, input=payload.getbuffer(), capture_output=True, timeout=timeout,
-                              env=_child_env(opts.threads))
+                              env=_child_env(threads))
         stdout, stderr = (proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
         if proc.returncode == 0:
             result = _parse_result(stdout)
@@ -318,7 +267,7 @@ def measure_in_subprocess(model: nn.Module, images: torch.Tensor, device: str | 
     del payload  # the model's bytes: not kept while it is measured here
     logging.getLogger("lwbench").warning("isolated measurement failed (%s); measuring in this process instead "
                                          "(the row says measure_isolated: false)", error)
-    result = measure_all(model, images, options=opts, reference=reference)
+    result = measure_all(model, images, measure, device=device, threads=threads, reference=reference)
     result["isolated"] = False
     result["isolation_error"] = error
     result["memory_exact"] = False  # this process's allocator already holds memory from earlier work
@@ -332,11 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
     stdin = sys.stdin.buffer
-    opts = MeasureOptions.from_json(stdin.readline().decode() or "{}")
+    measure, device, threads = _read_options(stdin.readline().decode())
 
     import torch
 
-    torch.set_num_threads(opts.threads)
+    torch.set_num_threads(threads)
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         import lwbench.backbones  # noqa: F401  (registers lw_vit_* so pickled timm models resolve)
@@ -344,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = io.BytesIO(stdin.read())  # torch.load needs to seek: the whole payload, freed once loaded
         model, reference, images = torch.load(payload, map_location="cpu", weights_only=False)
         del payload
-        result = measure_all(model, images, options=opts, reference=reference)
+        result = measure_all(model, images, measure, device=device, threads=threads, reference=reference)
         result["pid"] = os.getpid()
     print(json.dumps(result), file=real_stdout, flush=True)
     return 0

@@ -96,17 +96,15 @@ class FitContext:
         from lwbench.training.loop import train_loop, training_time
 
         s = self.stage(stage)
+        lr_key = f"{self.stage_key(s)}.lr"
+        overrides = {k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None}
+        if overrides:  # a part of the stage (DynamicViT's predictor warm-up)
+            s = dataclasses.replace(s, **overrides)
         ckpt = self.work_dir / tag
-        train_loop(
-            model, loss_fn,
-            batches=batches if batches is not None else self.train_batches(int(s.batch_size), int(s.workers or 0)),
-            steps=int(steps if steps is not None else s.steps),
-            lr=float(lr if lr is not None else s.lr),
-            weight_decay=float(s.weight_decay),
-            warmup_steps=int(s.warmup_steps),
-            params=params, ckpt_dir=ckpt, device=self.device, desc=tag, quiet=self.quiet,
-            grad_clip=s.grad_clip, lr_key=f"{self.stage_key(s)}.lr", autocast=self.autocast,
-        )
+        if batches is None:
+            batches = self.train_batches(int(s.batch_size), int(s.workers or 0))
+        train_loop(model, loss_fn, batches, s, params=params, ckpt_dir=ckpt, device=self.device, desc=tag,
+                   quiet=self.quiet, lr_key=lr_key, autocast=self.autocast)
         self.stage_times[tag] = training_time(ckpt)
         return model
 

@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,9 @@ from lwbench.training.distributed import (
     shard,
     world_size,
 )
+
+if TYPE_CHECKING:
+    from lwbench.config import Stage, TrainConfig
 
 DONE = "done.json"
 STATE = "state.json"
@@ -395,22 +398,24 @@ def train_loop(
     model: nn.Module,
     loss_fn: Callable,
     batches: Iterator,
-    steps: int,
-    lr: float,
-    weight_decay: float = 0.05,
-    warmup_steps: int = 0,
+    stage: TrainConfig | Stage,
+    *,
     params: list[nn.Parameter] | None = None,
     ckpt_dir: Path | None = None,
     device: str = "cpu",
     desc: str = "train",
     quiet: bool = False,
-    grad_clip: float | None = None,
     ckpt_every_s: float = 60.0,
     lr_key: str | None = None,
     autocast: str = "none",
     data_parallel: bool = True,
 ) -> nn.Module:
-    """Train ``model`` in place for ``steps`` optimizer steps; see the module docstring for guarantees.
+    """Train ``model`` in place for ``stage.steps`` optimizer steps; see the module docstring for guarantees.
+
+    ``stage`` is what is trained how: a :class:`~lwbench.config.TrainConfig` section or a method's stage resolved
+    against one (:meth:`~lwbench.config.Stage.resolved`); its ``steps``, ``lr``, ``weight_decay``,
+    ``warmup_steps`` and ``grad_clip`` are read here (``batch_size`` and ``workers`` shaped ``batches`` already).
+    The keywords say where and how this call runs, which the stage does not.
 
     ``batches`` yields ``(images, targets)``; with ``state_dict``/``load_state_dict`` (:class:`EpochStream`)
     its position is checkpointed, and so is ``loss_fn``'s if it has them (LookWhere's k draws).
@@ -419,10 +424,14 @@ def train_loop(
     Under torchrun, ``data_parallel`` (default) means ``batches`` yields the global batch: each rank trains on its
     share and the gradients are averaged here (:mod:`lwbench.training.distributed`). ``False`` is for a caller
     that already feeds every rank its own batches to a DDP-wrapped model, as ``lwbench pretrain lookwhere`` does."""
+    unset = [k for k in ("steps", "lr", "weight_decay", "warmup_steps") if getattr(stage, k) is None]
+    if unset:
+        raise TypeError(f"{desc}: the stage leaves {', '.join(unset)} unset; resolve it against the run's train "
+                        f"section first (Stage.resolved, FitContext.stage)")
+    steps = int(stage.steps)
     model.to(device)
-    groups = param_groups(list(params if params is not None else model.parameters()), weight_decay)
-    params = [p for g in groups for p in g["params"]]
-    if not params:
+    groups = param_groups(list(params if params is not None else model.parameters()), float(stage.weight_decay))
+    if not any(g["params"] for g in groups):
         raise TrainingError(f"{desc}: nothing to train (no parameter requires grad)")
     if ckpt_dir is None:
         lock: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -439,8 +448,8 @@ def train_loop(
                 log.info("%s: reused from the cache (%d steps, %s; `lwbench cache rm %s` retrains it)", desc, steps,
                          ckpt_dir, ckpt_dir)
             return model.to(device).eval()
-        return _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckpt_dir, device, desc,
-                      quiet, grad_clip, ckpt_every_s, lr_key, autocast, data_parallel)
+        return _train(model, loss_fn, batches, stage, groups, ckpt_dir, device=device, desc=desc, quiet=quiet,
+                      ckpt_every_s=ckpt_every_s, lr_key=lr_key, autocast=autocast, data_parallel=data_parallel)
 
 
 def is_finished(ckpt_dir: Path, steps: int) -> bool:
@@ -449,11 +458,16 @@ def is_finished(ckpt_dir: Path, steps: int) -> bool:
     return done.is_file() and int(_read_json(done).get("steps", 0)) >= steps
 
 
-def _train(model, loss_fn, batches, steps, lr, warmup_steps, groups, params, ckpt_dir, device, desc, quiet,
-           grad_clip, ckpt_every_s, lr_key, autocast="none", data_parallel=True) -> nn.Module:
+def _train(model: nn.Module, loss_fn: Callable, batches: Iterator, stage: TrainConfig | Stage, groups: list[dict],
+           ckpt_dir: Path | None, *, device: str, desc: str, quiet: bool, ckpt_every_s: float, lr_key: str | None,
+           autocast: str, data_parallel: bool) -> nn.Module:
+    """The steps themselves, once :func:`train_loop` holds the stage's lock and knows it is not finished."""
     from tqdm.auto import tqdm
 
     from lwbench.precision import autocast as autocast_ctx
+
+    steps, lr, warmup_steps, grad_clip = int(stage.steps), float(stage.lr), int(stage.warmup_steps), stage.grad_clip
+    params = [p for g in groups for p in g["params"]]
 
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
     start, elapsed = 0, 0.0

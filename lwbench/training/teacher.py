@@ -30,6 +30,7 @@ affordable, both configured in the profile and recorded in the teacher's config 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -176,8 +177,7 @@ def train_teacher(model: nn.Module, task, settings: TeacherConfig, ckpt_dir: Pat
             return model
     weight, attn_weight = s.dense_weight, s.attn_weight
     n_obj = object_classes(task) if weight > 0 or attn_weight > 0 else 0
-    common = dict(steps=s.steps, lr=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, ckpt_dir=ckpt_dir,
-                  device=device, desc=f"teacher {task.name}", quiet=quiet, grad_clip=s.grad_clip, lr_key="teacher.lr",
+    common = dict(ckpt_dir=ckpt_dir, device=device, desc=f"teacher {task.name}", quiet=quiet, lr_key="teacher.lr",
                   autocast=s.autocast)
     bs, workers = s.batch_size, s.workers
     # EpochStream, not endless(DataLoader): its position is checkpointed, so a killed teacher resumes exactly
@@ -186,10 +186,10 @@ def train_teacher(model: nn.Module, task, settings: TeacherConfig, ckpt_dir: Pat
         trainer = DenseTrainer(model, n_obj + 1, attn_weight, s.attn_queries, s.attn_blocks)
         patch = int(model.encoder.vit.patch_embed.patch_size[0])
         data = EpochStream(ObjectCells(task, "train", patch), bs, seed=task.seed, num_workers=workers)
-        train_loop(trainer, lambda m, x, t: m.loss(x, t, weight), data, **common)
+        train_loop(trainer, lambda m, x, t: m.loss(x, t, weight), data, s, **common)
     else:
         data = EpochStream(task.dataset("train", train=True), bs, seed=task.seed, num_workers=workers)
-        train_loop(model, task_loss, data, **common)
+        train_loop(model, task_loss, data, s, **common)
     return model
 
 
@@ -204,10 +204,10 @@ def train_probe(model: nn.Module, task, s: TeacherConfig, ckpt_dir: Path, device
         p.requires_grad_(False)
     try:
         data = EpochStream(task.dataset("train", train=True), s.batch_size, seed=task.seed, num_workers=s.workers)
-        train_loop(model, task_loss, data, steps=s.probe_steps, lr=s.probe_lr, weight_decay=s.weight_decay,
-                   warmup_steps=max(1, s.probe_steps // 10), params=list(model.head.parameters()), ckpt_dir=ckpt_dir,
-                   device=device, desc=f"linear probe {task.name}", quiet=quiet, grad_clip=s.grad_clip,
-                   lr_key="teacher.probe_lr", autocast=s.autocast)
+        probe = dataclasses.replace(s, steps=s.probe_steps, lr=s.probe_lr, warmup_steps=max(1, s.probe_steps // 10))
+        train_loop(model, task_loss, data, probe, params=list(model.head.parameters()), ckpt_dir=ckpt_dir,
+                   device=device, desc=f"linear probe {task.name}", quiet=quiet, lr_key="teacher.probe_lr",
+                   autocast=s.autocast)
     finally:
         for p in frozen:
             p.requires_grad_(True)

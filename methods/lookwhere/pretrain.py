@@ -126,6 +126,7 @@ def pretrain(teacher_name: str, data: str, out_dir: str | Path | None = None, st
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from lwbench.config import TrainConfig
     from lwbench.method import BackboneSpec
     from lwbench.paths import cache_dir
     from lwbench.training.loop import is_main_process, train_loop
@@ -162,9 +163,10 @@ def pretrain(teacher_name: str, data: str, out_dir: str | Path | None = None, st
         if is_main_process():
             write_meta(out, {**method.meta(encoder), "data": str(data), "world_size": world, "batch_size": batch_size,
                              "lr": lr, "steps": steps, "teacher_weights": str(teacher_weights)})
-        train_loop(encoder, loss, _batches(ds, batch_size, world, rank, seed, workers), steps=steps, lr=lr,
-                   weight_decay=weight_decay, warmup_steps=warmup_steps, ckpt_dir=out, device=device,
-                   desc="lookwhere-distill", quiet=quiet or rank > 0, grad_clip=grad_clip,
+        stage = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                            warmup_steps=warmup_steps, grad_clip=grad_clip, workers=workers)
+        train_loop(encoder, loss, _batches(ds, batch_size, world, rank, seed, workers), stage, ckpt_dir=out,
+                   device=device, desc="lookwhere-distill", quiet=quiet or rank > 0,
                    data_parallel=False)  # per-rank batches (DistributedSampler), gradients synchronised by DDP
         if world > 1:
             dist.barrier()  # rank 0 has written the final checkpoint when every rank returns
