@@ -193,6 +193,8 @@ def _sweep(tmp_path, text: str) -> str:
     ("tasks: [traffic_signs]\nseeds: [0, -1]\nmethods: {full: null}\n", "seeds[1]: -1 must be >= 0"),
     ("sourse: synthetic\ntasks: [traffic_signs]\nmethods: {full: null}\n",
      "unknown key 'sourse'; did you mean 'source'?"),
+    ("tasks: [traffic_signs]\nmethds: {full: null}\n",  # one problem, not also a missing 'methods'
+     "unknown key 'methds'; did you mean 'methods'? (valid keys of a sweep file: profile, source, tasks"),
     ("source: synth\ntasks: [traffic_signs]\nmethods: {full: null}\n",
      "source: 'synth' is not one of auto, real, synthetic; did you mean 'synthetic'?"),
     ("tasks: [traffic_signs]\nmethods: {full: null}\nlaunch: {gpus_per_job: two}\n",

@@ -26,6 +26,7 @@ caller's flags < the caller's ``--set``; the caller passes only what its user ga
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 
 from lwbench.config import REGIMES, RunConfig, load_yaml, resolve_config
 from lwbench.errors import ConfigError, UnknownNameError
-from lwbench.options import build, option
+from lwbench.options import build, close_key, option
 
 MAX_PROBLEMS = 10  # listed in one error; the rest are counted
 SOURCES = next(f for f in dataclasses.fields(RunConfig) if f.name == "source").metadata["choices"]
@@ -185,8 +186,16 @@ def parse_spec(data: Any, path: str = "<sweep>") -> SweepSpec:
                           f"{', '.join(f.name for f in dataclasses.fields(SweepSpec))}")
     problems: list[str] = []
     values: dict[str, Any] = {}
+    fields = list(SweepSpec.__dataclass_fields__)
+    refused: set[str] = set()
     for key, value in data.items():  # key by key, so that one error lists every problem
-        value = _listed(key, value) if key in SweepSpec.__dataclass_fields__ else value
+        if key not in fields:  # the file's own top-level keys: named as written, not as a dotted path into its value
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
+            refused.update(close)  # `methds:` is not also reported as a missing `methods:`
+            problems.append(f"unknown key '{key}'{close_key(str(key), fields)} (valid keys of a sweep file: "
+                            f"{', '.join(fields)})")
+            continue
+        value = _listed(key, value)
         try:
             if key == "methods" and isinstance(value, (list, str)):
                 raise ConfigError(_method_names_hint(value))
@@ -195,7 +204,7 @@ def parse_spec(data: Any, path: str = "<sweep>") -> SweepSpec:
             problems.append(str(exc))
             continue
         values[key] = value
-    spec = _cross_checks(build(SweepSpec, values), problems, refused=set(data) - set(values))
+    spec = _cross_checks(build(SweepSpec, values), problems, refused=refused | (set(data) - set(values)))
     if problems:
         if len(problems) == 1:
             raise ConfigError(f"sweep file {path}: {problems[0]}")
