@@ -13,7 +13,7 @@ from test_cli import TINY
 from lwbench.cli import main
 from lwbench.errors import ConfigError
 from lwbench.sweeps import expand, parse_spec
-from lwbench.sweeps.spec import MAX_PROBLEMS
+from lwbench.sweeps.points import MAX_PROBLEMS
 
 
 def test_sweep_refuses_a_point_that_cannot_run_before_any_work(tmp_path, capsys):

@@ -7,7 +7,15 @@ from pathlib import Path
 from lwbench.errors import ConfigError, LwbenchError
 from lwbench.paths import results_dir
 
-MAX_PROBLEMS = 10  # points that cannot run, listed in one error; the rest are counted
+MAX_PROBLEMS = 10  # problems listed in one error; the rest are counted
+
+
+def problem_list(header: str, problems: list[str]) -> ConfigError:
+    """One error for several problems: ``header``, then the first :data:`MAX_PROBLEMS` as ``  - p`` lines and how
+    many more there are (the sweep file's problems, and the points that cannot run)."""
+    shown = problems[:MAX_PROBLEMS]
+    more = [f"  ... and {len(problems) - len(shown)} more"] if len(problems) > len(shown) else []
+    return ConfigError("\n".join([header, *(f"  - {p}" for p in shown), *more]))
 
 
 def point_name(cfg) -> str:
@@ -42,11 +50,9 @@ def preflight(points: list, plan=None) -> dict:
         except LwbenchError as exc:
             problems.append(f"{point_name(cfg)}: {str(exc).splitlines()[0]}")
     if problems:
-        shown = problems[:MAX_PROBLEMS]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise ConfigError(f"{len(problems)} of the sweep's {len(points)} points cannot run (nothing was run):\n" +
-                          "\n".join(f"  - {p}" for p in shown) + more)
+        raise problem_list(f"{len(problems)} of the sweep's {len(points)} points cannot run (nothing was run):",
+                           problems)
     return plans
 
 
-__all__ = ["point_name", "results_of", "plan_of", "run_id", "preflight"]
+__all__ = ["point_name", "results_of", "plan_of", "run_id", "preflight", "problem_list", "MAX_PROBLEMS"]

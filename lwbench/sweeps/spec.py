@@ -35,8 +35,8 @@ from typing import Any
 from lwbench.config import REGIMES, RunConfig, load_yaml, resolve_config
 from lwbench.errors import ConfigError, UnknownNameError
 from lwbench.options import build, close_key, option
+from lwbench.sweeps.points import problem_list
 
-MAX_PROBLEMS = 10  # listed in one error; the rest are counted
 SOURCES = next(f for f in dataclasses.fields(RunConfig) if f.name == "source").metadata["choices"]
 _NO_BUDGET = (None, "none")  # budgets meaning "run once, without a budget knob"
 
@@ -208,11 +208,7 @@ def parse_spec(data: Any, path: str = "<sweep>") -> SweepSpec:
     if problems:
         if len(problems) == 1:
             raise ConfigError(f"sweep file {path}: {problems[0]}")
-        shown = problems[:MAX_PROBLEMS]
-        lines = [f"sweep file {path} has {len(problems)} problems (nothing was run):", *(f"  - {p}" for p in shown)]
-        if len(problems) > len(shown):
-            lines.append(f"  ... and {len(problems) - len(shown)} more")
-        raise ConfigError("\n".join(lines))
+        raise problem_list(f"sweep file {path} has {len(problems)} problems (nothing was run):", problems)
     return spec
 
 
@@ -302,4 +298,4 @@ def parse_slurm_opts(items: Sequence[str] | None) -> dict[str, str]:
 
 
 __all__ = ["SweepSpec", "LaunchOptions", "parse_spec", "load_spec", "expand", "parse_shard", "launch_options",
-           "parse_slurm_opts", "MAX_PROBLEMS", "SOURCES"]
+           "parse_slurm_opts", "SOURCES"]
