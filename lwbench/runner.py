@@ -48,23 +48,16 @@ def resolve_device(name: str | None) -> str:
 def resolve_regime(method_cls, regime: str) -> str:
     """``auto`` -> ``off_the_shelf`` for training-free methods, ``finetuned`` for the others; a trainable method
     asked for ``off_the_shelf`` fails in one line (it has nothing to apply without training)."""
-    free = method_cls.training == "none"
+    free = method_cls.training_free
     if regime in (None, "auto"):
         return "off_the_shelf" if free else "finetuned"
     if regime == "off_the_shelf" and not free:
-        from lwbench.registry import METHODS
+        from lwbench.registry import training_free_methods
 
-        free_names = ", ".join(n for n in METHODS.names() if _training_of(n) == "none")
+        free_names = ", ".join(training_free_methods())
         raise ConfigError(f"method '{method_cls.name}' needs training ({method_cls.training}); regime off_the_shelf is "
                           f"for training-free methods ({free_names}): use --regime finetuned")
     return regime
-
-
-def _training_of(name: str) -> str:
-    try:
-        return get_method(name).training
-    except Exception:  # a plugin that fails to import does not spoil the message
-        return "?"
 
 
 def check_writable(folder: Path, what: str, need_bytes: int = 0) -> Path:
