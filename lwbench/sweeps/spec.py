@@ -258,7 +258,7 @@ def expand(spec: SweepSpec | Mapping, flags: Mapping[str, Any] | None = None, se
     for seed in seeds:
         for task in spec.tasks:
             for method, budgets in spec.methods.items():
-                free = get_method(method).training == "none"
+                free = get_method(method).training_free
                 # a trainable method has no off-the-shelf form: it runs once, fine-tuned, whatever the list says
                 mine = list(dict.fromkeys(r if free or r == "auto" else "finetuned" for r in regimes))
                 if budgets == "default":
