@@ -31,6 +31,9 @@ class TokenOutput:
             the token that absorbed it, ``-1`` if the cell was dropped. Set by merging methods.
         sizes: optional ``(B, M)`` number of grid cells each token stands for.
         mask: optional ``(B, M)`` bool, False for padding (variable-length methods).
+        keep: optional ``(B, M)`` float straight-through keep decisions, during training only (DynamicViT): 1 for a
+            token kept, 0 for one dropped but still present, with gradients. Pooling heads pool exactly as with
+            ``mask = keep > 0.5`` and pass the task loss back to the decisions (:func:`lwbench.heads.pool_patches`).
         aux: method-specific extras for losses and figures (selector maps, keep decisions).
     """
 
@@ -41,6 +44,7 @@ class TokenOutput:
     assignment: torch.Tensor | None = None
     sizes: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
     aux: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -54,13 +58,20 @@ class TokenOutput:
     def valid(self) -> torch.Tensor:
         """``(B, M)`` bool: tokens that are real and located on the grid."""
         ok = self.positions >= 0
-        return ok if self.mask is None else ok & self.mask
+        return ok & self.counted() if self.mask is not None or self.keep is not None else ok
+
+    def counted(self) -> torch.Tensor:
+        """``(B, M)`` bool: tokens that are neither padding nor dropped by a straight-through ``keep``."""
+        ok = torch.ones(self.patches.shape[:2], dtype=torch.bool, device=self.patches.device)
+        if self.mask is not None:
+            ok = ok & self.mask
+        return ok & (self.keep.detach() > 0.5) if self.keep is not None else ok
 
     def realised_tokens(self) -> torch.Tensor:
-        """``(B,)`` number of patch tokens actually processed (excluding padding)."""
-        if self.mask is None:
+        """``(B,)`` number of patch tokens actually processed (excluding padding and dropped tokens)."""
+        if self.mask is None and self.keep is None:
             return torch.full((self.patches.shape[0],), self.patches.shape[1], device=self.patches.device)
-        return self.mask.sum(1)
+        return self.counted().sum(1)
 
     def processed_cells(self) -> torch.Tensor:
         """``(B, H*W)`` bool: grid cells whose own pixels reached the backbone's last block, i.e. cells of a

@@ -158,7 +158,8 @@ def test_training_forward_and_loss():
     d1, d2 = out.aux["decisions"]
     assert out.patches.shape == (4, 24, 48)  # nothing is removed while training, only hidden
     assert set(d1.unique().tolist()) <= {0.0, 1.0} and bool((d2 <= d1).all())  # decisions are cumulative
-    assert torch.equal(out.aux["keep"], d2) and torch.equal(out.mask, d2 > 0.5)
+    assert torch.equal(out.aux["keep"], d2) and torch.equal(out.keep.detach(), d2) and out.mask is None
+    assert out.keep.requires_grad  # the straight-through decisions reach the head (lwbench.heads.pool_patches)
     assert out.aux["ratios"] == [0.5, 0.25]
     loss, logs = dynamicvit_loss(teacher)(model, x, y)
     assert torch.isfinite(loss) and set(logs) == {"ce", "ratio", "kl", "tok", "keep"}
@@ -201,3 +202,21 @@ def test_fit_smoke_trains_and_checkpoints(tmp_path):
         again = method.fit(ctx)(x)  # a rerun resumes from the finished checkpoints instead of training
     assert logits.shape == (2, 2)
     torch.testing.assert_close(again, logits)
+
+
+def test_task_loss_reaches_the_decisions_through_a_max_pooled_head():
+    """The quick profile's head max-pools the patches. Version 2 hid the kept set behind a detached mask, so the
+    task loss reached the keep decisions only through attention and the billiards predictors learned to drop every
+    ball; now the pooled value is unchanged and the decisions get the loss through the pool as well."""
+    vit, spec = make("lw_vit_test_p14", (56, 84))
+    model = TaskModel(DynamicViT(spec, 0.5).build(vit), ClassifierHead(48, 2, "max")).train()
+    x, y = torch.randn(4, 3, 56, 84), torch.tensor([0, 1, 0, 1])
+    torch.manual_seed(1)
+    out = model.encoder(x)
+    hard = out.patches.masked_fill(~(out.aux["keep"] > 0.5).unsqueeze(-1), float("-inf")).amax(1)
+    logits = model.head(out)
+    assert torch.allclose(logits, model.head.fc(hard))  # the forward pools exactly the kept tokens
+    keep = out.keep
+    keep.retain_grad()
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    assert keep.grad is not None and keep.grad.abs().sum() > 0
