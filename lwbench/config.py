@@ -171,7 +171,8 @@ class TeacherConfig(TrainConfig):
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = option(64, "evaluation batch size", min=1)
-    limit: int | None = option(None, "evaluate only the first N test images (null: all)", min=1)
+    limit: int | None = option(None, "evaluate N test images, a random subset drawn from the seed, the same for every "
+                                     "method (null: all)", min=1)
     bootstrap: int = option(1000, "bootstrap resamples of the test images for the 95% interval (0: none)", min=0)
     bootstrap_seed: int = option(0, "seed of the bootstrap resampling", min=0)
 

@@ -65,11 +65,19 @@ def nanmean(values: torch.Tensor) -> float:
     return float(values[ok].mean()) if bool(ok.any()) else math.nan
 
 
-def _batches(task, split: str, n: int, batch_size: int):
+def _batches(task, split: str, n: int | None, batch_size: int, subset: bool = False):
+    """``(indices, images)`` of ``split``: its first ``n`` images (None: all), or with ``subset`` the ``n`` that a
+    limited evaluation reads (:meth:`lwbench.task.Task.loader`'s :func:`~lwbench.task.limited_indices`)."""
+    from lwbench.task import limited_indices
+
     ds = task.dataset(split)
-    n = min(n, len(ds))
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
+    total = len(ds)
+    if n is None or n >= total:
+        order = list(range(total))
+    else:
+        order = limited_indices(total, n, task.seed) if subset else list(range(n))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
         yield idx, torch.stack([ds[i][0] for i in idx])
 
 
@@ -86,7 +94,7 @@ def object_recall(model, task, patch: int, device: str = "cpu", split: str = "te
     grid = (task.img_size[0] // patch, task.img_size[1] // patch)
     model.eval()
     rec, chance = [], []
-    for idx, images in _batches(task, split, limit or 10**9, batch_size):
+    for idx, images in _batches(task, split, limit, batch_size, subset=True):
         out = model.encoder(images.to(device))
         if tuple(out.grid) != grid:
             return nan

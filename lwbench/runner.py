@@ -155,6 +155,8 @@ class Plan:
             weights_sha256=self.weights_sha256, teacher_id=self.teacher_id, regime=self.regime,
         )
         d = _neutral(d)
+        if d["eval"]["limit"] is not None:  # a seeded random subset (lwbench.task.limited_indices), not the first N
+            d["eval"]["subset"] = "random"  # images that rows before 2026-12-07 read: their run ids stay theirs
         d["teacher"] = _neutral(d["teacher"])
         d["head"] = _neutral(d["head"])
         d["measure"] = _neutral(d["measure"])
@@ -407,10 +409,23 @@ def evaluate(plan: Plan, model) -> dict:
     ev = plan.cfg.eval
     loader = plan.task.loader("test", ev.batch_size, limit=ev.limit)
     n = len(loader.dataset)
-    log.info("evaluating on %d test images", n)
+    subset = isinstance(loader.dataset, torch.utils.data.Subset)
+    if subset:
+        log.info("evaluating on %d of the %d test images (eval.limit: a random subset drawn from the seed)", n,
+                 len(loader.dataset.dataset))
+    else:
+        log.info("evaluating on %d test images", n)
     with tqdm(total=n, desc="eval", unit="img", disable=is_quiet() or None, leave=False) as bar:
         metrics = plan.task.evaluate(wrap(model, plan.cfg.autocast, plan.device), loader, device=plan.device,
                                      progress=bar.update)
+    per_image = metrics.get("per_image")
+    if per_image and subset:
+        import numpy as np
+
+        from lwbench.task import dataset_indices
+
+        # Which test images those outcomes are (without it: all of them, in order); rows pair image by image on it.
+        per_image["index"] = np.asarray(dataset_indices(loader.dataset), dtype=np.int64)
     metrics.update(selection_diagnostics(plan, model))
     return metrics
 

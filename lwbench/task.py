@@ -174,9 +174,11 @@ class Task(abc.ABC):
 
     def loader(self, split: str, batch_size: int, train: bool = False, num_workers: int = 0,
                limit: int | None = None) -> DataLoader:
+        """Batches of ``split``; with ``limit``, of the seeded random subset :func:`limited_indices` draws (sorted):
+        datasets are often sorted by class, so the first ``limit`` items could all be one class."""
         ds = self.dataset(split, train=train)
         if limit is not None and limit < len(ds):
-            ds = torch.utils.data.Subset(ds, range(limit))
+            ds = torch.utils.data.Subset(ds, limited_indices(len(ds), limit, self.seed))
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
                           num_workers=num_workers, generator=gen, persistent_workers=num_workers > 0)
@@ -207,6 +209,30 @@ class Task(abc.ABC):
             out["top5"] = 100.0 * float(h5.sum()) / max(total, 1)
             out["per_image"]["top5"] = h5
         return out
+
+
+#: The random stream of :func:`limited_indices` (apart from every other use of the seed).
+_SUBSET_STREAM = 0x5EB5E7
+
+
+def limited_indices(n: int, limit: int, seed: int) -> list[int]:
+    """``limit`` of the indices ``0 .. n-1``, drawn at random from ``seed`` alone and sorted: a limited evaluation
+    (``eval.limit``) reads these, so every method of a seed evaluates the same images (paired comparisons stay
+    paired) and a smaller limit's images are among a larger one's (the first ``limit`` of one permutation)."""
+    import numpy as np
+
+    if limit >= n:
+        return list(range(n))
+    order = np.random.default_rng([int(seed) % 2**63, _SUBSET_STREAM]).permutation(n)[:limit]
+    return sorted(int(i) for i in order)
+
+
+def dataset_indices(ds: Dataset) -> list[int]:
+    """The indices of the underlying dataset that ``ds`` (a :class:`~torch.utils.data.Subset` from
+    :meth:`Task.loader`, or the whole dataset) reads, in order."""
+    if isinstance(ds, torch.utils.data.Subset):
+        return [int(i) for i in ds.indices]
+    return list(range(len(ds)))
 
 
 #: At most this many files' bytes enter a fingerprint (spread evenly over the sorted file list) ...

@@ -148,3 +148,30 @@ def test_imagenet_is_an_image_folder_with_wnid_classes(tmp_path):
     (root / "train" / "n99999999").mkdir()  # an empty wnid folder would be a class no image trains
     with pytest.raises(DataError, match=r"train/n99999999 holds no images"):
         ImageNet(data_root=root)
+
+
+def test_a_limited_evaluation_is_a_seeded_sample_of_every_class(tmp_path, capsys):
+    """``eval.limit`` on a folder sorted by class used to read the first N images: one class. It is a random subset
+    drawn once from the seed (sorted), the same for every method of that seed, and each row's per-image file names
+    the dataset indices it evaluated, so two rows with the same limit pair image by image."""
+    from lwbench.results import ResultStore
+
+    root = make_imagenet(tmp_path / "two", classes=2, per_class=2, val_per_class=10)
+    task = get_task("image_folder")(source="real", data_root=root, img_size=(32, 48))
+    labels = [int(t) for _, y in task.loader("test", 4, limit=6) for t in y]
+    assert len(labels) == 6 and set(labels) == {0, 1}  # the first 6 would all be class 0
+    subset = task.loader("test", 4, limit=6).dataset.indices
+    assert list(subset) == sorted(subset)
+    again = get_task("image_folder")(source="real", data_root=root, img_size=(32, 48))
+    assert list(again.loader("test", 64, limit=6).dataset.indices) == list(subset)  # drawn from the seed alone
+
+    argv = ["run", "--task", "image_folder", "--data-root", str(root), "--img-size", "32x48", *TINY,
+            "--set", "eval.limit=6", "--set", "measure.paired=false"]
+    assert main([*argv, "--method", "full"]) == 0, capsys.readouterr().err
+    assert main([*argv, "--method", "random", "--budget", "k=3"]) == 0, capsys.readouterr().err
+    store = ResultStore(Path(os.environ["LWBENCH_RESULTS"]))
+    rows = store.rows(task="image_folder")
+    assert len(rows) == 2 and {r["n_eval"] for r in rows} == {6}
+    assert all(r["config"]["eval"]["subset"] == "random" for r in rows)  # not confused with first-N rows
+    for r in rows:
+        assert list(store.per_image(r)["index"]) == list(subset)
