@@ -125,6 +125,9 @@ class Method(abc.ABC):
     # constructed, in one line naming these. ``families_note`` says why (e.g. "it ranks tokens by CLS attention").
     families: ClassVar[tuple[str, ...]] = ("vit", "vit-noclass", "eva", "eva-noclass")
     families_note: ClassVar[str] = ""
+    # True for a reference that reads the task's annotations at test time (``oracle``): a ceiling to read other
+    # rows against, never an answer to "which method should I deploy" (``lwbench recommend`` leaves it out).
+    reads_annotations: ClassVar[bool] = False
     # -- presentation: how figures and listings show the method ----------------------------------------------
     # ``(colour, marker)`` in every figure (matplotlib colour and marker). Not inherited: a subclass is another
     # method (a plugin's variant of ToMe) and must not be drawn as its parent; one that declares none gets

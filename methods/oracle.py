@@ -86,6 +86,7 @@ class Oracle(PatchSelectionMethod):
     description = "k high-res patches: the annotated object cells first, then random (a ceiling; reads the boxes)"
     style = ("#000000", r"$\mathbf{O}$")
     training = "none"  # off the shelf as it is; the finetuned regime fine-tunes it at k on un-augmented images
+    reads_annotations = True  # a ceiling, never a recommendation
     version = 2  # 2: fine-tuned on the annotated cells of un-augmented training images (1: augmented, so random cells)
 
     @dataclass(frozen=True)

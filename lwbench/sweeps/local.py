@@ -19,7 +19,7 @@ from lwbench.sweeps.status import attempted
 PHASES = ("all", "train", "measure")
 
 
-def _teacher_state(plan, seen: set) -> str:
+def teacher_state(plan, seen: set) -> str:
     """``cached``, ``shipped`` (installed on first use), ``train N steps`` (the first point that needs it) or
     ``(trained above)`` for the next points of the same teacher."""
     from lwbench.paths import cache_dir
@@ -40,7 +40,7 @@ def _teacher_state(plan, seen: set) -> str:
     return f"train {steps} steps"
 
 
-def _stage_state(plan, effort: dict) -> str:
+def stage_state(plan, effort: dict) -> str:
     """The point's own training stages in the cache: ``-`` (none to train), ``cached`` (every stage folder
     finished), ``partial`` (one resumes), ``to train``."""
     from lwbench.paths import cache_dir
@@ -69,9 +69,9 @@ def dry_run_table(points: list) -> str:
         done = store.has(plan.run_id)
         e = plan.effort()
         rows.append([j, cfg.method, plan.method.budget_str() or "-", e["regime"], cfg.task, cfg.seed, plan.run_id,
-                     "done (skipped)" if done else "to run", "-" if done else _teacher_state(plan, seen),
+                     "done (skipped)" if done else "to run", "-" if done else teacher_state(plan, seen),
                      "-" if done else e["pretrain_steps"] or "-", "-" if done else e["finetune_steps"] or "-",
-                     "-" if done else _stage_state(plan, e)])
+                     "-" if done else stage_state(plan, e)])
     todo = sum(r[7] == "to run" for r in rows)
     table = tabulate(rows, headers=["#", "method", "budget", "regime", "task", "seed", "run id", "row", "teacher",
                                     "pretrain steps", "finetune steps", "stages"])
@@ -151,4 +151,4 @@ def run_local(points: list, phase: str = "all", debug: bool = False) -> list[tup
     return out
 
 
-__all__ = ["run_local", "dry_run_table", "summary", "PHASES"]
+__all__ = ["run_local", "dry_run_table", "summary", "teacher_state", "stage_state", "PHASES"]
