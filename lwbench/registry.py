@@ -25,6 +25,15 @@ from lwbench.errors import UnknownNameError
 
 T = TypeVar("T")
 
+#: Plugin files imported by :meth:`Registry.load_module` in this process (resolved paths, in load order): the timing
+#: worker (:mod:`lwbench.measure.worker`) loads them too, so it can unpickle a plugin's model classes.
+_PLUGIN_FILES: list[str] = []
+
+
+def plugin_files() -> list[str]:
+    """The plugin files this process imported (``--plugin FILE.py``), resolved, in load order."""
+    return list(_PLUGIN_FILES)
+
 
 class Registry(Generic[T]):
     def __init__(self, kind: str, group: str, builtins: dict[str, str]):
@@ -94,6 +103,7 @@ class Registry(Generic[T]):
             except BaseException:
                 del sys.modules[mod_name]
                 raise
+            _PLUGIN_FILES.append(str(resolved))
         else:
             importlib.import_module(spec)
 

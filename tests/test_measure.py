@@ -187,3 +187,34 @@ def test_compile_mode_enters_the_run_id_only_when_set():
     assert rid("measure.compile=default") != rid() != rid("measure.compile=max-autotune")
     with pytest.raises(Exception, match="compile"):
         rid("measure.compile=fast")
+
+
+_TIMED_PLUGIN = '''
+from torch import nn
+
+
+class PluginModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x[:, 0, 0, :4])
+'''
+
+
+def test_a_plugin_file_model_is_timed_in_the_isolated_worker(tmp_path, capsys):
+    """A method from ``--plugin FILE.py`` lives in a module only the parent had imported: the worker loads the same
+    plugin files, so it is timed in a fresh process like a built-in (not in-process, with other memory)."""
+    import sys
+
+    from lwbench.registry import METHODS
+
+    path = tmp_path / "timed_plugin.py"
+    path.write_text(_TIMED_PLUGIN)
+    METHODS.load_module(str(path))
+    module = next(m for name, m in sys.modules.items() if name.startswith("lwbench_plugin_timed_plugin_"))
+    quick = MeasureConfig(throughput_batch=2, **FAST)
+    r = measure_in_subprocess(module.PluginModel(), torch.rand(2, 3, 4, 4), quick, threads=1)
+    assert r["isolated"] is True, r.get("isolation_error")
+    assert "isolated measurement failed" not in capsys.readouterr().err

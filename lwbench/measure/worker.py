@@ -6,11 +6,11 @@ over from the previous method, and a crash or OOM loses one point, not the sweep
 
 The parent hands everything to the child through its stdin pipe, never through the disk: one JSON line (the
 run's ``measure`` section as :func:`lwbench.options.to_dict` writes it, rebuilt by :func:`lwbench.options.build`,
-and the device and threads), then one ``torch.save`` of the whole module and the image batch. The child loads
-them (``weights_only=False``: we wrote them ourselves) and frees the bytes, measures memory first (the first
-full-size forward of the process), then latency and throughput, and prints one JSON line on stdout. Anything
-else the model prints goes to stderr. So a ``kill -9`` of either process leaves no file behind: the pipe goes
-with them.
+the device and threads, and the ``--plugin`` files the parent loaded, which the child loads too, so a plugin's
+model classes unpickle), then one ``torch.save`` of the whole module and the image batch. The child loads them
+(``weights_only=False``: we wrote them ourselves) and frees the bytes, measures memory first (the first full-size
+forward of the process), then latency and throughput, and prints one JSON line on stdout. Anything else the model
+prints goes to stderr. So a ``kill -9`` of either process leaves no file behind: the pipe goes with them.
 
 A parent killed with ``kill -9`` runs no cleanup, so the child sees to its own end: on Linux the kernel
 sends it SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), and everywhere a thread polls the parent's
@@ -60,16 +60,21 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _options_json(measure: MeasureConfig, device: str | torch.device, threads: int) -> str:
-    """The first line the worker reads: the ``measure`` section (as :func:`lwbench.options.to_dict` writes it) and
-    the device and threads it runs on."""
-    return json.dumps({"device": str(device), "threads": int(threads), "measure": to_dict(measure)})
+    """The first line the worker reads: the ``measure`` section (as :func:`lwbench.options.to_dict` writes it), the
+    device and threads it runs on, and the plugin files this process loaded (a plugin's model classes live in
+    modules only those files define: the worker imports them before it unpickles the model)."""
+    from lwbench.registry import plugin_files
+
+    return json.dumps({"device": str(device), "threads": int(threads), "measure": to_dict(measure),
+                       "plugins": plugin_files()})
 
 
-def _read_options(line: str) -> tuple[MeasureConfig, str, int]:
+def _read_options(line: str) -> tuple[MeasureConfig, str, int, list[str]]:
     """The worker's side of :func:`_options_json`: the section rebuilt and checked by :func:`lwbench.options.build`,
     so the child measures with exactly the typed values the parent had."""
     data = json.loads(line)
-    return build(MeasureConfig, data["measure"], where="measure"), str(data["device"]), int(data["threads"])
+    return (build(MeasureConfig, data["measure"], where="measure"), str(data["device"]), int(data["threads"]),
+            [str(p) for p in data.get("plugins", [])])
 
 
 def measure_all(model: nn.Module, images: torch.Tensor, measure: MeasureConfig | None = None, *,
@@ -281,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid)
     stdin = sys.stdin.buffer
-    measure, device, threads = _read_options(stdin.readline().decode())
+    measure, device, threads, plugins = _read_options(stdin.readline().decode())
 
     import torch
 
@@ -289,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         import lwbench.backbones  # noqa: F401  (registers lw_vit_* so pickled timm models resolve)
+        from lwbench.registry import METHODS
+
+        for path in plugins:  # the same module names as in the parent: its pickled plugin classes resolve
+            METHODS.load_module(path)
 
         payload = io.BytesIO(stdin.read())  # torch.load needs to seek: the whole payload, freed once loaded
         model, reference, images = torch.load(payload, map_location="cpu", weights_only=False)
