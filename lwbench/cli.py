@@ -321,9 +321,17 @@ def cmd_report(args) -> int:
 def cmd_show(args) -> int:
     from lwbench.show import show
 
-    path = show(_config(args, args.method, args.task, args.budget), out=Path(args.out), n=args.n)
+    out = Path(args.out) if args.out else Path.cwd() / show_file_name(args.method, args.task, args.budget)
+    path = show(_config(args, args.method, args.task, args.budget), out=out, n=args.n)
     print(path)
     return 0
+
+
+def show_file_name(method: str, task: str, budget: str | None) -> str:
+    """``lwbench show``'s figure when no ``--out`` is given: ``show_<method>[_<budget>]_<task>.png`` (``k=28``:
+    ``k28``)."""
+    parts = [method, budget.replace("=", "") if budget else "", task]
+    return "show_" + "_".join(p for p in parts if p).replace("/", "-") + ".png"
 
 
 def cmd_pretrain(args) -> int:
@@ -507,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True)
     p.add_argument("--task", required=True)
     p.add_argument("--budget")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="figure file (default: show_<method>[_<budget>]_<task>.png in the current folder)")
     p.add_argument("--n", type=int, default=4, help="number of images")
     _run_args(p, with_method=False)
     _common(p)

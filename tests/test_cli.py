@@ -135,6 +135,15 @@ def test_show_writes_figure(tmp_path, capsys):
     assert out.stat().st_size > 5_000
 
 
+def test_show_without_out_writes_into_the_current_folder(tmp_path, capsys, monkeypatch):
+    """The docs' ``lwbench show --method M --task T`` needs no ``--out``: the figure is named after the point."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["show", "--method", "random", "--budget", "k=6", "--task", "traffic_signs", "--n", "1", *TINY]) == 0
+    out = tmp_path / "show_random_k6_traffic_signs.png"
+    assert out.stat().st_size > 5_000
+    assert str(out) in capsys.readouterr().out
+
+
 # Fields that come from training and evaluation (not from timing, which varies run to run).
 _DETERMINED = ("metric_value", "top1", "object_recall", "object_recall_chance", "where_target_recall",
                "where_target_chance", "selection_warning", "gmacs", "tokens_mean", "run_id")
