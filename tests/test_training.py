@@ -113,3 +113,45 @@ def test_a_stage_says_what_it_trains_and_how_long_it_will_take(capfd):
     assert f"for the remaining {10 - ESTIMATE_AFTER - 1} steps" in text
     train_loop(nn.Linear(4, 2), loss, batches(), _steps(10), desc="stage q", quiet=True)
     assert "stage q" not in capfd.readouterr().err
+
+
+def _estimates(text: str) -> list[tuple[int, float]]:
+    """``(steps done, estimated seconds left)`` of every progress line of a stage."""
+    import re
+
+    unit = {"s": 1, "min": 60, "h": 3600}
+    out = []
+    for line in text.splitlines():
+        m = re.search(r"step (\d+)/\d+ loss \S+ eta ([\d.]+) min", line)
+        if m:
+            out.append((int(m.group(1)), float(m.group(2)) * 60))
+        m = re.search(r"over steps \d+-(\d+), so about ([\d.]+) (s|min|h) for", line)
+        if m:
+            out.append((int(m.group(1)), float(m.group(2)) * unit[m.group(3)]))
+    return out
+
+
+def test_the_time_estimate_leaves_out_one_off_work_of_the_first_steps(monkeypatch, capfd):
+    """A first run draws the synthetic scene cache during its first steps (here 40 s, then 10 s, then 1 s a step):
+    every printed estimate is close to the time really left, none extrapolates the one-off work (a user saw 253.9
+    min, then 9 min, then 16.4 min within 30 s)."""
+    import types
+
+    from lwbench.training import loop
+
+    durations = [40.0, 10.0] + [1.0] * 98
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def slow_first_steps(model, x, y):
+        clock[0] += durations[len(calls)]
+        calls.append(1)
+        return _loss(model, x, y)
+
+    calls: list[int] = []
+    train_loop(nn.Linear(4, 2), slow_first_steps, _batches(), _steps(100), desc="stage t", quiet=False)
+    seen = _estimates(capfd.readouterr().err)
+    assert len(seen) >= 3, seen
+    for done, left in seen:
+        truth = sum(durations[done:])
+        assert truth / 1.5 <= left <= truth * 1.5, (done, left, truth, seen)

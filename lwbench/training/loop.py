@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import struct
 import sys
 import time
@@ -496,7 +497,8 @@ def _train(model: nn.Module, loss_fn: Callable, batches: Iterator, stage: TrainC
         log.info("%s: training %d steps%s (lr %g, %d warm-up); an estimate follows after %d steps", desc,
                  steps - start, f" (resumed at {start}/{steps})" if start else "", lr, warmup_steps,
                  ESTIMATE_AFTER + 1)
-    warm_t = None  # the clock after the first step (which carries one-off setup), for the estimate
+    durations: list[float] = []  # seconds of each step after the first (which carries one-off setup)
+    prev_t = t0
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup_steps) * g.get("lr_mult", 1.0)
@@ -520,16 +522,20 @@ def _train(model: nn.Module, loss_fn: Callable, batches: Iterator, stage: TrainC
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}", **{k: f"{v:.3g}" for k, v in logs.items()})
         now = time.perf_counter()
-        if step == start:
-            warm_t = now
-        elif step == start + ESTIMATE_AFTER and not quiet and is_main_process():
-            per_step = (now - warm_t) / ESTIMATE_AFTER
-            log.info("%s: %.2f s/step over steps %d-%d, so about %s for the remaining %d steps", desc, per_step,
-                     start + 2, step + 1, _duration(per_step * (steps - step - 1)), steps - step - 1)
+        if step > start:
+            durations.append(now - prev_t)
+        prev_t = now
+        if step == start + ESTIMATE_AFTER and not quiet and is_main_process():
+            per_step, slow = typical_step(durations)
+            left_out = f" ({slow} slower step{'s' if slow > 1 else ''} of one-off work left out)" if slow else ""
+            log.info("%s: %.2f s/step over steps %d-%d%s, so about %s for the remaining %d steps", desc, per_step,
+                     start + 2, step + 1, left_out, _duration(per_step * (steps - step - 1)), steps - step - 1)
         if bar.disable and not quiet and now - logged_at > 30:  # no TTY: a plain progress line every 30 s
-            done = step + 1 - start
-            eta = (now - t0) / done * (steps - step - 1)
-            log.info("%s: step %d/%d loss %.3f eta %.1f min", desc, step + 1, steps, running, eta / 60)
+            if len(durations) >= ESTIMATE_AFTER:
+                eta = f"eta {typical_step(durations)[0] * (steps - step - 1) / 60:.1f} min"
+            else:  # the steps so far carried one-off work (a scene cache drawn ...): no estimate from them
+                eta = f"an estimate follows after step {start + ESTIMATE_AFTER + 1}"
+            log.info("%s: step %d/%d loss %.3f %s", desc, step + 1, steps, running, eta)
             logged_at = now
         # Rank 0's clock decides for every rank: each hands over its RNG and loss state at this same step.
         if ckpt_dir is not None and agree(writer and now - last_ckpt > ckpt_every_s):
@@ -548,6 +554,16 @@ def _train(model: nn.Module, loss_fn: Callable, batches: Iterator, stage: TrainC
     barrier()  # no rank reads the stage before rank 0 has written it
     model.eval()
     return model
+
+
+def typical_step(durations: list[float]) -> tuple[float, int]:
+    """Seconds per step to extrapolate from, and how many steps it leaves out: the mean of ``durations`` without
+    the steps that took over 3x their median. Those did one-off work that later steps do not repeat (a first run
+    draws the synthetic scene cache during its first steps); counting them made a stage's first estimate 30x too
+    long and later ones jump."""
+    med = statistics.median(durations)
+    kept = [d for d in durations if d <= 3 * med]
+    return sum(kept) / len(kept), len(durations) - len(kept)
 
 
 def _duration(seconds: float) -> str:
