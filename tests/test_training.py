@@ -155,3 +155,46 @@ def test_the_time_estimate_leaves_out_one_off_work_of_the_first_steps(monkeypatc
     for done, left in seen:
         truth = sum(durations[done:])
         assert truth / 1.5 <= left <= truth * 1.5, (done, left, truth, seen)
+
+
+def test_a_warm_up_longer_than_the_stage_is_one_warning_naming_the_setting(monkeypatch, capfd):
+    """``train.steps=5`` with the profile's 10 warm-up steps: the learning rate never reaches its target. The stage
+    trains as configured (its config, so its run id, is what was asked) and says so once, even --quiet."""
+    from lwbench.training import loop
+
+    monkeypatch.setattr(loop, "_WARNED_WARMUP", set())
+    stage = TrainConfig(steps=5, lr=2e-5, warmup_steps=10, grad_clip=None)
+    for part in ("a", "b"):  # DynamicViT trains one stage in two parts, both with its warm-up: one line
+        train_loop(nn.Linear(4, 2), _loss, _batches(), stage, desc=f"stage {part}", quiet=True, lr_key="train.lr")
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warm-up" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("lwbench: warning: stage a: ")
+    assert "never reaches 2e-05" in warnings[0] and "--set train.warmup_steps=5" in warnings[0]
+    train_loop(nn.Linear(4, 2), _loss, _batches(), TrainConfig(steps=10, lr=2e-5, warmup_steps=10, grad_clip=None),
+               desc="stage c", quiet=True, lr_key="train.lr")
+    assert "warm-up" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_reference_configs_warm_up_within_every_stage(profile):
+    """No spurious warning on the reference configs: every stage of every method, DynamicViT's predictor part
+    (17 of 100 quick steps) and the teacher's probe included, is at least as long as its warm-up."""
+    from lwbench.config import resolve_config
+    from lwbench.registry import METHODS
+    from lwbench.runner import Plan
+    from lwbench.training.loop import warmup_warning
+
+    for method in METHODS.names():
+        plan = Plan(resolve_config(method, "traffic_signs", None, profile=profile, quiet=True))
+        cfg, opts = plan.cfg, plan.method.opts
+        parts = [(cfg.teacher.steps, cfg.teacher.warmup_steps),
+                 (cfg.teacher.probe_steps, max(1, cfg.teacher.probe_steps // 10))]
+        for name in plan.method.stage_names(opts):
+            stage = getattr(opts, name).resolved(cfg.train)
+            parts.append((stage.steps, stage.warmup_steps))
+            if method == "dynamicvit":
+                warm = int(round(stage.steps * opts.predictor_warmup))
+                parts += [(warm, stage.warmup_steps), (stage.steps - warm, stage.warmup_steps)]
+        for steps, warmup in parts:
+            if steps:
+                assert warmup_warning(method, steps, warmup, 1e-3, "train.warmup_steps") == "", (method, steps, warmup)

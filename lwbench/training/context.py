@@ -103,8 +103,11 @@ class FitContext:
         ckpt = self.work_dir / tag
         if batches is None:
             batches = self.train_batches(int(s.batch_size), int(s.workers or 0))
+        # A method stage's warm-up equal to the run's is (almost always) inherited: train.* keeps the recipe shared.
+        warmup_key = "train.warmup_steps" if s.warmup_steps == self.defaults.warmup_steps else \
+            f"{self.stage_key(s)}.warmup_steps"
         train_loop(model, loss_fn, batches, s, params=params, ckpt_dir=ckpt, device=self.device, desc=tag,
-                   quiet=self.quiet, lr_key=lr_key, autocast=self.autocast)
+                   quiet=self.quiet, lr_key=lr_key, autocast=self.autocast, warmup_key=warmup_key)
         self.stage_times[tag] = training_time(ckpt)
         return model
 

@@ -410,6 +410,7 @@ def train_loop(
     lr_key: str | None = None,
     autocast: str = "none",
     data_parallel: bool = True,
+    warmup_key: str | None = None,
 ) -> nn.Module:
     """Train ``model`` in place for ``stage.steps`` optimizer steps; see the module docstring for guarantees.
 
@@ -420,10 +421,11 @@ def train_loop(
 
     ``batches`` yields ``(images, targets)``; with ``state_dict``/``load_state_dict`` (:class:`EpochStream`)
     its position is checkpointed, and so is ``loss_fn``'s if it has them (LookWhere's k draws).
-    ``lr_key`` is the setting that holds ``lr`` (e.g. ``teacher.lr``), named by the NaN error. ``autocast``
-    (:mod:`lwbench.precision`) wraps each forward and loss; the backward and the optimizer step stay float32.
-    Under torchrun, ``data_parallel`` (default) means ``batches`` yields the global batch: each rank trains on its
-    share and the gradients are averaged here (:mod:`lwbench.training.distributed`). ``False`` is for a caller
+    ``lr_key`` is the setting that holds ``lr`` (e.g. ``teacher.lr``), named by the NaN error; ``warmup_key`` the one
+    that holds ``warmup_steps``, named when the warm-up is longer than the stage (default: ``lr_key``'s section).
+    ``autocast`` (:mod:`lwbench.precision`) wraps each forward and loss; the backward and the optimizer step stay
+    float32. Under torchrun, ``data_parallel`` (default) means ``batches`` yields the global batch: each rank trains on
+    its share and the gradients are averaged here (:mod:`lwbench.training.distributed`). ``False`` is for a caller
     that already feeds every rank its own batches to a DDP-wrapped model, as ``lwbench pretrain lookwhere`` does."""
     unset = [k for k in ("steps", "lr", "weight_decay", "warmup_steps") if getattr(stage, k) is None]
     if unset:
@@ -450,7 +452,8 @@ def train_loop(
                          ckpt_dir, ckpt_dir)
             return model.to(device).eval()
         return _train(model, loss_fn, batches, stage, groups, ckpt_dir, device=device, desc=desc, quiet=quiet,
-                      ckpt_every_s=ckpt_every_s, lr_key=lr_key, autocast=autocast, data_parallel=data_parallel)
+                      ckpt_every_s=ckpt_every_s, lr_key=lr_key, autocast=autocast, data_parallel=data_parallel,
+                      warmup_key=warmup_key)
 
 
 def is_finished(ckpt_dir: Path, steps: int) -> bool:
@@ -461,7 +464,7 @@ def is_finished(ckpt_dir: Path, steps: int) -> bool:
 
 def _train(model: nn.Module, loss_fn: Callable, batches: Iterator, stage: TrainConfig | Stage, groups: list[dict],
            ckpt_dir: Path | None, *, device: str, desc: str, quiet: bool, ckpt_every_s: float, lr_key: str | None,
-           autocast: str, data_parallel: bool) -> nn.Module:
+           autocast: str, data_parallel: bool, warmup_key: str | None = None) -> nn.Module:
     """The steps themselves, once :func:`train_loop` holds the stage's lock and knows it is not finished."""
     from tqdm.auto import tqdm
 
@@ -493,6 +496,8 @@ def _train(model: nn.Module, loss_fn: Callable, batches: Iterator, stage: TrainC
     last_ckpt = t0
     logged_at = t0
     running = None
+    if is_main_process():
+        _warn_long_warmup(desc, steps, warmup_steps, lr, warmup_key or _sibling(lr_key, "warmup_steps"))
     if not quiet and is_main_process():
         log.info("%s: training %d steps%s (lr %g, %d warm-up); an estimate follows after %d steps", desc,
                  steps - start, f" (resumed at {start}/{steps})" if start else "", lr, warmup_steps,
@@ -528,8 +533,8 @@ def _train(model: nn.Module, loss_fn: Callable, batches: Iterator, stage: TrainC
         if step == start + ESTIMATE_AFTER and not quiet and is_main_process():
             per_step, slow = typical_step(durations)
             left_out = f" ({slow} slower step{'s' if slow > 1 else ''} of one-off work left out)" if slow else ""
-            log.info("%s: %.2f s/step over steps %d-%d%s, so about %s for the remaining %d steps", desc, per_step,
-                     start + 2, step + 1, left_out, _duration(per_step * (steps - step - 1)), steps - step - 1)
+            log.info("%s: %.2f s/step over steps %d-%d, so about %s for the remaining %d steps%s", desc, per_step,
+                     start + 2, step + 1, _duration(per_step * (steps - step - 1)), steps - step - 1, left_out)
         if bar.disable and not quiet and now - logged_at > 30:  # no TTY: a plain progress line every 30 s
             if len(durations) >= ESTIMATE_AFTER:
                 eta = f"eta {typical_step(durations)[0] * (steps - step - 1) / 60:.1f} min"
@@ -554,6 +559,32 @@ def _train(model: nn.Module, loss_fn: Callable, batches: Iterator, stage: TrainC
     barrier()  # no rank reads the stage before rank 0 has written it
     model.eval()
     return model
+
+
+_WARNED_WARMUP: set[tuple[str, int]] = set()  # (setting, warm-up steps) already warned about in this process
+
+
+def _sibling(key: str | None, name: str) -> str | None:
+    """``teacher.lr`` -> ``teacher.<name>``; None without a section."""
+    return f"{key.rpartition('.')[0]}.{name}" if key and "." in key else None
+
+
+def warmup_warning(desc: str, steps: int, warmup_steps: int, lr: float, warmup_key: str | None) -> str:
+    """One line when the warm-up is longer than the stage (its learning rate never reaches ``lr``), else ``""``.
+    A warning, not a clamp: the stage trains as configured, so its config (and the run id) is what was trained."""
+    if warmup_steps <= steps:
+        return ""
+    fix = f"--set {warmup_key}={steps} or less" if warmup_key else f"this stage's warmup_steps to {steps} or less"
+    return (f"{desc}: the warm-up ({warmup_steps} steps) is longer than the {steps} steps trained, so the learning "
+            f"rate never reaches {lr:g}; trained as configured: set {fix} (or train more steps)")
+
+
+def _warn_long_warmup(desc: str, steps: int, warmup_steps: int, lr: float, warmup_key: str | None) -> None:
+    """:func:`warmup_warning`, once per setting: DynamicViT trains one stage in two parts with its warm-up."""
+    text = warmup_warning(desc, steps, warmup_steps, lr, warmup_key)
+    if text and (warmup_key or desc, warmup_steps) not in _WARNED_WARMUP:
+        _WARNED_WARMUP.add((warmup_key or desc, warmup_steps))
+        log.warning("%s", text)
 
 
 def typical_step(durations: list[float]) -> tuple[float, int]:
