@@ -80,17 +80,19 @@ def test_estimates_come_from_stored_rows_and_skip_cached_work():
     assert duration(45) == "about 40 s" and duration(240) == "about 4 min" and duration(0) == "nothing to run"
 
 
-@pytest.mark.slow
 def test_compare_runs_the_plan_and_shows_only_its_rows(tmp_path, capsys):
     from lwbench.compare import compare
 
     res = tmp_path / "res"
-    ResultStore(res).write(make_row(method="full", k=None, acc=37.5, regime="off_the_shelf"))  # unrelated row
-    failed = compare("traffic_signs", "tome", flags={"results": str(res)}, sets=TINY,
+    ResultStore(res).write(make_row(method="full", k=None, acc=12.3, regime="off_the_shelf"))  # unrelated row
+    sets = TINY + ["task.n_train=32", "task.n_test=8", "task.n_val=8", "measure.isolate=false", "threads=1",
+                   "measure.max_run_time=0.2", "measure.min_runs=2", "measure.throughput_batch=2",
+                   "measure.flops_images=1", "teacher.batch_size=4", "train.batch_size=4"]
+    failed = compare("traffic_signs", "tome", flags={"results": str(res), "img_size": (96, 128)}, sets=sets,
                      plot_out=tmp_path / "cmp.png")
     out = capsys.readouterr().out
     assert failed == 0 and (tmp_path / "cmp.png").is_file()
-    assert "points vs full, paired over 8 images" in out and "37.5" not in out
+    assert "points vs full, paired over 8 images" in out and "12.3" not in out
 
 
 # -- recommend ---------------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ API_TINY = ('img_size=(96, 128), **{"teacher.steps": 2, "teacher.probe_steps": 1
             '"task.n_test": 8, "task.n_val": 8, "threads": 1}')  # SMALL and SYNTH's settings: the same tiny teacher
 # What a page's command must print (numbers the page states).
 EXPECT = {("methods.md", "flops"): ["14.77", "3.09"]}
-RUNS_AS_IS = {"list", "config", "flops", "results", "report", "cache"}
+RUNS_AS_IS = {"list", "config", "flops", "results", "report", "cache", "recommend"}
 
 
 def blocks(page: Path) -> list[tuple[str, str]]:
@@ -93,7 +93,7 @@ def tiny(argv: list[str], files: dict[str, str]) -> list[str]:
     argv = [files.get(a, a) for a in argv]
     argv = [str(ROOT / a) if a.startswith("configs/") else a for a in argv]
     sub = argv[1]
-    if sub in ("run", "show") or (sub == "sweep" and "--dry-run" not in argv):
+    if sub in ("run", "show", "compare") or (sub == "sweep" and "--dry-run" not in argv):
         return argv + SMALL + (["--img-size", "56"] if "image_folder" in argv else SYNTH)  # ViT-S/14: 4x4 patches
     if sub == "sweep":
         return argv
