@@ -55,4 +55,18 @@ def is_quiet() -> bool:
     return not log.isEnabledFor(logging.INFO)
 
 
-__all__ = ["log", "setup", "is_quiet"]
+class _NoCudaRuntimeNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def silence_cuda_home_notice() -> None:
+    """Drop the one line ``torch.utils.cpp_extension`` logs when imported on a machine with a CUDA toolkit but no
+    usable GPU ("No CUDA runtime is found, using CUDA_HOME=..."): ``torch.utils.benchmark`` and ``torch.compile``
+    import it, so every CPU timing process printed it. Its other messages pass. Idempotent."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNotice())
+
+
+__all__ = ["log", "setup", "is_quiet", "silence_cuda_home_notice"]

@@ -218,3 +218,18 @@ def test_a_plugin_file_model_is_timed_in_the_isolated_worker(tmp_path, capsys):
     r = measure_in_subprocess(module.PluginModel(), torch.rand(2, 3, 4, 4), quick, threads=1)
     assert r["isolated"] is True, r.get("isolation_error")
     assert "isolated measurement failed" not in capsys.readouterr().err
+
+
+def test_cpu_timing_prints_no_cuda_runtime_notice(tmp_path):
+    """torch.utils.benchmark imports torch.utils.cpp_extension, which logs "No CUDA runtime is found, using
+    CUDA_HOME=..." on a machine with a CUDA toolkit and no GPU: noise in every timing process of a CPU run."""
+    import os
+    import sys
+
+    code = ("import torch\nfrom lwbench.measure.latency import measure_latency\n"
+            "measure_latency(torch.nn.Linear(4, 4), torch.rand(2, 4), 'cpu', threads=1, warmup=1, min_run_time=0.01, "
+            "min_runs=1)\nprint('timed')\n")
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}  # a toolkit, no usable GPU
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "timed" in proc.stdout, proc.stderr
+    assert "No CUDA runtime" not in proc.stderr

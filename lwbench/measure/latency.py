@@ -55,6 +55,9 @@ def _warm_up(step: Callable[[], Any], warmup: int, max_seconds: float) -> float:
 
 def _time_cpu(step: Callable[[], Any], threads: int, warmup: int, min_run_time: float, min_runs: int) -> list[float]:
     """Seconds per call, one entry per measurement block, on CPU with torch.utils.benchmark."""
+    from lwbench.logs import silence_cuda_home_notice
+
+    silence_cuda_home_notice()  # before torch.utils.benchmark imports torch.utils.cpp_extension
     from torch.utils.benchmark import Timer
 
     with _threads(threads):

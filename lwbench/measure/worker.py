@@ -134,8 +134,10 @@ def _compiled(model: nn.Module, images: torch.Tensor, dev: torch.device, o: Meas
     warm-up that sizes the timing) pays for compiling. Returns the model and the seconds compiling took."""
     import torch
 
+    from lwbench.logs import silence_cuda_home_notice
     from lwbench.measure.latency import _fill_batch
 
+    silence_cuda_home_notice()  # compiling imports torch.utils.cpp_extension
     compiled = torch.compile(model, mode=None if o.compile == "default" else o.compile)
     t0 = time.perf_counter()
     x = images.to(dev, _dtype(o.dtype))
