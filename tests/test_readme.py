@@ -59,3 +59,18 @@ def test_ci_installs_from_the_lock_and_tests_as_the_readme_says():
         assert name in lock, f"{name} (pyproject.toml) is not pinned in constraints.txt: run .ci/latest --update-lock"
         assert req.specifier.contains(lock[name], prereleases=True), f"constraints.txt pins {name}=={lock[name]}, " \
             f"outside pyproject.toml's {req.specifier}"
+
+
+def test_the_cpu_only_install_note_pins_the_locked_torch():
+    """A CPU-only machine installs PyTorch's CPU wheels first (no ~3 GB of CUDA libraries); the versions the README
+    names are the lock's, so the set-up command after it keeps them."""
+    import re
+
+    lock = dict(line.split("==") for line in (README.parent / "constraints.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    text = README.read_text()
+    (line,) = [ln for ln in text.split("`") if "download.pytorch.org/whl/cpu" in ln]
+    assert re.fullmatch(r"pip install torch==\S+ torchvision==\S+ --index-url https://download\.pytorch\.org/whl/cpu",
+                        line), line
+    argv = shlex.split(line)
+    assert f"torch=={lock['torch']}" in argv and f"torchvision=={lock['torchvision']}" in argv
