@@ -24,8 +24,28 @@ EXAMPLES = {
   lwbench plot pareto --task traffic_signs
   lwbench plot pareto --task billiards --x latency_ms --out billiards.png
   lwbench plot pareto --task traffic_signs --x speedup
-  lwbench plot conversion --task traffic_signs --out conversion.png""",
+  lwbench plot conversion --task traffic_signs --out conversion.png
+  lwbench plot pareto --task traffic_signs --where n_eval=1000 --where seed=0""",
+    "results": """examples:
+  lwbench results --task traffic_signs
+  lwbench results --task traffic_signs --wide
+  lwbench results --where regime=finetuned --where train.steps=100
+  lwbench results --sweep configs/sweeps/quick.yaml --format md""",
+    "report": """examples:
+  lwbench report --task traffic_signs --out benchmarks/reference/traffic_signs
+  lwbench report --task traffic_signs --out paper --format latex --where seed=0
+  lwbench report --task traffic_signs --out hub --format hf --sweep configs/sweeps/quick.yaml""",
 }
+
+
+def _filter_args(p: argparse.ArgumentParser) -> None:
+    """``--where``, ``--run-ids``, ``--sweep``: which stored rows ``results``, ``plot`` and ``report`` read."""
+    g = p.add_argument_group("which rows (lwbench.row_filter)")
+    g.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="only rows whose column or config key KEY equals VALUE (seed=0, n_eval=1000, train.steps=100; "
+                        "KEY!=VALUE excludes; repeatable: one key given twice means either value)")
+    g.add_argument("--run-ids", metavar="ID,ID", help="only these rows (a unique prefix of a run id will do)")
+    g.add_argument("--sweep", metavar="FILE", help="only the rows of the points this sweep file expands to")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -267,41 +287,85 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def _row_filter(args):
+    """The ``--where`` / ``--run-ids`` / ``--sweep`` of ``results``, ``plot`` and ``report`` as one
+    :class:`lwbench.row_filter.RowFilter`."""
+    from lwbench.row_filter import RowFilter
+
+    return RowFilter.parse(args.where, args.run_ids, args.sweep)
+
+
+def _selected(store, args, task: str | None, method: str | None = None) -> list:
+    """The store's rows of ``task`` (and ``method``) that pass the command's row filter; none left is one error
+    line saying which condition emptied the selection."""
+    rows = store.rows(task=task, method=method)
+    flt = _row_filter(args)
+    if not rows or not flt:
+        return rows
+    kept = flt.apply(rows)
+    if not kept:
+        where = f" of task '{task}'" if task else ""
+        raise ConfigError(f"{flt.no_match(rows)}: none of the {len(rows)} rows{where} in {store.root} is left")
+    return kept
+
+
+def _say_notices(fn):
+    """Run ``fn()``; lwbench's notices from plotting (``UserWarning``s for Python users) become one
+    ``lwbench: ...`` line each on stderr, other warnings are shown as usual."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    seen = set()
+    for w in caught:
+        text = str(w.message)
+        if text.startswith("lwbench: "):
+            if text not in seen:
+                seen.add(text)
+                print(text, file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return out
+
+
 def cmd_results(args) -> int:
     from lwbench.paths import results_dir
-    from lwbench.results import ResultStore
+    from lwbench.results import ResultStore, rows_to_frame
     from lwbench.tables import format_results
 
     store = ResultStore(Path(args.results) if args.results else results_dir())
-    # tables name the settings that tell otherwise identical rows apart, so they need the whole config
-    df = store.frame(task=args.task, method=args.method, keep_config=args.format in ("table", "md"))
-    if df.empty:
+    rows = _selected(store, args, args.task, args.method)
+    if not rows:
         print("no results yet" + (f" for task {args.task}" if args.task else "") +
               "; run e.g. `lwbench run --method full --task traffic_signs`", file=sys.stderr)
         return 0
+    # tables name the settings that tell otherwise identical rows apart, so they need the whole config
+    df = rows_to_frame(rows, keep_config=args.format in ("table", "md"))
     from lwbench.report import with_hard_subset
 
     df = with_hard_subset(store, df)
-    print(format_results(df, args.format))
+    print(format_results(df, args.format, wide=args.wide))
     return 0
 
 
 def cmd_plot(args) -> int:
     from lwbench.paths import results_dir
     from lwbench.plots import conversion_plot, pareto_plot
-    from lwbench.results import ResultStore
+    from lwbench.results import ResultStore, rows_to_frame
 
     store = ResultStore(Path(args.results) if args.results else results_dir())
-    df = store.frame(task=args.task)
-    if df.empty:
+    rows = _selected(store, args, args.task)
+    if not rows:
         raise ConfigError(f"no results for task '{args.task}' in {store.root}; "
                           f"run `lwbench run --task {args.task} ...` first")
+    df = rows_to_frame(rows)
     if args.kind == "conversion":
         out = Path(args.out) if args.out else Path(store.root) / f"conversion_{args.task}.png"
-        path = conversion_plot(df, args.task, out=out, source=args.source)
+        path = _say_notices(lambda: conversion_plot(df, args.task, out=out, source=args.source))
     else:
         out = Path(args.out) if args.out else Path(store.root) / f"pareto_{args.task}_{args.x}.png"
-        path = pareto_plot(df, args.task, x=args.x, out=out, source=args.source)
+        path = _say_notices(lambda: pareto_plot(df, args.task, x=args.x, out=out, source=args.source))
     print(path)
     return 0
 
@@ -313,7 +377,11 @@ def cmd_report(args) -> int:
 
     store = ResultStore(Path(args.results) if args.results else results_dir())
     command = args.command_line or ""
-    for path in write_report(store, args.task, args.out, command=command, overwrite=args.overwrite):
+    _selected(store, args, args.task)  # an empty selection is one error line before anything is written
+    written = _say_notices(lambda: write_report(store, args.task, args.out, command=command,
+                                                overwrite=args.overwrite, select=_row_filter(args),
+                                                fmt=args.format, hf_dataset=args.hf_dataset))
+    for path in written:
         print(path)
     return 0
 
@@ -477,11 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(fn=cmd_flops)
 
-    p = sub.add_parser("results", help="print stored results")
+    p = sub.add_parser("results", help="print stored results", epilog=EXAMPLES["results"], formatter_class=fmt)
     p.add_argument("--task")
     p.add_argument("--method")
     p.add_argument("--format", default="table", choices=["table", "csv", "md", "json"])
+    p.add_argument("--wide", action="store_true",
+                   help="every column with long headers (the table fits 120 characters by default)")
     p.add_argument("--results", help="results folder")
+    _filter_args(p)
     _common(p)
     p.set_defaults(fn=cmd_results)
 
@@ -494,20 +565,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=["real", "synthetic"], help="which source to plot if both exist")
     p.add_argument("--out", help="PNG path (default results/pareto_<task>_<x>.png, results/conversion_<task>.png)")
     p.add_argument("--results", help="results folder")
+    _filter_args(p)
     _common(p)
     p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("report", help="the reference comparison of a task from the store: rows.csv, table.md "
-                       "(95%% intervals, paired differences to full), Pareto PNGs",
-                       epilog="example:\n  lwbench report --task traffic_signs "
-                              "--out benchmarks/reference/traffic_signs",
-                       formatter_class=fmt)
+                       "(95%% intervals, paired differences to full), Pareto PNGs; or a LaTeX table, or Hugging "
+                       "Face .eval_results files", epilog=EXAMPLES["report"], formatter_class=fmt)
     p.add_argument("--task", required=True)
     p.add_argument("--out", required=True, help="folder for the report's files")
+    p.add_argument("--format", default="md", choices=["md", "latex", "hf"],
+                   help="md (default): rows.csv, table.md and the plots; latex: table.tex (booktabs: top-1 with its "
+                        "95%% CI, GMACs, speed-up, paired difference to full); hf: <model>/.eval_results/<task>.yaml "
+                        "per method, budget and regime (the Hugging Face Hub's evaluation results)")
+    p.add_argument("--hf-dataset", metavar="OWNER/NAME",
+                   help="--format hf: the Hub dataset id the results are for (the Hub lists results under a "
+                        "Benchmark dataset); default the task's name, a placeholder to replace before uploading")
     p.add_argument("--results", help="results folder")
     p.add_argument("--command-line", help="the command that produced the rows, written into table.md")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files in --out that an earlier report did not write (refused by default)")
+    _filter_args(p)
     _common(p)
     p.set_defaults(fn=cmd_report)
 

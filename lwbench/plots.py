@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lwbench.errors import ConfigError, LwbenchError, UnknownNameError
+from lwbench.mixing import differences, regime_mismatch, side_labels
 from lwbench.paths import temp_beside
 from lwbench.schema import SOURCES
 from lwbench.tables import (
@@ -161,16 +162,11 @@ def _select(df: pd.DataFrame, task: str, x: str, source: str | None) -> tuple[pd
 
 
 def _replicate_keys(d: pd.DataFrame) -> pd.Series:
-    """The replicate group of each row: its ``replicate_id`` (the config hash without the seed), or a key of its
-    own for rows without one (older result files), which are never averaged with anything."""
-    import pandas as pd
+    """The replicate group of each row (:func:`lwbench.tables.replicate_keys`): rows that differ only in their seed
+    share one; rows without a replicate id (older result files) have one of their own and are never averaged."""
+    from lwbench.tables import replicate_keys
 
-    own = pd.Series([f"\0row{i}" for i in range(len(d))], index=d.index)
-    if "replicate_id" not in d.columns:
-        return own
-    rid = d["replicate_id"]
-    ok = rid.map(lambda v: isinstance(v, str) and bool(v))
-    return rid.where(ok, own).astype(str)
+    return replicate_keys(d).astype(str)
 
 
 TIMING_MODE = ("compile", "autocast", "device", "threads")
@@ -179,8 +175,11 @@ TIMING_MODE = ("compile", "autocast", "device", "threads")
 def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
     """One point per replicate group: rows that differ only in their seed (same ``replicate_id``) are averaged.
 
-    Lines are methods, split by backbone/profile/size if those are mixed. Different configs at one budget of a
-    line (different ``replicate_id``) stay separate points, with one notice naming them. Columns: ``line``,
+    Lines are methods, split by backbone/profile/size if those are mixed, off-the-shelf rows apart, and rows on
+    another test set size, teacher or fine-tuning recipe than most apart and named (``full (off the shelf, 64 eval
+    images)``, :mod:`lwbench.mixing`), with one notice per difference. Different configs at one budget of a line
+    (different ``replicate_id``) stay separate points, with one notice naming them. Columns: ``line``, ``off`` (off
+    the shelf), ``main`` (on the main side of every difference),
     ``budget``, ``method``, ``x``, ``y`` (means), ``ylo``/``yhi`` (mean ± std over the seeds, else the 95%
     interval), ``xiqr`` (mean interquartile range of a timing x, NaN for GMACs), ``xlo``/``xhi`` (mean interval
     ends of a ratio x, NaN otherwise), ``mem``, ``bv``, ``n`` (rows) and ``nseeds`` (distinct seeds; rows without
@@ -196,9 +195,21 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
     for col in ("backbone", "profile", "img_size", *timing):
         if col in d.columns and d[col].astype(str).nunique() > 1:
             label = label + " · " + (f"{col} " if col in timing else "") + d[col].astype(str)
-    if "regime" in d.columns:  # never mix regimes silently: off-the-shelf rows are their own (dashed) lines
-        label = label.where(d["regime"] != "off_the_shelf", label + " " + OFF_THE_SHELF)
+    # Never mix regimes silently: off-the-shelf rows are their own (dashed) lines. Rows on another test set, teacher
+    # or fine-tuning recipe than most (lwbench.mixing) are their own lines too, named: never averaged with the others.
+    off = (d["regime"] == "off_the_shelf") if "regime" in d.columns else pd.Series(False, index=d.index)
+    diffs = differences(d)
+    sides = pd.Series(side_labels(diffs, len(d)), index=d.index)
+    parts = [[OFF_THE_SHELF.strip("()")] * bool(o) + [s] * bool(s) for o, s in zip(off, sides, strict=True)]
+    label = label + pd.Series([f" ({', '.join(p)})" if p else "" for p in parts], index=d.index)
+    for x_ in diffs:
+        _notice(f"{task + ': ' if task else ''}{x_.line()}")
+    mismatch = regime_mismatch(d, REFERENCE_METHOD)
+    if mismatch:
+        _notice(f"{task + ': ' if task else ''}{mismatch}")
     d["_line"] = label
+    d["_off"] = off
+    d["_main"] = sides == ""
     d["_budget"] = d["budget"].astype(str) if "budget" in d.columns else "-"
     d["_rep"] = _replicate_keys(d)
     d["_bv"] = d["budget_value"].astype(float) if "budget_value" in d.columns else np.nan
@@ -219,6 +230,7 @@ def _aggregate(d: pd.DataFrame, x: str, task: str = "") -> pd.DataFrame:
         "cilo": g["_metric_ci_low"].mean(), "cihi": g["_metric_ci_high"].mean(), "xiqr": g["_xiqr"].mean(),
         "xlo": g["_xlo"].mean(), "xhi": g["_xhi"].mean(),
         "mem": g["_mem"].mean(), "bv": g["_bv"].first(), "n": g.size(), "nseeds": g["_seed"].nunique(),
+        "off": g["_off"].first(), "main": g["_main"].first(),
     }).reset_index().rename(columns={"_line": "line", "_budget": "budget", "_rep": "replicate"})
     # The error bar of a point: mean ± std over its seeds when it has several, else its bootstrap interval over
     # the test images (no bar when neither exists).
@@ -310,24 +322,35 @@ def _device(r: Any) -> str:
 
 
 def _effort_note(d: pd.DataFrame) -> str:
-    """Says on the figure when its points did not get equal effort: rows from different task-trained
-    backbones, or methods trained on top of the shared one beside methods that were not."""
-    bits = []
-    teachers = _one(d.get("teacher_id", []))
-    if len(teachers) > 1:
-        bits.append(f"{len(teachers)} different teachers")
-    if "regime" in d.columns and d["regime"].notna().all():
-        from lwbench.tables import recipe_note
+    """Says on the figure when its points are not one comparison: rows on other test sets, teachers or recipes than
+    most (drawn apart, left out of the frontier), methods fine-tuned beside an off-the-shelf-only ``full``, methods
+    trained on top of the shared teacher beside methods that were not."""
+    from lwbench.tables import recipe_note
 
-        note = recipe_note(d.assign(teacher_id=d.get("teacher_id", "")).drop(columns="teacher_id"))
-        if note:
-            bits.append(note.removeprefix("not equal-effort: "))
+    diffs = differences(d)
+    lines = []
+    if diffs:
+        others = "; ".join(label for x in diffs for label, _ in x.sides[1:])
+        main = ", ".join(x.sides[0][0] for x in diffs)
+        lines.append(f"not one comparison: rows with {others} drawn as their own lines, named; frontier over the "
+                     f"rows with {main} only")
+    mismatch = regime_mismatch(d, REFERENCE_METHOD)
+    if mismatch:
+        lines.append(mismatch.split(", so ")[0])
+    bits = []
+    if "regime" in d.columns and d["regime"].notna().all():
+        if not any(x.what in ("fine-tuning recipe", "teacher") for x in diffs):
+            note = recipe_note(d)
+            if note:
+                bits.append(note.removeprefix("not equal-effort: "))
     elif "method_train_time_s" in d.columns:
         secs = d.groupby("method")["method_train_time_s"].max()
         trained, untrained = sorted(secs[secs > 0].index), sorted(secs[~(secs > 0)].index)
         if trained and untrained:
             bits.append(f"{', '.join(trained)} trained on top of the teacher, {', '.join(untrained)} not")
-    return f"not equal-effort: {'; '.join(bits)}" if bits else ""
+    if bits:
+        lines.append(f"not equal-effort: {'; '.join(bits)}")
+    return "\n".join(lines)
 
 
 OFF_THE_SHELF = "(off the shelf)"
@@ -561,7 +584,9 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
     d, source = _select(df, task, x, source)
     agg = _aggregate(d, x, task)
     higher = X_HIGHER_BETTER[x]
-    agg["front"] = pareto_front(agg[["x", "y"]].to_numpy(), x_higher_better=higher)
+    # The frontier compares like with like: rows on another test set, teacher or recipe than most are drawn, named,
+    # but never frontier points (the title says which rows the frontier is over).
+    agg["front"] = pareto_front(agg[["x", "y"]].where(agg["main"]).to_numpy(), x_higher_better=higher)
     agg["tied"] = tied_with_front(agg, higher)
     metric = str(d["metric"].iloc[0])
     mem_kinds = [MEM_KINDS.get(k, k) for k in _one(d.get("mem_kind", []))]
@@ -604,7 +629,7 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
             pts = agg[agg["line"] == line].sort_values(["x", "bv", "y"])
             method = str(pts["method"].iloc[0])
             color, marker = method_style(method)
-            off = line.endswith(OFF_THE_SHELF)
+            off = bool(pts["off"].iloc[0])
             j = variants.get((method, off), 0)
             variants[(method, off)] = j + 1
             style = (_DASHED if off else _SOLID)[j % 3]
@@ -677,13 +702,17 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
         notes = []
         full_color = method_style("full")[0]
         for line, grp in agg[agg["method"] == "full"].groupby("line", sort=False):
-            yv = float(grp["y"].mean())
-            off = str(line).endswith(OFF_THE_SHELF)
-            ax.axhline(yv, color=full_color, lw=1.0, ls="-." if off else "-", alpha=0.7, zorder=1.5,
-                       gid=f"full_reference:{line}")
-            notes.append(ax.annotate(f"{line}: {yv:.1f}", (1.0, yv), xycoords=ax.get_yaxis_transform(),
-                                     xytext=(5, 0), textcoords="offset points", ha="left", va="center", fontsize=8,
-                                     color=full_color, annotation_clip=False, gid="full_reference_label"))
+            # One line per point, never their mean: two `full` configs on one line (a notice names them) are two
+            # references, each at its own accuracy.
+            for j, (_, p) in enumerate(grp.iterrows()):
+                yv = float(p["y"])
+                name = f"{line} #{j + 1}" if len(grp) > 1 else str(line)
+                ax.axhline(yv, color=full_color, lw=1.0, ls="-." if bool(p["off"]) else "-", alpha=0.7, zorder=1.5,
+                           gid=f"full_reference:{name}")
+                notes.append(ax.annotate(f"{name}: {yv:.1f}", (1.0, yv), xycoords=ax.get_yaxis_transform(),
+                                         xytext=(5, 0), textcoords="offset points", ha="left", va="center",
+                                         fontsize=8, color=full_color, annotation_clip=False,
+                                         gid="full_reference_label"))
         level = (float(chance), None) if chance is not None else chance_level(d, task, metric)
         chance_off = ""
         if level is not None:
@@ -721,7 +750,7 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
         _fit_suptitle(fig, f"{head}\n{sub}" if sub else head, x=0.01, ha="left", fontsize=10.5,
                       color="firebrick" if source == "synthetic" else "black")
         # Below the axes, so the title can use the full width and no point is ever covered.
-        any_off = any(line.endswith(OFF_THE_SHELF) for line in lines)
+        any_off = bool(agg["off"].any())
         _fit_legend(fig, handles, min(len(handles), 4), frameon=False, fontsize=8.5,
                     title="method (budget key)" + ("; dashed, hollow: off the shelf" if any_off else ""),
                     title_fontsize=8.5, columnspacing=1.6)

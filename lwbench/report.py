@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from lwbench.errors import ConfigError
+from lwbench.export import HF_MARK, LATEX_MARK
 from lwbench.paths import write_text_atomic
 from lwbench.plots import PNG_SOFTWARE
 from lwbench.results import ResultStore, rows_to_frame
+from lwbench.row_filter import RowFilter
 from lwbench.schema import ResultError
 from lwbench.tables import REFERENCE_METHOD, format_results
 
@@ -246,6 +248,10 @@ def _written_by_report(path: Path, table_is_ours: bool) -> bool:
         return bool(_TABLE_HEADING.match(head.split(b"\n", 1)[0].decode("utf-8", "replace")))
     if path.name == "rows.csv":
         return head.startswith(b"run_id,config_hash,")
+    if path.suffix == ".tex":
+        return head.startswith(LATEX_MARK.encode())
+    if path.suffix == ".yaml":
+        return head.startswith(HF_MARK.encode())
     if path.suffix == ".png":  # untagged: only Pareto plots, from before the tag (conversion.png came with it)
         return b"Software\x00" + PNG_SOFTWARE.encode() in head or (table_is_ours and path.name.startswith("pareto_"))
     return False
@@ -262,27 +268,12 @@ def foreign_files(out: str | Path, names: Iterable[str]) -> list[Path]:
             if not _written_by_report(out / n, table_is_ours)]
 
 
-def write_report(store: ResultStore, task: str, out: str | Path, command: str = "",
-                 overwrite: bool = False) -> list[Path]:
-    """Write the report files of ``task`` into the folder ``out`` (created if missing); returns their paths.
+FORMATS = ("md", "latex", "hf")
 
-    Files of an earlier report there are replaced; any other file of the same name is refused with a
-    :class:`ConfigError` before anything is written, unless ``overwrite``.
-    """
-    from lwbench.plots import conversion_plot, conversion_points, pareto_plot
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder")
-    rows = store.rows(task=task)
-    if not rows:
-        raise ResultError(f"no results for task '{task}' in {store.root}; run lwbench sweep first")
-    df = with_hard_subset(store, rows_to_frame(rows))  # rows.csv and the table carry it too
-    plots = [x for x in ("gmacs", "latency_ms") if df[x].notna().any()]
-    with warnings.catch_warnings():  # which source is drawn is said once, by the plot itself
-        warnings.simplefilter("ignore")
-        speedups = not conversion_points(df, task)[0].empty
-    names = ["rows.csv", "table.md", *(f"pareto_{x}.png" for x in plots), *(["conversion.png"] if speedups else [])]
+def _prepare(out: Path, names: list[str], overwrite: bool) -> None:
+    """Refuse, before anything is written, names in ``out`` that are folders or files an earlier report did not
+    write (unless ``overwrite``); then create ``out``."""
     folders = [out / n for n in names if (out / n).is_dir()]
     if folders:
         raise ConfigError(f"--out {out}: {folders[0]} is a folder, where the report writes a file; "
@@ -296,6 +287,73 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"--out {out}: cannot create that folder ({err.strerror}); give another --out") from None
+
+
+def write_export(store: ResultStore, rows: list[dict[str, Any]], task: str, out: Path, fmt: str, command: str = "",
+                 overwrite: bool = False, hf_dataset: str | None = None) -> list[Path]:
+    """``--format latex``: ``table.tex``; ``--format hf``: ``<model>/.eval_results/<task>.yaml`` per method, budget
+    and regime (:mod:`lwbench.export`). Returns the files written."""
+    from lwbench.export import hf_entries, hf_yaml, latex_table
+    from lwbench.logs import log
+    from lwbench.tables import aggregate_seeds
+
+    agg = aggregate_seeds(rows_to_frame(rows))
+    if fmt == "latex":
+        text = latex_table(agg, paired_rows(store, rows), task, command)
+        _prepare(out, ["table.tex"], overwrite)
+        write_text_atomic(out / "table.tex", text)
+        return [out / "table.tex"]
+    models = hf_entries(agg, task, hf_dataset)
+    names = [f"{m}/.eval_results/{task}.yaml" for m in models]
+    _prepare(out, names, overwrite)
+    if not hf_dataset:
+        log.warning("--format hf: dataset.id is '%s', a placeholder: the Hub lists results under a Benchmark "
+                    "dataset's id; give --hf-dataset OWNER/NAME before uploading", task)
+    written = []
+    for (model, entries), name in zip(models.items(), names, strict=True):
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, hf_yaml(entries, f"{model} on {task}" + (f"; regenerate: {command}" if command
+                                                                          else "")))
+        written.append(path)
+    return written
+
+
+def write_report(store: ResultStore, task: str, out: str | Path, command: str = "",
+                 overwrite: bool = False, select: RowFilter | None = None, fmt: str = "md",
+                 hf_dataset: str | None = None) -> list[Path]:
+    """Write the report files of ``task`` into the folder ``out`` (created if missing); returns their paths.
+
+    ``select`` keeps only some of the task's rows (:class:`lwbench.row_filter.RowFilter`: ``--where``,
+    ``--run-ids``, ``--sweep``). ``fmt``: ``md`` (rows.csv, table.md, the plots), ``latex`` (table.tex) or ``hf``
+    (Hugging Face ``.eval_results`` files, :func:`write_export`). Files of an earlier report there are replaced; any
+    other file of the same name is refused with a :class:`ConfigError` before anything is written, unless
+    ``overwrite``.
+    """
+    from lwbench.plots import conversion_plot, conversion_points, pareto_plot
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown report format '{fmt}'; use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    rows = store.rows(task=task)
+    if not rows:
+        raise ResultError(f"no results for task '{task}' in {store.root}; run lwbench sweep first")
+    if select:
+        kept = select.apply(rows)
+        if not kept:
+            raise ConfigError(f"{select.no_match(rows)}: none of the {len(rows)} rows of task '{task}' is left")
+        rows = kept
+    if fmt != "md":
+        return write_export(store, rows, task, out, fmt, command, overwrite, hf_dataset)
+    df = with_hard_subset(store, rows_to_frame(rows))  # rows.csv and the table carry it too
+    plots = [x for x in ("gmacs", "latency_ms") if df[x].notna().any()]
+    with warnings.catch_warnings():  # which source is drawn is said once, by the plot itself
+        warnings.simplefilter("ignore")
+        speedups = not conversion_points(df, task)[0].empty
+    names = ["rows.csv", "table.md", *(f"pareto_{x}.png" for x in plots), *(["conversion.png"] if speedups else [])]
+    _prepare(out, names, overwrite)
     written = []
     csv = out / "rows.csv"
     write_text_atomic(csv, df.to_csv(index=False))
@@ -334,5 +392,5 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
     return written
 
 
-__all__ = ["write_report", "foreign_files", "paired_rows", "paired_table", "provenance", "hard_subset_rows",
-           "hard_subset_table", "with_hard_subset"]
+__all__ = ["write_report", "write_export", "FORMATS", "foreign_files", "paired_rows", "paired_table", "provenance",
+           "hard_subset_rows", "hard_subset_table", "with_hard_subset"]

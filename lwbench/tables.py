@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lwbench.results import sort_frame
+from lwbench.row_filter import flatten
 from lwbench.schema import FLOAT_FIELDS, ResultError, jsonable
 
 if TYPE_CHECKING:
@@ -27,31 +28,41 @@ def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
 
 
-# Compact columns of table/md output: (column, header, decimals), in this order. The metric column's header is per
-# group; ``{tb}`` is the block's throughput batch. The speed-up columns lead the timing (a ratio to `full` timed paired
-# in one process reproduces on a shared machine, an absolute time does not) and appear only in blocks that have them;
-# the absolute medians follow. The task is the block's heading, not a column.
-_COMPACT: tuple[tuple[str, str, int], ...] = (
-    ("method", "method", -1),
-    ("budget", "budget", -1),
-    ("regime", "regime", -1),
-    ("source", "source", -1),
-    ("metric_value", "", 2),
-    ("hard_value", "hard subset [95% CI]", 1),
-    ("finetune_steps", "ft steps", 0),
-    ("object_recall", "object recall", 2),
-    ("gmacs", "GMACs (MACs)", 3),
-    ("speedup", "speed-up bs1 [95% CI]", 2),
-    ("conversion", "conv bs1", 2),
-    ("throughput_speedup", "speed-up {tb} [95% CI]", 2),
-    ("throughput_conversion", "conv {tb}", 2),
-    ("attention_kernel", "attn", -1),
-    ("latency_ms", "ms bs1 [IQR]", 2),
-    ("throughput", "img/s{tb}", 1),
-    ("peak_mem_mb", "peak mem (MB)", 1),
-    ("tokens_mean", "tokens", 1),
-    ("method_train_time_s", "method train (s)", 1),
+# Compact columns of table/md output: (column, header, short header, decimals), in this order. The metric column's
+# header is per group; ``{tb}`` is the block's throughput batch. The speed-up columns lead the timing (a ratio to `full`
+# timed paired in one process reproduces on a shared machine, an absolute time does not) and appear only in blocks that
+# have them; the absolute medians follow. The task is the block's heading, not a column. ``--wide`` tables use the
+# headers, the terminal's and markdown's tables the short ones.
+_COMPACT: tuple[tuple[str, str, str, int], ...] = (
+    ("method", "method", "method", -1),
+    ("budget", "budget", "budget", -1),
+    ("regime", "regime", "regime", -1),
+    ("source", "source", "source", -1),
+    ("metric_value", "", "", 2),
+    ("hard_value", "hard subset [95% CI]", "hard [95% CI]", 1),
+    ("finetune_steps", "ft steps", "ft steps", 0),
+    ("object_recall", "object recall", "recall", 2),
+    ("gmacs", "GMACs (MACs)", "GMACs", 3),
+    ("speedup", "speed-up bs1 [95% CI]", "speed-up bs1 [95% CI]", 2),
+    ("conversion", "conv bs1", "conv bs1", 2),
+    ("throughput_speedup", "speed-up {tb} [95% CI]", "speed-up {tb} [95% CI]", 2),
+    ("throughput_conversion", "conv {tb}", "conv {tb}", 2),
+    ("attention_kernel", "attn", "attn", -1),
+    ("latency_ms", "ms bs1 [IQR]", "ms bs1 [IQR]", 2),
+    ("throughput", "img/s{tb}", "img/s{tb}", 1),
+    ("peak_mem_mb", "peak mem (MB)", "mem MB", 1),
+    ("tokens_mean", "tokens", "tokens", 1),
+    ("method_train_time_s", "method train (s)", "train s", 1),
 )
+# The terminal table (``table`` without ``wide``) fits this many characters: the columns below always, then the others
+# in _OPTIONAL's order while the table stays this narrow. ``source`` is the block's heading there (SYNTHETIC, loudly),
+# and in markdown too, where every other column stays.
+TABLE_WIDTH = 120
+# Shorter still in the terminal's table (its notes say the intervals are 95%).
+_TERMINAL_HEADERS = {"speedup": "speed-up bs1", "throughput_speedup": "speed-up {tb}"}
+_REQUIRED = ("method", "budget", "regime", "metric_value", "gmacs", "speedup")
+_OPTIONAL = ("throughput_speedup", "object_recall", "hard_value", "latency_ms", "conversion", "throughput_conversion",
+             "tokens_mean", "peak_mem_mb", "throughput", "attention_kernel", "finetune_steps", "method_train_time_s")
 # The metric on the hard subset (the test images lowres at its default size gets wrong), added to a frame by
 # lwbench.report.with_hard_subset; averaged over seeds like the metric.
 HARD_SUBSET_FIELDS = ("hard_value", "hard_ci_low", "hard_ci_high")
@@ -100,8 +111,7 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty or "replicate_id" not in df.columns:
         return df.assign(metric_std=math.nan, n_seeds=1)
     df = df.copy()
-    own = [f"\0row{i}" for i in range(len(df))]
-    key = df["replicate_id"].where(df["replicate_id"].map(lambda v: isinstance(v, str) and bool(v)), own)
+    key = replicate_keys(df)
     out = []
     for _, g in df.groupby(key, sort=False):
         first = g.iloc[0].copy()
@@ -116,6 +126,29 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
         first["seeds"] = ",".join(str(int(v)) for v in sorted(g["seed"].dropna().unique())) if "seed" in g else ""
         out.append(first)
     return sort_frame(pd.DataFrame(out).reset_index(drop=True))
+
+
+# Columns that tell rows of one replicate id apart only when that id is wrong (a hand-made or edited frame): seeds are
+# averaged only where these agree too, so rows on other test sets, teachers or recipes never are (lwbench.mixing).
+NEVER_AVERAGED = ("n_eval", "finetune_recipe", "teacher_steps", "teacher_probe_steps", "init")
+
+
+def replicate_keys(df: pd.DataFrame) -> pd.Series:
+    """The group of each row that may be averaged over seeds: its ``replicate_id`` (the config hash without the
+    seed) and its :data:`NEVER_AVERAGED` columns; a key of its own for a row without a replicate id (older result
+    files), which is never averaged with anything."""
+    import pandas as pd
+
+    own = pd.Series([f"\0row{i}" for i in range(len(df))], index=df.index)
+    if "replicate_id" not in df.columns:
+        return own
+    ok = df["replicate_id"].map(lambda v: isinstance(v, str) and bool(v))
+    key = df["replicate_id"].astype(str)
+    for col in NEVER_AVERAGED:
+        if col in df.columns:
+            key = key + "|" + df[col].map(lambda v: "" if v is None or (isinstance(v, float) and v != v)
+                                          else str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+    return key.where(ok, own)
 
 
 def metric_cell(r: Mapping[str, Any], decimals: int = 1) -> str:
@@ -255,10 +288,13 @@ def speed_notes(group: pd.DataFrame, shown: set[str]) -> list[str]:
     notes = []
     rows = [r for _, r in group.iterrows()]
     if "speedup" in shown or "throughput_speedup" in shown:
-        notes.append(f"speed-up: `{REFERENCE_METHOD}`'s median time / the row's, both timed paired in one process "
-                     f"(alternating blocks, same images), with a 95% bootstrap interval over the rounds; conv = "
-                     f"speed-up / GMAC ratio, the share of the MAC saving that became time (1: all of it); ms, "
-                     f"img/s: the absolute medians, which move with the machine's load")
+        text = (f"speed-up: `{REFERENCE_METHOD}`'s median time / the row's, both timed paired in one process "
+                f"(alternating blocks, same images), with a 95% bootstrap interval over the rounds")
+        if shown & {"conversion", "throughput_conversion"}:
+            text += "; conv = speed-up / GMAC ratio, the share of the MAC saving that became time (1: all of it)"
+        if shown & {"latency_ms", "throughput"}:
+            text += "; ms, img/s: the absolute medians, which move with the machine's load"
+        notes.append(text)
         wide = [r for r in rows if speedup_is_wide(r) or speedup_is_wide(r, "throughput_")]
         if wide:
             notes.append(f"(wide): the interval's ends are more than {WIDE_RATIO:g}x apart: the machine was too "
@@ -281,18 +317,23 @@ def speed_notes(group: pd.DataFrame, shown: set[str]) -> list[str]:
     return notes
 
 
-def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
+def format_results(df: pd.DataFrame, fmt: str = "table", wide: bool = False, width: int = TABLE_WIDTH) -> str:
     """Render a results frame as ``table`` (terminal), ``md``, ``csv`` (all columns) or ``json`` (records).
 
-    Tables have one block per (task, source) with a heading, so synthetic and real numbers are never
-    mixed in one block, the source column is always shown, and synthetic rows say SYNTHETIC. The metric
-    carries its 95% interval over test images; rows that differ only in their seed are aggregated into
-    mean ± std over the seeds (:func:`aggregate_seeds`). The regime and the fine-tuning steps are columns,
-    and a block whose fine-tuned rows used different recipes says so under the table. In a block with paired
-    timings the speed-up over `full` with its 95% interval (:func:`speedup_cell`, ``(wide)`` when the interval is
-    too wide to read) and the conversion (speed-up / GMAC ratio) lead the timing, at batch 1 and at the throughput
-    batch, with the attention kernel that ran; the absolute medians follow, and footnotes say what ``(wide)``,
-    ``-`` and ``~`` (approximate CPU memory) mean.
+    Tables have one block per (task, source) with a heading, so synthetic and real numbers are never mixed in one
+    block, and the heading of a synthetic block says SYNTHETIC. The metric carries its 95% interval over test images;
+    rows that differ only in their seed are aggregated into mean ± std over the seeds (:func:`aggregate_seeds`).
+    The regime is a column, and a block whose rows differ in test set size, teacher or fine-tuning recipe gets a
+    column naming each row's and a note saying so with the ``--where`` that selects one (:mod:`lwbench.mixing`), as
+    does a block where methods were fine-tuned but `full` only ran off the shelf. In a block with paired timings the
+    speed-up over `full` with its 95% interval (:func:`speedup_cell`, ``(wide)`` when the interval is too wide to
+    read) and the conversion (speed-up / GMAC ratio) lead the timing, at batch 1 and at the throughput batch, with
+    the attention kernel that ran; the absolute medians follow, and footnotes say what ``(wide)``, ``-`` and ``~``
+    (approximate CPU memory) mean.
+
+    ``table`` fits ``width`` characters (:data:`TABLE_WIDTH`): method, budget, regime, the metric, GMACs and the
+    speed-ups always, then the other columns while they fit, and a note names those left out; ``wide=True`` shows
+    every column with long headers. ``md`` keeps every column (short headers; the source is in the heading).
     """
     if fmt not in FORMATS:
         raise ResultError(f"unknown results format '{fmt}'; use one of {', '.join(FORMATS)}")
@@ -315,11 +356,17 @@ def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
 
     from tabulate import tabulate
 
+    from lwbench.mixing import differences, regime_mismatch
+
+    terminal = fmt == "table" and not wide
     tablefmt = "github" if fmt == "md" else "simple"
     blocks = []
     for (task, source), group in df.groupby(["task", "source"], sort=False):
         metrics = list(dict.fromkeys(group["metric"]))
-        cols = [(c, h, d) for c, h, d in _COMPACT if c in group.columns
+        cols = [(c, h if wide else _TERMINAL_HEADERS.get(c, short) if terminal else short,
+                 1 if terminal and c == "metric_value" else d)
+                for c, h, short, d in _COMPACT if c in group.columns
+                and (wide or c != "source")
                 and (c not in _ONLY_IF_ANY or _any_value(group[_ONLY_IF_ANY[c]]))]
         # Identity columns left out of the compact set come back when they vary inside a block.
         for extra in ("backbone", "img_size", "profile", "seed", "metric"):
@@ -327,41 +374,113 @@ def format_results(df: pd.DataFrame, fmt: str = "table") -> str:
                 cols.insert(2, (extra, extra, -1))
         batches = _batches(group)
         tb = f"bs{batches[0]}" if len(batches) == 1 else "thr."  # several: each cell names its batch
-        headers, body = [], []
-        for col, head, _ in cols:
-            if col == "metric_value":
-                head = (metric_label(metrics[0]) if len(metrics) == 1 else "metric value") + " [95% CI]"
-            elif col == "throughput":
-                head = head.format(tb=f" {tb}" if len(batches) == 1 else "")
-            headers.append(head.format(tb=tb))
         group = _by_cost(group)
+        diffs = differences(group)  # test sets, teachers, recipes that must not be read as one comparison
+        at = next(i for i, (c, _, _) in enumerate(cols) if c == "metric_value")
+        cols[at:at] = [(f"\0diff{j}", x.column, -1) for j, x in enumerate(diffs)]
         differs = differing_settings(group)
         if differs:  # rows that would look identical: say what tells them apart
             cols = [*cols, ("run_id", "run id", -1), ("\0differs", "differs", -1)]
-            headers += ["run id", "differs"]
         refs = _references(group)
+        cells = {c: [] for c, _, _ in cols}
         for i, (_, r) in enumerate(group.iterrows()):
-            body.append([differs.get(i, "") if c == "\0differs" else _compact_cell(r, c, d, i in refs, len(batches) > 1)
-                         for c, _, d in cols])
+            for c, _, d in cols:
+                cells[c].append(differs.get(i, "") if c == "\0differs" else
+                                diffs[int(c[5:])].cells[i] if c.startswith("\0diff") else
+                                _compact_cell(r, c, d, i in refs, len(batches) > 1))
+        headers = {}
+        for col, head, _ in cols:
+            if col == "metric_value":
+                head = (metric_label(metrics[0]) if len(metrics) == 1 else "metric value") + " [95% CI]"
+                head = head.replace(" (%)", " %") if terminal else head
+            elif col == "throughput":
+                head = head.format(tb=f" {tb}" if len(batches) == 1 else "")
+            headers[col] = head.format(tb=tb)
+        hidden, said = [], []
+        if fmt == "md":  # a column that says the same in every row is said once, in the heading
+            for c in ("attention_kernel", "finetune_steps"):
+                text = _constant(group, c, cells[c]) if c in cells else None
+                if text:
+                    said.append(text)
+                    cols = [t for t in cols if t[0] != c]
+        if terminal:
+            cols, hidden = _fit(cols, headers, cells, width, timed=_any_value(group.get("speedup", [])) or
+                                _any_value(group.get("throughput_speedup", [])))
+        body = [[cells[c][i] for c, _, _ in cols] for i in range(len(group))]
         align = ["right" if d >= 0 else "left" for _, _, d in cols]
-        table = tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True, colalign=align)
+        table = tabulate(body, headers=[headers[c] for c, _, _ in cols], tablefmt=tablefmt, disable_numparse=True,
+                         colalign=align)
         notes = []
         if "selection_warning" in group.columns:  # the distillation guard fired for these rows: say so under them
             fired = group["selection_warning"].map(lambda v: isinstance(v, str) and v != "")
             for _, r in group[fired].iterrows():
                 notes.append(f"warning: {r['method']} {r['budget']} seed {r.get('seed', '?')}: "
                              f"{r['selection_warning']}")
+        notes += [f"note: {x.line()}" for x in diffs]
+        mismatch = regime_mismatch(group, REFERENCE_METHOD)
+        if mismatch:
+            notes.append(f"note: {mismatch}")
         notes += [f"note: {n}" for n in speed_notes(group, {c for c, _, _ in cols})]
-        note = recipe_note(group)
+        note = recipe_note(group) if not any(x.what in ("fine-tuning recipe", "teacher") for x in diffs) else ""
         if note:
             notes.append(f"note: {note}")
         teachers = teacher_note(group)
         if teachers:
             notes.append(teachers)
+        if hidden:
+            notes.append(f"note: {len(hidden)} more column(s) with --wide: {', '.join(hidden)}")
+        if terminal:
+            notes = [_wrap(n, width) for n in notes]
         if notes:  # in markdown a blank line ends the table (the notes would be table rows) and "  " a line
             table += "\n\n" + "  \n".join(notes) if fmt == "md" else "\n" + "\n".join(notes)
-        blocks.append(_heading(task, source, group, fmt) + table)
+        heading = _heading(task, source, group, fmt, tuple(said))
+        blocks.append((_wrap_at(heading.rstrip("\n"), width, " | ") + "\n" if terminal else heading) + table)
     return "\n\n".join(blocks) + "\n"
+
+
+def _width(values: list[str], header: str) -> int:
+    """A column's width in a ``simple`` table: tabulate pads headers by 2 (its MIN_PADDING)."""
+    return max([len(header) + 2, *(len(v) for v in values)])
+
+
+def _fit(cols: list[tuple[str, str, int]], headers: dict[str, str], cells: dict[str, list[str]], width: int,
+         timed: bool) -> tuple[list[tuple[str, str, int]], list[str]]:
+    """The columns of a terminal table that fit ``width``: the required ones (method, budget, regime, the metric,
+    GMACs, the speed-ups, or the absolute medians where no row has a speed-up; every identity and difference column
+    the block needs), then the optional ones in :data:`_OPTIONAL`'s order while the table stays that narrow. Returns
+    the columns in their table order and the headers of those left out."""
+    required = set(_REQUIRED) | ({"latency_ms", "throughput"} if not timed else set())
+    keep = [c for c, _, _ in cols if c in required or c not in _OPTIONAL]
+    total = sum(_width(cells[c], headers[c]) for c in keep) + 2 * (len(keep) - 1)
+    for c in _OPTIONAL:
+        if c in cells and c not in keep:
+            w = _width(cells[c], headers[c]) + 2
+            if total + w <= width:
+                keep.append(c)
+                total += w
+    hidden = [headers[c] for c, _, _ in cols if c not in keep]
+    return [t for t in cols if t[0] in keep], hidden
+
+
+def _wrap_at(text: str, width: int, sep: str) -> str:
+    """``text`` broken into lines of at most ``width`` characters at its ``sep`` separators."""
+    lines, cur = [], ""
+    for part in text.split(sep):
+        if cur and len(cur) + len(sep) + len(part) > width:
+            lines.append(cur)
+            cur = "  " + part
+        else:
+            cur = f"{cur}{sep}{part}" if cur else part
+    return "\n".join([*lines, cur])
+
+
+def _wrap(text: str, width: int) -> str:
+    """A note or heading wrapped to ``width`` characters, continuation lines indented."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False,
+                                    break_on_hyphens=False) if len(line) > width else line
+                     for line in text.split("\n"))
 
 
 def _any_value(col: pd.Series) -> bool:
@@ -420,20 +539,6 @@ def _latency_cell(r: Mapping[str, Any]) -> str:
     return f"{v:.2f}" if iqr != iqr else f"{v:.2f} [{iqr:.2f}]"
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, str):
-        try:
-            d = json.loads(d)
-        except ValueError:
-            return {}
-    if not isinstance(d, Mapping):
-        return {prefix.rstrip("."): d} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
-    return out
-
-
 def differing_settings(group: pd.DataFrame) -> dict[int, str]:
     """For rows (positions in ``group``) that share method, budget, regime and seeds and so would look the same
     in a table, the settings in which each differs from the others of its kind, e.g. ``train.lr=0.0005``; the
@@ -447,7 +552,7 @@ def differing_settings(group: pd.DataFrame) -> dict[int, str]:
         if len(idx) < 2:
             continue
         if "config" in group.columns:
-            flats = [_flat(group["config"].iloc[i]) for i in idx]
+            flats = [flatten(group["config"].iloc[i]) for i in idx]
         else:
             cols = [c for c in ("finetune_recipe", "teacher_id", "teacher_steps", "pretrain_steps", "autocast",
                                 "init", "backbone", "img_size") if c in group.columns]
@@ -494,7 +599,20 @@ def recipe_note(d: pd.DataFrame) -> str:
     return "not equal-effort: " + " | ".join(bits) if bits else ""
 
 
-def _heading(task: str, source: str, group: pd.DataFrame, fmt: str) -> str:
+def _constant(group: pd.DataFrame, col: str, cells: list[str]) -> str | None:
+    """The heading's text for a markdown column that says the same in every row (the attention kernel, the
+    fine-tuning steps of every fine-tuned row), so the table need not repeat it; None when it varies."""
+    if col == "attention_kernel" and len(set(cells)) == 1 and cells[0] not in ("-", ""):
+        return f"attention kernel {cells[0]}"
+    if col == "finetune_steps" and "regime" in group.columns:
+        tuned = {c for c, reg in zip(cells, group["regime"], strict=True) if reg == "finetuned"}
+        still = {c for c, reg in zip(cells, group["regime"], strict=True) if reg != "finetuned"}
+        if len(tuned) == 1 and still <= {"0", "-"}:
+            return f"fine-tuned rows: {tuned.pop()} steps"
+    return None
+
+
+def _heading(task: str, source: str, group: pd.DataFrame, fmt: str, extra: tuple[str, ...] = ()) -> str:
     bits = [f"task {task}"]
     bits.append("SYNTHETIC data (generated in-tree, not the real dataset)" if source == "synthetic"
                 else f"{source} data")
@@ -503,6 +621,6 @@ def _heading(task: str, source: str, group: pd.DataFrame, fmt: str) -> str:
             vals = [v for v in dict.fromkeys(group[col]) if isinstance(v, str) and v]
             if len(vals) == 1:
                 bits.append(f"{name}{vals[0]}")
-    bits.append("GMACs = 1e9 multiply-accumulates")
+    bits += [*extra, "GMACs = 1e9 multiply-accumulates"]
     text = " | ".join(bits)
     return f"### {text}\n\n" if fmt == "md" else f"{text}\n"

@@ -110,7 +110,7 @@ def _body(text: str, prefix: str) -> list[str]:
 
 
 def test_table_leads_with_the_speedup_and_marks_wide_old_and_reference_rows():
-    text = format_results(speed_frame(), "table")
+    text = format_results(speed_frame(), "table", wide=True)
     header = next(ln for ln in text.splitlines() if ln.startswith("method"))
     order = ["GMACs (MACs)", "speed-up bs1 [95% CI]", "conv bs1", "speed-up bs32 [95% CI]", "conv bs32", "attn",
              "ms bs1 [IQR]", "img/s bs32", "peak mem (MB)"]

@@ -65,7 +65,7 @@ def test_results_table_has_the_hard_subset_column_even_for_one_method(tmp_path):
 
     store = _store(tmp_path)
     table = format_results(with_hard_subset(store, store.frame(task="traffic_signs")), "md")
-    assert "hard subset [95% CI]" in table
+    assert "hard [95% CI]" in table
     line = next(ln for ln in table.splitlines() if ln.startswith("| saliency"))
     assert " 25.0 [0.0, 75.0] |" in line
     only_full = with_hard_subset(store, store.frame(task="traffic_signs", method="full"))

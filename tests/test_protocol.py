@@ -124,8 +124,9 @@ def test_metric_cells_carry_the_interval_or_the_seed_spread():
     assert len(agg) == 1 and agg.loc[0, "n_seeds"] == 3 and agg.loc[0, "seeds"] == "0,1,2"
     assert agg.loc[0, "metric_value"] == pytest.approx(92.0) and agg.loc[0, "metric_std"] == pytest.approx(2.0)
     assert metric_cell(agg.loc[0]) == "92.0 ± 2.0 (3 seeds)"
-    text = format_results(pd.DataFrame(_rows()), "table")
-    assert "92.00 ± 2.00 (3 seeds)" in text and "[95% CI]" in text and "regime" in text and "ft steps" in text
+    text = format_results(pd.DataFrame(_rows()), "table")  # the terminal's: one decimal
+    assert "92.0 ± 2.0 (3 seeds)" in text and "[95% CI]" in text and "regime" in text and "ft steps" in text
+    assert "92.00 ± 2.00 (3 seeds)" in format_results(pd.DataFrame(_rows()), "md")
 
 
 def test_tables_say_when_finetuned_rows_had_different_recipes():
@@ -134,7 +135,9 @@ def test_tables_say_when_finetuned_rows_had_different_recipes():
     note = recipe_note(pd.DataFrame(rows))
     assert note.startswith("not equal-effort: fine-tuned with different recipes") and "steps=900" in note
     assert recipe_note(pd.DataFrame(_rows())) == ""
-    assert "note: not equal-effort" in format_results(pd.DataFrame(rows), "table")
+    text = format_results(pd.DataFrame(rows), "table")  # said once, as the recipe difference (lwbench.mixing)
+    assert "note: rows differ in fine-tuning recipe: 1 row on ft steps=900 lr=0.002, 1 row on ft steps=100" in text
+    assert "not equal-effort" not in text
 
 
 # -- plots ----------------------------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_table_and_md_label_synthetic_and_never_mix_sources(filled):
     df = filled.frame(task="traffic_signs")
     for fmt in ("table", "md"):
         text = format_results(df, fmt)
-        assert "SYNTHETIC" in text and "top1 (%)" in text and "GMACs (MACs)" in text
+        assert "SYNTHETIC" in text and ("top1 (%)" if fmt == "md" else "top1 %") in text and "GMACs" in text
         blocks = [b for b in text.split("\n\n") if "task traffic_signs" in b]
         assert len(blocks) == 2 and "real data" in blocks[0] and "SYNTHETIC data" in blocks[1]
         real_part, synth_part = text.split("SYNTHETIC data", 1)
@@ -282,7 +282,8 @@ def test_table_shows_varying_identity_columns_and_metric_names(tmp_path):
                    top1=math.nan)
     store.write(seg)
     text = format_results(store.frame(), "table")
-    assert "mIoU (%)" in text and "seed" in text.split("task traffic_signs")[1]
+    assert "mIoU %" in text and "seed" in text.split("task traffic_signs")[1]
+    assert "mIoU (%)" in format_results(store.frame(), "table", wide=True)
     assert "seed" not in text.split("task traffic_signs")[0]  # ade20k block: one seed, no seed column
 
 
@@ -306,7 +307,8 @@ def test_table_sorts_by_cost_names_what_tells_twin_rows_apart_and_says_the_teach
     assert "finetune.lr=0.0005" in body[1] + body[2] and "finetune.lr=0.001" in body[1] + body[2]
     assert "differs" in text and "finetune.lr" not in body[0]
     assert "2.50 [0.25]" in body[0]
-    assert "method train (s)" in text and " 900.0" not in text
+    assert "method train (s)" in format_results(store.frame(keep_config=True), "table", wide=True)
+    assert " 900.0" not in text
     assert "teacher (shared by these rows, not in 'method train'): t1 (900 s of training" in text
     # without the config (a plain frame) the twins are still told apart by their columns, never silently equal
     plain = format_results(store.frame(), "table")
@@ -338,7 +340,7 @@ def test_table_shows_object_recall_and_the_guard_warning(tmp_path):
     store.write(make_row(k=32, seed=1, object_recall=0.05,
                          selection_warning="the teacher's attention does not cover the objects"))
     text = format_results(store.frame(), "table")
-    assert "object recall" in text and "0.91" in text and "0.05" in text
+    assert "recall" in text and "0.91" in text and "0.05" in text
     warnings_ = [ln for ln in text.splitlines() if ln.startswith("warning:")]
     assert warnings_ == ["warning: lookwhere k=32 seed 1: the teacher's attention does not cover the objects"]
 
@@ -363,3 +365,31 @@ def test_rows_per_image_files_and_plots_are_readable_by_colleagues(tmp_path):
         os.umask(umask)
     for p in [*paths, npz, png]:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o644, p
+
+
+def test_terminal_table_fits_120_columns_wide_shows_all_and_md_keeps_every_column():
+    """The terminal table was 300+ characters wide (the reference store: 307): it now fits 120, names what it
+    left out, and --wide / md keep every column."""
+    from test_conversion import speed_frame
+
+    df = speed_frame().assign(object_recall=0.9, hard_value=80.0, hard_ci_low=70.0, hard_ci_high=90.0,
+                              tokens_mean=28.0, method_train_time_s=120.0, finetune_steps=100, regime="finetuned")
+    text = format_results(df, "table")
+    assert max(len(ln) for ln in text.splitlines()) <= 120
+    head = next(ln for ln in text.splitlines() if ln.startswith("method"))
+    for h in ("budget", "regime", "top1 % [95% CI]", "GMACs", "speed-up bs1"):
+        assert h in head
+    assert "note: " in text and "more column(s) with --wide:" in text and "attn" in text.split("--wide:")[1]
+    wide = format_results(df, "table", wide=True)
+    for h in ("speed-up bs1 [95% CI]", "conv bs1", "attn", "ms bs1 [IQR]", "peak mem (MB)", "tokens",
+              "method train (s)", "hard subset [95% CI]", "object recall", "source"):
+        assert h in wide
+    assert max(len(ln) for ln in wide.splitlines()) > 120 and "--wide" not in wide
+    md = format_results(df, "md")
+    md_head = next(ln for ln in md.splitlines() if ln.startswith("| method"))
+    for h in ("speed-up bs1 [95% CI]", "conv bs1", "attn", "ms bs1 [IQR]", "mem MB", "tokens", "train s",
+              "hard [95% CI]", "recall", "GMACs"):
+        assert h in md_head
+    assert "ft steps" not in md_head and "fine-tuned rows: 100 steps" in md  # said once, in the heading
+    assert "| source" not in md_head and "SYNTHETIC data" in md
+    assert max(len(ln) for ln in md.splitlines() if ln.startswith("|")) < 300
