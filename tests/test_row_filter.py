@@ -53,7 +53,8 @@ def test_where_reads_columns_and_config_keys_and_compares_sensibly(rows):
 
 
 def test_a_key_that_is_no_column_is_one_line_with_the_close_names(rows):
-    with pytest.raises(ConfigError, match=r"--where nevals=64: no column 'nevals' in these rows; did you mean n_eval\?"):
+    with pytest.raises(ConfigError, match=r"--where nevals=64: no column 'nevals' in these rows; did you mean "
+                                          r"n_eval\?"):
         select_rows(rows.rows(), ["nevals=64"])
     with pytest.raises(ConfigError, match="did you mean finetune.steps") as err:
         select_rows(rows.rows(), ["steps=500"])  # the last part of a config key finds it
