@@ -179,6 +179,11 @@ def cmd_run(args) -> int:
 
     if rows:
         print(format_results(pd.DataFrame(rows), "table"))
+        from lwbench.next_step import print_next_step
+        from lwbench.results import ResultStore
+        from lwbench.sweeps.points import results_of
+
+        print_next_step(ResultStore(results_of(cfgs[0])).frame(task=cfgs[0].task), cfgs[0].task, args.results)
     return 0
 
 
@@ -258,6 +263,35 @@ def cmd_sweep(args) -> int:
                          launcher=args.launcher, launch=launch, plugins=args.plugin, dry_run=args.dry_run,
                          debug=args.debug)
     return 1 if failures else 0
+
+
+def cmd_compare(args) -> int:
+    from lwbench.compare import compare, split_list
+
+    regimes = split_list(args.regimes) or ([args.regime] if args.regime not in (None, "auto") else None)
+    flags = {k: v for k, v in _flags(args).items() if k != "regime"}
+    failed = compare(args.task, args.methods, split_list(args.budgets), regimes, flags, args.set,
+                     dry_run=args.dry_run, plot_out=args.out, debug=args.debug)
+    return 1 if failed else 0
+
+
+def cmd_recommend(args) -> int:
+    from lwbench.paths import results_dir
+    from lwbench.recommend import format_recommendation, recommend
+    from lwbench.results import ResultStore
+
+    given = [(c, v) for c, v in (("max_gmacs", args.max_gmacs), ("max_latency_ms", args.max_latency_ms),
+                                 ("min_accuracy", args.min_accuracy)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --max-gmacs X, --max-latency-ms X, --min-accuracy X")
+    from lwbench.results import rows_to_frame
+
+    store = ResultStore(Path(args.results) if args.results else results_dir())
+    df = rows_to_frame(_selected(store, args, args.task))
+    if args.regime:
+        df = df[df["regime"] == args.regime] if not df.empty else df
+    print(format_recommendation(recommend(store, df, *given[0])))
+    return 0
 
 
 def cmd_flops(args) -> int:
@@ -367,6 +401,9 @@ def cmd_plot(args) -> int:
         out = Path(args.out) if args.out else Path(store.root) / f"pareto_{args.task}_{args.x}.png"
         path = _say_notices(lambda: pareto_plot(df, args.task, x=args.x, out=out, source=args.source))
     print(path)
+    from lwbench.next_step import print_next_step
+
+    print_next_step(df, args.task, args.results)
     return 0
 
 
@@ -383,6 +420,10 @@ def cmd_report(args) -> int:
                                                 fmt=args.format, hf_dataset=args.hf_dataset))
     for path in written:
         print(path)
+    from lwbench.next_step import print_next_step
+    from lwbench.results import rows_to_frame
+
+    print_next_step(rows_to_frame(_selected(store, args, args.task)), args.task, args.results)
     return 0
 
 
@@ -598,6 +639,37 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p, with_method=False)
     _common(p)
     p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("compare", help="plan, run and plot the smallest fair comparison of some methods on a task",
+                       epilog="examples:\n  lwbench compare --task traffic_signs --methods lookwhere,tome,evit --dry-run\n"
+                              "  lwbench compare --task traffic_signs --methods lookwhere,saliency --budgets k=28,k=75",
+                       formatter_class=fmt)
+    p.add_argument("--task", required=True, help="task name (lwbench list tasks)")
+    p.add_argument("--methods", required=True, help="methods to compare, e.g. lookwhere,tome,evit (full is added)")
+    p.add_argument("--budgets", help="budgets by key, applied to every method with that key, e.g. k=28,k=75,r=8 "
+                   "(default: each method's default budget)")
+    p.add_argument("--regimes", help="off_the_shelf and/or finetuned (default: off the shelf when every method is "
+                   "training-free, else everything fine-tuned)")
+    p.add_argument("--out", help="the Pareto plot's path (default <results>/compare_<task>_gmacs.png)")
+    _run_args(p, with_method=False)
+    _common(p)
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("recommend", help="which stored method and budget wins under a cost or accuracy constraint",
+                       epilog="examples:\n  lwbench recommend --task traffic_signs --max-gmacs 0.1\n"
+                              "  lwbench recommend --task traffic_signs --min-accuracy 94", formatter_class=fmt)
+    p.add_argument("--task", required=True)
+    c = p.add_mutually_exclusive_group(required=True)
+    c.add_argument("--max-gmacs", type=float, help="the most accurate row with at most this many GMACs")
+    c.add_argument("--max-latency-ms", type=float, help="the most accurate row at most this slow at batch 1 (as "
+                   "timed on the machine that stored it)")
+    c.add_argument("--min-accuracy", type=float, help="the fastest row (paired speed-up, else GMACs) at least this "
+                   "accurate")
+    p.add_argument("--regime", choices=["off_the_shelf", "finetuned"], help="only rows of this regime")
+    p.add_argument("--results", help="results folder (default ./results or $LWBENCH_RESULTS)")
+    _filter_args(p)
+    _common(p)
+    p.set_defaults(fn=cmd_recommend)
 
     p = sub.add_parser("config", help="the resolved config and run id of a point (show), or every key (keys)",
                        epilog="examples:\n  lwbench config show --method lookwhere --task traffic_signs --set "
