@@ -430,9 +430,33 @@ def cmd_report(args) -> int:
 def cmd_show(args) -> int:
     from lwbench.show import show
 
+    if args.compare:
+        return _show_compare(args)
+    if not args.method:
+        raise ConfigError("lwbench show needs --method NAME (one method) or --compare A,B,C (side by side)")
+
     out = Path(args.out) if args.out else Path.cwd() / show_file_name(args.method, args.task, args.budget)
     path = show(_config(args, args.method, args.task, args.budget), out=out, n=args.n)
     print(path)
+    return 0
+
+
+def _show_compare(args) -> int:
+    """``--compare``: the methods' budgets and regime as ``lwbench compare`` would run them (so the figure shows the
+    rows of its table)."""
+    from lwbench.compare import comparison_spec, split_list
+    from lwbench.show_compare import show_compare
+
+    methods = split_list(args.compare)
+    regimes = [args.regime] if args.regime not in (None, "auto") else None
+    spec = comparison_spec(args.task, methods, split_list(args.budgets), regimes)
+    regime = spec["regimes"][0]
+    reqs = []
+    for m in methods:
+        budgets = spec["methods"].get(m) or [None]
+        reqs += [_config(_with(args, regime=regime), m, args.task, b) for b in budgets]
+    out = Path(args.out) if args.out else Path.cwd() / f"show_compare_{args.task}.png"
+    print(show_compare(reqs, out, n=args.n, disagree=args.disagree))
     return 0
 
 
@@ -631,10 +655,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("show", help="figure of a method's selection on a few test images (LookWhere: Fig. 3)")
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", help="the method to draw (or --compare)")
     p.add_argument("--task", required=True)
     p.add_argument("--budget")
-    p.add_argument("--out", help="figure file (default: show_<method>[_<budget>]_<task>.png in the current folder)")
+    p.add_argument("--compare", metavar="A,B,C", help="several methods side by side on the same test images, at "
+                   "lwbench compare's budgets and regime")
+    p.add_argument("--budgets", help="with --compare: budgets by key, e.g. k=28,r=8 (default: each method's default)")
+    p.add_argument("--disagree", action="store_true", help="with --compare: only test images where the stored "
+                   "per-image outcomes of the methods differ")
+    p.add_argument("--out", help="figure file (default: show_<method>[_<budget>]_<task>.png, or "
+                                 "show_compare_<task>.png, in the current folder)")
     p.add_argument("--n", type=int, default=4, help="number of images")
     _run_args(p, with_method=False)
     _common(p)

@@ -168,3 +168,40 @@ def test_a_single_row_asks_for_full_in_its_regime_then_for_a_second_method_then_
         pd.DataFrame([lw, full, tome]), "traffic_signs", res)
     assert "lwbench recommend --task traffic_signs" in next_step(pd.DataFrame([lw, full, tome, sal]),
                                                                  "traffic_signs", res)
+
+
+# -- show --compare ----------------------------------------------------------------------------------------------
+def test_disagreeing_images_are_those_where_stored_outcomes_differ():
+    from lwbench.show_compare import disagreeing
+
+    a = {0: 1, 1: 1, 2: 0, 3: 1}
+    b = {0: 1, 1: 0, 2: 0, 3: 0, 9: 1}  # image 9 was not evaluated by a: never drawn as a disagreement
+    assert disagreeing([a, b]) == [1, 3]
+    assert disagreeing([a, a]) == []
+
+
+def test_show_compare_disagree_needs_stored_rows_and_says_which_command_makes_them(tmp_path):
+    from lwbench.show_compare import choose_images
+
+    class _Task:
+        name = "traffic_signs"
+
+        @staticmethod
+        def dataset(split):
+            return range(10)
+
+    class _Plan:
+        def __init__(self, name, run_id):
+            self.task, self.run_id = _Task(), run_id
+            self.method = type("M", (), {"name": name})()
+
+    store = _store(tmp_path, {k: v for k, v in OUTCOMES.items() if k[0] in ("full", "lookwhere")})
+    rows = {r["method"]: r["run_id"] for r in store.rows(task="traffic_signs")}
+    plans = [_Plan("lookwhere", rows["lookwhere"]), _Plan("full", rows["full"])]
+    idx, how = choose_images(plans, store, 3, disagree=True)
+    want = [i for i in range(N) if OUTCOMES[("full", None, 1.0, 1.0)][i] != OUTCOMES[("lookwhere", 28, 0.10, 3.0)][i]]
+    assert idx == want[:3] and f"of the {len(want)} test images where the methods disagree" in how
+    assert choose_images(plans, store, 3, disagree=False) == ([0, 1, 2], "the first 3 test images")
+    with pytest.raises(ConfigError, match="tome has no row .* run `lwbench compare --task traffic_signs --methods "
+                                          "lookwhere,tome` first"):
+        choose_images([*plans, _Plan("tome", "nope")], store, 3, disagree=True)
