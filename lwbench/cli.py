@@ -449,7 +449,7 @@ def _show_compare(args) -> int:
 
     methods = split_list(args.compare)
     regimes = [args.regime] if args.regime not in (None, "auto") else None
-    spec = comparison_spec(args.task, methods, split_list(args.budgets), regimes)
+    spec = comparison_spec(args.task, methods, split_list(args.budgets), regimes, flags=_flags(args), sets=args.set)
     regime = spec["regimes"][0]
     reqs = []
     for m in methods:

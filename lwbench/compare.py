@@ -40,10 +40,24 @@ def default_regimes(methods: Sequence[str]) -> list[str]:
     return ["off_the_shelf"] if all(get_method(m).training_free for m in methods) else ["finetuned"]
 
 
+def shared_default(method: str, task: str, flags: Mapping[str, Any] | None, sets: Sequence[str]) -> str | None:
+    """``key=value`` of ``method``'s default budget on ``task`` as a run with ``flags`` and ``sets`` would build it."""
+    from lwbench.config import resolve_config
+    from lwbench.runner import Plan
+
+    f = {k: v for k, v in dict(flags or {}).items() if v is not None and k != "regime"}
+    profile = f.pop("profile", None) or "quick"
+    return Plan(resolve_config(method, task, None, profile=profile, sets=list(sets), **{**f, "quiet": True})
+                ).method.budget_str() or None
+
+
 def comparison_spec(task: str, methods: Sequence[str], budgets: Sequence[str] = (),
-                    regimes: Sequence[str] | None = None, profile: str | None = None) -> dict[str, Any]:
+                    regimes: Sequence[str] | None = None, profile: str | None = None,
+                    flags: Mapping[str, Any] | None = None, sets: Sequence[str] = ()) -> dict[str, Any]:
     """The sweep (as a sweep file's mapping) that compares ``methods`` on ``task`` fairly: ``full`` added, budgets
-    matched to methods by key, the regime from :func:`default_regimes` unless given."""
+    matched to methods by key, the regime from :func:`default_regimes` unless given. Methods that share a budget key
+    with no budget given meet at the first one's default (LookWhere's k=28 for `saliency` beside it, not its own
+    k=38), resolved with the run's ``flags`` and ``sets``."""
     from lwbench.registry import get_method
 
     names = split_list(methods)
@@ -61,6 +75,13 @@ def comparison_spec(task: str, methods: Sequence[str], budgets: Sequence[str] = 
         keys = ", ".join(f"{m}: {c.budget_key}" for m, c in classes.items() if c.budget_key) or "none"
         raise ConfigError(f"--budgets {', '.join(k + '=...' for k in unused)} matches none of the methods' budget "
                           f"keys ({keys})")
+    for key in {c.budget_key for c in classes.values() if c.budget_key} - set(by_key):
+        sharing = [m for m, c in classes.items() if c.budget_key == key]
+        if len(sharing) > 1:
+            run_flags = {**dict(flags or {}), **({"profile": profile} if profile else {})}
+            leader = shared_default(sharing[0], task, run_flags, sets)
+            if leader:
+                by_key[key] = [leader]
     spec_methods: dict[str, Any] = {REFERENCE: None}
     for m, c in classes.items():
         spec_methods[m] = by_key.get(c.budget_key) if c.budget_key else None
@@ -131,7 +152,7 @@ def compare(task: str, methods: Sequence[str], budgets: Sequence[str] = (), regi
             plot_out: str | Path | None = None, debug: bool = False) -> int:
     """Plan, show, run (unless ``dry_run``), then print the table and paired differences and draw the plot.
     Returns the number of points that failed."""
-    spec = comparison_spec(task, methods, budgets, regimes)
+    spec = comparison_spec(task, methods, budgets, regimes, flags=flags, sets=sets)
     points = planned_points(spec, flags, sets)
     print(plan_table(points))
     if dry_run:

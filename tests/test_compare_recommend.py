@@ -26,6 +26,12 @@ def test_the_plan_adds_full_and_matches_budgets_by_key():
     assert spec["regimes"] == ["finetuned"]  # LookWhere trains: every method gets the same recipe
 
 
+def test_selectors_without_budgets_meet_at_the_first_ones_default_k():
+    spec = comparison_spec("traffic_signs", "lookwhere,saliency,tome")
+    assert spec["methods"]["lookwhere"] == spec["methods"]["saliency"] == ["k=28"]  # saliency's own default: k=38
+    assert spec["methods"]["tome"] is None  # alone with its key: its own default
+
+
 def test_training_free_methods_alone_compare_off_the_shelf():
     assert default_regimes(["tome", "evit"]) == ["off_the_shelf"]
     assert comparison_spec("billiards", "tome,evit")["methods"] == {"full": None, "tome": None, "evit": None}
