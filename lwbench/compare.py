@@ -118,9 +118,8 @@ def planned_points(spec: Mapping[str, Any], flags: Mapping[str, Any] | None = No
         store = stores.setdefault(root, ResultStore(root))
         if (root, cfg.task) not in history:
             history[(root, cfg.task)] = timing_history(cfg.task, store.frame(task=cfg.task))
-        rows, source = history[(root, cfg.task)]
         done = store.has(plan.run_id)
-        out.append(PlannedPoint(cfg, plan, done, point_estimate(plan, rows, source, done, counted)))
+        out.append(PlannedPoint(cfg, plan, done, point_estimate(plan, history[(root, cfg.task)], done, counted)))
     return out
 
 

@@ -37,17 +37,30 @@ def reference_rows_path(task: str) -> Path:
     return Path(__file__).resolve().parents[1] / "benchmarks" / "reference" / task / "rows.csv"
 
 
-def timing_history(task: str, stored: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
-    """Rows to estimate from: ``stored`` rows of ``task`` that carry their times (this machine), else the
-    committed reference rows, else an empty frame (the rule of thumb)."""
+def timing_history(task: str, stored: pd.DataFrame | None = None) -> list[tuple[pd.DataFrame, str]]:
+    """Rows to estimate from, best first: ``stored`` rows of ``task`` that carry their times (this machine), then
+    the committed reference rows (absent in a wheel install). :func:`point_estimate` reads each method from the
+    first that has it, so one LookWhere row of yours does not stand in for `full` when the reference has `full`."""
+    out = []
     if stored is not None and len(stored) and "method_train_time_s" in stored:
         mine = stored[stored["task"] == task] if "task" in stored else stored
         if len(mine):
-            return mine[[c for c in _TIME_COLUMNS if c in mine]], "your stored rows"
+            out.append((mine[[c for c in _TIME_COLUMNS if c in mine]], "your stored rows"))
     path = reference_rows_path(task)
     if path.is_file():
         ref = pd.read_csv(path)
-        return ref[[c for c in _TIME_COLUMNS if c in ref]], "the committed reference rows (2-core CPU)"
+        out.append((ref[[c for c in _TIME_COLUMNS if c in ref]], "the committed reference rows (2-core CPU)"))
+    return out
+
+
+def _pick(histories: list[tuple[pd.DataFrame, str]], method: str) -> tuple[pd.DataFrame, str]:
+    """The first history with rows of ``method``, else the first with any row, else an empty one (the rule)."""
+    for frame, source in histories:
+        if "method" in frame and (frame["method"] == method).any():
+            return frame, source
+    for frame, source in histories:
+        if len(frame):
+            return frame, source
     return pd.DataFrame(columns=list(_TIME_COLUMNS)), "a rule of thumb"
 
 
@@ -68,12 +81,14 @@ def _per_step(history: pd.DataFrame, method: str) -> float | None:
     return _median(own) if len(own.dropna()) else _median(rate)
 
 
-def point_estimate(plan: Any, history: pd.DataFrame, source: str, done: bool = False,
+def point_estimate(plan: Any, histories: list[tuple[pd.DataFrame, str]], done: bool = False,
                    teacher_counted: set[str] | None = None) -> Estimate:
-    """Seconds until ``plan``'s row is stored. ``teacher_counted``: teacher ids already charged to an earlier point
-    of the same plan (a teacher trains once); the set is updated."""
+    """Seconds until ``plan``'s row is stored, from the first of ``histories`` (:func:`timing_history`) that has
+    the method. ``teacher_counted``: teacher ids already charged to an earlier point of the same plan (a teacher
+    trains once); the set is updated."""
     from lwbench.sweeps.local import stage_state, teacher_state
 
+    history, source = _pick(histories, plan.cfg.method)
     if done:
         return Estimate(0.0, source)
     seconds = 0.0

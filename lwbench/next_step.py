@@ -32,8 +32,8 @@ def _estimate(method: str, task: str, budget: str | None, regime: str, profile: 
     cfg = resolve_config(method, task, budget, profile=profile or "quick", regime=regime, results=results, quiet=True)
     plan = Plan(cfg)
     store = ResultStore(results_of(cfg))
-    rows, source = timing_history(task, store.frame(task=task))
-    return duration(point_estimate(plan, rows, source, store.has(plan.run_id)).seconds), plan.teacher_id
+    histories = timing_history(task, store.frame(task=task))
+    return duration(point_estimate(plan, histories, store.has(plan.run_id)).seconds), plan.teacher_id
 
 
 def _group_of_newest(df: pd.DataFrame) -> pd.DataFrame:

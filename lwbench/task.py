@@ -27,6 +27,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: (task, data root) pairs whose "no real data found" notice this process has printed.
+_SYNTHETIC_NOTICES: set[tuple[str, str]] = set()
+
+
 class Task(abc.ABC):
     name: ClassVar[str] = "?"
     version: ClassVar[int] = 1
@@ -168,8 +172,11 @@ class Task(abc.ABC):
                 raise DataNotFoundError(f"task '{self.name}' needs real data: pass --data-root DIR laid out as: "
                                         f"{self.expected_layout}")
             self.check_layout(root)
-        log.info("notice: task '%s': no real data found%s; using the SYNTHETIC source", self.name,
-                 f" under {root}" if root else " (no --data-root)")
+        said = (self.name, str(root))
+        if said not in _SYNTHETIC_NOTICES:  # once per process: a sweep or compare plans a task many times
+            _SYNTHETIC_NOTICES.add(said)
+            log.info("notice: task '%s': no real data found%s; using the SYNTHETIC source", self.name,
+                     f" under {root}" if root else " (no --data-root)")
         return "synthetic"
 
     def loader(self, split: str, batch_size: int, train: bool = False, num_workers: int = 0,

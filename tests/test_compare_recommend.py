@@ -80,9 +80,13 @@ def test_estimates_come_from_stored_rows_and_skip_cached_work():
     history = pd.DataFrame([{"method": "tome", "regime": "finetuned", "method_train_time_s": 200.0,
                              "wall_time_s": 40.0, "pretrain_steps": 0, "finetune_steps": 100,
                              "teacher_train_time_s": 30.0, "teacher_steps": 10}])
-    est = point_estimate(_Plan(), history, "rows")
+    est = point_estimate(_Plan(), [(history, "rows")])
     assert est == Estimate(30.0 + 200.0 + 40.0, "rows")  # teacher 10 x 3 s, 100 steps x 2 s, one measurement
-    assert point_estimate(_Plan(), history, "rows", done=True).seconds == 0
+    assert point_estimate(_Plan(), [(history, "rows")], done=True).seconds == 0
+    # one row of another method on this machine does not stand in for tome when the reference has tome
+    mine = history.assign(method="lookwhere", method_train_time_s=5000.0)
+    assert point_estimate(_Plan(), [(mine, "yours"), (history, "reference")]).source == "reference"
+    assert point_estimate(_Plan(), [(mine, "yours")]).seconds > 5000
     assert duration(45) == "about 40 s" and duration(240) == "about 4 min" and duration(0) == "nothing to run"
 
 
@@ -211,3 +215,15 @@ def test_show_compare_disagree_needs_stored_rows_and_says_which_command_makes_th
     with pytest.raises(ConfigError, match="tome has no row .* run `lwbench compare --task traffic_signs --methods "
                                           "lookwhere,tome` first"):
         choose_images([*plans, _Plan("tome", "nope")], store, 3, disagree=True)
+
+
+def test_the_synthetic_source_notice_is_said_once_per_process(caplog, tmp_path):
+    """compare plans each point (and the next step plans one more): the newcomer saw the same notice seven times."""
+    import logging
+
+    from lwbench import task as task_module
+
+    task_module._SYNTHETIC_NOTICES.clear()
+    with caplog.at_level(logging.INFO, logger="lwbench"):
+        planned_points(comparison_spec("traffic_signs", "tome,evit"), {"results": str(tmp_path)}, TINY)
+    assert sum("no real data found" in r.getMessage() for r in caplog.records) == 1
