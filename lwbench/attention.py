@@ -16,11 +16,19 @@ with the q/v biases, after ``q_norm``/``k_norm``, rotated by the block's RoPE (:
 The captures record the RoPE each block was *called* with (timm's ``forward_features`` passes its grid
 table as ``rope=``; lwbench's seam passes the table indexed at the kept cells), so the logits are the
 model's own for every token subset. A ``VisionTransformer``'s blocks take no RoPE; their path is unchanged.
+
+It is also where the merging methods' proportional attention (ToMe, PiToMe, MCTF: ``log size`` of every key added
+to the logits) reaches the fused kernel: :func:`sdpa_key_bias` folds a per-key bias into the dot product instead of
+handing SDPA a float ``attn_mask``, which on CUDA rules out the flash kernel (flash takes no mask), and
+:func:`biased_attention` is a timm ``Attention``/``EvaAttention`` forward that calls it.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lwbench import eva
@@ -111,3 +119,62 @@ class LastBlockInput:
         if self.x is None:
             raise RuntimeError("LastBlockInput: no forward ran inside the context")
         return attention_logits(self.block, self.x, n_prefix, queries, self.rope)
+
+
+# -- proportional attention on the flash kernel ------------------------------------------------------------------
+def sdpa_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor,
+                  scale: float | None = None, dropout_p: float = 0.0, multiple: int = 8) -> torch.Tensor:
+    """``softmax(q k^T * scale + key_bias) v`` in one ``scaled_dot_product_attention`` call with no mask.
+
+    ``q``, ``k``, ``v`` ``(B, H, T, d)``; ``key_bias`` ``(B, T)``, one additive logit per key, the same for every
+    head and query (ToMe's proportional attention: ``log size``); ``scale`` defaults to ``1 / sqrt(d)``, SDPA's own.
+    The bias is folded into the dot product: one more channel, ``q' = [q, 1 / scale]`` and ``k' = [k, key_bias]``,
+    so that ``q' . k' * scale = q . k * scale + key_bias``. The constant sits on q and the bias on k unscaled (not
+    ``[q, 1]``, ``[k, key_bias / scale]``, the same algebra), so k carries the bias rounded exactly as a float
+    mask of k's dtype would be, and ``1 / scale = sqrt(d)`` is exact for d = 16, 64, 256. q, k and v are padded
+    with zeros to a multiple of ``multiple`` (flash kernels take head dims that are multiples of 8, and every
+    kernel needs q, k and v of one width), SDPA gets the *original* d's ``scale``, and the output is sliced back
+    to v's width. A float mask would send CUDA SDPA to the memory-efficient or the math kernel; without one,
+    flash is eligible. Measured against the masked call on CPU (``tests/test_attention_fold.py``): 0.0 at d = 64
+    and a few 1e-6 at d = 48 and 32 in fp32 (the ``sqrt(d)`` product rounds and the sum gains a term), and at
+    most one bf16 rounding step of the output in bfloat16."""
+    d, dv = q.shape[-1], v.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    width = -(-max(d + 1, dv) // multiple) * multiple
+    lead = k.shape[:-1]
+    q = torch.cat([q, q.new_full((*q.shape[:-1], 1), 1.0 / scale), q.new_zeros((*q.shape[:-1], width - d - 1))], -1)
+    k = torch.cat([k, key_bias.to(k.dtype)[:, None, :, None].expand(*lead, 1), k.new_zeros((*lead, width - d - 1))],
+                  -1)
+    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, width - dv)), dropout_p=dropout_p, scale=scale)
+    return out[..., :dv]
+
+
+def biased_attention(attn: nn.Module, x: torch.Tensor, key_bias: torch.Tensor, rope: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``attn(x, attn_mask=key_bias[:, None, None, :])`` (``rope=rope`` for an Eva) of a timm ``Attention`` or
+    ``EvaAttention``, with the per-key bias ``(B, T)`` folded into the dot product (:func:`sdpa_key_bias`). Returns
+    the output and the q, k, v ``(B, H, T, hd)`` it used, q and k after the attention's q/k norms and before RoPE.
+
+    The attention's own modules compute everything, in timm's order: the ``qkv`` projection (an Eva's q/k/v
+    biases, or its separate projections), ``q_norm``/``k_norm``, RoPE on the patch rows, the gate, the
+    attention ``norm``, ``proj`` and ``proj_drop``; only the masked SDPA call is replaced. An attention on timm's
+    non-fused path (``fused_attn = False``) keeps it, the bias added to its explicit logits."""
+    b, t, _ = x.shape
+    if eva.is_eva_attention(attn):
+        q, k, v = eva.project(attn, x)
+    else:
+        qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qr, kr = (q, k) if rope is None else (eva.rotate(attn, q, rope, v), eva.rotate(attn, k, rope, v))
+    drop = attn.attn_drop.p if attn.training else 0.0
+    if attn.fused_attn:
+        y = sdpa_key_bias(qr, kr, v, key_bias, dropout_p=drop)
+    else:
+        logits = (qr * attn.scale) @ kr.transpose(-2, -1) + key_bias[:, None, None, :]
+        y = attn.attn_drop(logits.softmax(dim=-1)) @ v
+    y = attn.norm(y.transpose(1, 2).reshape(b, t, -1))
+    if gate is not None:
+        y = y * gate
+    return attn.proj_drop(attn.proj(y)), q, k, v

@@ -45,6 +45,10 @@ def is_eva_block(blk: nn.Module) -> bool:
     return isinstance(blk, EvaBlock) if EvaBlock else False
 
 
+def is_eva_attention(attn: nn.Module) -> bool:
+    return isinstance(attn, EvaAttention) if EvaAttention else False
+
+
 def unsupported_variant(model: nn.Module) -> str | None:
     """Why this Eva cannot go through the seam, or None: per-block ('mixed') RoPE and patch dropout."""
     if getattr(model, "rope_mixed", False):
@@ -108,10 +112,34 @@ def run_blocks(vit: nn.Module, x: torch.Tensor, rope: torch.Tensor | None,
 def attention_half(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor | None,
                    attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """First half of ``EvaBlock.forward`` (LayerScale ``gamma_1``)."""
-    y = blk.attn(blk.norm1(x), rope=rope, attn_mask=attn_mask)
+    return add_attention(blk, x, blk.attn(blk.norm1(x), rope=rope, attn_mask=attn_mask))
+
+
+def add_attention(blk: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The residual of ``EvaBlock.forward``'s first half: ``x`` plus the attention output ``y`` (``gamma_1``)."""
     if blk.gamma_1 is not None:
         y = blk.gamma_1 * y
     return x + blk.drop_path1(y)
+
+
+def project(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, H, T, hd)`` as ``EvaAttention.forward`` computes them from its input ``x``, after ``q_norm``/
+    ``k_norm`` and before RoPE: the fused ``qkv`` (with the q/k/v biases, added after it or through ``F.linear``
+    on its weight, as timm does) or the separate ``q_proj``/``k_proj``/``v_proj``."""
+    b, t, _ = x.shape
+    heads = attn.num_heads
+    if attn.qkv is not None:
+        if attn.q_bias is None:
+            qkv = attn.qkv(x)
+        else:
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, weight=attn.qkv.weight, bias=bias)
+        q, k, v = qkv.reshape(b, t, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = attn.q_proj(x).reshape(b, t, heads, -1).transpose(1, 2)
+        k = attn.k_proj(x).reshape(b, t, heads, -1).transpose(1, 2)
+        v = attn.v_proj(x).reshape(b, t, heads, -1).transpose(1, 2)
+    return attn.q_norm(q), attn.k_norm(k), v
 
 
 def mlp_half(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ has no hook there, so a reducing block is re-sequenced with the block's own subm
 (``norm1 -> attn -> ls1 -> drop_path1``, then ``norm2 -> mlp -> ls2 -> drop_path2``); blocks that do
 not reduce are called as they are. Attention stays timm's (fused ``scaled_dot_product_attention``);
 what a method reads from it (keys, values, the CLS attention row) is recomputed on the side from the
-``qkv`` projection output, which is captured with a forward hook rather than recomputed.
+``qkv`` projection output, which is captured with a forward hook rather than recomputed. A per-key logit
+bias (the merging methods' proportional attention) is the exception: it is folded into the dot product
+(:func:`lwbench.attention.biased_attention`), so that the block's attention still runs on a mask-free fused kernel.
 
 A RoPE ``Eva`` (DINOv3, EVA-02) is split the same way by :mod:`lwbench.eva` (``gamma_1``/``gamma_2``
 LayerScale, the block's ``rope`` argument); :func:`attention_step` hands methods q and k as that
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from lwbench import eva
+from lwbench.attention import biased_attention
 from lwbench.errors import ConfigError
 from lwbench.vit import all_positions, assemble, call_block, embed_patches, grid_of, num_prefix, rope_of
 
@@ -100,18 +103,40 @@ def mlp_residual(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_step(blk: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                   rope: torch.Tensor | None = None, need_v: bool = True, rotated: bool = True):
+                   rope: torch.Tensor | None = None, need_v: bool = True, rotated: bool = True,
+                   key_bias: torch.Tensor | None = None):
     """First half of a block and the q, k, v ``(B, H, T, hd)`` its attention used: ``(x, q, k, v)``.
 
     For a VisionTransformer this is :func:`attention_residual` + :func:`split_qkv`. For an Eva, q and k are
     read after the attention's q/k norms and rotated with ``rope`` as ``EvaAttention`` does (``rotated=False``:
-    before the rotation, the tokens' content only); v only with ``need_v`` (else None)."""
+    before the rotation, the tokens' content only); v only with ``need_v`` (else None).
+
+    ``key_bias`` ``(B, T)``: a per-key logit bias (proportional attention), folded into the dot product by
+    :func:`lwbench.attention.biased_attention` so that the fused kernel runs without a mask (``attn_mask`` is then
+    not allowed); None: timm's attention as it is."""
+    if key_bias is not None:
+        if attn_mask is not None:
+            raise ValueError("attention_step: give attn_mask or key_bias, not both")
+        y, q, k, v = biased_attention(blk.attn, blk.norm1(x), key_bias, rope)
+        out = eva.add_attention(blk, x, y) if eva.is_eva_block(blk) else x + blk.drop_path1(blk.ls1(y))
+        if rotated and rope is not None:
+            q, k = eva.rotate(blk.attn, q, rope, v), eva.rotate(blk.attn, k, rope, v)
+        return out, q, k, (v if need_v else None)
     if eva.is_eva_block(blk):
         out, q, k, v = eva.attention_step(blk, x, rope, attn_mask, need_v=need_v, rotated=rotated)
         return out, q, k, v
     out, qkv = attention_residual(blk, x, attn_mask)
     q, k, v = split_qkv(blk.attn, qkv)
     return out, q, k, v
+
+
+def biased_block(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
+                 key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One whole block: timm's own (:func:`call_block`) without ``key_bias``; with one (``(B, T)``, proportional
+    attention), re-sequenced so that the bias is folded into the attention's dot product (:func:`attention_step`)."""
+    if key_bias is None:
+        return call_block(blk, x, rope)
+    return mlp_residual(blk, attention_step(blk, x, rope=rope, need_v=False, rotated=False, key_bias=key_bias)[0])
 
 
 def split_qkv(attn: nn.Module, qkv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
