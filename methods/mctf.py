@@ -34,10 +34,13 @@ before its own attention, with ``a`` from block ``l``'s attention on those (unfu
 the block the fused tokens are about to enter, not the stale one of block ``l - 1``. That attention map is
 computed on the side by :class:`MultiCriteriaMerger` (an :class:`~lwbench.method.Overhead`: the ``q, k``
 projection of block ``l`` on the unfused tokens plus the full ``T x T`` softmax, since every query row is
-averaged), then the *whole* timm block runs unchanged on the fused tokens (fused attention kept, LayerScale
-included), with proportional attention (``log size`` added to the logits as a float mask, official
-``prop_attn=1``). ``one_step_ahead=False`` is the official mode 0: the block runs on unfused tokens and its own
-attention (read from its ``qkv`` output) fuses its *output* tokens after the MLP.
+averaged), then the block runs on the fused tokens (its own modules, LayerScale included), with proportional
+attention (``log size`` added to the logits, official ``prop_attn=1``). That bias is folded into the attention's
+dot product (one more channel of q and k, :func:`lwbench.attention.sdpa_key_bias`) instead of a float mask, so the
+block's attention stays on a mask-free fused kernel (flash on CUDA takes no mask); the logits are the same, float
+rounding aside. The side map, which needs every attention weight, adds the bias to its explicit logits.
+``one_step_ahead=False`` is the official mode 0: the block runs on unfused tokens and its own attention (read from
+its ``qkv`` output) fuses its *output* tokens after the MLP.
 
 Official defaults, used here (README fine-tuning / ``run/eval_deit_s_mctf.sh``: ``mctf_type
 [16,*,0,1,1,1,20,40,1,1,0]``, ``activate_layer [1..11]``): ``tau_sim=1``, ``tau_info=20``, ``tau_size=40``,
@@ -94,7 +97,7 @@ from lwbench.vit import num_prefix, to_output
 
 from ._reduction import (
     attention_step,
-    call_block,
+    biased_block,
     cells_per_token,
     check_blocks,
     mlp_residual,
@@ -120,16 +123,16 @@ def block_r(r: int, num_patches: int, num_prefix: int) -> int:
 
 
 def attention_received(
-    q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, scale: float, key_bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``(B, H, T, hd)`` q, k -> ``(B, T)``: softmax attention each key receives, averaged over heads and all queries
-    (every row is needed, so a ``T x T`` map is formed, one head at a time to bound the memory). ``bias``
-    ``(B, 1, 1, T)`` is added to the logits."""
+    (every row is needed, so a ``T x T`` map is formed, one head at a time to bound the memory). ``key_bias``
+    ``(B, T)`` is added to the logits of every key."""
     total = None
     for h in range(q.shape[1]):
         logits = (q[:, h] @ k[:, h].transpose(-2, -1)) * scale  # (B, T, T)
-        if bias is not None:
-            logits = logits + bias[:, 0]
+        if key_bias is not None:
+            logits = logits + key_bias[:, None, :]
         received = logits.softmax(dim=-1).mean(dim=1)
         total = received if total is None else total + received
     return total / q.shape[1]
@@ -283,10 +286,10 @@ class MultiCriteriaMerger(Overhead):
 
     def forward(self, h, blk, bias, size, positions, assignment, r: int, qk=None, rope=None):
         """Fuse ``r`` of the patch tokens of the sequence ``h`` ``(B, P + T, D)`` entering (or leaving) the timm block
-        ``blk``. Informativeness is the attention of ``blk`` with logit bias ``bias``: from ``qk`` (its q, k
-        ``(B, H, P+T, hd)`` as it computed them) or, when None, from q, k computed here on ``norm1(h)`` (one step
-        ahead). ``size`` ``(B, T, 1)`` or None (all ones). Returns the new sequence, sizes, positions ``(B, T - r)``
-        and assignment ``(B, N)``."""
+        ``blk``. Informativeness is the attention of ``blk`` with the per-key logit bias ``bias`` ``(B, P + T)``: from
+        ``qk`` (its q, k ``(B, H, P+T, hd)`` as it computed them) or, when None, from q, k computed here on
+        ``norm1(h)`` (one step ahead). ``size`` ``(B, T, 1)`` or None (all ones). Returns the new sequence, sizes,
+        positions ``(B, T - r)`` and assignment ``(B, N)``."""
         p = self.num_prefix
         x = h[:, p:]
         bsz, t, _ = x.shape
@@ -336,14 +339,14 @@ class MCTFEncoder(nn.Module):
             bias = size_bias(size, p) if (self.prop_attn and size is not None) else None
             merger = self.mergers[str(i)] if r > 0 else None
             if merger is None:
-                h = call_block(blk, h, rope, bias)
+                h = biased_block(blk, h, rope, bias)
             elif self.one_step_ahead:
                 h, size, positions, assignment = merger(h, blk, bias, size, positions, assignment, r, rope=rope)
                 rope = rope_of(vit, grid, positions)
                 bias = size_bias(size, p) if self.prop_attn else None
-                h = call_block(blk, h, rope, bias)
+                h = biased_block(blk, h, rope, bias)
             else:
-                h, q, k, _ = attention_step(blk, h, bias, rope, need_v=False)
+                h, q, k, _ = attention_step(blk, h, rope=rope, need_v=False, key_bias=bias)
                 h = mlp_residual(blk, h)
                 h, size, positions, assignment = merger(h, blk, bias, size, positions, assignment, r, qk=(q, k))
                 rope = rope_of(vit, grid, positions)

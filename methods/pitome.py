@@ -21,9 +21,10 @@ In every block, between attention and MLP, following the official code at HEAD 5
     default); the MAE wrapper the reverse (``second_half``); ``none`` is PiToMe in every block;
 * merging is size-weighted (the official ``merge_wavg``) and sizes are carried; proportional attention is **off**,
   as in the official wrappers (``deit.py`` ``prop_attn=False``; at HEAD the block never passes sizes to its
-  attention); ``prop_attn=true`` adds ``log size`` to the logits as ToMe does. It matters: on the real ViT-S/14
-  checkpoint (4 photos, 224 px, ``benchmarks/real_cls_cosine.py``) the CLS cosine to the unreduced model at
-  r=11 / r=16 is 0.960 / 0.883 without it and 0.996 / 0.989 with it (ToMe: 0.996 / 0.980);
+  attention); ``prop_attn=true`` adds ``log size`` to the logits as ToMe does, folded into the dot product so
+  that the attention stays on a mask-free (flash-compatible) fused kernel (:func:`lwbench.attention.sdpa_key_bias`).
+  It matters: on the real ViT-S/14 checkpoint (4 photos, 224 px, ``benchmarks/real_cls_cosine.py``) the CLS cosine
+  to the unreduced model at r=11 / r=16 is 0.960 / 0.883 without it and 0.996 / 0.989 with it (ToMe: 0.996 / 0.980);
 * the new order is ``[protected or unmerged A, B]``; here those tokens keep their sequence order (the official
   code keeps energy/edge order; attention is permutation-equivariant, so the outputs agree up to order).
 

@@ -9,8 +9,10 @@ partner by bipartite soft matching, training-free. Following the official code
   A tokens with the highest similarity are merged into their B partner; the new order is
   ``[unmerged A in order, B]``;
 * merging is size-weighted (``merge_wavg``), sizes are carried from block to block, and attention
-  is proportional: ``log(size)`` is added to the attention logits of every key. Here that bias is a
-  float ``attn_mask`` handed to timm's Attention, so attention stays fused;
+  is proportional: ``log(size)`` is added to the attention logits of every key. Here that bias is folded
+  into the dot product (one more channel of q and k, :func:`lwbench.attention.sdpa_key_bias`) rather than handed
+  to SDPA as a float ``attn_mask``: the same logits (float rounding aside), but no mask, so CUDA can run its
+  flash kernel, which takes none;
 * the source of every token is tracked, here as an ``assignment`` (the token every grid cell ended
   in) rather than the official dense source matrix, so ``densify`` un-merges at ``O(N)`` cost.
 
@@ -43,7 +45,7 @@ from lwbench.vit import num_prefix, to_output
 
 from ._reduction import (
     attention_step,
-    call_block,
+    biased_block,
     cells_per_token,
     check_blocks,
     gather_tokens,
@@ -66,10 +68,10 @@ def tome_schedule(r: int, depth: int, schedule: str = "constant") -> list[int]:
 
 
 def size_bias(size: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Proportional attention: ``(B, T, 1)`` patch sizes -> ``(B, 1, 1, P + T)`` additive logit bias ``log(size)``
-    (prefix tokens have size 1)."""
+    """Proportional attention: ``(B, T, 1)`` patch sizes -> ``(B, P + T)`` additive logit bias ``log(size)`` per key
+    (prefix tokens have size 1), the ``key_bias`` of :func:`~lwbench.methods._reduction.attention_step`."""
     log = size.squeeze(-1).log()
-    return torch.cat([log.new_zeros(log.shape[0], num_prefix), log], dim=1)[:, None, None, :]
+    return torch.cat([log.new_zeros(log.shape[0], num_prefix), log], dim=1)
 
 
 class BipartiteMatcher(Overhead):
@@ -141,9 +143,9 @@ class ToMeEncoder(nn.Module):
             r = min(r, (h.shape[1] - p) // 2)
             bias = size_bias(size, p) if (self.prop_attn and size is not None) else None
             if r <= 0:
-                h = call_block(blk, h, rope, bias)
+                h = biased_block(blk, h, rope, bias)
             else:
-                h, _, k, _ = attention_step(blk, h, bias, rope, need_v=False, rotated=False)
+                h, _, k, _ = attention_step(blk, h, rope=rope, need_v=False, rotated=False, key_bias=bias)
                 metric = k.mean(dim=1)[:, p:]  # keys averaged over heads, patch tokens only
                 if size is None:
                     size = h.new_ones(bsz, h.shape[1] - p, 1)

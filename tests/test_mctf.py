@@ -177,10 +177,10 @@ def test_fusion_weights_and_sizes():
 def test_attention_received_is_the_mean_over_heads_and_queries():
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
-    bias = torch.randn(2, 1, 1, 5)
+    bias = torch.randn(2, 5)  # one logit bias per key
     got = attention_received(q, k, 0.5, bias)
     ref = torch.stack(
-        [torch.stack([(q[b, h] @ k[b, h].T * 0.5 + bias[b, 0]).softmax(-1) for h in range(3)]) for b in range(2)]
+        [torch.stack([(q[b, h] @ k[b, h].T * 0.5 + bias[b]).softmax(-1) for h in range(3)]) for b in range(2)]
     ).mean(dim=(1, 2))
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(got.sum(-1), torch.ones(2))  # each query row sums to one, so does their mean

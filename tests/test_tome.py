@@ -8,6 +8,7 @@ import torch
 from _toy import cls_only_vit
 from timm.models.vision_transformer import VisionTransformer
 
+from lwbench.attention import biased_attention
 from lwbench.backbones import create_backbone
 from lwbench.errors import BudgetError, ConfigError
 from lwbench.method import BackboneSpec
@@ -67,9 +68,11 @@ def test_proportional_attention_equals_duplicated_tokens(case):
     size = torch.tensor([[[1.0], [2.0]]])
     with torch.no_grad():
         ref = attn(norm(duplicated))
-        out = attn(norm(merged), attn_mask=size_bias(size, p))
+        out = attn(norm(merged), attn_mask=size_bias(size, p)[:, None, None, :])  # timm's attention, a float mask
+        folded = biased_attention(attn, norm(merged), size_bias(size, p))[0]  # the bias folded into q . k
         plain = attn(norm(merged))
     assert torch.allclose(out, ref[:, : p + 2], atol=1e-6)  # CLS, registers and both tokens
+    assert torch.allclose(folded, ref[:, : p + 2], atol=1e-6)
     assert not torch.allclose(plain[:, 0], ref[:, 0], atol=1e-6)  # without the bias it differs
 
 
