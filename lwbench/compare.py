@@ -159,7 +159,7 @@ def compare(task: str, methods: Sequence[str], budgets: Sequence[str] = (), regi
         return 0
     from lwbench.sweeps import run_sweep
 
-    failures = run_sweep(spec, flags, sets, debug=debug)
+    failures = run_sweep(spec, flags, sets, debug=debug, table=False)
     show_comparison(points, plot_out)
     return len(failures)
 

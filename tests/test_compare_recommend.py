@@ -103,6 +103,7 @@ def test_compare_runs_the_plan_and_shows_only_its_rows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert failed == 0 and (tmp_path / "cmp.png").is_file()
     assert "points vs full, paired over 8 images" in out and "12.3" not in out
+    assert out.count("top1 % [95% CI]") == 1  # one table: the sweep's own closing table is left out
 
 
 # -- recommend ---------------------------------------------------------------------------------------------------

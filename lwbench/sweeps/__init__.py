@@ -19,11 +19,12 @@ LAUNCHERS = ("local", "submitit")
 def run_sweep(spec: SweepSpec | str, flags: Mapping[str, Any] | None = None, sets: Sequence[str] = (),
               shard: str | None = None, phase: str = "all", launcher: str = "local",
               launch: Mapping[str, Any] | None = None, plugins: Sequence[str] = (), dry_run: bool = False,
-              debug: bool = False) -> list[tuple[str, str]]:
+              debug: bool = False, table: bool = True) -> list[tuple[str, str]]:
     """Run a sweep (a :class:`SweepSpec` or a file's path); return its failures as (point, one-line reason).
 
     ``flags`` and ``sets`` are the caller's (see :func:`expand`); ``launch`` the caller's launch options on top of
-    the file's ``launch:`` section (:func:`launch_options`); ``plugins`` modules each submitit job imports first."""
+    the file's ``launch:`` section (:func:`launch_options`); ``plugins`` modules each submitit job imports first;
+    ``table=False`` leaves out the local sweep's closing table (a caller that prints its own)."""
     import difflib
 
     from lwbench.errors import ConfigError
@@ -57,7 +58,7 @@ def run_sweep(spec: SweepSpec | str, flags: Mapping[str, Any] | None = None, set
         return failures
     from lwbench.sweeps.local import run_local
 
-    return run_local(points, phase, debug=debug)
+    return run_local(points, phase, debug=debug, table=table)
 
 
 __all__ = ["run_sweep", "expand", "load_spec", "parse_spec", "launch_options", "SweepSpec", "LaunchOptions",

@@ -109,11 +109,12 @@ def summary(n: int, failures: list[tuple[str, str]], t0: float) -> None:
         print(f"  failed: {name}: {why}", file=sys.stderr)
 
 
-def run_local(points: list, phase: str = "all", debug: bool = False) -> list[tuple[str, str]]:
+def run_local(points: list, phase: str = "all", debug: bool = False, table: bool = True) -> list[tuple[str, str]]:
     """Run every point here; return the failures as (point, one-line reason).
 
     ``phase`` ``train`` trains every point's stages (cached), ``measure`` evaluates, times and writes each row
-    (training what is still missing), ``all`` (default) does the first pass over every point, then the second."""
+    (training what is still missing), ``all`` (default) does the first pass over every point, then the second.
+    ``table=False``: no table of the rows at the end (``lwbench compare`` prints its own)."""
     from lwbench.runner import run, train_only
 
     if phase not in PHASES:
@@ -145,7 +146,7 @@ def run_local(points: list, phase: str = "all", debug: bool = False) -> list[tup
                 if debug:
                     traceback.print_exc()
     out = list(failures.items())
-    if phase != "train":
+    if phase != "train" and table:
         print(_sweep_table(points, run_ids))
     summary(len(points), out, t0)
     return out
