@@ -147,7 +147,9 @@ def test_subset_embedding_matches_the_convolution(seam):
     idx = torch.stack([torch.randperm(n, generator=g)[: max(1, n // 2)].sort().values for _ in range(x.shape[0])])
     sub = embed_patches(vit, x, idx)
     ref = torch.gather(full, 1, idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
-    torch.testing.assert_close(sub, ref, rtol=1e-5, atol=1e-5)
+    # Rounding of a sum grows with its terms, not its result: an output near 0 from terms of size ~10 (weights
+    # N(0, 0.3), 768 products for patch 16) differs by ~1e-5 between summation orders. Scale the bound with the output.
+    torch.testing.assert_close(sub, ref, rtol=1e-5, atol=1e-6 * max(1.0, float(full.abs().max())))
 
 
 def test_blocks_pass_the_reduction_check(seam):
