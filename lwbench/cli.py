@@ -671,7 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_show)
 
     p = sub.add_parser("compare", help="plan, run and plot the smallest fair comparison of some methods on a task",
-                       epilog="examples:\n  lwbench compare --task traffic_signs --methods lookwhere,tome,evit --dry-run\n"
+                       epilog="examples:\n"
+                              "  lwbench compare --task traffic_signs --methods lookwhere,tome,evit --dry-run\n"
                               "  lwbench compare --task traffic_signs --methods lookwhere,saliency --budgets k=28,k=75",
                        formatter_class=fmt)
     p.add_argument("--task", required=True, help="task name (lwbench list tasks)")

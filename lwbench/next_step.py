@@ -9,8 +9,6 @@ group the newest row belongs to), as every comparison in lwbench is.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pandas as pd
 
 from lwbench.compare import REFERENCE

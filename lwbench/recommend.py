@@ -62,7 +62,7 @@ def candidates(df: pd.DataFrame) -> pd.DataFrame:
     """One line per method/budget/regime: mean metric over seeds, its first seed's row for pairing."""
     df = df[df.get("status", "ok").fillna("ok") == "ok"] if "status" in df else df
     out = []
-    for (method, budget, regime), g in df.groupby(["method", "budget", "regime"], dropna=False):
+    for _, g in df.groupby(["method", "budget", "regime"], dropna=False):
         g = g.sort_values("seed") if "seed" in g else g
         first = g.iloc[0].to_dict()
         first["metric_mean"] = float(pd.to_numeric(g["metric_value"], errors="coerce").mean())

@@ -60,9 +60,21 @@ def show_compare(reqs: Sequence[Any], out: Path, n: int = 4, disagree: bool = Fa
     from lwbench.diagnostics import has_objects, object_mask
     from lwbench.results import ResultStore
     from lwbench.runner import Plan, fit_method
-    from lwbench.show import (KEPT_EDGE, OBJECT_EDGE, clear_ticks, dim_unprocessed, kept_mask, merge_groups,
-                              merge_panel, outline, prediction_caption, pyplot, save_figure, spatial_content,
-                              upsample_cells)
+    from lwbench.show import (
+        KEPT_EDGE,
+        OBJECT_EDGE,
+        clear_ticks,
+        dim_unprocessed,
+        kept_mask,
+        merge_groups,
+        merge_panel,
+        outline,
+        prediction_caption,
+        pyplot,
+        save_figure,
+        spatial_content,
+        upsample_cells,
+    )
     from lwbench.sweeps.points import results_of
     from lwbench.task import denormalize
 
