@@ -839,9 +839,12 @@ def _batch_entries(r: Any) -> list[dict[str, Any]]:
     return out
 
 
-def conversion_points(df: pd.DataFrame, task: str, source: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame,
-                                                                                      str, int]:
+def conversion_points(df: pd.DataFrame, task: str, source: str | None = None,
+                      panel_by: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, str, int]:
     """The points of the conversion plot of ``task``: ``(points, rows, source, left_out)``.
+
+    ``panel_by``: a column whose value starts each point's ``device`` label, so rows that differ in it get panel rows
+    of their own (``lwbench speed``'s grid: one per backbone and size).
 
     ``points`` has one row per (replicate group, batch size): rows that differ only in their seed are averaged
     (their ``wide`` is true if any seed's interval is). Columns: ``method``, ``line`` (the method, ``(off the
@@ -865,6 +868,8 @@ def conversion_points(df: pd.DataFrame, task: str, source: str | None = None) ->
             continue
         line = str(r["method"]) + (f" {OFF_THE_SHELF}" if r.get("regime") == "off_the_shelf" else "")
         device = ", ".join(b for b in (_device(r), _threads(r)) if b)
+        if panel_by is not None:
+            device = f"{r.get(panel_by)} · {device}"
         for e in entries:
             recs.append({"rep": rep, "method": str(r["method"]), "line": line, "budget": str(r.get("budget", "-")),
                          "bv": _number(r.get("budget_value")),
@@ -907,7 +912,7 @@ def _conversion_title(d: pd.DataFrame, task: str, source: str, pts: pd.DataFrame
     return head + "\n" + " · ".join(bits)
 
 
-def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None) -> Figure:
+def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None, panel_by: str | None = None) -> Figure:
     """How much of each method's MAC saving becomes time on ``task`` (an Agg-backed ``Figure``, no pyplot state).
 
     x: ``gmac_ratio`` (how many times fewer MACs than ``full``), y: the speed-up over ``full`` timed paired, with
@@ -917,7 +922,8 @@ def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None) ->
     ``throughput_speedup``, more from ``timing_batches``. Every method in its own colour and marker
     (:func:`method_style`, as on the Pareto plots), joined by a thin line over its budgets (dashed off the shelf);
     points whose interval is wide (the machine was too busy) hollow and faded; ``full`` at (1, 1). Rows without
-    a paired speed-up are left out with one notice saying how many.
+    a paired speed-up are left out with one notice saying how many. ``panel_by``: a column that splits the panel
+    rows further (:func:`conversion_points`).
     """
     import seaborn as sns
     from matplotlib import patheffects
@@ -926,7 +932,7 @@ def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None) ->
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
-    pts, d, source, left_out = conversion_points(df, task, source)
+    pts, d, source, left_out = conversion_points(df, task, source, panel_by)
     if left_out:
         _notice(f"{left_out} {source} row(s) of '{task}' have no paired speed-up (timed one model per process, "
                 f"before paired timing) and are left out of the conversion plot")
