@@ -20,6 +20,10 @@ EXAMPLES = {
     "flops": """examples:
   lwbench flops --method full --backbone vit_base_patch14_reg4_dinov2 --img-size 224 --json
   lwbench flops --method random --backbone vit_small_patch16_224 --img-size 224 --budget k=49""",
+    "speed": """examples:
+  lwbench speed --out speed --dry-run
+  lwbench speed --methods tome,evit,lookwhere --backbones vit_small_patch14_dinov2 --img-sizes 224,504x672 --out speed
+  lwbench speed --budgets matched:0.5 --batches 1 --threads 2 --device cpu --out benchmarks/reference/speed""",
     "plot": """examples:
   lwbench plot pareto --task traffic_signs
   lwbench plot pareto --task billiards --x latency_ms --out billiards.png
@@ -321,6 +325,51 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def cmd_speed(args) -> int:
+    from lwbench.config import split_sets
+    from lwbench.speed import format_plan, method_names, run_speed, speed_config
+
+    values: dict = {"budgets": _csv_list(args.budgets), "device": args.device}
+    for key, text in (("methods", args.methods), ("backbones", args.backbones)):
+        if text is not None:
+            values[key] = _csv_list(text)
+    if args.img_sizes is not None:
+        values["img_sizes"] = [_parse_hw(s) for s in _csv_list(args.img_sizes)]
+    if args.batches is not None:
+        values["batches"] = _csv_list(args.batches)
+    if args.threads is not None:
+        values["threads"] = args.threads
+    measure: dict = {}
+    opts: dict = {}
+    for method in method_names(speed_config({k: v for k, v in values.items() if k == "methods"})):
+        run, mopts, _ = split_sets(args.set, method, "")
+        if set(run) - {"measure"}:
+            raise ConfigError(f"lwbench speed: --set takes measure.KEY=VALUE and method options, not "
+                              f"{', '.join(sorted(set(run) - {'measure'}))}.*")
+        measure = run.get("measure", {})
+        if mopts:
+            opts[method] = mopts
+    if args.limit_s is not None:
+        measure["max_run_time"] = args.limit_s
+    values.update(measure=measure, method_opts=opts)
+    cfg = speed_config(values)
+    result = run_speed(cfg, args.out, force=args.force, dry_run=args.dry_run,
+                       command="lwbench " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["speed"] else "")
+    if args.dry_run:
+        print(format_plan(result, cfg))
+        return 0
+    table = result.files[1] if len(result.files) > 1 else None
+    if table is not None:
+        print(table.read_text().rstrip())
+    print(f"\n{result.timed} point(s) timed, {len(result.done)} already done; wrote "
+          f"{', '.join(str(f) for f in result.files)}")
+    return 0
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
 def _row_filter(args):
     """The ``--where`` / ``--run-ids`` / ``--sweep`` of ``results``, ``plot`` and ``report`` as one
     :class:`lwbench.row_filter.RowFilter`."""
@@ -609,6 +658,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     _common(p)
     p.set_defaults(fn=cmd_flops)
+
+    p = sub.add_parser("speed", help="a speed reference: GMACs and the speed-up over full, timed paired, of every "
+                       "method on random weights, over backbones x image sizes x batches (speed.csv, table.md, "
+                       "conversion.png)", epilog=EXAMPLES["speed"], formatter_class=fmt)
+    g = p.add_argument_group("the grid")
+    g.add_argument("--methods", metavar="A,B", help="methods (default: every registered method; full, the "
+                   "reference, is timed against itself: the noise floor)")
+    g.add_argument("--backbones", metavar="A,B", help="timm ViT names (default vit_small_patch14_dinov2,"
+                   "vit_base_patch14_reg4_dinov2)")
+    g.add_argument("--img-sizes", metavar="S,HxW", help="image sizes (default 224,518,504x672: DINOv2's and the "
+                   "paper profile's 4:3 traffic-sign frames)")
+    g.add_argument("--batches", metavar="B,B", help="batch sizes timed paired (default 1,32; batch 1 always is)")
+    g.add_argument("--budgets", default="default", metavar="REQ,REQ",
+                   help="default (each method's default budget at that backbone and size) and/or matched[:RATIO] "
+                        "(the budget whose GMACs come closest to RATIO x full's, default 0.5; the achieved "
+                        "fraction is in the row)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="measure.KEY=VALUE (the timing protocol: measure.min_runs, measure.warmup, ...) or a method "
+                        "option (methods.M.KEY=VALUE)")
+    t = p.add_argument_group("where and how long")
+    t.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--limit-s", type=float, help="seconds one paired timing may go on while its interval is wider "
+                   "than 1.25x (measure.max_run_time, default 20)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="speed", help="folder for speed.csv, table.md, conversion.png (default ./speed)")
+    o.add_argument("--force", action="store_true", help="time again the points speed.csv already has for this "
+                   "machine, commit, threads, device and dtype")
+    o.add_argument("--dry-run", action="store_true", help="list the points, the paired timings and an estimate of "
+                   "the time; build, count and time nothing")
+    o.add_argument("--quiet", action="store_true", help="no progress lines")
+    _common(p)
+    p.set_defaults(fn=cmd_speed)
 
     p = sub.add_parser("results", help="print stored results", epilog=EXAMPLES["results"], formatter_class=fmt)
     p.add_argument("--task")
