@@ -218,6 +218,25 @@ def test_a_failing_point_is_a_row_and_the_grid_goes_on(tmp_path, monkeypatch):
                                                                       ("full", "ok", "")]
 
 
+def test_batch_1_comes_from_the_latency_pass_even_when_it_is_the_only_batch(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    # --batches 1: the protocol's throughput pass times a fixed batch of one image too, and timing_batches keeps that
+    fixed = {"speedup": 9.0, "ci_low": 8.0, "ci_high": 10.0, "ms": 1.0, "reference_ms": 9.0, "rounds": 2,
+             "quiet_rounds": 2, "contended": False}
+    fake = SimpleNamespace(gmacs=1.0, reference_gmacs=2.0, gmac_ratio=2.0, tokens_mean=3.0, attention_kernel="math",
+                           reference_attention_kernel="math", other_load=0.0, measure_isolated=True,
+                           timing_batches=json.dumps({"1": fixed}), speedup=1.5, speedup_ci_low=1.4,
+                           speedup_ci_high=1.6, latency_ms=2.0, reference_latency_ms=3.0, timing_rounds=12,
+                           timing_quiet_rounds=11, timing_contended=False)
+    monkeypatch.setattr("lwbench.measure.contract.measure", lambda *a, **k: fake)
+    run_speed(speed_config({**TINY, "methods": ["random"], "batches": [1]}), tmp_path)
+    (row,) = read_rows(tmp_path / "speed.csv")
+    got = (row["batch"], row["speedup"], row["ms"], row["rounds"], row["quiet_rounds"])
+    assert got == ("1", "1.5", "2", "12", "11")
+    assert row["conversion"] == "0.75" and row["reliable"] == "true"
+
+
 def test_dry_run_lists_points_pairs_and_an_estimate_and_runs_nothing(tmp_path, monkeypatch, capsys):
     def nothing(*a, **k):
         raise AssertionError("the dry run built or timed something")
