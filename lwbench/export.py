@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from lwbench.errors import ConfigError
 from lwbench.mixing import differences
+from lwbench.schema import finite_float
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,14 +56,7 @@ def refuse_mixed(d: pd.DataFrame, what: str) -> None:
                           f"not mix them")
 
 
-def _finite(v: Any) -> float | None:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+_finite = finite_float  # one definition: lwbench.schema.finite_float
 
 
 def _gmacs(v: Any) -> str:

@@ -15,12 +15,12 @@ labels name only the other sides, so the usual case, one setting, reads as befor
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lwbench.row_filter import flatten
+from lwbench.schema import finite_float
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,14 +58,7 @@ class Difference:
         return f"rows differ in {self.what}: {counts}; never averaged, kept apart; select one with {self.where}"
 
 
-def _finite(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+_finite = finite_float  # one definition: lwbench.schema.finite_float
 
 
 def _int_text(v: Any) -> str:

@@ -299,3 +299,15 @@ def _as_float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def finite_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, NaN, inf, text, a bool): how tables, exports and the
+    mixing checks read a row's optional numbers."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None

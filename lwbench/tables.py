@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from lwbench.results import sort_frame
 from lwbench.row_filter import flatten
-from lwbench.schema import FLOAT_FIELDS, ResultError, jsonable
+from lwbench.schema import FLOAT_FIELDS, ResultError, finite_float, jsonable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -182,15 +182,7 @@ def hard_subset_cell(r: Mapping[str, Any], decimals: int = 1) -> str:
     return f"{v:.{decimals}f} [{lo:.{decimals}f}, {hi:.{decimals}f}]"
 
 
-def _finite(value: Any) -> float | None:
-    """``value`` as a finite float, or None (missing, NaN, text, a bool)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+_finite = finite_float  # one definition: lwbench.schema.finite_float
 
 
 def _flag(value: Any) -> bool | None:
