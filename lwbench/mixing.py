@@ -19,8 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lwbench.row_filter import flatten
-from lwbench.schema import finite_float
+from lwbench.schema import finite_float, flatten
 
 if TYPE_CHECKING:
     import pandas as pd

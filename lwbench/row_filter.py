@@ -34,7 +34,7 @@ from typing import Any
 
 from lwbench.errors import ConfigError, LwbenchError
 from lwbench.logs import log
-from lwbench.schema import FIELD_NAMES
+from lwbench.schema import FIELD_NAMES, flatten
 
 _NONE = ("", "none", "null", "nan", "-")
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -73,21 +73,6 @@ def parse_run_ids(text: str | Sequence[str] | None) -> tuple[str, ...]:
         return ()
     parts = [text] if isinstance(text, str) else list(text)
     return tuple(dict.fromkeys(p.strip() for part in parts for p in str(part).split(",") if p.strip()))
-
-
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config (a dict or its JSON text) as ``{"train.steps": 100, "eval.limit": None, ...}``."""
-    if isinstance(config, str):
-        try:
-            config = json.loads(config)
-        except ValueError:
-            return {}
-    if not isinstance(config, Mapping):
-        return {prefix.rstrip("."): config} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
-    return out
 
 
 def _number(text: str) -> float | None:

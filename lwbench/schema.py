@@ -301,6 +301,22 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A row's nested config (a dict or its JSON text) as ``{"train.steps": 100, "eval.limit": None, ...}``: the keys
+    ``--where`` selects on, and the settings tables and the mixing checks compare."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return {}
+    if not isinstance(config, Mapping):
+        return {prefix.rstrip("."): config} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
 def finite_float(value: Any) -> float | None:
     """``value`` as a finite float, or None (missing, NaN, inf, text, a bool): how tables, exports and the
     mixing checks read a row's optional numbers."""

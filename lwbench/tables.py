@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lwbench.results import sort_frame
-from lwbench.row_filter import flatten
-from lwbench.schema import FLOAT_FIELDS, ResultError, finite_float, jsonable
+from lwbench.schema import FLOAT_FIELDS, ResultError, finite_float, flatten, jsonable
 
 if TYPE_CHECKING:
     import pandas as pd
