@@ -270,7 +270,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from lwbench.compare import compare, split_list
+    from lwbench.compare import compare
+    from lwbench.options import split_list
 
     regimes = split_list(args.regimes) or ([args.regime] if args.regime not in (None, "auto") else None)
     flags = {k: v for k, v in _flags(args).items() if k != "regime"}
@@ -493,7 +494,8 @@ def cmd_show(args) -> int:
 def _show_compare(args) -> int:
     """``--compare``: the methods' budgets and regime as ``lwbench compare`` would run them (so the figure shows the
     rows of its table)."""
-    from lwbench.compare import comparison_spec, split_list
+    from lwbench.compare import comparison_spec
+    from lwbench.options import split_list
     from lwbench.show_compare import show_compare
 
     methods = split_list(args.compare)

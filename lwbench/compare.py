@@ -21,16 +21,9 @@ from typing import Any
 
 from lwbench.errors import ConfigError
 from lwbench.estimates import Estimate, duration, point_estimate, timing_history
+from lwbench.options import split_list
 
 REFERENCE = "full"
-
-
-def split_list(text: str | Sequence[str] | None) -> list[str]:
-    """``"a,b, c"`` (or a list of such) -> ``["a", "b", "c"]``, order kept, repeats dropped."""
-    if text is None:
-        return []
-    items = [text] if isinstance(text, str) else list(text)
-    return list(dict.fromkeys(p.strip() for item in items for p in str(item).split(",") if p.strip()))
 
 
 def default_regimes(methods: Sequence[str]) -> list[str]:

@@ -288,4 +288,14 @@ class NoOptions:
     """A method without options."""
 
 
-__all__ = ["option", "coerce", "build", "flat_keys", "describe", "to_dict", "set_nested", "close_key", "NoOptions"]
+def split_list(text: str | typing.Sequence[str] | None) -> list[str]:
+    """``"a,b, c"`` (or a list of such, as repeated flags give) -> ``["a", "b", "c"]``, order kept, repeats dropped:
+    how comma-separated command-line lists (methods, budgets, run ids) are read."""
+    if not text:
+        return []
+    items = [text] if isinstance(text, str) else list(text)
+    return list(dict.fromkeys(p.strip() for item in items for p in str(item).split(",") if p.strip()))
+
+
+__all__ = ["option", "split_list", "coerce", "build", "flat_keys", "describe", "to_dict", "set_nested", "close_key",
+           "NoOptions"]

@@ -34,6 +34,7 @@ from typing import Any
 
 from lwbench.errors import ConfigError, LwbenchError
 from lwbench.logs import log
+from lwbench.options import split_list
 from lwbench.schema import FIELD_NAMES, flatten
 
 _NONE = ("", "none", "null", "nan", "-")
@@ -69,10 +70,7 @@ def parse_where(items: Iterable[str]) -> tuple[Condition, ...]:
 
 def parse_run_ids(text: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"a1b2,c3d4"`` (or a list of such) -> ``("a1b2", "c3d4")``."""
-    if not text:
-        return ()
-    parts = [text] if isinstance(text, str) else list(text)
-    return tuple(dict.fromkeys(p.strip() for part in parts for p in str(part).split(",") if p.strip()))
+    return tuple(split_list(text))
 
 
 def _number(text: str) -> float | None:
