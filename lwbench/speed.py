@@ -380,6 +380,7 @@ def pair_seconds(t_model: float, t_ref: float, m: MeasureConfig) -> float:
     both = t_model + t_ref
     k_calls = max(1, round(m.min_run_time / max(1, m.min_runs) / max(t_model, t_ref, 1e-9)))
     rounds = max(max(2, m.min_runs), math.ceil(2 * m.min_run_time / (k_calls * both)))
+    rounds += rounds % 2  # whole ABBA pairs
     return max(2, m.warmup) * both + rounds * k_calls * both
 
 
@@ -392,10 +393,9 @@ class Estimate:
 def estimate(points: list[Point], cfg: SpeedConfig, device: str, threads: int, rate: float | None = None) -> Estimate:
     """Rough seconds to time ``points`` (within 2x on a quiet machine): per call ``RULE_CALL_S`` + GMACs / rate (the
     rate measured by earlier rows of this machine when given, else :data:`RULE_GMACS_PER_S`), a method at half of
-    full's GMACs (at RATIO of them when matched), each batch's pair by :func:`pair_seconds` (batch 1 twice when it
-    is the only one: the protocol's throughput pass runs at it too), plus counting (about 6 forwards of each model),
-    the memory pass, the kernel probe and :data:`RULE_POINT_S`; matched budgets add about 8 counts. A busy machine
-    adds up to ``measure.max_run_time`` per pair."""
+    full's GMACs (at RATIO of them when matched), each batch's pair by :func:`pair_seconds`, plus counting (about 6
+    forwards of each model), the memory pass, the kernel probe and :data:`RULE_POINT_S`; matched budgets add about 8
+    counts. A busy machine adds up to ``measure.max_run_time`` per pair."""
     measured = rate is not None
     rate = rate if measured else RULE_GMACS_PER_S[device] * (threads if device == "cpu" else 1)
     m = cfg.measure
@@ -415,9 +415,7 @@ def estimate(points: list[Point], cfg: SpeedConfig, device: str, threads: int, r
         total += RULE_POINT_S + 6 * (t_ref1 + t_m1) + t_m1 * m.memory_batch + 2 * (t_ref1 + t_m1)
         if mode == "matched" and p.method != REFERENCE:
             total += 8 * (3 * t_m1 + 1.0)
-        # batch 1 alone: the protocol's throughput pass times a fixed batch of 1 after the latency pass
-        timed = batches if len(batches) > 1 else (1, 1)
-        total += sum(pair_seconds(call(full * frac, b), call(full, b), m) for b in timed)
+        total += sum(pair_seconds(call(full * frac, b), call(full, b), m) for b in batches)
     source = "GMAC/s measured by earlier rows here" if measured else "rule"
     rule = (f"{source}: {rate:.0f} GMAC/s on {device}" + (f" with {threads} threads" if device == "cpu" else "")
             + ", methods at half of full's GMACs unless matched; a busy machine adds up to "
@@ -529,12 +527,7 @@ def time_point(p: Point, ctx: _Context, say: Callable[[str], None]) -> list[dict
               "gmac_fraction": m.gmacs / m.reference_gmacs if m.reference_gmacs > 0 else math.nan,
               "tokens": m.tokens_mean, "kernel": m.attention_kernel, "reference_kernel": m.reference_attention_kernel,
               "other_load": m.other_load, "isolated": m.measure_isolated, "point_seconds": seconds}
-    entries = json.loads(m.timing_batches or "{}")
-    # Batch 1 from the latency pass, which cycles through the images (with --batches 1 the throughput pass times a
-    # fixed batch of one image too, and its entry is the one timing_batches keeps).
-    entries["1"] = {"speedup": m.speedup, "ci_low": m.speedup_ci_low, "ci_high": m.speedup_ci_high,
-                    "ms": m.latency_ms, "reference_ms": m.reference_latency_ms, "rounds": m.timing_rounds,
-                    "quiet_rounds": m.timing_quiet_rounds, "contended": bool(m.timing_contended)}
+    entries = json.loads(m.timing_batches or "{}")  # batch 1: the latency pass, cycling through the images
     rows = []
     for b, e in sorted(entries.items(), key=lambda kv: int(kv[0])):
         if "error" in e:
@@ -775,10 +768,8 @@ def format_plan(run: SpeedRun, cfg: SpeedConfig) -> str:
     refused = sum(1 for p in run.points if p.refusal)
     lines = [tabulate(body, headers=["backbone", "size", "method", "budget", "state"], disable_numparse=True), "",
              f"{len(run.points)} points: {len(timed)} to time, {len(run.done)} done, {refused} refused; batches "
-             f"{', '.join(map(str, batches))}: {len(timed) * max(2, len(batches))} paired timings against "
-             f"{REFERENCE} ({len(timed)} worker processes"
-             + ("; batch 1 twice: the protocol's throughput pass runs at it too" if len(batches) == 1 else "")
-             + f"), {run.device} with {run.threads} thread(s)",
+             f"{', '.join(map(str, batches))}: {len(timed) * len(batches)} paired timings against "
+             f"{REFERENCE} ({len(timed)} worker processes), {run.device} with {run.threads} thread(s)",
              f"estimate: {duration(run.estimate.seconds)} ({run.estimate.rule}; rough, within 2x)",
              f"note: {TRAINING_NOTE}"]
     return "\n".join(lines)

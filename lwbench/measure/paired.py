@@ -6,16 +6,26 @@ the two measurements. Timed side by side, call block by call block, both models 
 *ratio* holds still (2.08x quiet and 2.05x beside two busy loops, in the pilot of this module). So:
 
 * both models run in this process, on the same device, dtype and threads, eval mode, ``inference_mode``;
-* they are warmed up, then timed in **rounds**: one block of calls of each model, in an order drawn at random
-  per round (AB or BA: the ABBA... pattern of paired designs, so a drift within a round favours neither);
+* they are warmed up, then timed in **rounds**: one block of calls of each model, in **balanced pairs of
+  rounds**: the first round of a pair in an order drawn at random (AB or BA), the second in the reverse order
+  (ABBA), so each model runs first exactly as often as second;
 * a block is as many calls as fill about ``min_run_time / min_runs`` seconds (one call for a big model), and
   both blocks of a round cycle through the same images (batch 1) or time the same fixed batch;
 * a block's time is the median of its calls (a call that waited for a core lost to another process measures the
-  machine, not the model); a round's speed-up is the reference's block time over the model's; the speed-up is
-  the **median over rounds** and its 95% interval a percentile bootstrap of that median, resampling rounds;
-* timing runs for at least ``min_runs`` rounds and ``2 * min_run_time`` seconds, then goes on while the interval
-  is wider than :data:`RELIABLE_RATIO` (high / low), up to ``max_run_time`` seconds: a busy machine buys more
-  rounds instead of a wrong number, and a row whose interval stays wide says so (``speedup_reliable``).
+  machine, not the model); a round's speed-up is the reference's block time over the model's, a pair's the
+  geometric mean of its two rounds' (a block that runs second gains or loses the same factor in both orders, and
+  that factor cancels); the speed-up is the **median over pairs** and its 95% interval a percentile bootstrap of
+  that median, resampling pairs;
+
+Why pairs. Until 2026-12-07 the order was drawn per round and the median taken over rounds. A block that runs
+second in its round is faster or slower by a factor of its own (caches, frequency, the allocator's state), and
+ten random orders are rarely five and five: with seed 0 the reference ran first in 7 of 10 rounds, and ``full``
+timed against itself at 518 px on ViT-B read 1.04x [1.03, 1.07]. With balanced pairs that factor cancels
+exactly (``tests/test_paired.py``: a second block 10% faster, ``full`` against itself reads 1.00x).
+* timing runs for at least ``min_runs`` rounds (rounded up to whole pairs) and ``2 * min_run_time`` seconds, then
+  goes on pair by pair while the interval is wider than :data:`RELIABLE_RATIO` (high / low), up to
+  ``max_run_time`` seconds: a busy machine buys more rounds instead of a wrong number, and a row whose interval
+  stays wide says so (``speedup_reliable``).
 
 On CUDA every call is bracketed by CUDA events and each block ends with a synchronize; on CPU a block is timed
 with ``time.perf_counter`` (the calls are synchronous). :func:`attention_kernels` names the attention kernel that
@@ -174,13 +184,13 @@ class _Contention:
 def time_paired(model: nn.Module, reference: nn.Module, inputs: list[torch.Tensor], device: torch.device,
                 threads: int = 1, warmup: int = 5, min_run_time: float = 1.0, min_runs: int = 10,
                 max_run_time: float = 20.0, seed: int = 0) -> PairedTiming:
-    """Time ``model`` against ``reference`` in rounds of one block each, order random per round (module docstring).
+    """Time ``model`` against ``reference`` in balanced pairs of rounds of one block each (module docstring).
 
     ``inputs`` are on ``device`` already: batch-1 images to cycle through, or one fixed batch. Both models must be
     in eval mode on ``device``. The round count grows past ``min_runs`` while the interval is wider than
     :data:`RELIABLE_RATIO`, or fewer than ``min_runs`` rounds ran free of other processes' load, and
-    ``max_run_time`` seconds have not passed. The speed-up is read from the uncontended rounds when there are
-    ``min_runs`` of them, else from all (and :attr:`PairedTiming.contended` says so)."""
+    ``max_run_time`` seconds have not passed. The speed-up is read from the pairs of uncontended rounds when there
+    are ``min_runs`` such rounds, else from all (and :attr:`PairedTiming.contended` says so)."""
     models = {"model": model, "reference": reference}
     n = len(inputs)
     batch = int(inputs[0].shape[0])
@@ -213,10 +223,14 @@ def time_paired(model: nn.Module, reference: nn.Module, inputs: list[torch.Tenso
             load = _Contention(threads)
             start = time.perf_counter()
             position = 0
+            min_rounds = 2 * max(1, math.ceil(max(2, min_runs) / 2))
+            order = ["model", "reference"]
             while True:
                 indices = [(position + j) % n for j in range(k_calls)]
                 position += k_calls
-                order = ["model", "reference"] if rng.random() < 0.5 else ["reference", "model"]
+                # a pair's first round in a random order, its second in the reverse (ABBA)
+                order = (["model", "reference"] if rng.random() < 0.5 else ["reference", "model"]) \
+                    if len(ratios) % 2 == 0 else order[::-1]
                 load.start()
                 got = {k: clock.block(calls[k], indices) for k in order}
                 loads.append(load.others())
@@ -224,13 +238,15 @@ def time_paired(model: nn.Module, reference: nn.Module, inputs: list[torch.Tenso
                 for k in models:
                     times[k].append(got[k])
                 ratios.append(got["reference"] / got["model"])
+                if len(ratios) % 2:
+                    continue  # decisions at whole pairs only
                 elapsed = time.perf_counter() - start
-                if len(ratios) < max(2, min_runs) or elapsed < 2 * min_run_time:
+                if len(ratios) < min_rounds or elapsed < 2 * min_run_time:
                     continue
                 if elapsed >= max_run_time:
                     break
-                usable = [r for r, q in zip(ratios, quiet, strict=True) if q]
-                if len(usable) < max(2, min_runs):
+                usable = [r for r, q in zip(*pair_ratios(ratios, quiet), strict=True) if q]
+                if 2 * len(usable) < min_rounds:
                     continue
                 _, low, high = median_ratio_interval(usable, seed=seed)
                 if interval_is_reliable(low, high):
@@ -239,9 +255,11 @@ def time_paired(model: nn.Module, reference: nn.Module, inputs: list[torch.Tenso
         if device.type == "cpu":
             torch.set_num_threads(old_threads)
     n_quiet = sum(quiet)
-    contended = n_quiet < max(2, min_runs)
-    keep = [True] * len(ratios) if contended else quiet
-    used = [r for r, k in zip(ratios, keep, strict=True) if k]
+    pairs, pair_quiet = pair_ratios(ratios, quiet)
+    contended = 2 * sum(pair_quiet) < min_rounds
+    keep_pair = [True] * len(pairs) if contended else pair_quiet
+    used = [r for r, k in zip(pairs, keep_pair, strict=True) if k]
+    keep = [k for k in keep_pair for _ in range(2)]
     speedup, low, high = median_ratio_interval(used, seed=seed)
     q = [1e3 * v for v in _quartiles([t for t, k in zip(times["model"], keep, strict=True) if k])]
     r = [1e3 * v for v in _quartiles([t for t, k in zip(times["reference"], keep, strict=True) if k])]
@@ -249,6 +267,14 @@ def time_paired(model: nn.Module, reference: nn.Module, inputs: list[torch.Tenso
                         reference_ms=r[1], reference_ms_p25=r[0], reference_ms_p75=r[2], rounds=len(ratios),
                         calls_per_block=k_calls, seconds=time.perf_counter() - start, quiet_rounds=n_quiet,
                         other_load=statistics.fmean(loads) if loads else math.nan, contended=contended)
+
+
+def pair_ratios(ratios: list[float], quiet: list[bool]) -> tuple[list[float], list[bool]]:
+    """Rounds taken two by two (an even number of them): each pair's speed-up, the geometric mean of its rounds'
+    (the factor a block gains or loses by running second cancels), and whether both rounds were quiet."""
+    m = len(ratios) // 2 * 2
+    return ([math.sqrt(ratios[i] * ratios[i + 1]) for i in range(0, m, 2)],
+            [quiet[i] and quiet[i + 1] for i in range(0, m, 2)])
 
 
 # -- the paired pass of one point ----------------------------------------------------------------------------
@@ -292,8 +318,9 @@ def measure_paired(model: nn.Module, reference: nn.Module, images: torch.Tensor,
         "reference_attention_kernel": attention_kernels(reference, singles[0]),
     }
     per_batch: dict[str, dict] = {"1": _batch_entry(one)}
-    bs = int(throughput_batch)
-    while True:
+    bs = max(1, int(throughput_batch))
+    big = one if bs == 1 else None  # a throughput batch of one image is the latency pass's: not timed twice
+    while big is None:
         try:
             big = _time_batch(model, reference, images, bs, device, **kw)
             break
@@ -306,6 +333,8 @@ def measure_paired(model: nn.Module, reference: nn.Module, images: torch.Tensor,
         bs = decay_batch_step(bs)
         if bs < 1:
             raise torch.cuda.OutOfMemoryError("even batch 1 does not fit for the throughput timing")
+        if bs == 1:
+            big = one
     thr, thr_iqr, ref_thr = big.throughput()
     per_batch[str(bs)] = _batch_entry(big)
     out.update(throughput=thr, throughput_iqr=thr_iqr, throughput_batch=bs,
@@ -385,4 +414,4 @@ def attention_kernels(model: nn.Module, x: torch.Tensor) -> str:
 
 
 __all__ = ["PairedTiming", "time_paired", "measure_paired", "median_ratio_interval", "interval_is_reliable",
-           "attention_kernels", "kernels_of", "RELIABLE_RATIO", "SDPA_KERNELS"]
+           "attention_kernels", "kernels_of", "pair_ratios", "RELIABLE_RATIO", "SDPA_KERNELS"]
