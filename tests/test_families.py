@@ -44,7 +44,8 @@ FAMILIES = {
     "eva02_tiny_patch14_224": ("eva", (28, 42)),  # absolute + RoPE, SwiGLU
 }
 METHOD_NAMES = sorted(METHODS.names())
-NEED_CLS = {"evit", "topk", "evit_random", "topk_random", "ats", "ips", "lookwhere"}  # read or write the class token
+# read or write the class token
+NEED_CLS = {"evit", "topk", "evit_random", "topk_random", "ats", "ips", "lookwhere", "token_transforming"}
 # (family, method) pairs refused at planning time
 REFUSED = {(fam, m) for fam in ("vit-noclass", "eva-noclass") for m in NEED_CLS}
 NUM_CLASSES = 3
