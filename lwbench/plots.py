@@ -888,7 +888,7 @@ def conversion_points(df: pd.DataFrame, task: str, source: str | None = None,
 
 
 def _conversion_title(d: pd.DataFrame, task: str, source: str, pts: pd.DataFrame, left_out: int,
-                      devices: list[str], modes: list[str]) -> str:
+                      devices: list[str], modes: list[str], panel_by: str | None = None) -> str:
     head = (f"{task} · {'SYNTHETIC data' if source == 'synthetic' else f'{source} data'} · "
             f"speed-up over {REFERENCE_METHOD} vs its MAC reduction (conversion)")
     bits = []
@@ -899,7 +899,8 @@ def _conversion_title(d: pd.DataFrame, task: str, source: str, pts: pd.DataFrame
     if len(profiles) == 1:
         bits.append(f"profile {profiles[0]}")
     if len(devices) == 1:
-        bits.append(devices[0])
+        # one panel row: the panel_by value that starts its label is the backbone and size said above
+        bits.append(devices[0].split(" · ", 1)[-1] if panel_by is not None else devices[0])
     if len(modes) == 1:
         bits.append(modes[0])
     bits.append("bars: 95% bootstrap interval over paired timing rounds")
@@ -1052,7 +1053,8 @@ def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None, pa
         legend.append(Line2D([], [], color="0.25", lw=1.4, label="conversion 1 (speed-up = GMAC ratio)"))
         legend.append(Line2D([], [], color="0.55", lw=0.9, ls="--", alpha=0.6,
                              label="conversion " + ", ".join(f"{c:g}" for c in CONVERSION_LINES if c != 1.0)))
-        _fit_suptitle(fig, _conversion_title(d, task, source, pts, left_out, devices, modes), x=0.01, ha="left",
+        title = _conversion_title(d, task, source, pts, left_out, devices, modes, panel_by)
+        _fit_suptitle(fig, title, x=0.01, ha="left",
                       fontsize=10.5, color="firebrick" if source == "synthetic" else "black")
         _fit_legend(fig, legend, min(len(legend), 3), frameon=False, fontsize=8.5, title="method (budget key)",
                     title_fontsize=8.5, columnspacing=1.6)

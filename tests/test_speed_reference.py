@@ -299,3 +299,22 @@ def test_the_conversion_plot_has_a_panel_row_per_backbone_and_size():
     assert [ax.get_gid() for ax in axes] == ["panel:batch 1", "panel:batch 32"] * 2
     labels = [ax.get_ylabel() for ax in axes]
     assert labels[0].startswith("vit_a 224x224 · cpu: Test CPU, 2 threads") and labels[2].startswith("vit_a 518x518")
+
+
+def test_one_geometry_is_named_once_in_the_conversion_title():
+    import warnings
+
+    import pandas as pd
+
+    from lwbench.plots import conversion_figure
+
+    base = {c: "" for c in COLUMNS} | {"status": "ok", "device": "cpu", "device_name": "Test CPU", "threads": "2",
+                                       "dtype": "float32", "budget_request": "default", "backbone": "vit_a",
+                                       "img_size": "518x518"}
+    rows = [base | {"method": m, "budget": b, "gmac_ratio": g, "batch": "1", "speedup": g, "ci_low": g,
+                    "ci_high": g, "reliable": "true"} for m, b, g in (("full", "-", "1.0"), ("tome", "r=8", "1.5"))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig = conversion_figure(pd.DataFrame(plot_rows(rows)), "speed reference", panel_by="geometry")
+    title = fig._suptitle.get_text()
+    assert title.count("vit_a") == 1 and "vit_a @ 518x518" in title and "cpu: Test CPU, 2 threads" in title, title
