@@ -161,6 +161,7 @@ METHODS: Registry = Registry(
         "ips": "lwbench.methods.ips:IPS",
         "tome": "lwbench.methods.tome:ToMe",
         "pitome": "lwbench.methods.pitome:PiToMe",
+        "token_transforming": "lwbench.methods.token_transforming:TokenTransforming",
         "mctf": "lwbench.methods.mctf:MCTF",
         "dtem": "lwbench.methods.dtem:DTEM",
         "algm": "lwbench.methods.algm:ALGM",
@@ -170,6 +171,7 @@ METHODS: Registry = Registry(
         "topk_random": "lwbench.methods.evit:TopKRandom",
         "ats": "lwbench.methods.ats:ATS",
         "repshift": "lwbench.methods.repshift:RepShift",
+        "saint": "lwbench.methods.saint:Saint",
     },
 )
 TASKS: Registry = Registry(
