@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from torch import nn
 
 from lwbench.errors import BudgetError, ConfigError
+from lwbench.labels import Labels
 from lwbench.options import NoOptions, build, to_dict
 from lwbench.sizes import as_hw
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from lwbench.training.context import FitContext
 
 Training = Literal["none", "finetune", "pretrain+finetune"]
+AttentionMap = Literal["none", "cls", "full"]  # lwbench.labels.ATTENTION_MAPS
 
 # A plugin's plot style (``Method.plot_style``): colours and markers no built-in method uses, picked by its name.
 PLUGIN_COLORS = ("#8c6d31", "#7b4173", "#17a589", "#c49c94", "#5254a3", "#b5cf6b", "#e7969c", "#de9ed6", "#6b6ecf",
@@ -115,8 +117,15 @@ class Method(abc.ABC):
     budget_type: ClassVar[type] = int
     default_budgets: ClassVar[tuple[float, ...]] = ()
     training: ClassVar[Training] = "none"
+    # -- what the method needs (lwbench.labels: ``lwbench list methods``, the results tables, the report) ---------
+    # Can serve a segmentation task through lwbench.tokens.densify (check_task refuses one when False).
     dense_output: ClassVar[bool] = True
+    # The token count is set per image by the content (ATS, ALGM), not by the budget alone.
     variable_length: ClassVar[bool] = False
+    # What the method reads of the backbone's attention probabilities at inference: "none" (tokens, keys, values or a
+    # folded key bias: every block can run on a fused/flash kernel), "cls" (the CLS query's softmax row, EViT, ATS) or
+    # "full" (the T x T map, MCTF); the last two are computed beside the fused kernel, which returns neither.
+    attention_map: ClassVar[AttentionMap] = "none"
     kind: ClassVar[str] = "selection"  # "baseline" | "selection" (before backbone) | "reduction" (inside)
     # The method's options: a frozen dataclass of lwbench.options.option fields (default, help, range). Fields
     # typed lwbench.config.Stage are training stages; their unset values inherit the run's ``train`` section.
@@ -140,6 +149,17 @@ class Method(abc.ABC):
     def training_free(cls) -> bool:
         """Whether the method runs off the shelf on the task-trained backbone (``training == "none"``)."""
         return cls.training == "none"
+
+    @classproperty
+    def token_count(cls) -> str:
+        """``"per image"`` for a content-adaptive method (``variable_length``), else ``"fixed"`` (by the budget)."""
+        return "per image" if cls.variable_length else "fixed"
+
+    @classproperty
+    def labels(cls) -> Labels:
+        """What the method needs (training, attention map, token count, dense output), read from the attributes
+        above: :class:`lwbench.labels.Labels`."""
+        return Labels.of(cls)
 
     @classmethod
     def plot_style(cls) -> tuple[str, str]:
@@ -239,8 +259,11 @@ class Method(abc.ABC):
 
     def check_task(self, task: Any) -> None:
         """Raise :class:`ConfigError` in one line when the method cannot run on ``task`` (e.g. ``oracle`` needs
-        object annotations). Called when a run is planned, before any teacher or training work."""
-        return None
+        object annotations). Called when a run is planned, before any teacher or training work. The default refuses a
+        segmentation task when the method declares no dense output (``dense_output``); an override calls it."""
+        if getattr(task, "kind", None) == "segmentation" and not self.dense_output:
+            raise ConfigError(f"{self.name}: task '{getattr(task, 'name', '?')}' is a segmentation task and "
+                              f"{self.name} declares no dense output (Method.dense_output = False)")
 
     @abc.abstractmethod
     def build(self, vit: VisionTransformer) -> nn.Module:

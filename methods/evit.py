@@ -139,6 +139,7 @@ class EViT(Method):
     training = "none"
     dense_output = True
     variable_length = False
+    attention_map = "cls"  # ranks (and fuses by) the CLS attention row
     fuse = True
     random_ranking = False  # True: keep random tokens instead (evit_random, topk_random)
     families = ("vit", "eva")
@@ -189,3 +190,4 @@ class TopKRandom(TopK):
     description = "top-k's schedule with the kept tokens drawn at random (random pruning at the same blocks)"
     style = ("#dbdb8d", "d")  # the light shade of top-k's colour, the same marker
     random_ranking = True
+    attention_map = "none"  # random ranks, no fusion: the CLS row it computes only goes to aux (diagnostics)
