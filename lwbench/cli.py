@@ -23,7 +23,8 @@ EXAMPLES = {
     "speed": """examples:
   lwbench speed --out speed --dry-run
   lwbench speed --methods tome,evit,lookwhere --backbones vit_small_patch14_dinov2 --img-sizes 224,504x672 --out speed
-  lwbench speed --budgets matched:0.5 --batches 1 --threads 2 --device cpu --out benchmarks/reference/speed""",
+  lwbench speed --budgets matched:0.5 --batches 1 --threads 2 --device cpu --out benchmarks/reference/speed
+  lwbench speed --backbones vit_small_patch14_dinov2 --weights dinov2_s.safetensors --photos photos/ --out speed""",
     "plot": """examples:
   lwbench plot pareto --task traffic_signs
   lwbench plot pareto --task billiards --x latency_ms --out billiards.png
@@ -117,23 +118,7 @@ def cmd_list(args) -> int:
                   "(lwbench config keys)")
         return 0
     if args.what == "methods":
-        spec, where = _grid_spec(args)
-        rows = []
-        for name in METHODS.names():
-            try:
-                c = METHODS.get(name)
-                grid = ", ".join(f"{b:g}" for b in c.budget_grid(spec)) if c.budget_key else "-"
-                default = c.default_budget(spec) if c.budget_key else None
-                default = f"{c.budget_key}={default:g}" if default is not None else "-"
-            except Exception as exc:  # broken plugin: one line, keep listing
-                rows.append([name, f"(failed to load: {exc})", "", "", "", "", "", "", ""])
-                continue
-            rows.append([name, c.kind, c.training, c.budget_key or "-", default, grid,
-                         "yes" if c.dense_output else "no", "yes" if c.variable_length else "no", c.description])
-        print(tabulate(rows, headers=["method", "kind", "training", "budget", "run's default", "sweep grid "
-                                      "(method: default)", "dense", "var-len", "description"]))
-        print(f"\nbudgets for {where}; other settings: --profile, --task, --backbone, --img-size "
-              "(e.g. --profile paper --task traffic_signs)")
+        _list_methods(args)
     else:
         rows = []
         for name in TASKS.names():
@@ -146,6 +131,56 @@ def cmd_list(args) -> int:
                          "x".join(map(str, c.default_img_size)), c.description])
         print(tabulate(rows, headers=["task", "kind", "classes", "metric", "sources", "default size", "description"]))
     return 0
+
+
+LIST_WIDTH = 120  # ``lwbench list methods`` fits a terminal this wide (as the results table, lwbench.tables)
+
+
+def _list_methods(args) -> None:
+    """The methods table (its budgets for the profile and task, what it needs: training, attention map, token count,
+    dense output; :mod:`lwbench.labels`), then each method's description, all within :data:`LIST_WIDTH` columns."""
+    import textwrap
+
+    from tabulate import tabulate
+
+    from lwbench.registry import METHODS
+
+    spec, where = _grid_spec(args)
+    rows, described = [], []
+    for name in METHODS.names():
+        try:
+            c = METHODS.get(name)
+            grid = ", ".join(f"{b:g}" for b in c.budget_grid(spec)) if c.budget_key else "-"
+            default = c.default_budget(spec) if c.budget_key else None
+            default = f"{c.budget_key}={default:g}" if default is not None else "-"
+            labels = c.labels.words()
+        except Exception as exc:  # broken plugin: one line, keep listing
+            rows.append([name] + ["?"] * 7)
+            described.append((name, f"(failed to load: {exc})"))
+            continue
+        rows.append([name, c.kind, labels["training"], default, grid, labels["attn map"], labels["tokens"],
+                     labels["dense"]])
+        described.append((name, c.description))
+    print(tabulate(rows, headers=["method", "kind", "training", "budget", "sweep grid", "attn map", "tokens", "dense"],
+                   disable_numparse=True))
+    indent = max(len(n) for n, _ in described) + 2 if described else 2
+    print()
+    for name, text in described:
+        print(textwrap.fill(text, LIST_WIDTH, initial_indent=name.ljust(indent), subsequent_indent=" " * indent,
+                            break_long_words=False, break_on_hyphens=False))
+    notes = [
+        "budget: the one `lwbench run` uses without --budget (key=value; -: no budget knob); sweep grid: a sweep's "
+        "`method: default`",
+        "attn map: the attention probabilities the method reads at inference (no: every block can run on a fused "
+        "flash kernel; CLS row, full map: computed beside it); tokens: fixed by the budget, or per image by the "
+        "content; dense: serves segmentation (densify); lwbench list methods --opts NAME: its options",
+        f"budgets for {where};",
+        "other settings: --profile, --task, --backbone, --img-size (e.g. --profile paper --task traffic_signs)",
+    ]
+    print()
+    for note in notes:
+        print(textwrap.fill(note, LIST_WIDTH, subsequent_indent="  ", break_long_words=False,
+                            break_on_hyphens=False))
 
 
 def _flags(args) -> dict:
@@ -326,6 +361,20 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def _speed_weights(items: list[str], backbones: list[str] | None) -> dict[str, str]:
+    """``--weights BACKBONE=FILE`` (repeatable), or ``--weights FILE`` when ``--backbones`` names one backbone."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            if not backbones or len(backbones) != 1:
+                raise ConfigError(f"lwbench speed: --weights {item}: say which backbone it is for "
+                                  "(--weights BACKBONE=FILE), or time one backbone (--backbones NAME)")
+            name, path = backbones[0], item
+        out[name] = path
+    return out
+
+
 def cmd_speed(args) -> int:
     from lwbench.config import split_sets
     from lwbench.speed import format_plan, method_names, run_speed, speed_config
@@ -340,6 +389,10 @@ def cmd_speed(args) -> int:
         values["batches"] = _csv_list(args.batches)
     if args.threads is not None:
         values["threads"] = args.threads
+    if args.weights:
+        values["weights"] = _speed_weights(args.weights, values.get("backbones"))
+    if args.photos:
+        values["photos"] = args.photos
     measure: dict = {}
     opts: dict = {}
     for method in method_names(speed_config({k: v for k, v in values.items() if k == "methods"})):
@@ -679,6 +732,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="measure.KEY=VALUE (the timing protocol: measure.min_runs, measure.warmup, ...) or a method "
                         "option (methods.M.KEY=VALUE)")
+    g.add_argument("--weights", action="append", default=[], metavar="BACKBONE=FILE",
+                   help="a local checkpoint for one backbone (repeatable; FILE alone with one --backbones): "
+                        "content-adaptive methods then keep what real features make them keep")
+    g.add_argument("--photos", metavar="DIR", help="time on the images of DIR (resized to each size) instead of "
+                   "seeded noise")
     t = p.add_argument_group("where and how long")
     t.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -105,6 +105,23 @@ def test_list(capsys, argv):
     assert ("lookwhere" in out and "budget" in out) if argv[1] == "methods" else ("traffic_signs" in out)
 
 
+def test_list_methods_labels_what_each_method_needs_within_120_columns(capsys):
+    """Training, attention map, token count and dense output, read from the classes (lwbench.labels), in a listing
+    that fits 120 columns, descriptions included."""
+    assert main(["list", "methods"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("\n\n")[0].splitlines()
+    assert table[0].split() == ["method", "kind", "training", "budget", "sweep", "grid", "attn", "map", "tokens",
+                                "dense"]
+    rows = {ln.split()[0]: ln for ln in table[2:]}
+    assert "training-free" in rows["evit"] and " CLS row " in rows["evit"] and " fixed " in rows["evit"]
+    assert " per image " in rows["ats"] and " full map " in rows["mctf"]
+    assert "pretrain+finetune" in rows["lookwhere"] and " no " in rows["tome"]
+    assert rows["tome"].split()[-1] == "yes"  # dense
+    assert "Token Merging: r patch tokens" in out  # the descriptions follow the table
+    assert max(len(ln) for ln in out.splitlines()) <= 120
+
+
 def test_list_methods_shows_the_budgets_a_run_of_that_profile_and_task_uses(capsys):
     """The listed default is what `lwbench run --method M --task T` (no --budget) runs, for the profile and task
     asked for, so quick users no longer read the paper's ViT-B/14 grid."""
@@ -114,8 +131,8 @@ def test_list_methods_shows_the_budgets_a_run_of_that_profile_and_task_uses(caps
     def listed(*extra):
         assert main(["list", "methods", *extra]) == 0
         out = capsys.readouterr().out
-        rows = {ln.split()[0]: ln for ln in out.splitlines() if ln and not ln.startswith(("-", "method", "budgets"))}
-        return out, rows
+        table = out.split("\n\n")[0].splitlines()[2:]  # the table: descriptions and notes follow a blank line
+        return out, {ln.split()[0]: ln for ln in table}
 
     out, rows = listed()
     assert "profile quick, task traffic_signs: lw_vit_nano_p16 at 240x320 (15x20 = 300 patches)" in out

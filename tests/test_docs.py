@@ -233,9 +233,9 @@ def test_links_resolve_and_the_index_lists_every_page():
 def _list_methods(capsys) -> dict[str, str]:
     """``lwbench list methods`` as {method: budget key}."""
     assert main(["list", "methods"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    rows = [ln.split() for ln in out[2:] if ln.strip() and not ln.startswith("budgets for")]
-    return {r[0]: r[3] for r in rows}
+    table = capsys.readouterr().out.split("\n\n")[0].splitlines()  # descriptions and notes follow a blank line
+    rows = [ln.split() for ln in table[2:]]
+    return {r[0]: r[3].split("=")[0] for r in rows}  # the budget column: key=value, "-" without a knob
 
 
 def test_methods_page_describes_exactly_the_registered_methods(capsys):
