@@ -228,6 +228,21 @@ def paired_table(pairs: list[dict[str, Any]], metric: str, reference: str = REFE
                     tablefmt="github", disable_numparse=True)
 
 
+def methods_table(methods: Iterable[str]) -> str:
+    """A markdown table of what each method needs (:mod:`lwbench.labels`, read from its class): training, the
+    attention map it reads, its token count and whether it serves dense output; ``?`` for a method not registered
+    here (a plugin not loaded)."""
+    from lwbench.labels import method_labels
+
+    heads = ["training", "attn map", "tokens", "dense"]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for m in methods:
+        labels = method_labels(m)
+        words = labels.words() if labels is not None else dict.fromkeys(heads, "?")
+        lines.append(f"| `{m}` | " + " | ".join(words[h] for h in heads) + " |")
+    return "\n".join(lines)
+
+
 def _head(path: Path, n: int = 4096) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -367,6 +382,8 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
              "`regime`: `off_the_shelf` = the method on the task-trained backbone with no training; `finetuned` = "
              "fine-tuned from it with the same recipe at its budget (`ft steps`).", "",
              format_results(df, "md").strip(), "",
+             "## What each method needs (declared by its class: `lwbench list methods`)", "",
+             methods_table(sorted(df["method"].unique())), "",
              f"## Paired difference to `{REFERENCE}` (same regime, seed, teacher and test images)", "",
              paired_table(pairs, metric) if pairs else "(no pairs: no full row or no per-image outcomes)", ""]
     floor = paired_rows(store, rows, reference=NO_LEARNING, same_budget=True)
@@ -393,4 +410,4 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
 
 
 __all__ = ["write_report", "write_export", "FORMATS", "foreign_files", "paired_rows", "paired_table", "provenance",
-           "hard_subset_rows", "hard_subset_table", "with_hard_subset"]
+           "hard_subset_rows", "hard_subset_table", "with_hard_subset", "methods_table"]

@@ -34,6 +34,7 @@ def metric_label(metric: str) -> str:
 # headers, the terminal's and markdown's tables the short ones.
 _COMPACT: tuple[tuple[str, str, str, int], ...] = (
     ("method", "method", "method", -1),
+    ("labels", "labels", "labels", -1),
     ("budget", "budget", "budget", -1),
     ("regime", "regime", "regime", -1),
     ("source", "source", "source", -1),
@@ -60,8 +61,9 @@ TABLE_WIDTH = 120
 # Shorter still in the terminal's table (its notes say the intervals are 95%).
 _TERMINAL_HEADERS = {"speedup": "speed-up bs1", "throughput_speedup": "speed-up {tb}"}
 _REQUIRED = ("method", "budget", "regime", "metric_value", "gmacs", "speedup")
-_OPTIONAL = ("throughput_speedup", "object_recall", "hard_value", "latency_ms", "conversion", "throughput_conversion",
-             "tokens_mean", "peak_mem_mb", "throughput", "attention_kernel", "finetune_steps", "method_train_time_s")
+_OPTIONAL = ("labels", "throughput_speedup", "object_recall", "hard_value", "latency_ms", "conversion",
+             "throughput_conversion", "tokens_mean", "peak_mem_mb", "throughput", "attention_kernel", "finetune_steps",
+             "method_train_time_s")
 # The metric on the hard subset (the test images lowres at its default size gets wrong), added to a frame by
 # lwbench.report.with_hard_subset; averaged over seeds like the metric.
 HARD_SUBSET_FIELDS = ("hard_value", "hard_ci_low", "hard_ci_high")
@@ -344,6 +346,11 @@ def format_results(df: pd.DataFrame, fmt: str = "table", wide: bool = False, wid
     if df.empty:
         return "(no results)\n"
     df = aggregate_seeds(df)
+    # What each method needs (training, attention map, token count, dense output), read from its class (lwbench.labels;
+    # this imports the methods' modules): a four-character code per row and a legend line under the table.
+    from lwbench.labels import LEGEND, UNKNOWN_CODE, label_code
+
+    df["labels"] = df["method"].map({m: label_code(m) for m in df["method"].unique()})
 
     from tabulate import tabulate
 
@@ -418,6 +425,10 @@ def format_results(df: pd.DataFrame, fmt: str = "table", wide: bool = False, wid
         teachers = teacher_note(group)
         if teachers:
             notes.append(teachers)
+        if any(c == "labels" for c, _, _ in cols):
+            unknown = UNKNOWN_CODE in cells["labels"]
+            notes.append(LEGEND + (f" | {UNKNOWN_CODE}: a method not registered here (its --plugin)" if unknown
+                                   else ""))
         if hidden:
             notes.append(f"note: {len(hidden)} more column(s) with --wide: {', '.join(hidden)}")
         if terminal:

@@ -367,6 +367,31 @@ def test_rows_per_image_files_and_plots_are_readable_by_colleagues(tmp_path):
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o644, p
 
 
+def test_tables_label_what_each_method_needs():
+    """A ``labels`` column read from each method's class (lwbench.labels) and a legend line under the block, in the
+    terminal (within 120 columns) and in markdown; ``?`` for a method this process does not know; not in csv/json,
+    which hold the rows as stored."""
+    rows = [make_row("evit", 64, 70.0, gmacs=1.2), make_row("ats", 64, 71.0, gmacs=1.1),
+            make_row("lookwhere", 64, 75.0), make_row("full", None, 80.0, gmacs=3.0),
+            make_row("not_loaded_plugin", 64, 60.0, gmacs=1.4)]
+    df = R.rows_to_frame(rows)
+    text = format_results(df, "table")
+    assert max(len(ln) for ln in text.splitlines()) <= 120
+    lines = text.splitlines()
+    assert next(ln for ln in lines if ln.startswith("method")).split()[:2] == ["method", "labels"]
+    codes = {ln.split()[0]: ln.split()[1] for ln in lines if ln.split() and ln.split()[0] in
+             {"evit", "ats", "lookwhere", "full", "not_loaded_plugin"}}
+    assert codes == {"evit": "Fcfd", "ats": "Fcvd", "lookwhere": "T-fd", "full": "F-fd", "not_loaded_plugin": "?"}
+    assert "labels: F training-free, T trained" in text and "?: a method not registered here" in text
+    md = format_results(df, "md")
+    assert next(ln for ln in md.splitlines() if ln.startswith("| method")).split("|")[2].strip() == "labels"
+    assert "| Fcvd " in md and "labels: F training-free" in md
+    assert "labels" not in format_results(df, "csv").splitlines()[0].split(",")
+    assert "labels" not in json.loads(format_results(df, "json"))[0]
+    known = R.rows_to_frame(rows[:4])
+    assert "?: a method" not in format_results(known, "table")
+
+
 def test_terminal_table_fits_120_columns_wide_shows_all_and_md_keeps_every_column():
     """The terminal table was 300+ characters wide (the reference store: 307): it now fits 120, names what it
     left out, and --wide / md keep every column."""
