@@ -59,15 +59,15 @@ CSV_NAME, TABLE_NAME, PLOT_NAME = "speed.csv", "table.md", "conversion.png"
 #: milliseconds per call of the whole batch. ``machine``, ``commit``, ``threads``, ``device`` and ``dtype`` say
 #: where a row was timed: a rerun skips the points that have rows there.
 COLUMNS = (
-    "backbone", "img_size", "method", "budget_request", "budget", "status", "reason", "training",
+    "backbone", "img_size", "method", "budget_request", "budget", "weights", "inputs", "status", "reason", "training",
     "gmacs", "reference_gmacs", "gmac_ratio", "gmac_fraction", "tokens",
     "batch", "speedup", "ci_low", "ci_high", "reliable", "contended", "rounds", "quiet_rounds", "conversion",
     "ms", "reference_ms", "kernel", "reference_kernel",
     "threads", "device", "device_name", "dtype", "torch_version", "machine", "commit", "git_dirty",
     "other_load", "isolated", "point_seconds", "timed_at",
 )
-IDENTITY = ("machine", "commit", "threads", "device", "dtype")
-POINT_KEY = ("backbone", "img_size", "method", "budget_request")
+IDENTITY = ("machine", "commit", "threads", "device", "dtype", "inputs")
+POINT_KEY = ("backbone", "img_size", "method", "budget_request", "weights")
 
 # The duration rule of the estimate when no row of this machine says better: GMAC/s of a ViT forward per CPU thread
 # (benchmarks/results/lookwhere_profile.md: 38-76 GMAC/s on 2 threads for the linear layers alone), and of one GPU
@@ -97,6 +97,10 @@ class SpeedConfig:
     method_opts: dict[str, dict] = option(default_factory=dict, help="options per method: {method: {key: value}}")
     images: int = option(4, "seeded random images batch 1 cycles through (bigger batches repeat them)", min=1)
     seed: int = option(0, "seed of the random weights and images", min=0)
+    weights: dict[str, str] = option(default_factory=dict, help="local weights per backbone, {backbone: file} "
+                                     "(safetensors or a torch state dict); the others random")
+    photos: str = option("", "a folder of images that batch 1 cycles through, resized to each size and normalised "
+                             "(empty: seeded random images)")
 
 
 def speed_config(values: dict[str, Any] | None = None) -> SpeedConfig:
@@ -107,7 +111,56 @@ def speed_config(values: dict[str, Any] | None = None) -> SpeedConfig:
         parse_request(text)
     if not cfg.backbones or not cfg.img_sizes:
         raise ConfigError("lwbench speed: give at least one backbone and one image size")
+    for backbone, path in cfg.weights.items():
+        if backbone not in cfg.backbones:
+            raise ConfigError(f"lwbench speed: weights for {backbone}, which is not among the backbones "
+                              f"({', '.join(cfg.backbones)})")
+        if not Path(path).is_file():
+            raise ConfigError(f"lwbench speed: weights file not found: {path}")
+    if cfg.photos:
+        photo_files(cfg.photos)
     return cfg
+
+
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def photo_files(folder: str) -> list[Path]:
+    """The images of ``folder`` (sorted by name), or one ConfigError line."""
+    root = Path(folder)
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in PHOTO_SUFFIXES) if root.is_dir() else []
+    if not files:
+        raise ConfigError(f"lwbench speed: no images ({', '.join(PHOTO_SUFFIXES)}) in {folder}")
+    return files
+
+
+def weights_label(cfg: SpeedConfig, backbone: str) -> str:
+    """What a row's ``weights`` column says: the file's name, or ``random``."""
+    path = cfg.weights.get(backbone)
+    return Path(path).name if path else "random"
+
+
+def inputs_label(cfg: SpeedConfig) -> str:
+    """What a row's ``inputs`` column says: ``photos:<folder name>:<count>`` or ``random:<count>``."""
+    if cfg.photos:
+        return f"photos:{Path(cfg.photos).name}:{len(photo_files(cfg.photos))}"
+    return f"random:{cfg.images}"
+
+
+def load_inputs(cfg: SpeedConfig, sizes: list[tuple[int, int]]) -> dict[tuple[int, int], Any]:
+    """The images timed at each size: the photos, resized (bilinear) and normalised with the ImageNet mean and std
+    as lwbench's tasks do, or seeded noise (one generator for all sizes, drawn in order)."""
+    import torch
+
+    if not cfg.photos:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        return {hw: torch.randn(cfg.images, 3, *hw, generator=gen) for hw in sizes}
+    from lwbench.task import IMAGENET_MEAN, IMAGENET_STD
+    from lwbench.tasks._imageio import read_image, to_tensor
+
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return {hw: torch.stack([(to_tensor(read_image(f, hw)) - mean) / std for f in photo_files(cfg.photos)])
+            for hw in sizes}
 
 
 def parse_request(text: str) -> tuple[str, float | None]:
@@ -151,14 +204,15 @@ class Point:
     request: str
     budget: str
     refusal: str = ""
+    weights: str = "random"  # the backbone's weights file name, or random
 
     @property
     def size(self) -> str:
         return f"{self.hw[0]}x{self.hw[1]}"
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.backbone, self.size, self.method, self.request)
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.backbone, self.size, self.method, self.request, self.weights)
 
     def label(self) -> str:
         return f"{self.backbone} {self.size} {self.method} {self.budget}"
@@ -193,6 +247,7 @@ def plan(cfg: SpeedConfig) -> list[Point]:
     requests = [(text, *parse_request(text)) for text in cfg.budgets]
     points: list[Point] = []
     for backbone in cfg.backbones:
+        weights = weights_label(cfg, backbone)
         for hw in cfg.img_sizes:
             hw = (int(hw[0]), int(hw[1]))
             try:
@@ -205,7 +260,8 @@ def plan(cfg: SpeedConfig) -> list[Point]:
                 cls = get_method(name)
                 for text, mode, _ in requests if cls.budget_key else requests[:1]:
                     if spec is None:
-                        points.append(Point(backbone, hw, name, text, text if cls.budget_key else "-", geometry))
+                        points.append(Point(backbone, hw, name, text, text if cls.budget_key else "-", geometry,
+                                            weights))
                         continue
                     budget = text if cls.budget_key else "-"
                     try:
@@ -214,9 +270,9 @@ def plan(cfg: SpeedConfig) -> list[Point]:
                             budget = f"{cls.budget_key}={value:g}"
                         inst = _instance(cls, spec, value, cfg.method_opts.get(name, {}))
                         budget = inst.budget_str() if mode == "default" or not cls.budget_key else text
-                        points.append(Point(backbone, hw, name, text, budget))
+                        points.append(Point(backbone, hw, name, text, budget, weights=weights))
                     except LwbenchError as exc:
-                        points.append(Point(backbone, hw, name, text, budget, _one_line(exc)))
+                        points.append(Point(backbone, hw, name, text, budget, _one_line(exc), weights))
     return points
 
 
@@ -436,6 +492,7 @@ class _Context:
     threads: int
     env: dict[str, Any]
     images: Any
+    inputs: str = ""  # the rows' inputs column
     references: dict[tuple, tuple[Any, float]] = dataclasses.field(default_factory=dict)
 
     def reference(self, p: Point) -> tuple[Any, float]:
@@ -445,7 +502,8 @@ class _Context:
         key = (p.backbone, p.hw)
         if key not in self.references:
             self.references.clear()  # one geometry at a time: a ViT-B at 518 px is not kept beside the next
-            model = build_model(REFERENCE, p.backbone, p.hw, seed=self.cfg.seed).model
+            model = build_model(REFERENCE, p.backbone, p.hw, weights=self.cfg.weights.get(p.backbone),
+                                seed=self.cfg.seed).model
             self.references[key] = (model, self.gmacs(model, p.hw))
         return self.references[key]
 
@@ -461,7 +519,8 @@ class _Context:
 def _base_row(p: Point, ctx: _Context, cls: type) -> dict[str, Any]:
     env = ctx.env
     return {"backbone": p.backbone, "img_size": p.size, "method": p.method, "budget_request": p.request,
-            "budget": p.budget, "training": cls.training if cls is not None else "", "threads": ctx.threads,
+            "budget": p.budget, "weights": p.weights, "inputs": ctx.inputs,
+            "training": cls.training if cls is not None else "", "threads": ctx.threads,
             "device": ctx.device, "device_name": env.get("device_name"), "dtype": ctx.cfg.measure.dtype,
             "torch_version": env.get("torch_version"), "machine": env.get("machine_id"),
             "commit": env.get("git_sha") or "", "git_dirty": env.get("git_dirty"),
@@ -483,7 +542,8 @@ def _resolve(p: Point, ctx: _Context, cls: type, say: Callable[[str], None]) -> 
 
     def gmacs_at(v: Any) -> float:
         text = f"{cls.budget_key}={v:g}"
-        return ctx.gmacs(build_model(p.method, p.backbone, p.hw, text, opts=opts, seed=ctx.cfg.seed).model, p.hw)
+        return ctx.gmacs(build_model(p.method, p.backbone, p.hw, text, opts=opts, seed=ctx.cfg.seed,
+                                     weights=ctx.cfg.weights.get(p.backbone)).model, p.hw)
 
     spec = _spec(p.backbone, p.hw)
     value, got = match_budget(cls, spec, ratio * full, gmacs_at, opts)
@@ -509,7 +569,7 @@ def time_point(p: Point, ctx: _Context, say: Callable[[str], None]) -> list[dict
         text, p = _resolve(p, ctx, cls, say)
         base["budget"] = p.budget
         model = build_model(p.method, p.backbone, p.hw, text, opts=ctx.cfg.method_opts.get(p.method, {}),
-                            seed=ctx.cfg.seed).model
+                            seed=ctx.cfg.seed, weights=ctx.cfg.weights.get(p.backbone)).model
         reference = model if p.method == REFERENCE else ctx.reference(p)[0]
         batches = _batches(ctx.cfg)
         mcfg = dataclasses.replace(ctx.cfg.measure, paired=True, throughput_batch=max(batches),
@@ -548,6 +608,23 @@ TRAINING_NOTE = ("every method runs on random weights and seeded random images: 
                  "tokens as random weights make them keep")
 
 
+def weights_note(cfg: SpeedConfig | None = None, rows: list[dict[str, str]] | None = None) -> str:
+    """What the models ran on, from the config (a run) or the rows (a report): random weights and images unless
+    ``--weights``/``--photos`` said otherwise."""
+    weights = sorted({r.get("weights") or "random" for r in rows} - {"random"}) if rows is not None \
+        else sorted(Path(p).name for p in (cfg.weights.values() if cfg else ()))
+    inputs = sorted({r.get("inputs") or "" for r in rows} if rows is not None else {inputs_label(cfg)} if cfg else ())
+    photos = [i for i in inputs if i.startswith("photos:")]
+    if not weights and not photos:
+        return TRAINING_NOTE
+    on = (f"backbones with weights ({', '.join(weights)}) run on them, the others on random weights" if weights
+          else "every backbone runs on random weights")
+    data = (f"the images are real photos ({', '.join(p.split(':')[1] + ': ' + p.split(':')[2] for p in photos)})"
+            if photos else "the images seeded noise")
+    return (f"{on}, {data}: methods that train are timed untrained on them (speed does not depend on the weights' "
+            "values); content-adaptive methods keep as many tokens as these weights and images make them keep")
+
+
 @dataclass
 class SpeedRun:
     """What :func:`run_speed` did (or, dry, would do)."""
@@ -574,8 +651,6 @@ def run_speed(cfg: SpeedConfig, out: str | os.PathLike[str], force: bool = False
     ``force``), time the rest point by point (progress and ETA on the ``lwbench`` log), and write ``speed.csv``
     after every point, then ``table.md`` and ``conversion.png``. ``dry_run``: plan and estimate only; nothing is
     built, counted, timed or written."""
-    import torch
-
     from lwbench.estimates import duration
     from lwbench.measure.env import environment
 
@@ -583,7 +658,7 @@ def run_speed(cfg: SpeedConfig, out: str | os.PathLike[str], force: bool = False
     device, threads = _device_threads(cfg)
     env = environment(device, threads, cfg.measure.dtype)
     identity = _identity_of({"machine": env["machine_id"], "commit": env.get("git_sha") or "", "threads": threads,
-                             "device": device, "dtype": cfg.measure.dtype})
+                             "device": device, "dtype": cfg.measure.dtype, "inputs": inputs_label(cfg)})
     points = plan(cfg)
     rows = read_rows(out / CSV_NAME)
     done_set = set() if force else done_keys(rows, identity, _batches(cfg))
@@ -595,10 +670,9 @@ def run_speed(cfg: SpeedConfig, out: str | os.PathLike[str], force: bool = False
         return result
     log.info("speed: %d points (%d done, %d to time, %d refused), batches %s, %s with %d thread(s); %s; %s",
              len(points), len(done), len(todo), sum(1 for p in todo if p.refusal),
-             ", ".join(map(str, _batches(cfg))), device, threads, duration(est.seconds), TRAINING_NOTE)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    images = {hw: torch.randn(cfg.images, 3, *hw, generator=gen) for hw in dict.fromkeys(p.hw for p in todo)}
-    ctx = _Context(cfg, device, threads, env, images)
+             ", ".join(map(str, _batches(cfg))), device, threads, duration(est.seconds), weights_note(cfg))
+    images = load_inputs(cfg, list(dict.fromkeys(p.hw for p in todo)))
+    ctx = _Context(cfg, device, threads, env, images, inputs_label(cfg))
     rate = measured_rate(rows, device, threads)
     planned = [estimate([p], cfg, device, threads, rate).seconds for p in todo]
     t0 = time.perf_counter()
@@ -644,6 +718,7 @@ def table_md(rows: list[dict[str, str]], command: str = "") -> str:
     if not rows:
         return "# Speed reference\n\nNo rows.\n"
     first = rows[0]
+    note = weights_note(rows=rows)
     dirty = " (uncommitted changes)" if first["git_dirty"] == "true" else ""
     lines = [
         "# Speed reference: speed-up over `full`, timed paired",
@@ -653,15 +728,18 @@ def table_md(rows: list[dict[str, str]], command: str = "") -> str:
         + (f"; `{command}`" if command else "") + ".",
         "",
         "GMACs: multiply-accumulates per image (fvcore with a fused-attention handle, the counter of `lwbench "
-        "flops`), on one random image. Speed-up: full's time per call over the method's, the median over rounds of "
-        "paired blocks with its 95% bootstrap interval (`lwbench/measure/paired.py`); `(wide)`: the interval is "
+        "flops`), on the first image timed. Speed-up: full's time per call over the method's, the median over "
+        "balanced pairs of rounds of paired blocks (ABBA) with its 95% bootstrap interval "
+        "(`lwbench/measure/paired.py`); `(wide)`: the interval is "
         "wider than 1.25x or too few rounds were free of other load. Conversion = speed-up / GMAC ratio (x fewer "
-        "GMACs than full). ms: per call of the whole batch, the method's / full's. " + TRAINING_NOTE[0].upper()
-        + TRAINING_NOTE[1:] + ".",
+        "GMACs than full). ms: per call of the whole batch, the method's / full's. " + note[0].upper()
+        + note[1:] + ".",
     ]
-    geometries = sorted({(r["backbone"], r["img_size"]) for r in rows}, key=lambda g: (g[0], _size_key(g[1])))
-    for backbone, size in geometries:
-        here = [r for r in rows if (r["backbone"], r["img_size"]) == (backbone, size)]
+    geometries = sorted({(r["backbone"], r["img_size"], r.get("weights") or "random") for r in rows},
+                        key=lambda g: (g[0], _size_key(g[1]), g[2]))
+    for backbone, size, weights in geometries:
+        here = [r for r in rows if (r["backbone"], r["img_size"], r.get("weights") or "random")
+                == (backbone, size, weights)]
         timed = [r for r in here if r["status"] in ("ok", "out of memory")]
         batches = sorted({int(float(r["batch"])) for r in timed})
         points: dict[tuple, dict[int, dict[str, str]]] = {}
@@ -688,7 +766,7 @@ def table_md(rows: list[dict[str, str]], command: str = "") -> str:
         for b in batches:
             headers += [f"batch {b}: speed-up [95% CI]", "conv.", "ms"]
         headers.append("attention")
-        lines += ["", f"## {backbone} at {size}", ""]
+        lines += ["", f"## {backbone} at {size}" + (f", weights {weights}" if weights != "random" else ""), ""]
         if body:
             lines.append(tabulate(body, headers=headers, tablefmt="github", disable_numparse=True))
         not_run = sorted({(r["method"], r["budget"], r["status"], r["reason"]) for r in here
@@ -707,10 +785,10 @@ def plot_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
     grouped: dict[tuple, dict[int, dict[str, str]]] = {}
     for r in rows:
         if r["status"] == "ok":
-            grouped.setdefault((r["backbone"], r["img_size"], r["method"], r["budget"], r["budget_request"]),
-                               {})[int(float(r["batch"]))] = r
+            grouped.setdefault((r["backbone"], r["img_size"], r["method"], r["budget"], r["budget_request"],
+                                r.get("weights") or "random"), {})[int(float(r["batch"]))] = r
     out = []
-    for (backbone, size, method, budget, _), per in grouped.items():
+    for (backbone, size, method, budget, _, weights), per in grouped.items():
         any_r = next(iter(per.values()))
         one = per.get(1, {})
         try:
@@ -719,9 +797,11 @@ def plot_rows(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
             bv = None
         others = {str(b): {"speedup": _num(r["speedup"]), "ci_low": _num(r["ci_low"]), "ci_high": _num(r["ci_high"]),
                            "reliable": r["reliable"] == "true"} for b, r in per.items() if b != 1}
-        out.append({"task": "speed reference", "source": "random", "method": method, "budget": budget,
+        source = "real" if str(any_r.get("inputs") or "").startswith("photos:") else "random"
+        out.append({"task": "speed reference", "source": source, "method": method, "budget": budget,
                     "budget_value": bv if bv is not None else math.nan, "backbone": backbone, "img_size": size,
-                    "geometry": f"{backbone} {size}", "gmac_ratio": _num(any_r["gmac_ratio"]),
+                    "geometry": f"{backbone} {size}" + (f" ({weights})" if weights != "random" else ""),
+                    "gmac_ratio": _num(any_r["gmac_ratio"]),
                     "speedup": _num(one.get("speedup")), "speedup_ci_low": _num(one.get("ci_low")),
                     "speedup_ci_high": _num(one.get("ci_high")),
                     "speedup_reliable": one.get("reliable") == "true" if one else None,
@@ -771,7 +851,7 @@ def format_plan(run: SpeedRun, cfg: SpeedConfig) -> str:
              f"{', '.join(map(str, batches))}: {len(timed) * len(batches)} paired timings against "
              f"{REFERENCE} ({len(timed)} worker processes), {run.device} with {run.threads} thread(s)",
              f"estimate: {duration(run.estimate.seconds)} ({run.estimate.rule}; rough, within 2x)",
-             f"note: {TRAINING_NOTE}"]
+             f"note: {weights_note(cfg)}"]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ import json
 import warnings
 
 import pytest
+import torch
 
 from lwbench.cli import main
 from lwbench.config import MeasureConfig
@@ -191,13 +192,13 @@ def test_the_csv_has_its_columns_resume_skips_done_points_and_force_times_them_a
 
 
 def test_done_keys_need_every_batch_and_retry_failures():
-    ident = {"machine": "m", "commit": "c", "threads": "1", "device": "cpu", "dtype": "float32"}
+    ident = {"machine": "m", "commit": "c", "threads": "1", "device": "cpu", "dtype": "float32", "inputs": "random:4"}
     row = {c: "" for c in COLUMNS} | ident | {"backbone": "b", "img_size": "32x48", "budget_request": "default"}
     rows = [row | {"method": "a", "status": "ok", "batch": "1"}, row | {"method": "a", "status": "ok", "batch": "2"},
             row | {"method": "b", "status": "ok", "batch": "1"},
             row | {"method": "c", "status": "refused"}, row | {"method": "d", "status": "failed"},
             row | {"method": "e", "status": "ok", "batch": "1", "threads": "2"}]
-    done = done_keys(rows, ("m", "c", "1", "cpu", "float32"), (1, 2))
+    done = done_keys(rows, ("m", "c", "1", "cpu", "float32", "random:4"), (1, 2))
     assert {k[2] for k in done} == {"a", "c"}  # b lacks batch 2, d failed, e was timed with 2 threads
 
 
@@ -318,3 +319,59 @@ def test_one_geometry_is_named_once_in_the_conversion_title():
         fig = conversion_figure(pd.DataFrame(plot_rows(rows)), "speed reference", panel_by="geometry")
     title = fig._suptitle.get_text()
     assert title.count("vit_a") == 1 and "vit_a @ 518x518" in title and "cpu: Test CPU, 2 threads" in title, title
+
+
+def test_real_weights_and_photos_are_what_both_models_run_on_and_rows_say_so(tmp_path, monkeypatch):
+    """--weights/--photos: the method and full are built from the file, batch 1 cycles through the photos (resized,
+    normalised), the rows name both, and a random-weights point of the same geometry is another point."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from lwbench.backbones import create_backbone
+    from lwbench.speed import load_inputs
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in create_backbone("lw_vit_test_p8", (32, 48)).state_dict().items()},
+              str(weights))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.fromarray(np.full((20, 30, 3), colour, dtype=np.uint8)).save(photos / f"p{i}.png")
+    (photos / "notes.txt").write_text("not an image")
+    seen = []
+    import lwbench.models
+
+    real_build = lwbench.models.build_model
+
+    def build(*a, **k):
+        seen.append(k.get("weights"))
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(lwbench.models, "build_model", build)
+    cfg = speed_config({**TINY, "methods": ["random"], "batches": [1], "weights": {"lw_vit_test_p8": str(weights)},
+                        "photos": str(photos)})
+    images = load_inputs(cfg, [(32, 48)])[(32, 48)]
+    assert images.shape == (2, 3, 32, 48)
+    red = (1.0 - 0.485) / 0.229  # the first photo's red channel, normalised as the tasks do
+    assert torch.allclose(images[0, 0], torch.full((32, 48), red), atol=1e-5)
+    run_speed(cfg, tmp_path / "out")
+    assert seen and set(seen) == {str(weights)}, "the method and full both load the file"
+    (row,) = read_rows(tmp_path / "out" / "speed.csv")
+    assert row["weights"] == "tiny.safetensors" and row["inputs"] == "photos:photos:2" and row["status"] == "ok"
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "## lw_vit_test_p8 at 32x48, weights tiny.safetensors" in table and "real photos (photos: 2)" in table
+    random_point = plan(speed_config({**TINY, "methods": ["random"]}))[0]
+    assert random_point.key != plan(cfg)[0].key
+
+
+def test_bad_weights_and_photos_are_one_line_errors(tmp_path):
+    from lwbench.errors import ConfigError
+
+    (tmp_path / "empty").mkdir()
+    for values, words in (({"weights": {"lw_vit_test_p8": str(tmp_path / "no.safetensors")}}, "not found"),
+                          ({"weights": {"vit_other": str(tmp_path)}}, "not among the backbones"),
+                          ({"photos": str(tmp_path / "empty")}, "no images")):
+        with pytest.raises(ConfigError, match=words):
+            speed_config({**TINY, **values})
+    assert main(["speed", "--weights", "w.safetensors", "--dry-run", "--out", str(tmp_path)]) == 2
