@@ -60,11 +60,24 @@ class GridPatchEncoder(nn.Module):
         super().__init__()
         self.vit = vit
         self.k = k
+        # (h, w, k, device) -> (k,) indices: built and copied to the device once, not every forward (a plain
+        # attribute, not a buffer, so the state_dict keys stay those of the backbone)
+        self._indices: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
+
+    def indices(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """:func:`grid_indices` on ``device``, cached."""
+        key = (h, w, self.k, device)
+        idx = self._indices.get(key)
+        if idx is None:
+            # Outside inference mode: a training forward may read it later (gather saves its index for backward).
+            with torch.inference_mode(False):
+                idx = grid_indices(h, w, self.k).to(device)
+            self._indices[key] = idx
+        return idx
 
     def forward(self, x: torch.Tensor) -> TokenOutput:
         h, w = grid_of(self.vit, x)
-        idx = grid_indices(h, w, self.k).to(x.device).expand(x.shape[0], -1)
-        return run_selected(self.vit, x, idx)
+        return run_selected(self.vit, x, self.indices(h, w, x.device).expand(x.shape[0], -1))
 
 
 @register_method("grid")

@@ -57,6 +57,8 @@ def fingerprint(image: torch.Tensor) -> bytes:
 class OracleEncoder(RandomPatchEncoder):
     """k cells per image: its annotated object cells first (looked up by fingerprint), then ``random``'s draw."""
 
+    content_blind = False  # the cells depend on the images: drawn and ranked every forward, never cached
+
     def __init__(self, vit: nn.Module, k: int, seed: int = 0):
         super().__init__(vit, k, seed=seed)
         self.object_cells: dict[bytes, torch.Tensor] = {}  # fingerprint -> (N,) bool, set by Oracle.fit
@@ -110,13 +112,14 @@ class Oracle(PatchSelectionMethod):
         else:
             # Fine-tuned on the annotated cells of the training images, un-augmented (an augmented image has no
             # entry: its cells would be random, and an extractor tuned on random cells is not the oracle's)
-            from lwbench.training.loop import EpochStream
+            from lwbench.training.loop import EpochStream, pin_memory_for
 
             model = self.task_model(ctx, trainable=True)
             model.encoder.object_cells = object_cells_by_fingerprint(ctx.task, grid, patch, split="train")
             stage = ctx.stage(None)
             batches = EpochStream(ctx.task.dataset("train"), int(stage.batch_size),
-                                  seed=int(getattr(ctx.task, "seed", 0)), num_workers=int(stage.workers or 0))
+                                  seed=int(getattr(ctx.task, "seed", 0)), num_workers=int(stage.workers or 0),
+                                  pin_memory=pin_memory_for(ctx.device))
             ctx.finetune(model, tag=f"{self.name}-{self.budget_str()}-finetune", batches=batches)
             model.eval()
         model.encoder.object_cells = object_cells_by_fingerprint(ctx.task, grid, patch)
