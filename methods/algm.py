@@ -143,6 +143,8 @@ def combine(x, size, positions, assignment, dest, keep_cell, n_out):
     ``keep_cell`` that maps to it. Returns tokens (padding zeroed), sizes ``(B, M, 1)`` (padding 0), positions
     (padding -1), the new assignment and the validity mask, ``M = max(n_out)``."""
     bsz, t, d = x.shape
+    # A read-back the padded representation needs: the merged tokens are packed into a (B, max n_out) tensor, whose
+    # width is the largest per-image count (data-dependent; padding to a host-side bound would change outputs)
     m = int(n_out.max())
     dest = dest.clamp(max=m)  # slot m collects padding (and is dropped)
     wx = x.new_zeros(bsz, m + 1, d).scatter_add(1, dest.unsqueeze(-1).expand(-1, -1, d), x * size)
@@ -249,10 +251,12 @@ class GlobalMerger(Overhead):
         return combine(x, size, positions, assignment, dest, keep_cell, n_out)
 
 
-def key_bias(size: torch.Tensor | None, valid: torch.Tensor | None, num_prefix: int, prop_attn: bool):
+def key_bias(size: torch.Tensor | None, valid: torch.Tensor | None, num_prefix: int, prop_attn: bool,
+             full: bool | None = None):
     """``(B, 1, 1, P + T)`` additive attention bias: ``-inf`` for padding, ``log(size)`` for real tokens with
-    ``prop_attn``; None when it would be all zeros."""
-    if size is None or (not prop_attn and bool(valid.all())):
+    ``prop_attn``; None when it would be all zeros. ``full``: whether ``valid`` is all true, when the caller knows
+    (None: read from the device)."""
+    if size is None or (not prop_attn and (bool(valid.all()) if full is None else full)):
         return None
     s = size.squeeze(-1)
     if prop_attn:
@@ -282,13 +286,14 @@ class ALGMEncoder(nn.Module):
         size, valid = None, torch.ones_like(positions, dtype=torch.bool)
         rope = rope_of(vit, grid)
         counts = []
+        full = True  # no padding (yet)
+        bias = None  # the attention bias changes only where tokens merge: made there, once per stage
         for i, blk in enumerate(vit.blocks):
             stage = None
             if self.active and i == self.local_block:
                 stage = "local"
             elif self.active and self.glob is not None and i == self.global_block:
                 stage = "global"
-            bias = key_bias(size, valid, p, self.prop_attn)
             if stage is None:
                 h = call_block(blk, h, rope, bias)
             else:
@@ -301,10 +306,14 @@ class ALGMEncoder(nn.Module):
                     pat, size, positions, assignment, valid = self.glob(h[:, p:], size, positions, assignment, valid)
                 h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
                 rope = rope_of(vit, grid, positions)  # padding (-1): identity rotation, and masked as a key
+                # One image (latency): valid is all true by construction (width = its count), no read-back; a batch
+                # reads once per stage whether any image is padded, to keep the plain attention where none is
+                full = bsz == 1 or bool(valid.all())
+                bias = key_bias(size, valid, p, self.prop_attn, full)
             counts.append(valid.sum(dim=1))
         sizes = cells_per_token(assignment, h.shape[1] - p)
         aux = {"tokens_per_layer": tokens_per_layer(counts, bsz, x.device)}
-        mask = None if bool(valid.all()) else valid
+        mask = None if full else valid
         out = to_output(vit, h, positions, grid, assignment=assignment, sizes=sizes, mask=mask, aux=aux)
         if mask is not None:
             out.patches = out.patches * mask.unsqueeze(-1).to(out.patches.dtype)  # padding reads as zeros

@@ -41,6 +41,7 @@ The published setting and lwbench's generalisation (option ``samples``; tested):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,9 +88,13 @@ def samples_per_image(keep_rate: float, n: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.ceil(n.double() * keep_rate).long(), min=1)
 
 
-def inverse_transform_sample(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def inverse_transform_sample(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor,
+                             kmax: int | None = None) -> torch.Tensor:
     """ATS sampling: ``(B, T)`` significance ``scores`` (normalised over ``valid``), ``(B,)`` sample counts ``k``
     -> ``(B, T)`` bool of the distinct tokens picked.
+
+    ``kmax``: any bound ``>= max(k)`` known on the host (the sample slots past an image's ``k`` are unused, so a
+    larger bound picks the same tokens); None reads ``max(k)`` from the device.
 
     Tokens are sorted by score (padding first, excluded), ``F`` = min-max normalised cumulative score,
     and each of ``k`` evenly spaced ``y`` in ``[min positive F, 1]`` picks the token with the nearest ``F``
@@ -108,7 +113,7 @@ def inverse_transform_sample(scores: torch.Tensor, valid: torch.Tensor, k: torch
 
     y0 = torch.where(ok & (ncdf > 0), ncdf, inf).min(dim=1, keepdim=True).values
     y0 = torch.where(torch.isinf(y0), torch.zeros_like(y0), y0)  # a single token (or equal scores): start at 0
-    kmax = int(k.max())
+    kmax = int(k.max()) if kmax is None else int(kmax)
     j = torch.arange(kmax, device=scores.device, dtype=cdf.dtype).expand(bsz, -1)
     denom = (k - 1).clamp(min=1).unsqueeze(1).to(cdf.dtype)
     frac = torch.where(k.unsqueeze(1) > 1, j / denom, torch.ones_like(j))  # K = 1: the single y is 1
@@ -148,14 +153,20 @@ class TokenSampler(Overhead):
 
     def forward(self, x, q, k, v, positions, valid, key_bias, n0: int):
         n = valid.sum(dim=1)
+        # The most samples an image draws, from what the host knows (no read-back): K grows with the count, and no
+        # image has more than the T = valid.shape[1] tokens of the padded width (as many as the fullest one)
+        most = int(n0) if self.samples == "initial" else valid.shape[1]
+        kmax = max(1, math.ceil(most * self.keep_rate))  # samples_per_image's ceil(n * keep_rate), in float64
         if self.samples == "initial":  # as published: K from the initial count, duplicates dropped, every stage
             kk = samples_per_image(self.keep_rate, torch.full_like(n, int(n0)))
-            chosen = inverse_transform_sample(self.significance(q, k, v, valid, key_bias), valid, kk)
+            chosen = inverse_transform_sample(self.significance(q, k, v, valid, key_bias), valid, kk, kmax)
         else:
             kk = samples_per_image(self.keep_rate, n)
-            chosen = inverse_transform_sample(self.significance(q, k, v, valid, key_bias), valid, kk)
+            chosen = inverse_transform_sample(self.significance(q, k, v, valid, key_bias), valid, kk, kmax)
             chosen = torch.where((kk >= n).unsqueeze(1), valid, chosen)  # at most K tokens: already true
         count = chosen.sum(dim=1)
+        # A read-back the padded representation needs: the tokens are packed into a (B, max count) tensor, whose
+        # width is the largest per-image count (data-dependent; padding to a host-side bound would change outputs)
         m = int(count.max())
         idx = (~chosen).to(torch.int8).argsort(dim=1, stable=True)[:, :m]  # chosen first, in grid order
         new_valid = torch.arange(m, device=x.device).unsqueeze(0) < count.unsqueeze(1)
@@ -189,7 +200,10 @@ class ATSEncoder(nn.Module):
                 pat, positions, valid = self.samplers[str(i)](h[:, p:], q, k, v, positions, valid, key_bias,
                                                               grid[0] * grid[1])
                 h = mlp_residual(blk, torch.cat([h[:, :p], pat], dim=1))
-                key_bias = None if bool(valid.all()) else key_bias_from_mask(valid, p, h.dtype)
+                # One image (latency): valid is all true by construction (width = its count), no read-back; a batch
+                # reads whether any image is padded, to keep the plain attention (bit for bit) where none is
+                full = bsz == 1 or bool(valid.all())
+                key_bias = None if full else key_bias_from_mask(valid, p, h.dtype)
                 rope = rope_of(vit, grid, positions)  # padding (-1): identity rotation, and masked as a key
             else:
                 h = call_block(blk, h, rope, as_attn_mask(key_bias))
@@ -212,6 +226,7 @@ class ATS(Method):
     training = "none"
     dense_output = True
     variable_length = True
+    attention_map = "cls"  # significance = the CLS attention row x value norm
     families = ("vit", "eva")
     families_note = "its significance score is the CLS token's attention"
     version = 2  # 2: the official eps-smoothed CLS softmax; samples=initial and stages=published (ATS as published)
