@@ -405,9 +405,10 @@ def evaluate(plan: Plan, model) -> dict:
 
     from lwbench.logs import is_quiet
     from lwbench.precision import wrap
+    from lwbench.training.loop import pin_memory_for
 
     ev = plan.cfg.eval
-    loader = plan.task.loader("test", ev.batch_size, limit=ev.limit)
+    loader = plan.task.loader("test", ev.batch_size, limit=ev.limit, pin_memory=pin_memory_for(plan.device))
     n = len(loader.dataset)
     subset = isinstance(loader.dataset, torch.utils.data.Subset)
     if subset:

@@ -180,15 +180,17 @@ class Task(abc.ABC):
         return "synthetic"
 
     def loader(self, split: str, batch_size: int, train: bool = False, num_workers: int = 0,
-               limit: int | None = None) -> DataLoader:
+               limit: int | None = None, pin_memory: bool = False) -> DataLoader:
         """Batches of ``split``; with ``limit``, of the seeded random subset :func:`limited_indices` draws (sorted):
-        datasets are often sorted by class, so the first ``limit`` items could all be one class."""
+        datasets are often sorted by class, so the first ``limit`` items could all be one class. ``pin_memory``:
+        page-locked batches, for a CUDA device (:func:`lwbench.training.loop.pin_memory_for`)."""
         ds = self.dataset(split, train=train)
         if limit is not None and limit < len(ds):
             ds = torch.utils.data.Subset(ds, limited_indices(len(ds), limit, self.seed))
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
-                          num_workers=num_workers, generator=gen, persistent_workers=num_workers > 0)
+                          num_workers=num_workers, generator=gen, persistent_workers=num_workers > 0,
+                          pin_memory=pin_memory)
 
     @torch.inference_mode()
     def evaluate(self, model: torch.nn.Module, loader: DataLoader, device: str = "cpu",
@@ -201,8 +203,8 @@ class Task(abc.ABC):
         model.eval()
         hits1, hits5 = [], []
         for images, targets in loader:
-            logits = model(images.to(device))
-            targets = targets.to(device)
+            logits = model(images.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits1.append((top[:, 0] == targets).cpu())
             hits5.append((top == targets[:, None]).any(1).cpu())

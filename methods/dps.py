@@ -199,7 +199,8 @@ def make_dps_loss(entropy_weight: float):
         seg = targets.ndim > 1  # label maps: ignore index 255
         ce = F.cross_entropy(logits, targets, ignore_index=255) if seg else F.cross_entropy(logits, targets)
         ent = score_entropy(out.aux["scores"])
-        return ce + entropy_weight * ent, {"ce": ce.item(), "entropy": ent.item(), "sigma": out.aux["sigma"]}
+        # loss parts stay on the device: train_loop reads them only for its progress bar
+        return ce + entropy_weight * ent, {"ce": ce.detach(), "entropy": ent.detach(), "sigma": out.aux["sigma"]}
 
     return loss_fn
 

@@ -192,15 +192,21 @@ def dynamicvit_loss(teacher: nn.Module, ratio_weight: float = 2.0, distill_weigh
         ratio = ratio / max(1, len(ratios))
         kl = logit_kl(logits, t_logits)
         kept = out.aux["keep"] > 0.5
-        if bool(kept.any()):
-            tok = ((out.patches - t_out.patches) ** 2)[kept].mean()
+        sq = (out.patches - t_out.patches) ** 2
+        if images.device.type != "cpu":
+            # The same mean over the kept tokens without reading the mask back (``bool(any)`` and boolean
+            # indexing each wait for the GPU): a masked sum over the count (0 when none is kept); it sums in
+            # another order than the CPU's, so the CPU keeps the form its reference runs were trained with
+            tok = (sq * kept.unsqueeze(-1).to(sq.dtype)).sum() / (kept.sum() * sq.shape[-1]).clamp(min=1)
+        elif bool(kept.any()):
+            tok = sq[kept].mean()
         else:
             tok = out.patches.sum() * 0.0
         loss = ce + ratio_weight * ratio + distill_weight * kl + distill_weight * tok
-        keep_frac = float(out.aux["keep"].mean()) if decisions else 1.0
-        logs = {"ce": ce, "ratio": ratio, "kl": kl, "tok": tok}
-        return loss, {**{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()},
-                      "keep": keep_frac}
+        keep_frac = out.aux["keep"].mean() if decisions else 1.0
+        logs = {"ce": ce, "ratio": ratio, "kl": kl, "tok": tok, "keep": keep_frac}
+        # Loss parts stay on the device: train_loop reads them only for its progress bar.
+        return loss, {k: v.detach() if torch.is_tensor(v) else float(v) for k, v in logs.items()}
 
     return loss_fn
 

@@ -190,8 +190,9 @@ def test_loss_adds_the_entropy_regulariser():
     x, y = torch.randn(2, 3, 32, 48), torch.tensor([0, 1])
     torch.manual_seed(3)
     loss, logs = make_dps_loss(-0.01)(model, x, y)
-    assert float(loss.detach()) == pytest.approx(logs["ce"] - 0.01 * logs["entropy"], rel=1e-6)
-    assert 0 < logs["entropy"] <= torch.log(torch.tensor(24.0)).item() + 1e-6
+    ce, ent = float(logs["ce"]), float(logs["entropy"])  # loss parts: 0-dim tensors (train_loop reads them)
+    assert float(loss.detach()) == pytest.approx(ce - 0.01 * ent, rel=1e-6)
+    assert 0 < ent <= torch.log(torch.tensor(24.0)).item() + 1e-6
 
 
 def test_fit_smoke_trains_and_checkpoints(tmp_path):

@@ -180,7 +180,7 @@ def test_oracle_finetunes_on_the_annotated_cells_of_unaugmented_training_images(
         return model
 
     ctx = SimpleNamespace(teacher=SimpleNamespace(encoder=SimpleNamespace(vit=vit), head=torch.nn.Linear(32, 3)),
-                          regime="finetuned", task=task, finetune=finetune,
+                          regime="finetuned", task=task, finetune=finetune, device="cpu",
                           stage=lambda s: SimpleNamespace(batch_size=4, workers=0))
     model = Oracle(spec, 6).fit(ctx)
     assert seen == {"ok": True, "tag": "oracle-k=6-finetune"}

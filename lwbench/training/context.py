@@ -60,12 +60,12 @@ class FitContext:
         """Endless stream of augmented training batches (re-shuffled every epoch), an
         :class:`~lwbench.training.loop.EpochStream` whose position is checkpointed, so a resumed stage
         continues with the batches an uninterrupted one would have drawn."""
-        from lwbench.training.loop import EpochStream, endless
+        from lwbench.training.loop import EpochStream, endless, pin_memory_for
 
         if not callable(getattr(self.task, "dataset", None)):  # a task object with a loader only
             return endless(self.task.loader("train", batch_size, train=True, num_workers=workers))
         return EpochStream(self.task.dataset("train", train=True), batch_size, seed=int(getattr(self.task, "seed", 0)),
-                           num_workers=workers)
+                           num_workers=workers, pin_memory=pin_memory_for(self.device))
 
     def stage(self, stage: Stage | TrainConfig | None) -> Stage | TrainConfig:
         """``stage`` with its unset values taken from the run's ``train`` section (``None``: that section)."""

@@ -75,8 +75,14 @@ def endless(loader: Iterable) -> Iterator:
         yield from loader
 
 
+def pin_memory_for(device: str | torch.device) -> bool:
+    """Whether batches bound for ``device`` are built in page-locked memory: on CUDA, and only there, a copy from it
+    is asynchronous (:func:`to_device`'s ``non_blocking``), so a batch's copy overlaps the GPU's work."""
+    return torch.device(device).type == "cuda"
+
+
 def to_device(obj, device: str):
-    """Tensors, and dicts/lists of them (dense targets), onto ``device``."""
+    """Tensors, and dicts/lists of them (dense targets), onto ``device`` (asynchronous from pinned memory)."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
@@ -140,12 +146,13 @@ class EpochStream:
         seed: the data-order seed (the task's seed).
         collate_fn: as for ``DataLoader`` (default: ``default_collate``).
         num_workers: ``DataLoader`` workers (persistent across epochs).
+        pin_memory: batches in page-locked memory (:func:`pin_memory_for` the training device: CUDA only).
         drop_last: drop the last partial batch of each epoch, unless the dataset has fewer items than one
             batch (then the one partial batch is the epoch), as ``Task.loader`` does.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, collate_fn: Callable | None = None,
-                 num_workers: int = 0, drop_last: bool = True):
+                 num_workers: int = 0, drop_last: bool = True, pin_memory: bool = False):
         from torch.utils.data import DataLoader
 
         self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
@@ -160,7 +167,7 @@ class EpochStream:
         # generator (worker seeds) keeps it from drawing on the global RNG.
         self._loader = DataLoader(dataset, batch_sampler=_Positions(self), collate_fn=collate_fn,
                                   num_workers=int(num_workers), persistent_workers=int(num_workers) > 0,
-                                  generator=torch.Generator().manual_seed(self.seed))
+                                  generator=torch.Generator().manual_seed(self.seed), pin_memory=bool(pin_memory))
 
     def order(self, epoch: int) -> list[int]:
         """The item order of ``epoch``."""
@@ -513,19 +520,24 @@ def _train(model: nn.Module, loss_fn: Callable, batches: Iterator, stage: TrainC
         with autocast_ctx(device, autocast):
             loss, logs = loss_fn(model, to_device(images, device), to_device(targets, device))
         loss = loss.float()
-        if any_rank(not bool(torch.isfinite(loss))):  # under torchrun every rank stops, not only the NaN one
-            bar.close()
-            raise TrainingError(_nan_message(desc, loss.item(), step, ckpt_dir, lr_key))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if shares:
             average_gradients(params)
+        # The step's one read-back, which the NaN guard needs: a non-finite loss stops training before opt.step
+        # changes a weight (so nothing poisoned is trained on or checkpointed). Read after the backward is queued,
+        # so that the GPU runs it meanwhile; the value is also the progress line's.
+        value = loss.item()
+        if any_rank(not math.isfinite(value)):  # under torchrun every rank stops, not only the NaN one
+            bar.close()
+            raise TrainingError(_nan_message(desc, value, step, ckpt_dir, lr_key))
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, float(grad_clip))
         opt.step()
-        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        running = value if running is None else 0.9 * running + 0.1 * value
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.3f}", **{k: f"{v:.3g}" for k, v in logs.items()})
+        if not bar.disable:  # the loss parts are read only where the bar is drawn
+            bar.set_postfix(loss=f"{running:.3f}", **_postfix(logs))
         now = time.perf_counter()
         if step > start:
             durations.append(now - prev_t)
@@ -604,6 +616,17 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _postfix(logs: dict) -> dict[str, str]:
+    """The progress bar's fields from a loss function's ``logs``: numbers, or 0-dim tensors (loss parts, left on the
+    device by the loss function so that a step without a bar reads none of them), read here in one transfer."""
+    parts = {k: v.detach().float().reshape(()) for k, v in logs.items() if torch.is_tensor(v)}
+    if len({t.device for t in parts.values()}) == 1:
+        parts = dict(zip(parts, torch.stack(list(parts.values())).tolist(), strict=True))
+    else:
+        parts = {k: t.item() for k, t in parts.items()}
+    return {k: f"{parts.get(k, v):.3g}" for k, v in logs.items()}
 
 
 def _nan_message(desc: str, value: float, step: int, ckpt_dir: Path | None, lr_key: str | None) -> str:

@@ -49,6 +49,7 @@ from lwbench.training.loop import (
     damaged,
     is_done,
     load_checkpoint,
+    pin_memory_for,
     task_loss,
     train_loop,
     training_time,
@@ -130,24 +131,25 @@ class DenseTrainer(nn.Module):
             out = self.model.encoder(images)
         task = F.cross_entropy(self.model.head(out), targets["label"])
         cells = targets["cells"]
-        stats = {"task": task.item()}
+        stats = {"task": task.detach()}  # loss parts stay on the device: train_loop reads them only for its bar
         loss = task
         if weight > 0:
             per_cell = F.cross_entropy(self.cells(out.patches).flatten(0, 1), cells.flatten(), reduction="none")
             obj = cells.flatten() > 0
             # Means over the whole global batch under torchrun (mean_over_ranks); in one process plain means.
+            # (A read-back the loss needs: which cells are objects, and whether any are, decide its formula.)
             background, n_bg = mean_over_ranks(per_cell[~obj])
             objects, n_obj = mean_over_ranks(per_cell[obj])
             dense = background if n_bg else per_cell.sum() * 0
             if n_obj:  # objects and background weigh the same, however small the objects are
                 dense = 0.5 * dense + 0.5 * objects
             loss = loss + weight * dense
-            stats["dense"] = dense.item()
+            stats["dense"] = dense.detach()
         if self.attn_weight > 0:
             per_block = blocks.logits(num_prefix(vit), self.attn_queries).values()
             attn = torch.stack([attention_object_loss(lg, cells) for lg in per_block]).mean()
             loss = loss + self.attn_weight * attn
-            stats["attn"] = attn.item()
+            stats["attn"] = attn.detach()
         return loss, stats
 
 
@@ -185,10 +187,12 @@ def train_teacher(model: nn.Module, task, settings: TeacherConfig, ckpt_dir: Pat
     if n_obj:
         trainer = DenseTrainer(model, n_obj + 1, attn_weight, s.attn_queries, s.attn_blocks)
         patch = int(model.encoder.vit.patch_embed.patch_size[0])
-        data = EpochStream(ObjectCells(task, "train", patch), bs, seed=task.seed, num_workers=workers)
+        data = EpochStream(ObjectCells(task, "train", patch), bs, seed=task.seed, num_workers=workers,
+                           pin_memory=pin_memory_for(device))
         train_loop(trainer, lambda m, x, t: m.loss(x, t, weight), data, s, **common)
     else:
-        data = EpochStream(task.dataset("train", train=True), bs, seed=task.seed, num_workers=workers)
+        data = EpochStream(task.dataset("train", train=True), bs, seed=task.seed, num_workers=workers,
+                           pin_memory=pin_memory_for(device))
         train_loop(model, task_loss, data, s, **common)
     return model
 
@@ -203,7 +207,8 @@ def train_probe(model: nn.Module, task, s: TeacherConfig, ckpt_dir: Path, device
     for p in frozen:
         p.requires_grad_(False)
     try:
-        data = EpochStream(task.dataset("train", train=True), s.batch_size, seed=task.seed, num_workers=s.workers)
+        data = EpochStream(task.dataset("train", train=True), s.batch_size, seed=task.seed, num_workers=s.workers,
+                           pin_memory=pin_memory_for(device))
         probe = dataclasses.replace(s, steps=s.probe_steps, lr=s.probe_lr, warmup_steps=max(1, s.probe_steps // 10))
         train_loop(model, task_loss, data, probe, params=list(model.head.parameters()), ckpt_dir=ckpt_dir,
                    device=device, desc=f"linear probe {task.name}", quiet=quiet, lr_key="teacher.probe_lr",

@@ -103,4 +103,5 @@ class WhatWhereLoss:
         l_map = where_kl(t_attn, where_map)
         loss = l_cls + l_patch + self.kl_weight * l_map
         # A NaN on one rank stops every rank: train_loop checks the loss on all of them (training/distributed.py).
-        return loss, {"cls": l_cls.item(), "patch": l_patch.item(), "kl": l_map.item(), "k": k}
+        # Loss parts stay on the device: train_loop reads them only for its progress bar.
+        return loss, {"cls": l_cls.detach(), "patch": l_patch.detach(), "kl": l_map.detach(), "k": k}

@@ -94,7 +94,8 @@ def _dataset(data: str, data_root, img_size, seed: int):
     return task.dataset("train", train=True), tuple(task.img_size)
 
 
-def _batches(ds, batch_size: int, world: int, rank: int, seed: int, workers: int) -> Iterator:
+def _batches(ds, batch_size: int, world: int, rank: int, seed: int, workers: int,
+             pin_memory: bool = False) -> Iterator:
     import torch
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
@@ -104,7 +105,7 @@ def _batches(ds, batch_size: int, world: int, rank: int, seed: int, workers: int
         if world > 1 else None
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop,
-                        num_workers=workers, generator=gen, persistent_workers=workers > 0)
+                        num_workers=workers, generator=gen, persistent_workers=workers > 0, pin_memory=pin_memory)
     epoch = 0
     while True:
         if sampler is not None:
@@ -129,7 +130,7 @@ def pretrain(teacher_name: str, data: str, out_dir: str | Path | None = None, st
     from lwbench.config import TrainConfig
     from lwbench.method import BackboneSpec
     from lwbench.paths import cache_dir
-    from lwbench.training.loop import is_main_process, train_loop
+    from lwbench.training.loop import is_main_process, pin_memory_for, train_loop
 
     from .checkpoint import write_meta
     from .distill import DistillStudent, WhatWhereLoss
@@ -165,7 +166,8 @@ def pretrain(teacher_name: str, data: str, out_dir: str | Path | None = None, st
                              "lr": lr, "steps": steps, "teacher_weights": str(teacher_weights)})
         stage = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                             warmup_steps=warmup_steps, grad_clip=grad_clip, workers=workers)
-        train_loop(encoder, loss, _batches(ds, batch_size, world, rank, seed, workers), stage, ckpt_dir=out,
+        batches = _batches(ds, batch_size, world, rank, seed, workers, pin_memory=pin_memory_for(device))
+        train_loop(encoder, loss, batches, stage, ckpt_dir=out,
                    device=device, desc="lookwhere-distill", quiet=quiet or rank > 0,
                    data_parallel=False)  # per-rank batches (DistributedSampler), gradients synchronised by DDP
         if world > 1:
