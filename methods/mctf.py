@@ -30,34 +30,53 @@ the output count the grid cells each token absorbed. ``pooling="size"`` (officia
 ``"mean"`` (official 3) are options; the official max-pooling (2) is not offered.
 
 **One-step-ahead attention** (official ``one_step_ahead``, paper Sec. 3.3): block ``l`` fuses its *input* tokens
-before its own attention, with ``a`` from block ``l``'s attention on those (unfused) tokens, i.e. the attention of
-the block the fused tokens are about to enter, not the stale one of block ``l - 1``. That attention map is
-computed on the side by :class:`MultiCriteriaMerger` (an :class:`~lwbench.method.Overhead`: the ``q, k``
-projection of block ``l`` on the unfused tokens plus the full ``T x T`` softmax, since every query row is
-averaged), then the block runs on the fused tokens (its own modules, LayerScale included), with proportional
-attention (``log size`` added to the logits, official ``prop_attn=1``). That bias is folded into the attention's
-dot product (one more channel of q and k, :func:`lwbench.attention.sdpa_key_bias`) instead of a float mask, so the
-block's attention stays on a mask-free fused kernel (flash on CUDA takes no mask); the logits are the same, float
-rounding aside. The side map, which needs every attention weight, adds the bias to its explicit logits.
-``one_step_ahead=False`` is the official mode 0: the block runs on unfused tokens and its own attention (read from
-its ``qkv`` output) fuses its *output* tokens after the MLP.
+before its own attention, with ``a`` from block ``l``'s attention map on those (unfused) tokens, i.e. the attention
+of the block the fused tokens are about to enter, not the stale one of block ``l - 1``. Option ``one_step_ahead``
+names the official modes (``models/modules/blocks.py``, ``Block_DEIT.forward``; ``utils/mctf.py``, ``merge_wavg``;
+``models/SA/MHSA.py``, ``MHSA.forward``, read at mlvlab/MCTF 2004da0):
+
+* ``approx`` (official 1, the default of ``main.py``'s ``--mctf_type`` and of every released command: the fifth
+  entry of ``[16,0,0,1,1,...]``): the block computes its q, k and its softmax attention map ``A`` ``(H, T, T)`` on
+  its unfused input (log-size bias added: ``MHSA.forward(norm1(x), size, _attn=True)``), the tokens are fused by
+  ``A``'s mean over heads and queries, and ``A`` *pooled to the fused tokens* is the block's attention
+  (``merge_wavg``: a fused key's column is the sum of its members' columns, a fused query's row the mean of its
+  members' rows weighted by the fusion weights ``a_i s_i``; :func:`pool_attention`). Only v is computed, on the
+  normed fused tokens, then ``A' v``, ``proj``, the residual and the MLP (:func:`pooled_attention_block`). Cost per
+  fusing block with ``T`` tokens in and ``T' = T - r`` out: ``2 T d^2`` (q, k) + ``T^2 d`` (``q k^T``) on the
+  unfused tokens, then ``T' d^2`` (v) + ``T'^2 d`` (``A' v``) + ``T' d^2`` (proj) + ``8 T' d^2`` (MLP), plus the
+  similarity ``Ta Tb d``; the pooling is index work (scatter-adds, 0 MACs). Since ``A`` is the block's own
+  attention, its q, k and logits are booked as backbone; the overhead line is the similarity alone.
+* ``precise`` (official 2, "Precise" in the code): the same map on the unfused tokens is computed without
+  gradient, used only to fuse, and the block's attention is recomputed on the fused tokens with timm's fused kernel
+  and proportional attention (``log size`` added to the logits, official ``prop_attn=1``, folded into the dot
+  product: one more channel of q and k, :func:`lwbench.attention.sdpa_key_bias`, so flash on CUDA stays eligible).
+  The side map (``2 T d^2 + T^2 d``, computed by :class:`MultiCriteriaMerger`) is pure overhead here: ``2 T' d^2
+  + T'^2 d`` more per fusing block than ``approx`` (plus the padded channels of the fold).
+* ``off`` (official 0): the block runs on unfused tokens with its own attention (read from its ``qkv`` output),
+  which fuses its *output* tokens after the MLP.
+
+``approx`` and ``precise`` fuse the same tokens in a block (the same map decides) and differ in that block's
+attention on the fused tokens: the pooled map is an approximation of the recomputed one (it averages the fused
+queries' attention rows instead of attending from the fused query), so the outputs differ slightly and every later
+block's fusion with them. lwbench ran ``precise`` as its only mode until ``version`` 2; ``approx`` is the default
+since, as officially. Measured with ``lwbench flops`` at the default grids (random weights; the token counts are
+fixed by r): ``vit_small_patch16_224`` (DeiT-S layout) at 224 px, r = 4 / 9 / 13 / 16: ``approx`` 4.11 / 3.46 / 2.96
+/ 2.59 GMACs, ``precise`` 4.83 / 4.04 / 3.43 / 2.99 (full 4.60; the abstract's "about 44 %" fewer FLOPs for DeiT-S
+at r=16 is 2.6); the quick profile's ``lw_vit_nano_p16`` at 240x320, r = 25 / 50 / 75 / 90: ``approx`` 0.329 /
+0.288 / 0.250 / 0.234, ``precise`` 0.392 / 0.333 / 0.281 / 0.260 (full 0.365).
 
 Official defaults, used here (README fine-tuning / ``run/eval_deit_s_mctf.sh``: ``mctf_type
 [16,*,0,1,1,1,20,40,1,1,0]``, ``activate_layer [1..11]``): ``tau_sim=1``, ``tau_info=20``, ``tau_size=40``,
-one-step-ahead on, bidirectional on, attention-and-size pooling, proportional attention on, a constant ``r`` in
-every block but the first (``layers`` null = blocks ``1 .. depth-1``; block 0 for a 1-block ViT), and a per-block
+one-step-ahead ``approx``, bidirectional on, attention-and-size pooling, proportional attention on, a constant ``r``
+in every block but the first (``layers`` null = blocks ``1 .. depth-1``; block 0 for a 1-block ViT), and a per-block
 cap that keeps at least 10 tokens (official ``if t - r < 10: r = t - 10``, ``t`` counting the prefix) and fuses
 at most ``floor(patches / 2)``.
 
 Departures (deliberate):
 
-* One-step-ahead: the official default (``one_step_ahead=1``) reuses the side attention map, pooled to the fused
-  tokens, as the block's attention (only ``v`` is recomputed); this file recomputes the block's attention on the
-  fused tokens with timm's fused kernel, which is the official "precise" mode (``one_step_ahead=2``). The side map
-  is therefore pure overhead here and is counted as such (``2 T d^2`` for ``q, k`` plus ``T^2 d`` per fusing
-  block, on the unfused tokens), so GMACs are higher than the paper's for the same r. Measured with
-  ``lwbench flops`` on ``vit_small_patch16_224`` (DeiT-S layout) at 224 px, r=16: 2.98 GMACs = 2.51 backbone +
-  0.47 overhead (full 4.60, ``tome`` r=16 2.29); ``one_step_ahead=False``: 2.94 = 2.85 + 0.09.
+* Gradients (the ``finetuned`` regime): as officially, no gradient flows through the matching, and in ``approx``
+  the pooled map carries the gradient of the block's q and k. The fusion weights ``a_i s_i`` carry none here;
+  officially (``merge_wavg``, pooling 1) the weighted sum's numerator carries one and its normaliser none.
 * CLS *and* registers are kept out of both sets (never fused nor fused into); the official code sets the rows of
   the first ``num_protected`` A tokens to ``-inf``, which protects CLS only. Their attention still counts in
   ``a`` (as keys and as queries) exactly as officially.
@@ -109,6 +128,7 @@ from ._reduction import (
 from .tome import size_bias
 
 POOLINGS = ("attention", "size", "mean")
+AHEAD_MODES = ("approx", "precise", "off")  # official one_step_ahead 1, 2, 0
 MIN_TOKENS = 10  # official: a block never leaves fewer than 10 tokens (prefix included)
 
 
@@ -234,6 +254,87 @@ def fuse(
     return summed / total, new_size
 
 
+def block_qk(attn: nn.Module, xn: torch.Tensor, rope: torch.Tensor | None = None):
+    """q, k ``(B, H, T, hd)`` that ``attn`` would use on the normed tokens ``xn`` (``F.linear`` on its weights, v
+    left out). A timm ``Attention`` (fused ``qkv``) or an ``EvaAttention`` (fused ``qkv`` with ``q_bias``/
+    ``k_bias``, or ``q_proj``/``k_proj``; its q/k norms, then ``rope`` on the patch rows as the block rotates
+    them)."""
+    heads = attn.num_heads
+    b, t, _ = xn.shape
+    if getattr(attn, "qkv", None) is not None:
+        n = attn.qkv.weight.shape[0] // 3
+        bias = attn.qkv.bias[: 2 * n] if attn.qkv.bias is not None else None
+        if getattr(attn, "q_bias", None) is not None:  # Eva: q, k (zero) and v biases beside the fused weight
+            extra = torch.cat((attn.q_bias, attn.k_bias))
+            bias = extra if bias is None else bias + extra
+        qk = F.linear(xn, attn.qkv.weight[: 2 * n], bias)
+        q, k = qk.reshape(b, t, 2, heads, n // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    else:  # Eva with separate projections
+        q = F.linear(xn, attn.q_proj.weight, attn.q_proj.bias).reshape(b, t, heads, -1).transpose(1, 2)
+        k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).reshape(b, t, heads, -1).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        q, k = eva.rotate(attn, q, rope, xn), eva.rotate(attn, k, rope, xn)
+    return q, k
+
+
+def block_v(attn: nn.Module, xn: torch.Tensor) -> torch.Tensor:
+    """v ``(B, H, T, hd)`` that ``attn`` would use on the normed tokens ``xn``, alone (q and k not computed): the
+    value slice of a fused ``qkv`` (an Eva's ``v_bias`` added) or an Eva's ``v_proj``."""
+    heads = attn.num_heads
+    b, t, _ = xn.shape
+    if getattr(attn, "qkv", None) is not None:
+        n = attn.qkv.weight.shape[0] // 3
+        bias = attn.qkv.bias[2 * n :] if attn.qkv.bias is not None else None
+        if getattr(attn, "v_bias", None) is not None:
+            bias = attn.v_bias if bias is None else bias + attn.v_bias
+        v = F.linear(xn, attn.qkv.weight[2 * n :], bias)
+    else:
+        v = attn.v_proj(xn)
+    return v.reshape(b, t, heads, -1).transpose(1, 2)
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float, key_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(B, H, T, hd)`` q, k -> the ``(B, H, T, T)`` softmax attention map, ``key_bias`` ``(B, T)`` (``log size``)
+    added to the logits of every key (the official ``MHSA.forward(..., _attn=True)``)."""
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :]
+    return logits.softmax(dim=-1)
+
+
+def pool_attention(probs: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor, n_new: int) -> torch.Tensor:
+    """The attention map ``probs`` ``(B, H, T, T)`` of the unfused tokens pooled to the ``n_new`` fused ones (the
+    official ``merge_wavg`` with ``one_step_ahead=1``): the keys of one fused token are summed, its query rows
+    averaged with the fusion weights, ``A'[g, g'] = sum_{i in g} w_i sum_{j in g'} A[i, j] / sum_{i in g} w_i``.
+    ``dest`` ``(B, T)``: the fused token every token goes into; ``weight`` ``(B, T)``: its fusion weight. Rows
+    still sum to one. Index and elementwise work only (scatter-adds), no matrix product."""
+    b, heads, t, _ = probs.shape
+    keys = probs.new_zeros(b, heads, t, n_new).scatter_add(3, dest[:, None, None, :].expand(b, heads, t, t), probs)
+    w = weight.to(probs.dtype)
+    rows = probs.new_zeros(b, heads, n_new, n_new).scatter_add(
+        2, dest[:, None, :, None].expand(b, heads, t, n_new), keys * w[:, None, :, None]
+    )
+    total = w.new_zeros(b, n_new).scatter_add(1, dest, w)
+    return rows / total[:, None, :, None]
+
+
+def pooled_attention_block(blk: nn.Module, h: torch.Tensor, attn_map: torch.Tensor) -> torch.Tensor:
+    """One block on the fused tokens ``h`` ``(B, T', D)`` with ``attn_map`` ``(B, H, T', T')`` as its attention
+    weights (official approximate one-step-ahead: ``MHSA.forward(x, _attn=attn_n)``): only v is computed, on
+    ``norm1(h)``; then ``attn_drop``, the attention's ``norm`` and ``proj``, LayerScale, the residual and the MLP
+    half, with the block's own modules (a timm ``Block`` or an ``EvaBlock``)."""
+    attn = blk.attn
+    b, t, _ = h.shape
+    v = block_v(attn, blk.norm1(h))
+    y = (attn.attn_drop(attn_map).to(v.dtype) @ v).transpose(1, 2).reshape(b, t, -1)
+    y = attn.proj_drop(attn.proj(attn.norm(y)))
+    h = eva.add_attention(blk, h, y) if eva.is_eva_block(blk) else h + blk.drop_path1(blk.ls1(y))
+    return mlp_residual(blk, h)
+
+
 class MultiCriteriaMerger(Overhead):
     """One block's MCTF step: the side attention (one-step-ahead), the multi-criteria attraction, bidirectional
     matching, the weighted fusion and source tracking. Everything it computes is selection overhead."""
@@ -254,27 +355,8 @@ class MultiCriteriaMerger(Overhead):
         self.bidirection, self.pooling = bool(bidirection), pooling
 
     def side_qk(self, attn: nn.Module, xn: torch.Tensor, rope: torch.Tensor | None = None):
-        """q, k ``(B, H, T, hd)`` that ``attn`` would use on the normed tokens ``xn``, computed here (``F.linear``
-        on its weights), so the MACs are booked as this module's overhead. A timm ``Attention`` (fused ``qkv``)
-        or an ``EvaAttention`` (fused ``qkv`` with ``q_bias``/``k_bias``, or ``q_proj``/``k_proj``; its q/k norms,
-        then ``rope`` on the patch rows as the block rotates them)."""
-        heads = attn.num_heads
-        b, t, _ = xn.shape
-        if getattr(attn, "qkv", None) is not None:
-            n = attn.qkv.weight.shape[0] // 3
-            bias = attn.qkv.bias[: 2 * n] if attn.qkv.bias is not None else None
-            if getattr(attn, "q_bias", None) is not None:  # Eva: q, k (zero) and v biases beside the fused weight
-                extra = torch.cat((attn.q_bias, attn.k_bias))
-                bias = extra if bias is None else bias + extra
-            qk = F.linear(xn, attn.qkv.weight[: 2 * n], bias)
-            q, k = qk.reshape(b, t, 2, heads, n // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        else:  # Eva with separate projections
-            q = F.linear(xn, attn.q_proj.weight, attn.q_proj.bias).reshape(b, t, heads, -1).transpose(1, 2)
-            k = F.linear(xn, attn.k_proj.weight, attn.k_proj.bias).reshape(b, t, heads, -1).transpose(1, 2)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        if rope is not None:
-            q, k = eva.rotate(attn, q, rope, xn), eva.rotate(attn, k, rope, xn)
-        return q, k
+        """:func:`block_qk` run inside this module, so its MACs are booked as this module's overhead (precise mode)."""
+        return block_qk(attn, xn, rope)
 
     def weights(self, info: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
         """Fusion weight of each patch token ``(B, T, 1)``: attention received x size (official pooling 1)."""
@@ -284,24 +366,34 @@ class MultiCriteriaMerger(Overhead):
             return size
         return torch.ones_like(size)
 
-    def forward(self, h, blk, bias, size, positions, assignment, r: int, qk=None, rope=None):
+    def forward(self, h, blk, bias, size, positions, assignment, r: int, qk=None, rope=None, probs=None):
         """Fuse ``r`` of the patch tokens of the sequence ``h`` ``(B, P + T, D)`` entering (or leaving) the timm block
         ``blk``. Informativeness is the attention of ``blk`` with the per-key logit bias ``bias`` ``(B, P + T)``: from
-        ``qk`` (its q, k ``(B, H, P+T, hd)`` as it computed them) or, when None, from q, k computed here on
-        ``norm1(h)`` (one step ahead). ``size`` ``(B, T, 1)`` or None (all ones). Returns the new sequence, sizes,
-        positions ``(B, T - r)`` and assignment ``(B, N)``."""
+        ``probs`` (its ``(B, H, P+T, P+T)`` attention map, approximate mode), from ``qk`` (its q, k ``(B, H, P+T, hd)``
+        as it computed them) or, when both are None, from q, k computed here on ``norm1(h)`` (precise mode). ``size``
+        ``(B, T, 1)`` or None (all ones). Returns the new sequence, sizes, positions ``(B, T - r)``, assignment
+        ``(B, N)`` and, with ``probs``, that map pooled to the fused tokens (:func:`pool_attention`; else None)."""
         p = self.num_prefix
         x = h[:, p:]
         bsz, t, _ = x.shape
-        with torch.no_grad():  # as the official precise mode: the matching and its weights carry no gradient
-            q, k = self.side_qk(blk.attn, blk.norm1(h), rope) if qk is None else qk
-            info = attention_received(q, k, blk.attn.scale, bias)[:, p:].float()
+        with torch.no_grad():  # as the official code: the matching and the fusion weights carry no gradient
+            if probs is not None:
+                info = probs.mean(dim=(1, 2))[:, p:].float()
+            else:
+                q, k = self.side_qk(blk.attn, blk.norm1(h), rope) if qk is None else qk
+                info = attention_received(q, k, blk.attn.scale, bias)[:, p:].float()
             scores = attraction(x.float(), info, None if size is None else size.float(), self.a_offset, *self.taus)
             keep, dest = plan_fusion(scores, r, self.a_offset, self.bidirection)
             size = x.new_ones(bsz, t, 1) if size is None else size
             w = self.weights(info, size.float())
         new_x, new_size = fuse(x, w, size, dest, t - r)
-        return (torch.cat([h[:, :p], new_x], dim=1), new_size, positions.gather(1, keep), dest.gather(1, assignment))
+        pooled = None
+        if probs is not None:  # the prefix tokens are groups of one (their weight cancels)
+            full_dest = torch.cat([torch.arange(p, device=dest.device).expand(bsz, -1), p + dest], dim=1)
+            full_w = torch.cat([w.new_ones(bsz, p), w.squeeze(-1)], dim=1)
+            pooled = pool_attention(probs, full_dest, full_w, p + t - r)
+        out = torch.cat([h[:, :p], new_x], dim=1)
+        return out, new_size, positions.gather(1, keep), dest.gather(1, assignment), pooled
 
 
 class MCTFEncoder(nn.Module):
@@ -311,16 +403,18 @@ class MCTFEncoder(nn.Module):
         r: int,
         layers: list[int],
         taus: tuple[float, float, float],
-        one_step_ahead: bool = True,
+        one_step_ahead: str = "approx",
         bidirection: bool = True,
         pooling: str = "attention",
         prop_attn: bool = True,
     ):
         super().__init__()
+        if one_step_ahead not in AHEAD_MODES:
+            raise ValueError(f"one_step_ahead: {one_step_ahead!r} is not one of {', '.join(AHEAD_MODES)}")
         self.vit = vit
         self.r = int(r)
         self.layers = set(layers)
-        self.one_step_ahead, self.prop_attn = bool(one_step_ahead), bool(prop_attn)
+        self.one_step_ahead, self.prop_attn = one_step_ahead, bool(prop_attn)
         p = num_prefix(vit)
         self.mergers = nn.ModuleDict(
             {str(i): MultiCriteriaMerger(p % 2, p, *taus, bidirection=bidirection, pooling=pooling) for i in layers}
@@ -340,15 +434,25 @@ class MCTFEncoder(nn.Module):
             merger = self.mergers[str(i)] if r > 0 else None
             if merger is None:
                 h = biased_block(blk, h, rope, bias)
-            elif self.one_step_ahead:
-                h, size, positions, assignment = merger(h, blk, bias, size, positions, assignment, r, rope=rope)
+            elif self.one_step_ahead == "approx":
+                # the block's own q, k and attention map on its unfused input (backbone work, done here), fused
+                # tokens and that map pooled to them by the merger, then only v, attn @ v, proj and the MLP
+                q, k = block_qk(blk.attn, blk.norm1(h), rope)
+                probs = attention_probs(q, k, blk.attn.scale, bias)
+                h, size, positions, assignment, pooled = merger(
+                    h, blk, bias, size, positions, assignment, r, probs=probs
+                )
+                rope = rope_of(vit, grid, positions)
+                h = pooled_attention_block(blk, h, pooled)
+            elif self.one_step_ahead == "precise":
+                h, size, positions, assignment, _ = merger(h, blk, bias, size, positions, assignment, r, rope=rope)
                 rope = rope_of(vit, grid, positions)
                 bias = size_bias(size, p) if self.prop_attn else None
                 h = biased_block(blk, h, rope, bias)
             else:
                 h, q, k, _ = attention_step(blk, h, rope=rope, need_v=False, key_bias=bias)
                 h = mlp_residual(blk, h)
-                h, size, positions, assignment = merger(h, blk, bias, size, positions, assignment, r, qk=(q, k))
+                h, size, positions, assignment, _ = merger(h, blk, bias, size, positions, assignment, r, qk=(q, k))
                 rope = rope_of(vit, grid, positions)
             counts.append(h.shape[1] - p)
         sizes = cells_per_token(assignment, h.shape[1] - p)
@@ -367,6 +471,7 @@ class MCTF(Method):
     budget_key = "r"
     budget_type = int
     default_budgets = ()  # scaled to the grid and the merging blocks by budget_grid() (DeiT-S at 224 px: 16)
+    version = 2  # 2: the official default one-step-ahead (approximate: the side map pooled as the block's attention)
     training = "none"  # training-free off the shelf; the finetuned regime fine-tunes it with the task loss
     dense_output = True
     variable_length = False
@@ -379,10 +484,12 @@ class MCTF(Method):
         tau_sim: float = option(1.0, "temperature of the similarity criterion (official 1; 0: off)", min=0)
         tau_info: float = option(20.0, "temperature of the informativeness criterion (official 20; 0: off)", min=0)
         tau_size: float = option(40.0, "temperature of the size criterion (official 40; 0: off)", min=0)
-        one_step_ahead: bool = option(
-            True,
-            "fuse a block's input with that block's attention (official on); off: "
-            "fuse its output after the MLP with its own attention",
+        one_step_ahead: str = option(
+            "approx",
+            "approx (official default, one_step_ahead=1): fuse a block's input by that block's attention map, pooled "
+            "to the fused tokens as the block's attention; precise (2): the same fusion, the block's attention "
+            "recomputed on the fused tokens; off (0): fuse the block's output after the MLP by its own attention",
+            choices=AHEAD_MODES,
         )
         bidirection: bool = option(True, "bidirectional matching: r//2 A->B, then the rest B->A (official on)")
         pooling: str = option(
@@ -442,13 +549,19 @@ class MCTF(Method):
 
 
 __all__ = [
+    "AHEAD_MODES",
     "MCTF",
     "MCTFEncoder",
     "MultiCriteriaMerger",
     "attention_received",
+    "attention_probs",
     "attraction",
+    "block_qk",
     "block_r",
+    "block_v",
     "criteria",
     "fuse",
     "plan_fusion",
+    "pool_attention",
+    "pooled_attention_block",
 ]

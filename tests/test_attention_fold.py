@@ -161,13 +161,15 @@ def masked_path(monkeypatch, module):
     return calls
 
 
-METHODS = [("tome", {}), ("pitome", {"prop_attn": True}), ("mctf", {}),
-           ("mctf", {"one_step_ahead": False, "layers": "0,1"})]  # precise mode: fuse after block 0's MLP
+# mctf's default (approximate one-step-ahead) gives a fusing block the pooled side map, no SDPA call: its precise
+# mode runs the folded kernel there, and "off" fuses after block 0's MLP
+METHODS = [("tome", {}), ("pitome", {"prop_attn": True}), ("mctf", {"one_step_ahead": "precise"}),
+           ("mctf", {"one_step_ahead": "off", "layers": "0,1"})]
 BACKBONES = [("lw_vit_test_p8", (40, 56), 4), ("vit_small_patch16_dinov3", (64, 96), 4)]
 
 
 @pytest.mark.parametrize("backbone,size,r", BACKBONES, ids=[b[0] for b in BACKBONES])
-@pytest.mark.parametrize("method,opts", METHODS, ids=["tome", "pitome", "mctf", "mctf_precise"])
+@pytest.mark.parametrize("method,opts", METHODS, ids=["tome", "pitome", "mctf_precise", "mctf_off"])
 @torch.no_grad()
 def test_methods_give_the_logits_of_the_masked_path(monkeypatch, backbone, size, r, method, opts):
     torch.manual_seed(0)

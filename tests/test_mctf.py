@@ -1,5 +1,6 @@
 """MCTF: each criterion's attraction by hand, who fuses (least informative, most similar, smallest), bidirectional
-matching and its chains, fusion weights and sizes, the official algorithm written out naively on a CLS-only ViT,
+matching and its chains, fusion weights and sizes, the pooled attention map by hand, the official algorithm (its
+default approximate one-step-ahead and its precise mode) written out naively on a CLS-only ViT,
 prefix tokens never fused, source tracking, one-step-ahead attention, overhead MACs, budgets, r=0 = the backbone."""
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from lwbench.measure.flops import count_macs
 from lwbench.method import BackboneSpec
 from lwbench.methods._reduction import split_qkv
 from lwbench.methods.mctf import (
+    AHEAD_MODES,
     MCTF,
     MultiCriteriaMerger,
+    attention_probs,
     attention_received,
     attraction,
     block_r,
     criteria,
     fuse,
     plan_fusion,
+    pool_attention,
 )
 from lwbench.registry import get_method
 from lwbench.tokens import densify
@@ -230,12 +234,18 @@ def test_prefix_is_never_fused():
     q, k = torch.randn(1, 2, p + t, 4), torch.randn(1, 2, p + t, 4)
     blk = make()[0].blocks[0]
     pos = torch.arange(t)[None]
-    for osa in (True, False):
-        merger = MultiCriteriaMerger(p % 2, p, 1.0, 20.0, 40.0, bidirection=osa, pooling="attention")
-        out, size, positions, assign = merger(h, blk, None, None, pos, pos.clone(), 6, qk=(q, k))
-        assert torch.equal(out[:, :p], h[:, :p]) and out.shape[1] == p + t - 6
-        assert size.sum().item() == t
-        assert torch.bincount(assign[0], minlength=t - 6).tolist() == size.flatten().long().tolist()
+    probs = attention_probs(q, k, 0.5)
+    for bidirection in (True, False):
+        merger = MultiCriteriaMerger(p % 2, p, 1.0, 20.0, 40.0, bidirection=bidirection, pooling="attention")
+        for side in ({"qk": (q, k)}, {"probs": probs}):
+            out, size, positions, assign, pooled = merger(h, blk, None, None, pos, pos.clone(), 6, **side)
+            assert torch.equal(out[:, :p], h[:, :p]) and out.shape[1] == p + t - 6
+            assert size.sum().item() == t
+            assert torch.bincount(assign[0], minlength=t - 6).tolist() == size.flatten().long().tolist()
+            if "probs" in side:  # the prefix rows keep their own queries, their keys stay apart
+                assert pooled.shape == (1, 2, p + t - 6, p + t - 6)
+                torch.testing.assert_close(pooled[:, :, :p, :p], probs[:, :, :p, :p])
+                torch.testing.assert_close(pooled.sum(-1), torch.ones(1, 2, p + t - 6))
 
 
 def _naive_attention(blk, seq: torch.Tensor, size: torch.Tensor | None):
@@ -265,7 +275,8 @@ def _naive_scores(h, att, size, tau_sim=1.0, tau_info=20.0, tau_size=40.0):
 
 
 def _naive_fuse(h, att, size, rr):
-    """One official fusion (bidirectional, pooling 1) of ``rr`` tokens: the new sequence and sizes."""
+    """One official fusion (bidirectional, pooling 1) of ``rr`` tokens: the new sequence, sizes and the groups (the
+    old tokens in each new one, in the new order)."""
     t = h.shape[0]
     s = torch.ones(t) if size is None else size
     score = _naive_scores(h, att, size)
@@ -282,7 +293,7 @@ def _naive_fuse(h, att, size, rr):
     groups += [group_b[j] for j in unm_b]
     wt = att * s
     new_h = torch.stack([sum(wt[i] * h[i] for i in g) / sum(wt[i] for i in g) for g in groups])
-    return new_h, torch.stack([sum(s[i] for i in g) for g in groups])
+    return new_h, torch.stack([sum(s[i] for i in g) for g in groups]), groups
 
 
 def _reference_mctf_cls(vit: VisionTransformer, x: torch.Tensor, r: int) -> list[torch.Tensor]:
@@ -299,7 +310,7 @@ def _reference_mctf_cls(vit: VisionTransformer, x: torch.Tensor, r: int) -> list
             rr = min(rr, (t - 1) // 2)
             if layer >= 1 and rr > 0:
                 logits, _ = _naive_attention(blk, h, size)
-                h, size = _naive_fuse(h, logits.softmax(-1).mean(dim=(0, 1)), size, rr)
+                h, size, _ = _naive_fuse(h, logits.softmax(-1).mean(dim=(0, 1)), size, rr)
             logits, v = _naive_attention(blk, h, size)
             o = (logits.softmax(-1) @ v).transpose(0, 1).reshape(h.shape)
             h = h + blk.ls1(blk.attn.proj(o))
@@ -308,12 +319,82 @@ def _reference_mctf_cls(vit: VisionTransformer, x: torch.Tensor, r: int) -> list
     return outs
 
 
-def test_matches_official_algorithm_on_a_cls_only_vit():
+def _reference_mctf_cls_approx(vit: VisionTransformer, x: torch.Tensor, r: int) -> list[torch.Tensor]:
+    """The official default (``one_step_ahead=1``, ``models/modules/blocks.py`` ``Block_DEIT.forward``,
+    ``utils/mctf.py`` ``merge_wavg`` with ``pooling_type=1``, ``models/SA/MHSA.py``) written out with loops, one image
+    at a time, for a CLS-only ViT. In a fusing block: the attention map A of the block on its unfused input (log-size
+    bias), the fusion by A's mean over heads and queries, then A pooled to the fused tokens (a fused key sums its
+    members' columns, a fused query averages its members' rows with the fusion weights a_i s_i) is the block's
+    attention: only v is computed, on the fused tokens. Other blocks: plain attention with the log-size bias."""
+    outs = []
+    for img in x:
+        h = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(img[None]))))[0]  # (T, C)
+        size = None
+        for layer, blk in enumerate(vit.blocks):
+            t = h.shape[0]
+            rr = r if t - r >= 10 else t - 10
+            rr = min(rr, (t - 1) // 2)
+            if layer >= 1 and rr > 0:
+                logits, _ = _naive_attention(blk, h, size)
+                att_map = logits.softmax(-1)  # (H, T, T)
+                att = att_map.mean(dim=(0, 1))
+                s = torch.ones(t) if size is None else size
+                h, size, groups = _naive_fuse(h, att, size, rr)
+                w = att * s
+                pooled = torch.zeros(att_map.shape[0], len(groups), len(groups))
+                for hh in range(att_map.shape[0]):
+                    for gi, gq in enumerate(groups):
+                        for gj, gk in enumerate(groups):
+                            num = sum(w[i] * sum(att_map[hh, i, j] for j in gk) for i in gq)
+                            pooled[hh, gi, gj] = num / sum(w[i] for i in gq)
+                a, tn = blk.attn, h.shape[0]
+                v = a.qkv(blk.norm1(h)).reshape(tn, 3, a.num_heads, a.head_dim)[:, 2].transpose(0, 1)  # (H, T', hd)
+                o = (pooled @ v).transpose(0, 1).reshape(h.shape)
+            else:
+                logits, v = _naive_attention(blk, h, size)
+                o = (logits.softmax(-1) @ v).transpose(0, 1).reshape(h.shape)
+            h = h + blk.ls1(blk.attn.proj(o))
+            h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+        outs.append(vit.norm(h))
+    return outs
+
+
+def test_matches_official_default_approximate_mode_on_a_cls_only_vit():
+    vit, spec = cls_only_vit()  # 35 patches + CLS
+    x = torch.randn(2, 3, 40, 56)
+    assert MCTF(spec, 5).opts.one_step_ahead == "approx"  # the official default
+    for r in (5, 6):  # odd r: r1 = 2, r2 = 3
+        with torch.no_grad():
+            out = MCTF(spec, r).build(vit).eval()(x)
+            ref = _reference_mctf_cls_approx(vit, x, r)
+            precise = MCTF(spec, r, one_step_ahead="precise").build(vit).eval()(x)
+        for b in range(2):
+            got = torch.cat([out.prefix[b], out.patches[b]], 0)
+            assert got.shape == ref[b].shape == (36 - 2 * r, 32)
+            torch.testing.assert_close(got, ref[b], atol=2e-5, rtol=1e-4)
+        assert torch.equal(out.positions, precise.positions)  # same fusion in the first fusing block ...
+        assert (out.prefix - precise.prefix).abs().max() > 1e-4  # ... another attention there (5x the tolerance)
+
+
+def test_pooled_attention_by_hand():
+    """Three tokens, 0 and 2 fused (weights 1 and 3) into slot 0, token 1 alone in slot 1: a fused key sums its
+    members' columns, a fused query row is the weighted mean of its members' rows; rows still sum to one."""
+    att = torch.tensor([[[[0.5, 0.2, 0.3], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]]])  # (1, 1, 3, 3)
+    dest = torch.tensor([[0, 1, 0]])
+    w = torch.tensor([[1.0, 5.0, 3.0]])
+    got = pool_attention(att, dest, w, 2)[0, 0]
+    keys = torch.tensor([[0.8, 0.2], [0.4, 0.6], [0.8, 0.2]])  # columns 0 + 2 summed
+    expect = torch.stack([(1.0 * keys[0] + 3.0 * keys[2]) / 4.0, keys[1]])
+    torch.testing.assert_close(got, expect)
+    torch.testing.assert_close(got.sum(-1), torch.ones(2))
+
+
+def test_matches_official_precise_mode_on_a_cls_only_vit():
     vit, spec = cls_only_vit()  # 35 patches + CLS
     x = torch.randn(2, 3, 40, 56)
     for r in (5, 6):  # odd r: r1 = 2, r2 = 3
         with torch.no_grad():
-            out = MCTF(spec, r).build(vit).eval()(x)
+            out = MCTF(spec, r, one_step_ahead="precise").build(vit).eval()(x)
             ref = _reference_mctf_cls(vit, x, r)
         for b in range(2):
             got = torch.cat([out.prefix[b], out.patches[b]], 0)
@@ -324,9 +405,9 @@ def test_matches_official_algorithm_on_a_cls_only_vit():
 def test_assignment_covers_every_cell_and_densify_unmerges():
     vit, spec = make("lw_vit_test_p8", (40, 56))  # 35 patches, CLS + 4 registers
     n = spec.num_patches
-    for osa in (True, False):
+    for mode in AHEAD_MODES:
         with torch.no_grad():
-            out = MCTF(spec, 7, one_step_ahead=osa).build(vit).eval()(torch.randn(2, 3, 40, 56))
+            out = MCTF(spec, 7, one_step_ahead=mode).build(vit).eval()(torch.randn(2, 3, 40, 56))
         m = out.patches.shape[1]
         a = out.assignment
         assert m == n - 7 and out.prefix.shape[1] == 5
@@ -342,10 +423,10 @@ def test_r0_is_the_plain_backbone(name, size):
     check_no_op_budget(lambda spec: MCTF(spec, 0), name, size)
     vit, spec = make(name, size)
     x = torch.randn(2, 3, *size)
-    for osa in (True, False):
+    for mode in AHEAD_MODES:
         with torch.no_grad():
             ref = vit.forward_features(x)
-            out = MCTF(spec, 0, one_step_ahead=osa).build(vit).eval()(x)
+            out = MCTF(spec, 0, one_step_ahead=mode).build(vit).eval()(x)
         assert torch.equal(torch.cat([out.prefix, out.patches], 1), ref)
 
 
@@ -361,26 +442,47 @@ def test_tokens_per_layer_first_block_kept_and_min_tokens():
     assert sorted(int(k) for k in enc.mergers) == [3, 6, 9]
 
 
+def _closed_form_block(t: int, d: int, mlp: int = 4) -> int:
+    """MACs of one plain block on t tokens: qkv 3 t d^2, q k^T and attn @ v 2 t^2 d, proj t d^2, MLP 2 mlp t d^2."""
+    return 3 * t * d * d + 2 * t * t * d + t * d * d + 2 * mlp * t * d * d
+
+
 def test_overhead_macs_closed_form():
-    """Tiny (CLS + 4 registers, 24 patches, width 32, 2 heads, block 1 fuses): the side q, k projection
-    2 (P+T) d^2, the T x T attention map H (P+T)^2 hd and the A x B similarity Ta Tb d are the overhead."""
-    model, m, vit, hw = random_model("mctf", "lw_vit_test_p8", (32, 48), "r=6", num_classes=3)
-    x = torch.randn(1, 3, *hw)
-    rep = count_macs(model, x)
-    t, d, heads = 29, 32, 2
-    assert rep.parts["overhead"] == 2 * t * d * d + heads * t * t * (d // heads) + 12 * 12 * d
+    """Tiny (CLS + 4 registers, 24 patches, width 32, 2 heads, blocks 1.. fuse r=6, 29 -> 23 tokens in block 1).
+    Precise: the side q, k projection 2 T d^2 and the T x T map T^2 d on the unfused tokens are pure overhead beside
+    the A x B similarity Ta Tb d, and the whole block runs again on the fused tokens. Approximate (the default): that
+    map is the block's own attention (backbone), the block adds only v, attn @ v, proj and the MLP on the fused
+    tokens, and the overhead is the similarity alone; it saves 2 T' d^2 + T'^2 d per fusing block (plus the padded
+    channels of the precise block's folded log-size bias)."""
+    x = torch.randn(1, 3, 32, 48)
+    t, d, heads, sim = 29, 32, 2, 12 * 12 * 32
+    reps = {}
+    for mode in ("precise", "approx"):
+        model, _, _, _ = random_model("mctf", "lw_vit_test_p8", (32, 48), "r=6", num_classes=3,
+                                      opts={"one_step_ahead": mode})
+        reps[mode] = count_macs(model, x)
+    assert reps["precise"].parts["overhead"] == 2 * t * d * d + heads * t * t * (d // heads) + sim
+    assert reps["approx"].parts["overhead"] == sim
+    tn, hd, width = t - 6, d // heads, 24  # precise: head dim 16 + the log-size channel, padded to 24 (sdpa_key_bias)
+    # saved in block 1: the q, k projection on the fused tokens, q k^T, and attn @ v at the head dim, not padded
+    saved = 2 * tn * d * d + heads * tn * tn * width + heads * tn * tn * (width - hd)
+    assert reps["precise"].macs - reps["approx"].macs == saved
     plain, _, _, _ = random_model("full", "lw_vit_test_p8", (32, 48), None, num_classes=3)
-    assert rep.parts["backbone"] < count_macs(plain, x).parts["backbone"]
+    assert reps["approx"].parts["backbone"] < count_macs(plain, x).parts["backbone"]
 
 
-def test_finetunes_with_the_task_loss():
-    """The encoder is differentiable through the fusion (finetuned regime): gradients reach every block."""
+@pytest.mark.parametrize("mode", AHEAD_MODES)
+def test_finetunes_with_the_task_loss(mode):
+    """The encoder is differentiable through the fusion (finetuned regime): gradients reach every block, the q and k
+    rows of ``qkv`` included (approximate mode: through the pooled attention map, as the official mode 1)."""
     vit, spec = make()
-    enc = MCTF(spec, 6).build(vit).train()
+    enc = MCTF(spec, 6, one_step_ahead=mode).build(vit).train()
     out = enc(torch.randn(2, 3, 32, 48))
     (out.prefix[:, 0].sum() + out.patches.sum()).backward()
     for blk in enc.vit.blocks:
-        assert blk.attn.qkv.weight.grad is not None and torch.isfinite(blk.attn.qkv.weight.grad).all()
+        g = blk.attn.qkv.weight.grad
+        assert g is not None and torch.isfinite(g).all()
+        assert g[: 2 * spec.embed_dim].abs().sum() > 0
 
 
 def test_budget_and_option_errors():
@@ -394,6 +496,8 @@ def test_budget_and_option_errors():
         MCTF(spec, 2, layers="0,5")
     with pytest.raises(ConfigError, match="pooling"):
         MCTF(spec, 2, pooling="max")
+    with pytest.raises(ConfigError, match="one_step_ahead"):
+        MCTF(spec, 2, one_step_ahead="true")  # version 1's boolean: name the mode
     MCTF(BackboneSpec("vit_small_patch16_dinov3", (32, 32), 16, 2, 32, 2, 5, family="eva"), 1)  # RoPE: supported
     cls = get_method("mctf")
     assert cls is MCTF and cls.budget_key == "r" and cls.training == "none"
