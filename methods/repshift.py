@@ -20,11 +20,20 @@ Here the budget is that keep rate (``keep_rate = 1 - drop_r``, the same at every
 setting, keep_rate=0.8, is the default) and the blocks scale with depth, ``round(depth * {0, 1/4, 1/2})``
 (option ``keep_layers``), never the last block (nothing would be saved).
 
-What was and was not verified. The official repository is not in the stored corpora, so its source code was not
-read. Verified: its README (the command above, as stored by the docs corpus), the abstract, and two secondary
-summaries of the paper (papernotes and a Chinese paper note: the operation and distance ablations, the final
-formula ``||MLP(LN(x')) - x'||_2``, the DeiT table: DeiT-S 4.6 -> 3.0 and DeiT-B 17.6 -> 11.5 GFLOPs, Figure 2:
-"the L2 distance between token representations before and after the MLP layer"). Not verified, chosen here:
+What was and was not verified. The official code has still not been read (searched again 2026-12-07): ``fetch``
+of ``github:mlvlab/Representation-Shift`` (and ``.../representation-shift``) answers that no snapshot can be had;
+``find_repos`` "Representation-Shift" and "mlvlab" list 55 mlvlab repositories (MCTF, vid-TLDR, ...) but not this
+one, and ``find_files`` holds no file of it; ``find_string`` of ``rep_shift``, ``rep_shift.yml``,
+``representation_shift``, ``--use_flash`` and ``drop_r`` finds nothing of it; the code, docs, pages and issues
+corpora return no source. What was read: its README as stored by the docs corpus (the command above, "4 Commits",
+no file listing), the arXiv HTML page of 2508.00367 (the pages corpus serves only its opening: the abstract and
+the first lines of the introduction), the authors' slide deck (no formula), and three secondary summaries:
+papernotes and a Chinese paper note (the operation and distance ablations, the final formula
+``||MLP(LN(x')) - x'||_2``, the DeiT table: DeiT-S 4.6 -> 3.0 and DeiT-B 17.6 -> 11.5 GFLOPs) and liner.com's review
+quoting Figure 2's caption: "We compute the L2 distance between token representations before and after the MLP
+layer to quantify how much each token is emphasized by the transformation", which fits both readings below. So the
+formula, the CLS handling and the rounding remain lwbench's choices; the tests hold the code to those choices
+written out by hand (``tests/test_repshift.py``), not to the official code. Not verified, chosen here:
 
 * **Which difference** (option ``shift``). ``mlp`` (default) is the formula as the summary writes it: the MLP
   layer's output against its input. Its other reading, "the token in the residual stream before and after the
