@@ -475,6 +475,7 @@ class MCTF(Method):
     training = "none"  # training-free off the shelf; the finetuned regime fine-tunes it with the task loss
     dense_output = True
     variable_length = False
+    attention_map = "full"  # informativeness = the attention each token receives, averaged over every query row
 
     @dataclass(frozen=True)
     class Options:
