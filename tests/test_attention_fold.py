@@ -9,6 +9,10 @@ dot product gains a term: a few ulps of the logits); bfloat16: 0.0 at 64, one bf
 outputs in [2, 4)) at 48 and 32, the size of bf16's own error against fp32. Module level (timm's attention with
 the mask, head dim 32): <= 1.9e-6 fused, 0.0 on timm's eager path. Method level (ToMe, PiToMe, MCTF on the tiny
 ViT and a random DINOv3 ViT-S): <= 6e-8, the same tokens merged.
+
+The fold runs where flash needs it (CUDA, ``lwbench.attention.FOLD_DEVICES``); on CPU the bias goes to SDPA as a
+float mask, which the CPU flash kernel takes at no extra cost. The tests here force the fold on CPU (fixture
+``fold_on_cpu``) except the one that checks the CPU default.
 """
 
 from __future__ import annotations
@@ -20,12 +24,20 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from lwbench import eva
+from lwbench import attention, eva
 from lwbench.attention import biased_attention, sdpa_key_bias
 from lwbench.backbones import create_backbone
 from lwbench.method import BackboneSpec
 from lwbench.methods import _reduction, mctf, tome
 from lwbench.registry import get_method
+
+
+@pytest.fixture(autouse=True)
+def fold_on_cpu(monkeypatch):
+    """Every test here checks the folded path, which runs on CUDA (``lwbench.attention.FOLD_DEVICES``), on CPU
+    tensors: the CPU default (a float mask on the CPU flash kernel) is checked by the tests that ask for it."""
+    monkeypatch.setattr(attention, "FOLD_DEVICES", frozenset({"cuda", "cpu"}))
+
 
 FP32_BOUND = {64: 1e-6, 48: 1e-5, 32: 1e-5}  # measured 0.0, 3.5e-6, 3.8e-6 (see the module docstring)
 BF16_BOUND = 2**-5  # two bf16 steps at outputs in [2, 4); measured one (2**-6)
@@ -86,6 +98,34 @@ def test_the_folded_call_hands_sdpa_no_mask_a_padded_width_and_the_original_scal
     q, k, v, bias = _qkv_bias(48, torch.float32)
     assert sdpa_key_bias(q, k, v, bias).shape[-1] == 48
     assert seen == [(None, 56, 56, 56, 1 / math.sqrt(48))]
+
+
+def test_on_cpu_the_bias_is_a_float_mask_on_the_cpu_flash_kernel_equal_to_the_fold(monkeypatch):
+    """The CPU default: SDPA gets the bias as an attn_mask (the CPU flash kernel takes it at no cost, the fold
+    widens the head dim), the same outputs as the fold, and the profiler still names cpu_flash; ``fold=True``
+    forces the fold anywhere."""
+    from lwbench.measure.paired import attention_kernels
+
+    monkeypatch.setattr(attention, "FOLD_DEVICES", frozenset({"cuda"}))
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def record(q, k, v, attn_mask=None, **kw):
+        seen.append((attn_mask is None, q.shape[-1]))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    q, k, v, bias = _qkv_bias(64, torch.float32)
+    masked = sdpa_key_bias(q, k, v, bias)
+    folded = sdpa_key_bias(q, k, v, bias, fold=True)
+    assert seen == [(False, 64), (True, 72)]
+    assert (masked - folded).abs().max().item() <= FP32_BOUND[64] and torch.equal(masked, _masked(q, k, v, bias))
+
+    class One(torch.nn.Module):
+        def forward(self, x):
+            return sdpa_key_bias(x, x, x, bias[:1])
+
+    assert attention_kernels(One(), q[:1]) == "cpu_flash"
 
 
 # -- module level: timm's attention with the mask ----------------------------------------------------------------
