@@ -4,7 +4,10 @@
 #      would all be skipped and the check would pass while checking nothing);
 #   2. every test marked `gpu` (tests/test_gpu.py and any other test file that uses pytest.mark.gpu);
 #   3. one quick paired timing of three methods against `full` (benchmarks/latency_stability.py --quick), which
-#      prints one summary table.
+#      prints one summary table;
+#   4. a slice of the speed reference at the paper's geometry on the GPU (lwbench speed: ViT-B/14-reg4 at 518 px,
+#      batches 1 and 32, the merging methods through the folded proportional-attention bias, LookWhere, EViT),
+#      written to $SPEED_OUT (default: a temporary folder), its table printed: the conversion users will see on CUDA.
 # Every part runs even if an earlier one failed; the script exits non-zero if any part failed, and says which.
 #
 # On a fresh device machine, from the repository root:
@@ -49,6 +52,16 @@ fi
 echo "== paired timing, quick (benchmarks/latency_stability.py)"
 if ! "$PYTHON" benchmarks/latency_stability.py --device cuda --quick; then
     failed+=("latency_stability.py --device cuda --quick")
+fi
+
+echo "== speed reference slice on CUDA (lwbench speed)"
+SPEED_OUT="${SPEED_OUT:-$(mktemp -d -t lwbench-speed-XXXXXX)}"
+if "$PYTHON" -m lwbench speed --device cuda --backbones vit_base_patch14_reg4_dinov2 --img-sizes 518 --batches 1,32 \
+        --methods full,lookwhere,tome,pitome,mctf,evit,saint --set measure.min_runs=6 --limit-s 20 --quiet \
+        --out "$SPEED_OUT"; then
+    cat "$SPEED_OUT/table.md"
+else
+    failed+=("lwbench speed --device cuda")
 fi
 
 if ((${#failed[@]})); then
