@@ -741,7 +741,7 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
         if iqr_note:
             sub += f" · horizontal bars: {x.split('_')[0]} IQR (p75−p25, centred on the median)"
         if interval_note:
-            sub += " · horizontal bars: the speed-up's 95% interval over paired timing rounds"
+            sub += " · horizontal bars: the speed-up's 95% interval over balanced pairs of timing rounds"
             wide = sum(bool(speedup_is_wide(r)) for _, r in d.iterrows())
             if wide:
                 sub += (f" · {wide} row(s) with a wide speed-up interval (high/low > {WIDE_RATIO:g}: the machine was "
@@ -903,7 +903,7 @@ def _conversion_title(d: pd.DataFrame, task: str, source: str, pts: pd.DataFrame
         bits.append(devices[0].split(" · ", 1)[-1] if panel_by is not None else devices[0])
     if len(modes) == 1:
         bits.append(modes[0])
-    bits.append("bars: 95% bootstrap interval over paired timing rounds")
+    bits.append("bars: 95% bootstrap interval over balanced pairs of timing rounds")
     wide = int(pts["wide"].sum())
     if wide:
         bits.append(f"hollow, faded: {wide} point(s) whose interval is wide (high/low > {WIDE_RATIO:g}: the machine "
