@@ -406,6 +406,8 @@ def cmd_speed(args) -> int:
     if args.limit_s is not None:
         measure["max_run_time"] = args.limit_s
     values.update(measure=measure, method_opts=opts)
+    if args.report:
+        return _speed_report(args.out)
     cfg = speed_config(values)
     result = run_speed(cfg, args.out, force=args.force, dry_run=args.dry_run,
                        command="lwbench " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["speed"] else "")
@@ -417,6 +419,20 @@ def cmd_speed(args) -> int:
         print(table.read_text().rstrip())
     print(f"\n{result.timed} point(s) timed, {len(result.done)} already done; wrote "
           f"{', '.join(str(f) for f in result.files)}")
+    return 0
+
+
+def _speed_report(out: str) -> int:
+    """``lwbench speed --report``: table.md and conversion.png drawn again from every row of OUT/speed.csv."""
+    from pathlib import Path
+
+    from lwbench.speed import CSV_NAME, read_rows, write_reports
+
+    rows = read_rows(Path(out) / CSV_NAME)
+    if not rows:
+        raise ConfigError(f"lwbench speed --report: no rows in {Path(out) / CSV_NAME}; time some first")
+    files = write_reports(rows, Path(out))  # the rows' own command is not stored: none rather than this one
+    print(f"redrew from {len(rows)} row(s): {', '.join(str(f) for f in files[1:])}")
     return 0
 
 
@@ -749,6 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dry-run", action="store_true", help="list the points, the paired timings and an estimate of "
                    "the time; build, count and time nothing")
     o.add_argument("--quiet", action="store_true", help="no progress lines")
+    o.add_argument("--report", action="store_true", help="time nothing: draw table.md and conversion.png again from "
+                   "every row of OUT/speed.csv (after a change of the plot, or rows copied in from another machine)")
     _common(p)
     p.set_defaults(fn=cmd_speed)
 

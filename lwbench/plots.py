@@ -777,6 +777,9 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
 
 # Lines of constant conversion (speed-up / GMAC ratio) drawn on a conversion plot; 1 is the diagonal.
 CONVERSION_LINES = (1.0, 0.5, 0.25)
+#: A conversion panel with more method lines than this draws no budget labels (they cannot be placed legibly; the
+#: legend names each method and its budget key, the table its budget).
+CROWDED_LINES = 10
 
 
 def _number(v: Any) -> float:
@@ -990,6 +993,8 @@ def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None, pa
                                                         label=f"{REFERENCE_METHOD} (the reference, at 1, 1)"))
             here = pts[pts["panel"] == panel]
             labels, paths = [], []
+            # more methods than budget labels can be placed legibly (a speed reference's 20-odd): markers only
+            crowded = here["line"].nunique() > CROWDED_LINES
             for line in dict.fromkeys(here["line"]):
                 lp = here[here["line"] == line].sort_values(["gmac_ratio", "bv"])
                 method = str(lp["method"].iloc[0])
@@ -1018,7 +1023,7 @@ def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None, pa
                 keys = {b.partition("=")[0] for b in lp["budget"] if "=" in b}
                 key = keys.pop() if len(keys) == 1 else None
                 for r in lp.itertuples():
-                    if r.budget in ("-", "", "nan"):
+                    if r.budget in ("-", "", "nan") or crowded:
                         continue
                     text = r.budget.partition("=")[2] if key else r.budget
                     labels.append(ax.annotate(text, (r.gmac_ratio, r.speedup), xytext=(7, 6),
@@ -1029,13 +1034,13 @@ def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None, pa
                                                 markeredgecolor="white", label=f"{line} ({key})" if key else line))
             kind = str(here["kind"].iloc[0])
             what = {"latency": "latency", "throughput": "throughput batch"}.get(kind, "")
-            ax.set_title(f"batch {panel[2]}" + (f" ({what})" if what else ""), fontsize=9.5)
+            # several devices or timing modes (or lwbench speed's geometries): each panel names its own, wrapped
+            group = textwrap.fill(f"{panel[0]} · {panel[1]}", 64) + "\n" if len(groups) > 1 else ""
+            ax.set_title(f"{group}batch {panel[2]}" + (f" ({what})" if what else ""), fontsize=9.5)
             if row == max(groups.index(q[:2]) for q in panels if q[2] == panel[2]):  # the column's lowest panel
                 ax.set_xlabel(f"GMAC ratio: × fewer MACs than {REFERENCE_METHOD} (log)")
             if col == min(columns.index(q[2]) for q in panels if q[:2] == panel[:2]):  # the row's first panel
-                # several devices or timing modes: each row of panels names its own
-                group = f"{panel[0]} · {panel[1]}\n" if len(groups) > 1 else ""
-                ax.set_ylabel(f"{group}speed-up over {REFERENCE_METHOD} (×, log)")
+                ax.set_ylabel(f"speed-up over {REFERENCE_METHOD} (×, log)")
                 ax.tick_params(labelleft=True)
             ax.tick_params(labelbottom=True)
             if labels:

@@ -63,10 +63,10 @@ COLUMNS = (
     "gmacs", "reference_gmacs", "gmac_ratio", "gmac_fraction", "tokens",
     "batch", "speedup", "ci_low", "ci_high", "reliable", "contended", "rounds", "quiet_rounds", "conversion",
     "ms", "reference_ms", "kernel", "reference_kernel",
-    "threads", "device", "device_name", "dtype", "torch_version", "machine", "commit", "git_dirty",
+    "threads", "device", "device_name", "dtype", "compile", "torch_version", "machine", "commit", "git_dirty",
     "other_load", "isolated", "point_seconds", "timed_at",
 )
-IDENTITY = ("machine", "commit", "threads", "device", "dtype", "inputs")
+IDENTITY = ("machine", "commit", "threads", "device", "dtype", "compile", "inputs")
 POINT_KEY = ("backbone", "img_size", "method", "budget_request", "weights")
 
 # The duration rule of the estimate when no row of this machine says better: GMAC/s of a ViT forward per CPU thread
@@ -522,6 +522,7 @@ def _base_row(p: Point, ctx: _Context, cls: type) -> dict[str, Any]:
             "budget": p.budget, "weights": p.weights, "inputs": ctx.inputs,
             "training": cls.training if cls is not None else "", "threads": ctx.threads,
             "device": ctx.device, "device_name": env.get("device_name"), "dtype": ctx.cfg.measure.dtype,
+            "compile": ctx.cfg.measure.compile,
             "torch_version": env.get("torch_version"), "machine": env.get("machine_id"),
             "commit": env.get("git_sha") or "", "git_dirty": env.get("git_dirty"),
             "timed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -658,7 +659,8 @@ def run_speed(cfg: SpeedConfig, out: str | os.PathLike[str], force: bool = False
     device, threads = _device_threads(cfg)
     env = environment(device, threads, cfg.measure.dtype)
     identity = _identity_of({"machine": env["machine_id"], "commit": env.get("git_sha") or "", "threads": threads,
-                             "device": device, "dtype": cfg.measure.dtype, "inputs": inputs_label(cfg)})
+                             "device": device, "dtype": cfg.measure.dtype, "compile": cfg.measure.compile,
+                             "inputs": inputs_label(cfg)})
     points = plan(cfg)
     rows = read_rows(out / CSV_NAME)
     done_set = set() if force else done_keys(rows, identity, _batches(cfg))

@@ -116,7 +116,7 @@ def test_table_leads_with_the_speedup_and_marks_wide_old_and_reference_rows():
              "ms bs1 [IQR]", "img/s bs32", "peak mem (MB)"]
     assert [header.index(h) for h in order] == sorted(header.index(h) for h in order)  # the ratio before the times
     assert " task " not in header  # the block's heading names the task
-    k16 = _body(text, "lookwhere  k=16")[0]
+    k16 = _body(text, "lookwhere  T-fd      k=16")[0]
     assert "2.00x [1.92, 2.08]" in k16 and " 0.40 " in k16 and "3.00x [2.88, 3.12]" in k16 and " 0.60 " in k16
     assert "cpu_flash" in k16 and "~12.0" in k16  # CPU memory: approximate
     r4 = _body(text, "tome")[0] if "r=4" in _body(text, "tome")[0] else _body(text, "tome")[1]
@@ -223,9 +223,12 @@ def test_conversion_panels_are_a_grid_of_devices_by_batches():
         fig = conversion_figure(pd.concat([cpu, gpu], ignore_index=True), "traffic_signs")
     # rows: cpu float32, cuda bfloat16; columns: batch 1, 32; the GPU rows have no throughput speed-up: no panel
     assert [ax.get_gid() for ax in panels(fig)] == ["panel:batch 1", "panel:batch 32", "panel:batch 1"]
+    titles = [ax.get_title() for ax in panels(fig)]  # each panel names its device and mode
+    assert titles[0].startswith("cpu: Test CPU, 2 threads · float32\nbatch 1")
+    assert titles[1].startswith("cpu: Test CPU, 2 threads · float32\nbatch 32")
+    assert titles[2].startswith("cuda: Test GPU, 2 threads · bfloat16\nbatch 1")
     labels = [ax.get_ylabel() for ax in panels(fig)]
-    assert labels[0].startswith("cpu: Test CPU, 2 threads · float32\n") and labels[1] == ""
-    assert labels[2].startswith("cuda: Test GPU, 2 threads · bfloat16\n")
+    assert labels[0].startswith("speed-up over full") and labels[1] == ""
     assert len([ax for ax in fig.axes if not ax.get_visible()]) == 1
 
 

@@ -81,6 +81,10 @@ def test_kernel_names_known_answers():
                        "aten::_scaled_dot_product_attention_math"}) == "efficient+math"
     assert kernels_of({"aten::bmm", "aten::_softmax"}) == "matmul"
     assert kernels_of({"aten::linear", "aten::gelu"}) == "none"
+    # a whole T x T softmax beside SDPA (MCTF's fusing blocks): both kernels; one CLS row beside it (EViT): SDPA's
+    flash_and_map = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::matmul", "aten::softmax"}
+    assert kernels_of(flash_and_map, square_softmax=True) == "cpu_flash+matmul"
+    assert kernels_of(flash_and_map, square_softmax=False) == "cpu_flash"
 
 
 def test_the_kernel_that_ran_is_read_from_the_ops_dispatched():
@@ -105,6 +109,21 @@ def test_the_kernel_that_ran_is_read_from_the_ops_dispatched():
                 return nn.functional.scaled_dot_product_attention(q, q, q)
 
     assert paired.attention_kernels(Forced(), torch.rand(1, 3, 4, 4)) == "math"
+
+    class FusedAndMap(nn.Module):  # a fused block and another that writes its T x T map out (MCTF's fusing blocks)
+        def forward(self, x):
+            q = x.flatten(2)[:, None]
+            fused = nn.functional.scaled_dot_product_attention(q, q, q)
+            return fused + ((q @ q.transpose(-1, -2)).softmax(-1) @ q)
+
+    class FusedAndRow(nn.Module):  # a fused block and one CLS row of attention beside it (EViT)
+        def forward(self, x):
+            q = x.flatten(2)[:, None]
+            fused = nn.functional.scaled_dot_product_attention(q, q, q)
+            return fused.sum() + (q[..., :1, :] @ q.transpose(-1, -2)).softmax(-1).sum()
+
+    assert paired.attention_kernels(FusedAndMap(), torch.rand(1, 3, 4, 4)) == "cpu_flash+matmul"
+    assert paired.attention_kernels(FusedAndRow(), torch.rand(1, 3, 4, 4)) == "cpu_flash"
 
 
 def test_an_out_of_memory_batch_is_reported_and_the_others_kept(monkeypatch):

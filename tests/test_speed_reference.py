@@ -192,14 +192,17 @@ def test_the_csv_has_its_columns_resume_skips_done_points_and_force_times_them_a
 
 
 def test_done_keys_need_every_batch_and_retry_failures():
-    ident = {"machine": "m", "commit": "c", "threads": "1", "device": "cpu", "dtype": "float32", "inputs": "random:4"}
+    ident = {"machine": "m", "commit": "c", "threads": "1", "device": "cpu", "dtype": "float32", "compile": "none",
+             "inputs": "random:4"}
     row = {c: "" for c in COLUMNS} | ident | {"backbone": "b", "img_size": "32x48", "budget_request": "default"}
     rows = [row | {"method": "a", "status": "ok", "batch": "1"}, row | {"method": "a", "status": "ok", "batch": "2"},
             row | {"method": "b", "status": "ok", "batch": "1"},
             row | {"method": "c", "status": "refused"}, row | {"method": "d", "status": "failed"},
             row | {"method": "e", "status": "ok", "batch": "1", "threads": "2"}]
-    done = done_keys(rows, ("m", "c", "1", "cpu", "float32", "random:4"), (1, 2))
+    done = done_keys(rows, ("m", "c", "1", "cpu", "float32", "none", "random:4"), (1, 2))
     assert {k[2] for k in done} == {"a", "c"}  # b lacks batch 2, d failed, e was timed with 2 threads
+    compiled = done_keys(rows, ("m", "c", "1", "cpu", "float32", "default", "random:4"), (1, 2))
+    assert compiled == set(), "eager rows are not a compiled run's"
 
 
 def test_a_failing_point_is_a_row_and_the_grid_goes_on(tmp_path, monkeypatch):
@@ -298,8 +301,8 @@ def test_the_conversion_plot_has_a_panel_row_per_backbone_and_size():
         fig = conversion_figure(pd.DataFrame(points), "speed reference", panel_by="geometry")
     axes = [ax for ax in fig.axes if (ax.get_gid() or "").startswith("panel:")]
     assert [ax.get_gid() for ax in axes] == ["panel:batch 1", "panel:batch 32"] * 2
-    labels = [ax.get_ylabel() for ax in axes]
-    assert labels[0].startswith("vit_a 224x224 · cpu: Test CPU, 2 threads") and labels[2].startswith("vit_a 518x518")
+    titles = [ax.get_title() for ax in axes]  # each panel names its geometry (the y labels stay short)
+    assert titles[0].startswith("vit_a 224x224 · cpu: Test CPU, 2 threads") and titles[2].startswith("vit_a 518x518")
 
 
 def test_one_geometry_is_named_once_in_the_conversion_title():
@@ -375,3 +378,18 @@ def test_bad_weights_and_photos_are_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=words):
             speed_config({**TINY, **values})
     assert main(["speed", "--weights", "w.safetensors", "--dry-run", "--out", str(tmp_path)]) == 2
+
+
+def test_report_redraws_from_the_csv_and_times_nothing(tmp_path, monkeypatch, capsys):
+    run_speed(speed_config({**TINY, "methods": ["full", "random"], "batches": [1]}), tmp_path)
+    (tmp_path / "table.md").unlink()
+    (tmp_path / "conversion.png").unlink()
+
+    def nothing(*a, **k):
+        raise AssertionError("--report built or timed something")
+
+    monkeypatch.setattr("lwbench.measure.contract.measure", nothing)
+    assert main(["speed", "--report", "--out", str(tmp_path)]) == 0
+    assert "redrew from 2 row(s)" in capsys.readouterr().out
+    assert (tmp_path / "table.md").exists() and (tmp_path / "conversion.png").exists()
+    assert main(["speed", "--report", "--out", str(tmp_path / "none")]) == 2

@@ -374,13 +374,16 @@ _SOFTMAX = {"aten::softmax", "aten::_softmax", "aten::_safe_softmax"}
 _MATMUL = {"aten::bmm", "aten::matmul", "aten::baddbmm", "aten::einsum"}
 
 
-def kernels_of(op_names: set[str]) -> str:
+def kernels_of(op_names: set[str], square_softmax: bool = False) -> str:
     """The attention kernel(s) among profiler op names: SDPA's kernels by name, ``matmul`` for attention written
-    as matmuls and a softmax with no SDPA kernel at all, ``+``-joined when several, ``none`` without either."""
-    found = sorted({label for op, label in SDPA_KERNELS.items() if op in op_names})
-    if not found and op_names & _SOFTMAX and op_names & _MATMUL:
-        found = ["matmul"]
-    return "+".join(found) or "none"
+    as matmuls and a softmax (with no SDPA kernel at all, or beside one when ``square_softmax``: a softmax over a
+    whole ``T x T`` map ran, as MCTF's blocks that fuse with their own map do), ``+``-joined when several, ``none``
+    without either. A softmax over one row (EViT's CLS attention beside the fused kernel) is not attention run as
+    matmuls and does not count."""
+    found = {label for op, label in SDPA_KERNELS.items() if op in op_names}
+    if op_names & _SOFTMAX and op_names & _MATMUL and (not found or square_softmax):
+        found.add("matmul")
+    return "+".join(sorted(found)) or "none"
 
 
 @contextlib.contextmanager
@@ -408,9 +411,28 @@ def attention_kernels(model: nn.Module, x: torch.Tensor) -> str:
     ``scaled_dot_product_attention``, not the kernel it chose."""
     from torch.autograd.profiler import profile
 
-    with _quiet_stderr(), profile(use_kineto=False) as prof, torch.inference_mode():
+    with _quiet_stderr(), profile(use_kineto=False, record_shapes=True) as prof, torch.inference_mode():
         model(x)
-    return kernels_of({e.key for e in prof.function_events})
+    events = prof.function_events
+    square = any(e.key in _SOFTMAX and _square(e.input_shapes) and not _inside_sdpa(e) for e in events)
+    return kernels_of({e.key for e in events}, square)
+
+
+def _inside_sdpa(event) -> bool:
+    """Whether a profiler event ran inside an SDPA call (its math kernel's own softmax is SDPA's, not a map a
+    method writes out)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.key in SDPA_KERNELS or parent.key == "aten::scaled_dot_product_attention":
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _square(shapes) -> bool:
+    """Whether a softmax's input (its first shape) is a square map of more than one token: ``(..., T, T)``."""
+    first = shapes[0] if shapes else []
+    return len(first) >= 2 and first[-1] == first[-2] and first[-1] > 1
 
 
 __all__ = ["PairedTiming", "time_paired", "measure_paired", "median_ratio_interval", "interval_is_reliable",
