@@ -267,6 +267,9 @@ BAD_BUDGETS: dict[str | None, list[tuple[str, Callable[[BackboneSpec], float]]]]
     # a cosine-similarity threshold (algm): [-1, 1], 1 = nothing merged
     "threshold": [("threshold=1.5", lambda s: 1.5), ("threshold=-1.5", lambda s: -1.5),
                   ("threshold=nan", lambda s: NAN), ("threshold=inf", lambda s: INF)],
+    # an entropy threshold in bits (apt): [0, log2(bins)] = [0, 9] at the default 512 bins, 0 = every patch at base size
+    "entropy": [("entropy=-1", lambda s: -1.0), ("entropy=10", lambda s: 10.0), ("entropy=nan", lambda s: NAN),
+                ("entropy=inf", lambda s: INF)],
     None: [("budget=8", lambda s: 8), ("budget=nan", lambda s: NAN)],  # no knob: any budget is impossible
 }
 BAD_CASES = [
@@ -305,7 +308,7 @@ def test_impossible_budget_fails_before_any_work(methods, tiny, monkeypatch, nam
 
 # -- 4. metadata ---------------------------------------------------------------------------------------------
 KINDS = ("baseline", "selection", "reduction")
-BUDGET_KEYS = (None, "k", "r", "keep_rate", "size", "threshold")
+BUDGET_KEYS = (None, "k", "r", "keep_rate", "size", "threshold", "entropy")
 # Specs only (no weights are needed): the two backbones above and a 2 x 2 grid, the smallest a user can ask for
 # with ``--img-size 32`` on a patch-16 ViT.
 SPECS: dict[str, BackboneSpec] = {
