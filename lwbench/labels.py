@@ -23,8 +23,10 @@ Nothing here imports torch; :func:`method_labels` imports the method's module th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+#: What a method trains (``Method.training``): ``none`` is training-free.
+Training = Literal["none", "finetune", "pretrain+finetune"]
 ATTENTION_MAPS = ("none", "cls", "full")
 TOKEN_COUNTS = ("fixed", "per image")
 
@@ -59,8 +61,6 @@ class Labels:
     def problems(self) -> list[str]:
         """What is not an allowed value (empty when all are)."""
         from typing import get_args
-
-        from lwbench.method import Training
 
         out = []
         if self.training not in get_args(Training):

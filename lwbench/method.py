@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from torch import nn
 
 from lwbench.errors import BudgetError, ConfigError
-from lwbench.labels import Labels
+from lwbench.labels import Labels, Training
 from lwbench.options import NoOptions, build, to_dict
 from lwbench.sizes import as_hw
 
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from lwbench.heads import TaskModel
     from lwbench.training.context import FitContext
 
-Training = Literal["none", "finetune", "pretrain+finetune"]
 AttentionMap = Literal["none", "cls", "full"]  # lwbench.labels.ATTENTION_MAPS
 
 # A plugin's plot style (``Method.plot_style``): colours and markers no built-in method uses, picked by its name.
