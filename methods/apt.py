@@ -262,7 +262,7 @@ class APTEncoder(nn.Module):
         kept = self.scorer(x)
         counts = torch.stack([k.flatten(1).sum(dim=1) for k in kept], dim=1)  # (B, scales)
         # The one read-back: each image's token count per scale (the packed width; the official reads its seqlens)
-        per_image = counts.tolist()
+        per_image = [[int(v) for v in row] for row in counts.cpu()]  # one copy to the host, then reads of it
         widths = [max(c[i] for c in per_image) for i in range(self.scales)]
         _, pos = patch_pos_embed(vit, grid)
         pe = vit.patch_embed

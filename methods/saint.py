@@ -140,7 +140,9 @@ class SimilarityGraph(Overhead):
             if bsz == 1 or self.rate == "batch":
                 mout, padded = int(n_out.max()), False
             else:
-                lo, mout = (int(v) for v in torch.stack([n_out.min(), n_out.max()]).tolist())
+                # one copy to the host, then two reads of it (tolist would read a CPU tensor without a dispatched op)
+                extent = torch.stack([n_out.min(), n_out.max()]).cpu()
+                lo, mout = int(extent[0]), int(extent[1])
                 padded = lo < mout
             j = torch.arange(mout, device=dev)[None, :]
             n_unm = (na - r)[:, None]
