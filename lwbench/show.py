@@ -51,12 +51,22 @@ def selection_map(out) -> tuple[torch.Tensor, str] | None:
     return None
 
 
+def hard_clusters(out) -> torch.Tensor | None:
+    """``(B, H*W)`` long: the cluster each cell is nearest to, for a method that clusters its tokens softly and
+    reconstructs every cell (``aux["cluster_labels"]``: Hourglass), which therefore has no ``assignment``."""
+    aux = out.aux if isinstance(out.aux, dict) else {}
+    labels = aux.get("cluster_labels")
+    return labels if torch.is_tensor(labels) and labels.dim() == 2 and labels.shape[1] == out.num_cells else None
+
+
 def merge_groups(out, i: int) -> torch.Tensor | None:
-    """``(H*W,)`` long: the token each cell of image ``i`` ended in (-1: dropped), when the method merged at
-    least two cells into one token; None for methods that do not merge."""
-    if out.assignment is None:
+    """``(H*W,)`` long: the token each cell of image ``i`` ended in (-1: dropped), or for a soft clustering the
+    cluster it is nearest to (:func:`hard_clusters`), when at least two cells share one; None for methods that
+    do not merge."""
+    assignment = out.assignment if out.assignment is not None else hard_clusters(out)
+    if assignment is None:
         return None
-    a = out.assignment[i].cpu()
+    a = assignment[i].cpu()
     used = a[a >= 0]
     if used.numel() == 0 or int(torch.bincount(used).max()) < 2:
         return None
@@ -231,14 +241,16 @@ def merge_panel(img: np.ndarray, assignment: torch.Tensor, grid: tuple[int, int]
     return shown.clip(0, 1)
 
 
-def merge_caption(assignment: torch.Tensor) -> str:
-    """``"T tokens for N cells, G groups of 2+ (largest L cells)"``."""
+def merge_caption(assignment: torch.Tensor, clusters: int | None = None) -> str:
+    """``"T tokens for N cells, G groups of 2+ (largest L cells)"``; for a soft clustering of ``clusters`` clusters,
+    ``"C clusters for N cells (U nearest to a cell), ..."``."""
     used = assignment[assignment >= 0]
     sizes = torch.bincount(used)
     sizes = sizes[sizes > 0]
     groups = int((sizes > 1).sum())
-    return (f"{sizes.numel()} tokens for {assignment.numel()} cells, {groups} groups of 2+ "
-            f"(largest {int(sizes.max())} cells)")
+    head = (f"{sizes.numel()} tokens for {assignment.numel()} cells" if clusters is None else
+            f"{clusters} clusters for {assignment.numel()} cells ({sizes.numel()} nearest to a cell)")
+    return f"{head}, {groups} groups of 2+ (largest {int(sizes.max())} cells)"
 
 
 def prediction_caption(label: str, pred: str, right: bool) -> tuple[str, str]:
@@ -271,7 +283,11 @@ def show(req, out: Path, n: int = 4) -> Path:
     objects = has_objects(plan.task) and grid == tuple(s // plan.spec.patch for s in plan.task.img_size)
     ih, iw = images.shape[-2:]
     panel = 3.4  # inches per image panel; rows get the image's aspect plus room for a title
-    legend = ("colour = one merge group (cells whose tokens were merged into one; a group need not be connected), "
+    legend = ("colour = one cluster (the cluster each cell is nearest to; the blocks after the clustering run on "
+              "the clusters, and every cell's output is rebuilt as a mixture of nearby clusters), uncoloured = a "
+              "cluster of one cell"
+              if kind == "merging" and tok.assignment is None else
+              "colour = one merge group (cells whose tokens were merged into one; a group need not be connected), "
               "uncoloured = a token of its own"
               if kind == "merging" else "yellow outline = patches processed, darkened = never seen by the backbone"
               + (", dashed cyan = annotated object" if objects else ""))
@@ -298,7 +314,8 @@ def show(req, out: Path, n: int = 4) -> Path:
             if a is None:  # this image merged nothing (a budget that merges only some images)
                 a = torch.arange(tok.num_cells)
             axes[r][1].imshow(merge_panel(img, a, grid))
-            axes[r][1].set_title(merge_caption(a), fontsize=8)
+            clusters = None if tok.assignment is not None else int(tok.realised_tokens()[r])
+            axes[r][1].set_title(merge_caption(a, clusters), fontsize=8)
         else:
             if smap is not None:
                 im = axes[r][1].imshow(smap[0][r].reshape(grid).numpy(), cmap="magma")

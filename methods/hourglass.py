@@ -209,10 +209,13 @@ class TokenReconstruction(Overhead):
             return w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # F.normalize
         return w / w.sum(dim=-1, keepdim=True)
 
-    def forward(self, tokens: torch.Tensor, feat: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, feat: torch.Tensor, centres: torch.Tensor):
+        """``((B, N, D) reconstructed tokens, (B, N) the cluster of each token's largest weight)``: the labels are the
+        hard clustering ``lwbench show`` draws (the nearest centre, the official layer's ``argmin`` hard labels up to
+        the window), read off weights computed anyway."""
         with torch.autocast(tokens.device.type, enabled=False):
             w = self.weights(feat.float(), centres.float())
-            return (w @ tokens.float()).to(tokens.dtype)
+            return (w @ tokens.float()).to(tokens.dtype), w.argmax(dim=-1)
 
 
 @dataclass
@@ -258,11 +261,12 @@ class HourglassEncoder(nn.Module):
                     rope = rope_of(vit, grid, cluster_cells(grid, cgrid, x.device).expand(bsz, -1))
             h = call_block(blk, h, rope)
             counts.append(h.shape[1] - p)
-        patches = self.reconstruction(h[:, p:], feat, centres)  # the token reconstruction layer
+        patches, labels = self.reconstruction(h[:, p:], feat, centres)  # the token reconstruction layer
         positions = all_positions(bsz, grid, x.device)
         # the final norm on the prefix and the reconstructed tokens together: one sequence, as the plain backbone's
         out = to_output(vit, torch.cat([h[:, :p], patches], dim=1), positions, grid)
-        aux = {"tokens_per_layer": tokens_per_layer(counts, bsz, x.device), "cluster_grid": cgrid}
+        aux = {"tokens_per_layer": tokens_per_layer(counts, bsz, x.device), "cluster_grid": cgrid,
+               "cluster_labels": labels}
         return HourglassOutput(prefix=out.prefix, patches=out.patches, positions=positions, grid=tuple(grid), aux=aux,
                                clusters=m)
 

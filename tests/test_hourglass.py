@@ -119,8 +119,10 @@ def test_reconstruction_matches_the_official_loop(k, normalize):
     g = torch.Generator().manual_seed(2)
     f, c, z = torch.randn(2, 10, 6, generator=g), torch.randn(2, 5, 6, generator=g), torch.randn(2, 5, 7, generator=g)
     t = 0.2
-    got = TokenReconstruction(k, t, normalize)(z, f, c)
+    got, labels = TokenReconstruction(k, t, normalize)(z, f, c)
     assert got.shape == (2, 10, 7)
+    # the hard labels lwbench show draws: each token's nearest centre
+    assert labels.tolist() == torch.cdist(f, c).argmin(dim=-1).tolist()
     for b in range(2):
         torch.testing.assert_close(got[b].double(), _official_reconstruction(z[b], f[b], c[b], k, t, normalize),
                                    atol=1e-5, rtol=1e-5)
@@ -137,9 +139,9 @@ def test_reconstruction_keeps_ties_with_the_kth_and_survives_far_tokens():
     w = rec.weights(f, c)
     assert (w[0, 0] > 0).tolist() == [True, True, True, False]  # k = 2, but clusters 1 and 2 tie at the 2nd
     ref = _official_reconstruction(z[0], f[0, :1], c[0], 2, 1.0, "l1")[0]
-    torch.testing.assert_close(rec(z, f, c)[0, 0].double(), ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rec(z, f, c)[0][0, 0].double(), ref, atol=1e-6, rtol=1e-6)
     assert w[0, 1].tolist() == [1.0, 0.0, 0.0, 0.0]  # far token: d = 1e6, 1002001, 1002001, 1010050
-    assert rec(z, f, c)[0, 1].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert rec(z, f, c)[0][0, 1].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert math.exp(-1.0 * 1e6) == 0.0  # where the official weights are all 0
 
 

@@ -137,6 +137,18 @@ def test_show_tome_draws_merge_groups_and_predictions(monkeypatch, tmp_path):
     assert not list(out.parent.glob(".*.tmp"))
 
 
+def test_show_hourglass_draws_its_clusters(monkeypatch, tmp_path):
+    """Hourglass reconstructs every cell, so it has no assignment; its figure colours each cell's nearest cluster
+    (it used to be refused as "processes every patch", which it does not: the later blocks run on the clusters)."""
+    texts = _capture(monkeypatch)
+    out = tmp_path / "hourglass.png"
+    assert main(["show", "--method", "hourglass", "--budget", "k=6", "--task", "traffic_signs", "--out", str(out),
+                 "--n", "1", *TINY]) == 0
+    assert any(t.startswith("6 clusters for 24 cells (") for t in texts)  # 4 x 6 grid -> 2 x 3 clusters
+    assert any("colour = one cluster" in t for t in texts)
+    assert out.exists()
+
+
 def test_show_selection_outlines_what_was_processed(monkeypatch, tmp_path):
     texts = _capture(monkeypatch)
     assert main(["show", "--method", "random", "--budget", "k=6", "--task", "traffic_signs", "--out",
