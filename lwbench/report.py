@@ -40,22 +40,35 @@ _TABLE_HEADING = re.compile(r"# \S+: the reference comparison\s*$")
 
 
 def paired_rows(store: ResultStore, rows: list[dict[str, Any]], reference: str = REFERENCE,
-                same_budget: bool = False) -> list[dict[str, Any]]:
+                same_budget: bool = False, gmacs_within: float | None = None) -> list[dict[str, Any]]:
     """Each row against the ``reference`` row of the same regime, seed, teacher and test set (and budget, with
-    ``same_budget``: a selector against ``saliency`` at the same k): the paired bootstrap difference of their
-    metric (rows whose per-image outcomes are missing are left out)."""
+    ``same_budget``: a selector against ``saliency`` at the same k; or, with ``gmacs_within``, the reference row of
+    the closest GMACs when they differ by at most that fraction of the reference's: matched compute): the paired
+    bootstrap difference of their metric (rows whose per-image outcomes are missing are left out)."""
     from lwbench.stats import paired_bootstrap
 
     def key(r: dict[str, Any]) -> tuple:
         return (r.get("regime"), r.get("seed"), r.get("teacher_id"), r.get("n_eval"),
                 r.get("budget") if same_budget else None)
 
-    refs = {key(r): r for r in rows if r["method"] == reference}
+    refs: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["method"] == reference:
+            refs.setdefault(key(r), []).append(r)
+
+    def match(r: dict[str, Any]) -> dict[str, Any] | None:
+        candidates = refs.get(key(r), [])
+        if gmacs_within is None:
+            return candidates[-1] if candidates else None
+        g = r.get("gmacs")
+        near = [c for c in candidates if g and c.get("gmacs") and abs(g - c["gmacs"]) <= gmacs_within * c["gmacs"]]
+        return min(near, key=lambda c: abs(g - c["gmacs"])) if near else None
+
     out = []
     for r in rows:
         if r["method"] == reference:
             continue
-        ref = refs.get(key(r))
+        ref = match(r)
         if ref is None:
             continue
         a, b = store.per_image(r).get(r["metric"]), store.per_image(ref).get(r["metric"])
@@ -65,6 +78,7 @@ def paired_rows(store: ResultStore, rows: list[dict[str, Any]], reference: str =
         d = paired_bootstrap(a, b, r["metric"], n_resamples=n, seed=int(r.get("bootstrap_seed") or 0))
         out.append({"method": r["method"], "budget": r["budget"], "regime": r.get("regime", "-"),
                     "seed": r.get("seed"), "value": r["metric_value"], "reference": ref["metric_value"],
+                    "reference_budget": ref["budget"],
                     "diff": d["diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": len(a),
                     "gmacs_ratio": ref["gmacs"] / r["gmacs"] if r.get("gmacs") else math.nan})
     return out
@@ -72,6 +86,12 @@ def paired_rows(store: ResultStore, rows: list[dict[str, Any]], reference: str =
 
 #: The "no learning" floor of where to look: every selector at the same budget is paired against it in the report.
 NO_LEARNING = "saliency"
+
+#: The method every other row is paired with at matched compute: the paper's, and the one users ask about.
+MATCHED_REFERENCE = "lookwhere"
+
+#: How close two rows' GMACs must be to count as matched compute (a fraction of the reference row's).
+MATCHED_GMACS = 0.10
 
 #: The method whose mistakes define the hard subset (VTC-Bench's filter, arXiv:2510.07143): the test images that
 #: plain downsampling to its default size gets wrong are the ones where looking at high resolution must matter.
@@ -217,13 +237,21 @@ def provenance(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def paired_table(pairs: list[dict[str, Any]], metric: str, reference: str = REFERENCE) -> str:
+def paired_table(pairs: list[dict[str, Any]], metric: str, reference: str = REFERENCE,
+                 reference_budget: bool = False) -> str:
+    """Markdown table of :func:`paired_rows`; ``reference_budget`` adds the reference row's budget (pairs matched by
+    GMACs, where it differs from the row's own)."""
     from tabulate import tabulate
 
-    body = [[p["method"], p["budget"], p["regime"], p["seed"], f"{p['value']:.1f}", f"{p['reference']:.1f}",
-             f"{p['diff']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]", f"{p['gmacs_ratio']:.1f}x"]
+    def ratio(p: dict[str, Any]) -> str:
+        return f"{p['gmacs_ratio']:.2f}x" if reference_budget else f"{p['gmacs_ratio']:.1f}x"
+
+    body = [[p["method"], p["budget"], *([p["reference_budget"]] if reference_budget else []), p["regime"], p["seed"],
+             f"{p['value']:.1f}", f"{p['reference']:.1f}", f"{p['diff']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]",
+             ratio(p)]
             for p in sorted(pairs, key=lambda p: (p["regime"], p["method"], p["budget"]))]
-    return tabulate(body, headers=["method", "budget", "regime", "seed", metric, f"{reference} {metric}",
+    return tabulate(body, headers=["method", "budget", *([f"{reference} budget"] if reference_budget else []),
+                                   "regime", "seed", metric, f"{reference} {metric}",
                                    f"difference to {reference} [95% CI, paired]", f"fewer GMACs than {reference}"],
                     tablefmt="github", disable_numparse=True)
 
@@ -392,6 +420,15 @@ def write_report(store: ResultStore, task: str, out: str | Path, command: str = 
                  f"`{NO_LEARNING}` picks the patches by a pixel statistic, with no learning: a selector that does not "
                  "beat it here has learned nothing a heuristic could not do.", "",
                  paired_table(floor, metric, NO_LEARNING), ""]
+    matched = paired_rows(store, rows, reference=MATCHED_REFERENCE, gmacs_within=MATCHED_GMACS)
+    if matched:
+        text += [f"## Paired difference to `{MATCHED_REFERENCE}` at matched GMACs (within "
+                 f"{MATCHED_GMACS:.0%})", "",
+                 f"Every row whose GMACs come within {MATCHED_GMACS:.0%} of a `{MATCHED_REFERENCE}` row of the same "
+                 "regime, seed and teacher, against the closest such row, on the same test images: which method "
+                 "spends the same compute better (a budget is placed beside a LookWhere budget in the sweep file "
+                 "for this).", "",
+                 paired_table(matched, metric, MATCHED_REFERENCE, reference_budget=True), ""]
     flt, hard = hard_subset_rows(store, rows)
     if flt is not None and hard:
         text += [f"## Hard subset: the {hard[0]['n']} of {flt.get('n_eval')} test images `{HARD_FILTER} "

@@ -95,3 +95,29 @@ def test_report_pairs_selectors_with_saliency_at_the_same_budget(tmp_path):
     write_report(store, "traffic_signs", tmp_path / "rep")
     text = (tmp_path / "rep" / "table.md").read_text()
     assert "## Paired difference to `saliency` at the same budget" in text and "+25.0 [" in text
+
+
+def test_report_pairs_rows_with_lookwhere_at_matched_gmacs(tmp_path):
+    """Known answer: apt at 0.9 GMACs pairs with lookwhere k=16 (0.88, 2% off) and not k=8 (0.4); saint at 1.7
+    pairs with nothing (the nearest lookwhere row, 0.88, is 93% off, beyond the 10% tolerance); the difference is
+    paired on the same images (apt right on 6 of 8, lookwhere k=16 on 7: -12.5)."""
+    from lwbench.report import paired_rows
+
+    store = ResultStore(tmp_path / "res")
+    for method, k, gmacs, top1 in [("lookwhere", 8, 0.40, [1, 0, 0, 0, 1, 1, 1, 1]),
+                                   ("lookwhere", 16, 0.88, [1, 1, 1, 0, 1, 1, 1, 1]),
+                                   ("apt", 6, 0.90, [1, 1, 0, 0, 1, 1, 1, 1]),
+                                   ("saint", 1, 1.70, [1, 1, 1, 1, 1, 1, 1, 1])]:
+        row = make_row(method=method, k=k, gmacs=gmacs, acc=100.0 * np.mean(top1), n_eval=8, regime="finetuned",
+                       teacher_id="t0", bootstrap_resamples=200)
+        store.write(row)
+        store.write_per_image(row, {"top1": np.asarray(top1, np.uint8)})
+    pairs = paired_rows(store, store.rows(task="traffic_signs"), reference="lookwhere", gmacs_within=0.10)
+    assert [(p["method"], p["reference_budget"]) for p in pairs] == [("apt", "k=16")]
+    assert pairs[0]["diff"] == pytest.approx(-12.5) and pairs[0]["gmacs_ratio"] == pytest.approx(0.88 / 0.90)
+    write_report(store, "traffic_signs", tmp_path / "rep")
+    text = (tmp_path / "rep" / "table.md").read_text()
+    section = text.split("## Paired difference to `lookwhere` at matched GMACs (within 10%)")[1]
+    line = next(ln for ln in section.splitlines() if ln.startswith("| apt"))
+    assert "| k=16 " in line and "-12.5 [" in line and "0.98x" in line
+    assert "| saint" not in section.split("##")[0]
