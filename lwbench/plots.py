@@ -53,6 +53,13 @@ MEM_KINDS = {"cuda_allocated_growth": "CUDA: weights + allocated growth of one w
 # file of the same name, which it must not replace.
 PNG_SOFTWARE = "lwbench pareto_plot"
 
+def filled_edge(marker: str, color: str) -> str:
+    """Edge colour of a filled (not hollow) marker: white sets a filled shape off from its neighbours, but a mathtext
+    glyph (``"$\\boxplus$"``) is drawn as the outline of its strokes, so a white edge would whiten the thin glyph
+    and make it read as hollow: glyphs get their own colour."""
+    return color if str(marker).startswith("$") else "white"
+
+
 def method_style(method: str) -> tuple[str, str]:
     """``(colour, marker)`` of ``method`` in every lwbench figure: its class's ``plot_style`` (a built-in method's
     own ``style``; a plugin's, by default, a pick from the colours and markers no built-in uses, by its name), so
@@ -668,7 +675,8 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
                 interval_note = True
             face = "white" if off else color
             ax.scatter(pts["x"], pts["y"], s=pts["area"], c=[face], marker=marker,
-                       edgecolors=[color if off else "white"], linewidths=1.7 if off else 0.9, zorder=3,
+                       edgecolors=[color if off else filled_edge(marker, color)], linewidths=1.7 if off else 0.9,
+                       zorder=3,
                        gid=f"points:{line}")
             # Markers carry only the budget's value; its key ("k", "r", ...) goes once into the legend.
             keys = {str(b).partition("=")[0] for b in pts["budget"] if "=" in str(b)}
@@ -682,7 +690,7 @@ def pareto_figure(df: pd.DataFrame, task: str, x: str = "gmacs", source: str | N
                 labels.append(ax.annotate(text, (p["x"], p["y"]), xytext=(7, 6), textcoords="offset points",
                                           fontsize=8, color=color, zorder=5, path_effects=halo))
             handles.append(Line2D([], [], color=color, marker=marker, lw=1.8, markersize=8, ls=style,
-                                  markerfacecolor=face, markeredgecolor=color if off else "white",
+                                  markerfacecolor=face, markeredgecolor=color if off else filled_edge(marker, color),
                                   markeredgewidth=1.7 if off else 0.9,
                                   label=f"{line} ({key})" if key else line))
         ax.scatter(fr["x"], fr["y"], s=ring[fr.index], facecolors="none", edgecolors="black", linewidths=1.6,
@@ -1015,7 +1023,8 @@ def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None, pa
                     paths.extend(np.array([[r.gmac_ratio, r.lo], [r.gmac_ratio, r.hi]]) for r in bar.itertuples())
                 ok, wide = lp[~lp["wide"]], lp[lp["wide"]]
                 if len(ok):
-                    ax.scatter(ok["gmac_ratio"], ok["speedup"], s=70, c=[color], marker=marker, edgecolors="white",
+                    ax.scatter(ok["gmac_ratio"], ok["speedup"], s=70, c=[color], marker=marker,
+                               edgecolors=filled_edge(marker, color),
                                linewidths=0.8, zorder=3, gid=f"points:{line}")
                 if len(wide):
                     ax.scatter(wide["gmac_ratio"], wide["speedup"], s=70, facecolors="white", marker=marker,
@@ -1031,7 +1040,8 @@ def conversion_figure(df: pd.DataFrame, task: str, source: str | None = None, pa
                                               path_effects=halo))
                 handles.setdefault(line, Line2D([], [], color=color, marker=marker, lw=1.0, markersize=8,
                                                 ls="--" if off else "-", markerfacecolor=color,
-                                                markeredgecolor="white", label=f"{line} ({key})" if key else line))
+                                                markeredgecolor=filled_edge(marker, color),
+                                                label=f"{line} ({key})" if key else line))
             kind = str(here["kind"].iloc[0])
             what = {"latency": "latency", "throughput": "throughput batch"}.get(kind, "")
             # several devices or timing modes (or lwbench speed's geometries): each panel names its own, wrapped

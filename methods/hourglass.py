@@ -275,7 +275,7 @@ class HourglassEncoder(nn.Module):
 class Hourglass(Method):
     description = ("Hourglass (Expedite-ViT): local soft k-means clusters the tokens after alpha blocks, the rest run "
                    "on k clusters, a k-NN reconstruction restores every token (training-free, dense)")
-    style = ("#66a61e", r"$\bowtie$")  # an hourglass on its side; a mathtext glyph no other method uses
+    style = ("#66a61e", "$\u29d7$")  # a black hourglass (a solid glyph: its off-the-shelf points read hollow)
     kind = "reduction"
     budget_key = "k"
     budget_type = int

@@ -161,7 +161,7 @@ class TokenTransforming(ToMe):
 
     description = ("Token Transforming: per block, r tokens spread over their k most similar CLS-attentive tokens "
                    "(many-to-many, training-free; reconstruction, official code unreleased)")
-    style = ("#7b4173", r"$\heartsuit$")  # every filled letter marker is taken; a mathtext glyph of its own
+    style = ("#7b4173", "$\u2665$")  # a black heart: every filled letter marker is taken; a solid glyph of its own
     families = ("vit", "eva")
     families_note = "its remaining tokens are the ones the CLS token attends to most"
     attention_map = "cls"  # its targets are the tokens the CLS attention row ranks highest

@@ -301,6 +301,32 @@ def test_method_colours_are_stable_whatever_else_is_plotted():
     assert method_style("my_plugin")[0] not in {c for c, _ in declared.values()}
 
 
+def test_filled_glyph_markers_keep_their_colour():
+    """A mathtext glyph is drawn as the outline of its strokes: the white edge that sets a filled shape apart would
+    whiten a thin glyph (APT's boxplus read as hollow, i.e. as an off-the-shelf point, in the reference plot)."""
+    from lwbench.plots import filled_edge
+
+    assert filled_edge(r"$\boxplus$", "#e6550d") == "#e6550d"
+    assert filled_edge("o", "#e6550d") == "white"
+    df = frame()
+    fig = pareto_figure(df.assign(method=df["method"].replace({"tome": "apt"})), "traffic_signs")
+    apt = next(c for c in fig.axes[0].collections if c.get_gid() == "points:apt")
+    assert tuple(apt.get_edgecolors()[0]) == tuple(apt.get_facecolors()[0]) != (1, 1, 1, 1)
+    assert not any(tuple(c.get_edgecolors()[0]) == tuple(c.get_facecolors()[0])
+                   for c in fig.axes[0].collections if c.get_gid() == "points:lookwhere")  # "o": white edge
+
+
+def test_every_method_with_an_off_the_shelf_regime_draws_a_solid_marker():
+    """Off-the-shelf points are hollow (white face, coloured edge): a thin glyph looks the same filled or hollow,
+    so a training-free method, which appears in both regimes, must use a filled shape or a solid glyph."""
+    from lwbench.registry import METHODS
+
+    thin = {r"$\boxplus$", r"$\bowtie$", r"$\heartsuit$", r"$\diamondsuit$", r"$\oplus$", r"$\otimes$"}
+    for name, (_, marker) in declared_styles().items():
+        if METHODS.get(name).training == "none":
+            assert marker not in thin, f"{name}: {marker} is a thin glyph; its off-the-shelf points would not read hollow"
+
+
 def declared_styles() -> dict[str, tuple[str, str]]:
     """``Method.style`` of every built-in method that declares one (read from the registry, not a list)."""
     from lwbench.registry import METHODS
