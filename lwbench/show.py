@@ -315,7 +315,7 @@ def show(req, out: Path, n: int = 4) -> Path:
                 a = torch.arange(tok.num_cells)
             axes[r][1].imshow(merge_panel(img, a, grid))
             clusters = None if tok.assignment is not None else int(tok.realised_tokens()[r])
-            axes[r][1].set_title(merge_caption(a, clusters), fontsize=8)
+            axes[r][1].set_title(textwrap.fill(merge_caption(a, clusters), 56), fontsize=8)  # within the panel
         else:
             if smap is not None:
                 im = axes[r][1].imshow(smap[0][r].reshape(grid).numpy(), cmap="magma")
