@@ -247,8 +247,8 @@ def paired_table(pairs: list[dict[str, Any]], metric: str, reference: str = REFE
         return f"{p['gmacs_ratio']:.2f}x" if reference_budget else f"{p['gmacs_ratio']:.1f}x"
 
     body = [[p["method"], p["budget"], *([p["reference_budget"]] if reference_budget else []), p["regime"], p["seed"],
-             f"{p['value']:.1f}", f"{p['reference']:.1f}", f"{p['diff']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]",
-             ratio(p)]
+             f"{p['value']:.1f}", f"{p['reference']:.1f}",
+             f"{p['diff']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]", ratio(p)]
             for p in sorted(pairs, key=lambda p: (p["regime"], p["method"], p["budget"]))]
     return tabulate(body, headers=["method", "budget", *([f"{reference} budget"] if reference_budget else []),
                                    "regime", "seed", metric, f"{reference} {metric}",

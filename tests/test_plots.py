@@ -324,7 +324,7 @@ def test_every_method_with_an_off_the_shelf_regime_draws_a_solid_marker():
     thin = {r"$\boxplus$", r"$\bowtie$", r"$\heartsuit$", r"$\diamondsuit$", r"$\oplus$", r"$\otimes$"}
     for name, (_, marker) in declared_styles().items():
         if METHODS.get(name).training == "none":
-            assert marker not in thin, f"{name}: {marker} is a thin glyph; its off-the-shelf points would not read hollow"
+            assert marker not in thin, f"{name}: {marker} is thin; its off-the-shelf points would not read hollow"
 
 
 def declared_styles() -> dict[str, tuple[str, str]]:
