@@ -104,7 +104,7 @@ from lwbench.vit import (
     to_output,
 )
 
-from ._reduction import as_attn_mask, key_bias_from_mask
+from ._reduction import as_attn_mask, gather_tokens, key_bias_from_mask
 
 GREY = (0.2989, 0.5870, 0.1140)  # the official RGB -> grey weights
 EPS = 1e-10  # the official epsilon inside log2
@@ -234,12 +234,6 @@ def level_pos_embed(pos: torch.Tensor, grid: tuple[int, int], level: int) -> tor
     return g.permute(0, 2, 3, 1).reshape(1, -1, d).to(pos.dtype)
 
 
-def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t[b, idx[b]]`` for ``(B or 1, T, D)`` and ``(B, K)``."""
-    t = t.expand(idx.shape[0], -1, -1)
-    return torch.gather(t, 1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-
-
 class APTEncoder(nn.Module):
     def __init__(self, vit: nn.Module, threshold: float, scales: int = 3, bins: int = 512, seed: int = 0):
         super().__init__()
@@ -280,7 +274,7 @@ class APTEncoder(nn.Module):
                 tok = pe.norm(F.linear(gather_patches(vit, small, idx), pe.proj.weight.flatten(1), pe.proj.bias))
                 tok = self.aggregator(x, idx, level, pe) + tok
                 if pos is not None:
-                    tok = tok + gather_rows(level_pos_embed(pos, grid, level), idx)
+                    tok = tok + gather_tokens(level_pos_embed(pos, grid, level).expand(bsz, -1, -1), idx)
                 cell = coarse_cells(idx, level, grid)[..., 0, 0]  # the top-left base cell
             toks.append(tok)
             valid.append(ok)
@@ -292,7 +286,7 @@ class APTEncoder(nn.Module):
         if any(t != tokens.shape[1] for t in total):  # images differ: pack each image's tokens first, then padding
             width = max(total)
             order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)[:, :width]
-            tokens = gather_rows(tokens, order)
+            tokens = gather_tokens(tokens, order)
             ok, positions, size = (torch.gather(t, 1, order) for t in (ok, positions, size))
             mask = ok
         h = assemble(vit, tokens)
