@@ -379,6 +379,8 @@ def cmd_speed(args) -> int:
     from lwbench.config import split_sets
     from lwbench.speed import format_plan, method_names, run_speed, speed_config
 
+    if args.report:  # times nothing: the grid, weights and --set are not read
+        return _speed_report(args.out)
     values: dict = {"budgets": _csv_list(args.budgets), "device": args.device}
     for key, text in (("methods", args.methods), ("backbones", args.backbones)):
         if text is not None:
@@ -406,8 +408,6 @@ def cmd_speed(args) -> int:
     if args.limit_s is not None:
         measure["max_run_time"] = args.limit_s
     values.update(measure=measure, method_opts=opts)
-    if args.report:
-        return _speed_report(args.out)
     cfg = speed_config(values)
     result = run_speed(cfg, args.out, force=args.force, dry_run=args.dry_run,
                        command="lwbench " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["speed"] else "")
